@@ -1,0 +1,5 @@
+"""`python -m engctl` runs the CLI."""
+
+from engctl.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""The `engctl` command. `main()` is the CLI's error boundary: every failure becomes one line
+on stderr (a JSON object with `--json`) and a documented exit code (see `engctl.errors`).
+
+Never imports `engctl.daemon`; heavy modules (rich, the client) load inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from engctl.errors import EXIT_FAILED, EXIT_USAGE, EngctlError
+
+
+def _report(code: int, message: str, rpc_code: int, json_mode: bool) -> int:
+    if json_mode:
+        sys.stderr.write(json.dumps({"error": {"code": rpc_code, "message": message}}) + "\n")
+    else:
+        sys.stderr.write(f"engctl: error: {message}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI and exit with its code."""
+    from typer import Abort
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+    from engctl.cli.app import app
+
+    args = sys.argv[1:] if argv is None else argv
+    json_mode = "--json" in args
+    try:
+        rv = app(args=args, prog_name="engctl", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except EngctlError as exc:
+        code = _report(exc.exit_code, exc.message, exc.rpc_code, json_mode)
+    except NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.format_message() + "\n")
+        code = 0
+    except ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        code = _report(
+            exc.exit_code if exc.exit_code else EXIT_USAGE,
+            exc.format_message() + hint,
+            -32602,
+            json_mode,
+        )
+    except (Abort, KeyboardInterrupt):
+        code = 130
+    except BrokenPipeError:
+        # The reader went away (`engctl events | head`): not an error of ours.
+        sys.stderr.close()
+        code = EXIT_FAILED
+    sys.stdout.flush()
+    sys.exit(code)

@@ -1,0 +1,101 @@
+"""`engctl daemon start|stop|status|run`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from engctl.cli.app import app
+from engctl.cli.common import JsonFlag, client, emit_json, out
+from engctl.errors import DaemonUnreachableError, RequestTimeoutError
+
+daemon_app = typer.Typer(
+    help="Start, stop and inspect the background daemon.", no_args_is_help=True
+)
+app.add_typer(daemon_app, name="daemon")
+
+
+@daemon_app.command("start")
+def start(json: JsonFlag = False) -> None:
+    """Start the daemon in the background (a no-op when it runs already)."""
+    c = client(autostart=True)
+    info = c.call("daemon.status")
+    if json:
+        emit_json(info)
+    else:
+        out(f"daemon running: pid {info['pid']}, socket {info['socket']}")
+
+
+@daemon_app.command("stop")
+def stop(
+    json: JsonFlag = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for engines to stop and the daemon to exit.")
+    ] = 60.0,
+) -> None:
+    """Stop every engine with its stop policy, then the daemon (a no-op when none runs)."""
+    try:
+        c = client(autostart=False)
+    except DaemonUnreachableError:
+        if json:
+            emit_json({"stopped": False, "running": False})
+        else:
+            out("no daemon running")
+        return
+    pid = int(c.call("daemon.stop")["pid"])
+    c.close()
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise RequestTimeoutError(f"daemon pid {pid} still running after {timeout:g}s")
+        time.sleep(0.02)
+    if json:
+        emit_json({"stopped": True, "pid": pid})
+    else:
+        out(f"daemon stopped (pid {pid})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of this process (daemon started by us) counts as gone.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+@daemon_app.command("status")
+def status(json: JsonFlag = False) -> None:
+    """Whether a daemon runs, its pid, uptime, memory and folders (exit 3 when none runs)."""
+    info = client(autostart=False).call("daemon.status")
+    if json:
+        emit_json(info)
+        return
+    from engctl.render.format import duration, size
+
+    out(f"daemon running: pid {info['pid']}, engctl {info['version']}")
+    out(f"  uptime     {duration(info['uptime_s'])}")
+    running = f"{info['instances_running']}/{info['instances']}"
+    out(f"  engines    {info['engines']} ({running} instances running)")
+    out(f"  memory     {size(info['rss_bytes'])} RSS, {info['cpu_seconds']:.2f}s CPU")
+    out(f"  socket     {info['socket']}")
+    out(f"  state      {info['state_dir']}")
+    out(f"  logs       {info['log_dir']}")
+
+
+@daemon_app.command("run")
+def run() -> None:
+    """Run the daemon in the foreground (for systemd or a container); Ctrl-C stops it."""
+    sys.stdout.flush()
+    # exec keeps the CLI from importing daemon code and gives the daemon the pid systemd sees.
+    os.execv(sys.executable, [sys.executable, "-m", "engctl.daemon"])

@@ -1,0 +1,59 @@
+"""`engctl start|stop|restart|scale`: act on engines (NAME) or single instances (NAME#K)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from engctl.cli.app import app
+from engctl.cli.common import JsonFlag, client, emit_json, out
+
+Targets = Annotated[list[str], typer.Argument(help="Engines (NAME) or instances (NAME#K).")]
+
+
+def _report(json: bool, result: dict[str, object], key: str, verb: str) -> None:
+    if json:
+        emit_json(result)
+        return
+    ids = result.get(key) or []
+    assert isinstance(ids, list)
+    out(f"{verb}: {', '.join(map(str, ids))}" if ids else f"nothing to do (already {verb})")
+
+
+@app.command()
+def start(targets: Targets, json: JsonFlag = False) -> None:
+    """Start engines or instances (dependencies first)."""
+    _report(json, client().start(targets), "started", "started")
+
+
+@app.command()
+def stop(
+    targets: Targets,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return at once instead of waiting for the exit.")
+    ] = False,
+    json: JsonFlag = False,
+) -> None:
+    """Stop engines or instances with their stop signal, then SIGKILL after the stop timeout."""
+    _report(json, client().stop(targets, wait=not no_wait), "stopped", "stopped")
+
+
+@app.command()
+def restart(targets: Targets, json: JsonFlag = False) -> None:
+    """Stop, then start engines or instances."""
+    _report(json, client().restart(targets), "restarted", "restarted")
+
+
+@app.command()
+def scale(
+    name: Annotated[str, typer.Argument(help="Engine name.")],
+    instances: Annotated[int, typer.Argument(min=0, max=1000, help="Wanted number of instances.")],
+    json: JsonFlag = False,
+) -> None:
+    """Set an engine's number of instances (the highest indices stop first)."""
+    result = client().scale(name, instances)
+    if json:
+        emit_json(result)
+    else:
+        out(f"{name}: {result['detail']}")

@@ -1,0 +1,119 @@
+"""`engctl logs` and `engctl events`: past lines or records, and live following with -f."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import re
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from engctl.cli.app import app
+from engctl.cli.common import JsonFlag, client, emit_json, out
+from engctl.errors import UsageError
+
+Follow = Annotated[bool, typer.Option("--follow", "-f", help="Keep printing as it happens.")]
+
+
+def _line(obj: dict[str, Any]) -> None:
+    sys.stdout.write(jsonlib.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def logs(
+    target: Annotated[str, typer.Argument(help="Engine (all its instances) or instance NAME#K.")],
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many past lines.")] = 50,
+    follow: Follow = False,
+    json: JsonFlag = False,
+) -> None:
+    """Print an instance's log (stderr, and stdout of services), each line timestamped."""
+    c = client()
+    if not follow:
+        result = c.call("logs.read", target=target, lines=lines)
+        if json:
+            emit_json(result)
+        else:
+            many = "#" not in target
+            for item in result["lines"]:
+                out(f"{item['instance']} | {item['line']}" if many else item["line"])
+        return
+    many = "#" not in target
+    first, notes = c.stream("logs.follow", target=target, lines=lines)
+    try:
+        for item in first["lines"]:
+            _print_log(item, many, json)
+        for note in notes:
+            _print_log(note["params"], many, json)
+    except KeyboardInterrupt:
+        pass
+
+
+def _print_log(item: dict[str, Any], many: bool, json: bool) -> None:
+    if json:
+        _line(item)
+    else:
+        sys.stdout.write((f"{item['instance']} | {item['line']}" if many else item["line"]) + "\n")
+        sys.stdout.flush()
+
+
+_SINCE_RE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+
+
+def parse_since(value: str) -> float:
+    """Epoch seconds from `10m`, `2h`, `1d`, `30s` (ago) or an ISO 8601 local time."""
+    m = _SINCE_RE.match(value.strip())
+    if m:
+        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return time.time() - float(m.group(1)) * mult
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise UsageError(
+            "--since expects 30s, 10m, 2h, 1d or an ISO time such as 2026-11-22T10:00,"
+            f" got {value!r}"
+        ) from None
+
+
+@app.command()
+def events(
+    engine: Annotated[str | None, typer.Option("--engine", "-e", help="Only this engine.")] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="How many past events.")] = 50,
+    since: Annotated[str | None, typer.Option(help="Only events after: 10m, 2h, ISO time.")] = None,
+    follow: Follow = False,
+    json: JsonFlag = False,
+) -> None:
+    """Every state change and action, with its reason (kept across daemon restarts)."""
+    from engctl.render.format import event_line
+
+    c = client()
+    since_ts = parse_since(since) if since else None
+    past = c.events(engine=engine, since=since_ts, limit=lines)
+    if not follow:
+        if json:
+            emit_json({"events": past})
+        else:
+            for ev in past:
+                out(event_line(ev))
+        return
+    last_id = past[-1]["id"] if past else 0
+    _, notes = c.stream("events.follow", engine=engine)
+    try:
+        for ev in past:
+            _line(ev) if json else _flush(event_line(ev))
+        for note in notes:
+            ev = note["params"]
+            if ev["id"] <= last_id:
+                continue
+            _line(ev) if json else _flush(event_line(ev))
+    except KeyboardInterrupt:
+        pass
+
+
+def _flush(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

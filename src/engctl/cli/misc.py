@@ -1,0 +1,66 @@
+"""`engctl completion` and `engctl config`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from engctl.cli.app import app
+from engctl.cli.common import JsonFlag, emit_json, out
+
+
+class Shell(StrEnum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+def completion_script(shell: str) -> str:
+    """The completion script for `shell` (the same text as in completions/)."""
+    from typer._completion_shared import get_completion_script
+
+    return (
+        get_completion_script(prog_name="engctl", complete_var="_ENGCTL_COMPLETE", shell=shell)
+        + "\n"
+    )
+
+
+@app.command()
+def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]) -> None:
+    """Print a shell completion script (bash, zsh or fish).
+
+    For example: engctl completion bash > ~/.local/share/bash-completion/completions/engctl
+    """
+    sys.stdout.write(completion_script(shell.value))
+
+
+@app.command()
+def config(json: JsonFlag = False) -> None:
+    """Show where engctl keeps its files and the daemon settings in effect (from config.toml)."""
+    from dataclasses import asdict
+
+    from engctl.config import DaemonConfig, resolve_paths
+
+    paths = resolve_paths()
+    settings = asdict(DaemonConfig.load(paths.config_file))
+    info = {
+        "home": os.environ.get("ENGCTL_HOME"),
+        "socket": str(paths.socket),
+        "state_dir": str(paths.state_dir),
+        "log_dir": str(paths.log_dir),
+        "config_file": str(paths.config_file),
+        "config_file_exists": paths.config_file.exists(),
+        "daemon": settings,
+    }
+    if json:
+        emit_json(info)
+        return
+    for key in ("home", "socket", "state_dir", "log_dir", "config_file"):
+        out(f"{key:12} {info[key] or '-'}")
+    out("[daemon]")
+    for key, value in settings.items():
+        out(f"  {key} = {value}")

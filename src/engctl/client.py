@@ -1,0 +1,287 @@
+"""Blocking Unix-socket client of the daemon, used by the CLI and by programs (`engctl.Client`).
+
+Starts a daemon on first use when none answers (a lock file makes racing callers start one).
+Imports only the shared contract and the stdlib, so the CLI stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from engctl import __version__, protocol
+from engctl.config import MAX_SOCKET_PATH, Paths, resolve_paths
+from engctl.errors import DaemonUnreachableError, ProtocolError, from_wire
+
+# How long a starting daemon may take to say it is ready.
+START_TIMEOUT = 15.0
+
+
+class Client:
+    """A connection to the daemon; every public method is one JSON-RPC call."""
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        autostart: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        self.home = str(home) if home else os.environ.get("ENGCTL_HOME") or None
+        self.paths = resolve_paths(self.home)
+        self.autostart = autostart
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._rfile: Any = None
+        self._next_id = 1
+        self.daemon_info: dict[str, Any] = {}
+
+    # -- connection ------------------------------------------------------------------------
+    def _connect_once(self) -> socket.socket:
+        path = str(self.paths.socket)
+        if len(path.encode()) > MAX_SOCKET_PATH:
+            raise DaemonUnreachableError(
+                f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes: use a shorter"
+                " ENGCTL_HOME"
+            )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(self.timeout)
+        return sock
+
+    def connect(self) -> None:
+        """Connect (starting a daemon if allowed and needed) and check the protocol version."""
+        if self._sock is not None:
+            return
+        try:
+            sock = self._connect_once()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if not self.autostart:
+                raise DaemonUnreachableError(
+                    f"no daemon is running (socket {self.paths.socket}):"
+                    " start one with `engctl daemon start`"
+                ) from exc
+            sock = start_daemon(self.paths, self.home, self._connect_once)
+        except OSError as exc:
+            raise DaemonUnreachableError(
+                f"cannot connect to {self.paths.socket}: {exc.strerror or exc}"
+            ) from exc
+        self._sock = sock
+        self._rfile = sock.makefile("rb")
+        self.daemon_info = self.call(
+            "session.hello", protocol=protocol.PROTOCOL_VERSION, client=f"engctl {__version__}"
+        )
+
+    def close(self) -> None:
+        """Close the connection (a follow stream ends with it)."""
+        if self._rfile is not None:
+            with contextlib.suppress(OSError):
+                self._rfile.close()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        self._sock = None
+        self._rfile = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, method: str, params: dict[str, Any]) -> int:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        req_id = self._next_id
+        self._next_id += 1
+        try:
+            self._sock.sendall(protocol.request(req_id, method, params))
+        except OSError as exc:
+            self.close()
+            raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
+        return req_id
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            line = self._rfile.readline(protocol.MAX_FRAME_BYTES * 16)
+        except TimeoutError as exc:
+            raise DaemonUnreachableError(
+                f"the daemon did not answer within {self.timeout}s"
+            ) from exc
+        except OSError as exc:
+            self.close()
+            raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
+        if not line:
+            self.close()
+            raise DaemonUnreachableError("the daemon closed the connection (did it stop?)")
+        return protocol.parse_frame(line)
+
+    def call(self, method: str, **params: Any) -> Any:
+        """Call `method` with by-name params; return its result or raise its EngctlError."""
+        req_id = self._send(method, params)
+        while True:
+            msg = self._read()
+            if msg.get("id") == req_id:
+                break
+            if "id" in msg and msg.get("id") is None and "error" in msg:
+                raise from_wire(msg["error"])  # a connection-level error (e.g. oversized frame)
+        if "error" in msg:
+            raise from_wire(msg["error"])
+        if "result" not in msg:
+            raise ProtocolError(f"response without result: {protocol.preview(str(msg))}")
+        return msg["result"]
+
+    def stream(self, method: str, **params: Any) -> tuple[Any, Iterator[dict[str, Any]]]:
+        """Start a streaming call: (its result, an iterator of the notifications that follow)."""
+        first = self.call(method, **params)
+
+        def notes() -> Iterator[dict[str, Any]]:
+            while True:
+                msg = self._read()
+                if "method" in msg and "id" not in msg:
+                    yield {"method": msg["method"], "params": msg.get("params", {})}
+
+        return first, notes()
+
+    # -- typed calls -----------------------------------------------------------------------
+    def status(self, names: list[str] | None = None) -> dict[str, Any]:
+        """`status --json`: every engine with its instances."""
+        return self.call("status.get", names=names)  # type: ignore[no-any-return]
+
+    def register(self, engines: dict[str, dict[str, Any]], start: bool = True) -> dict[str, Any]:
+        """Register or update engines given as `{name: spec table}`."""
+        return self.call("engine.register", engines=engines, start=start)  # type: ignore[no-any-return]
+
+    def apply(
+        self, engines: dict[str, dict[str, Any]], prune: bool = False, start: bool = True
+    ) -> dict[str, Any]:
+        """Make the registry match `engines` (`prune` removes the others)."""
+        return self.call("engine.apply", engines=engines, prune=prune, start=start)  # type: ignore[no-any-return]
+
+    def unregister(self, names: list[str]) -> dict[str, Any]:
+        """Stop and forget engines."""
+        return self.call("engine.unregister", names=names)  # type: ignore[no-any-return]
+
+    def start(self, targets: list[str]) -> dict[str, Any]:
+        """Start engines or instances (`name` or `name#k`)."""
+        return self.call("engine.start", targets=targets)  # type: ignore[no-any-return]
+
+    def stop(self, targets: list[str], wait: bool = True) -> dict[str, Any]:
+        """Stop engines or instances; with `wait`, return once they are stopped."""
+        return self.call("engine.stop", targets=targets, wait=wait)  # type: ignore[no-any-return]
+
+    def restart(self, targets: list[str]) -> dict[str, Any]:
+        """Stop then start engines or instances."""
+        return self.call("engine.restart", targets=targets)  # type: ignore[no-any-return]
+
+    def scale(self, name: str, instances: int) -> dict[str, Any]:
+        """Set an engine's number of instances."""
+        return self.call("engine.scale", name=name, instances=instances)  # type: ignore[no-any-return]
+
+    def events(
+        self, engine: str | None = None, since: float | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Past events, oldest first."""
+        return self.call("events.list", engine=engine, since=since, limit=limit)["events"]  # type: ignore[no-any-return]
+
+    def wait_for(
+        self, predicate: Any, timeout: float = 10.0, interval: float = 0.05
+    ) -> dict[str, Any]:
+        """Poll `status` until `predicate(status)` is true; return that status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if predicate(st):
+                return st
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met within {timeout}s")
+            time.sleep(interval)
+
+
+def start_daemon(paths: Paths, home: str | None, connect: Any) -> socket.socket:
+    """Start a background daemon (one, even when callers race) and return a connection to it."""
+    try:
+        paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = os.open(paths.start_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise DaemonUnreachableError(
+            f"cannot start the daemon: {paths.runtime_dir}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        # Another caller may have started it while we waited for the lock.
+        with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
+            return connect()  # type: ignore[no-any-return]
+        _spawn_and_wait(paths, home)
+        return connect()  # type: ignore[no-any-return]
+    finally:
+        os.close(lock_fd)
+
+
+def _spawn_and_wait(paths: Paths, home: str | None) -> None:
+    read_fd, write_fd = os.pipe()
+    err_path = paths.runtime_dir / "daemon.stderr"
+    argv = [sys.executable, "-m", "engctl.daemon", "--ready-fd", str(write_fd), "--background"]
+    if home:
+        argv += ["--home", home]
+    with open(err_path, "ab") as err:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    message = _read_ready(read_fd, START_TIMEOUT)
+    if message == "ok":
+        # The daemon lives on after this process; forget it so nothing waits for it here.
+        proc.returncode = 0
+        return
+    if not message:
+        tail = _tail(err_path)
+        message = f"it exited during start-up{': ' + tail if tail else ''}"
+    raise DaemonUnreachableError(f"cannot start the daemon: {message.removeprefix('error: ')}")
+
+
+def _read_ready(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    try:
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return f"error: no answer within {timeout:g}s"
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace").strip()
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""

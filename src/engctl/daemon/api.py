@@ -1,0 +1,407 @@
+"""The daemon's whole RPC surface: `noun.verb` methods over the supervisor and the registry.
+
+Parameters are checked here (wrong types raise InvalidParamsError); behaviour lives in
+`supervisor`. Each mutating call persists the registry before it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from engctl import __version__, protocol
+from engctl.config import Paths
+from engctl.errors import (
+    EngineNotFoundError,
+    IncompatibleDaemonError,
+    InvalidParamsError,
+    SpecError,
+)
+from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
+from engctl.states import DesiredState
+
+from .events import Event, EventLog
+from .logs import read_tail
+from .registry import Registry
+from .server import Connection, Handler
+from .supervisor import Engine, Instance, Supervisor
+
+
+def _get(
+    params: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...
+) -> Any:
+    if key not in params or params[key] is None:
+        if default is ...:
+            raise InvalidParamsError(f"missing parameter {key!r}")
+        return default
+    value = params[key]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise InvalidParamsError(f"parameter {key!r} must be a number, got {value!r}")
+    if not isinstance(value, kind):
+        raise InvalidParamsError(f"parameter {key!r} has the wrong type: {value!r}")
+    return value
+
+
+def _str_list(params: dict[str, Any], key: str, default: Any = ...) -> list[str]:
+    value = _get(params, key, list, default)
+    if value is not None and not all(isinstance(v, str) for v in value):
+        raise InvalidParamsError(f"parameter {key!r} must be a list of strings")
+    return value  # type: ignore[no-any-return]
+
+
+class Api:
+    """Binds RPC method names to the daemon's parts."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        supervisor: Supervisor,
+        registry: Registry,
+        events: EventLog,
+        request_shutdown: Callable[[], None],
+    ) -> None:
+        self.paths = paths
+        self.sup = supervisor
+        self.registry = registry
+        self.events = events
+        self.request_shutdown = request_shutdown
+        self.started_at = time.time()
+        self._self_proc = psutil.Process()
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "session.hello": self.hello,
+            "daemon.status": self.daemon_status,
+            "daemon.stop": self.daemon_stop,
+            "engine.register": self.register,
+            "engine.apply": self.apply,
+            "engine.unregister": self.unregister,
+            "engine.list": self.list_engines,
+            "engine.export": self.export,
+            "engine.start": self.start,
+            "engine.stop": self.stop,
+            "engine.restart": self.restart,
+            "engine.scale": self.scale,
+            "status.get": self.status,
+            "events.list": self.events_list,
+            "events.follow": self.events_follow,
+            "logs.read": self.logs_read,
+            "logs.follow": self.logs_follow,
+        }
+
+    # -- session and daemon ----------------------------------------------------------------
+    def hello(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        theirs = _get(params, "protocol", int)
+        if theirs != protocol.PROTOCOL_VERSION:
+            raise IncompatibleDaemonError(
+                f"the daemon speaks protocol {protocol.PROTOCOL_VERSION} (engctl {__version__}),"
+                f" this client {theirs}: restart the daemon with `engctl daemon stop`"
+            )
+        return {"protocol": protocol.PROTOCOL_VERSION, "version": __version__, "pid": os.getpid()}
+
+    def daemon_status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        with self._self_proc.oneshot():
+            rss = self._self_proc.memory_info().rss
+            cpu = self._self_proc.cpu_times()
+        insts = self.sup.all_instances()
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "protocol": protocol.PROTOCOL_VERSION,
+            "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "socket": str(self.paths.socket),
+            "state_dir": str(self.paths.state_dir),
+            "log_dir": str(self.paths.log_dir),
+            "engines": len(self.sup.engines),
+            "instances": len(insts),
+            "instances_running": sum(1 for i in insts if i.state.is_running),
+            "rss_bytes": rss,
+            "cpu_seconds": round(cpu.user + cpu.system, 3),
+        }
+
+    def daemon_stop(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        # Answer first; the shutdown starts on the next loop turn.
+        asyncio.get_running_loop().call_soon(self.request_shutdown)
+        return {"stopping": True, "pid": os.getpid()}
+
+    # -- registration ----------------------------------------------------------------------
+    def _parse_specs(self, params: dict[str, Any]) -> list[EngineSpec]:
+        raw = _get(params, "engines", dict)
+        specs = [EngineSpec.from_dict(name, data) for name, data in raw.items()]
+        if not specs:
+            raise SpecError("no engines given (expected at least one [engines.NAME] table)")
+        return specs
+
+    async def _register_all(
+        self, specs: list[EngineSpec], start: bool, prune: bool
+    ) -> dict[str, Any]:
+        incoming = {s.name: s for s in specs}
+        after = {n: e.spec for n, e in self.sup.engines.items()}
+        if prune:
+            after = {n: s for n, s in after.items() if n in incoming}
+        after.update(incoming)
+        order = check_dependencies(after)  # unknown dependency or cycle: nothing is applied
+        results: list[dict[str, Any]] = []
+        removed: list[str] = []
+        if prune:
+            for name in [n for n in self.sup.engines if n not in incoming]:
+                await self._unregister_one(name)
+                removed.append(name)
+        to_start: list[Engine] = []
+        for name in order:
+            spec = incoming.get(name)
+            if spec is None:
+                continue
+            engine = self.sup.engines.get(name)
+            if engine is None:
+                engine = self.sup.add_engine(
+                    spec, DesiredState.RUNNING if start else DesiredState.STOPPED, set()
+                )
+                self.events.emit("engine.registered", "registered", engine=name)
+                results.append({"name": name, "action": "created", "detail": "registered"})
+                if start:
+                    to_start.append(engine)
+            elif engine.spec == spec:
+                results.append({"name": name, "action": "unchanged", "detail": "same spec"})
+            else:
+                changed = sorted(spec.changed_fields(engine.spec))
+                async with engine.lock:
+                    detail = await self.sup.update_engine(engine, spec)
+                self.events.emit(
+                    "engine.updated",
+                    f"changed {', '.join(changed)}: {detail}",
+                    engine=name,
+                )
+                results.append(
+                    {"name": name, "action": "updated", "detail": detail, "changed": changed}
+                )
+        await self.registry.save()
+        for engine in to_start:
+            # Dependencies first: `order` is topological.
+            await self.sup.start_engine(engine, "registered")
+        return {"engines": results, "removed": removed}
+
+    async def register(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        specs = self._parse_specs(params)
+        return await self._register_all(specs, _get(params, "start", bool, True), prune=False)
+
+    async def apply(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        specs = self._parse_specs(params)
+        return await self._register_all(
+            specs, _get(params, "start", bool, True), prune=_get(params, "prune", bool, False)
+        )
+
+    async def _unregister_one(self, name: str) -> None:
+        engine = self._engine(name)
+        dependents = [
+            e.spec.name
+            for e in self.sup.engines.values()
+            if name in e.spec.depends_on and e.spec.name != name
+        ]
+        if dependents:
+            raise SpecError(
+                f"cannot unregister {name!r}: {', '.join(sorted(dependents))} depend on it"
+            )
+        async with engine.lock:
+            await self.sup.remove_engine(engine)
+        self.events.emit("engine.unregistered", "unregistered", engine=name)
+
+    async def unregister(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        names = _str_list(params, "names")
+        for name in names:
+            self._engine(name)  # all must exist before anything is removed
+        removed = []
+        for name in names:
+            await self._unregister_one(name)
+            removed.append(name)
+        await self.registry.save()
+        return {"removed": removed}
+
+    def list_engines(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        out = []
+        for name in sorted(self.sup.engines):
+            e = self.sup.engines[name]
+            s = e.spec
+            out.append(
+                {
+                    "name": name,
+                    "type": s.type,
+                    "mode": s.mode.value,
+                    "instances": s.instances,
+                    "desired": e.desired.value,
+                    "command": list(s.command),
+                    "capabilities": list(s.capabilities),
+                    "labels": dict(s.labels),
+                    "weight": s.weight,
+                    "depends_on": list(s.depends_on),
+                }
+            )
+        return {"engines": out}
+
+    def export(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        names = _str_list(params, "names", None) or sorted(self.sup.engines)
+        return {"engines": {n: self._engine(n).spec.to_dict() for n in names}}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _engine(self, name: str) -> Engine:
+        try:
+            return self.sup.engines[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sup.engines)) or "none registered"
+            raise EngineNotFoundError(f"unknown engine {name!r} (known: {known})") from None
+
+    def _targets(self, params: dict[str, Any]) -> list[tuple[Engine, list[Instance] | None]]:
+        """Resolve NAME or NAME#K refs; None means the whole engine. All must exist."""
+        refs = _str_list(params, "targets")
+        if not refs:
+            raise InvalidParamsError("no engine or instance given")
+        out: list[tuple[Engine, list[Instance] | None]] = []
+        for ref in refs:
+            name, idx = parse_instance_ref(ref)
+            engine = self._engine(name)
+            out.append((engine, None if idx is None else [self.sup.instance(engine, idx)]))
+        return out
+
+    async def start(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        started: list[str] = []
+        for engine, insts in self._targets(params):
+            async with engine.lock:
+                if insts is None:
+                    engine.stopped_instances.clear()
+                    started += await self.sup.start_engine(engine, "started by user")
+                else:
+                    for inst in insts:
+                        engine.stopped_instances.discard(inst.index)
+                    started += await self.sup.start_engine(
+                        engine, "started by user", [i.index for i in insts]
+                    )
+        await self.registry.save()
+        return {"started": started}
+
+    async def stop(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        wait = _get(params, "wait", bool, True)
+        targets = self._targets(params)
+        for engine, insts in targets:
+            if insts is None:
+                engine.desired = DesiredState.STOPPED
+            else:
+                engine.stopped_instances.update(i.index for i in insts)
+        # The wish is durable before any signal is sent: a restarted daemon will not undo it.
+        await self.registry.save()
+        results = await asyncio.gather(
+            *(
+                self.sup.stop_instances(
+                    engine.instances if insts is None else insts, "stopped by user", wait
+                )
+                for engine, insts in targets
+            )
+        )
+        return {"stopped": [i for r in results for i in r], "waited": wait}
+
+    async def restart(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        targets = self._targets(params)
+        restarted: list[str] = []
+        for engine, insts in targets:
+            async with engine.lock:
+                chosen = engine.instances if insts is None else insts
+                await self.sup.stop_instances(chosen, "restart requested", wait=True)
+                if insts is None:
+                    engine.stopped_instances.clear()
+                else:
+                    engine.stopped_instances.difference_update(i.index for i in insts)
+                restarted += await self.sup.start_engine(
+                    engine, "restarted by user", [i.index for i in chosen]
+                )
+        await self.registry.save()
+        return {"restarted": restarted}
+
+    async def scale(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        engine = self._engine(_get(params, "name", str))
+        n = _get(params, "instances", int)
+        if not engine.spec.mode.long_running:
+            raise SpecError(f"engine {engine.spec.name!r} is oneshot: it has no instances to scale")
+        async with engine.lock:
+            detail = await self.sup.scale_engine(engine, n)
+        await self.registry.save()
+        return {"name": engine.spec.name, "instances": n, "detail": detail}
+
+    # -- reading ---------------------------------------------------------------------------
+    def status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        names = _str_list(params, "names", None)
+        engines = (
+            [self._engine(n) for n in names]
+            if names
+            else [self.sup.engines[n] for n in sorted(self.sup.engines)]
+        )
+        return {"engines": [e.to_json() for e in engines]}
+
+    async def events_list(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        engine = _get(params, "engine", str, None)
+        if engine is not None:
+            self._engine(engine)
+        since = _get(params, "since", (int, float), None)
+        limit = _get(params, "limit", int, 100)
+        events = await self.events.query(engine=engine, since=since, limit=max(1, limit))
+        return {"events": [e.to_json() for e in events]}
+
+    def events_follow(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        engine = _get(params, "engine", str, None)
+        if engine is not None:
+            self._engine(engine)
+
+        def push(ev: Event) -> None:
+            if engine is None or ev.engine == engine:
+                conn.write(protocol.notification("event", ev.to_json()))
+
+        self.events.subscribers.add(push)
+        conn.on_close.append(lambda: self.events.subscribers.discard(push))
+        return {"following": True}
+
+    def _log_targets(self, ref: str) -> list[Instance]:
+        name, idx = parse_instance_ref(ref)
+        engine = self._engine(name)
+        return engine.instances if idx is None else [self.sup.instance(engine, idx)]
+
+    def _tail(self, insts: list[Instance], lines: int) -> list[dict[str, str]]:
+        out: list[dict[str, str]] = []
+        for inst in insts:
+            inst.log.flush()
+            path = inst.log.path
+            files = [path.with_name(f"{path.name}.{i}") for i in range(inst.log.backups, 0, -1)]
+            out += [{"instance": inst.id, "line": ln} for ln in read_tail([*files, path], lines)]
+        # Lines start with an ISO timestamp, so text order is time order across instances.
+        out.sort(key=lambda d: d["line"][:24])
+        return out[-lines:] if lines else []
+
+    async def logs_read(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        insts = self._log_targets(_get(params, "target", str))
+        lines = _get(params, "lines", int, 50)
+        return {"lines": await asyncio.to_thread(self._tail, insts, max(0, lines))}
+
+    def logs_follow(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        insts = self._log_targets(_get(params, "target", str))
+        lines = max(0, _get(params, "lines", int, 10))
+        # Read on the loop (bounded: `lines` × 512 bytes per file) so no line slips between
+        # the tail and the subscription.
+        tail = self._tail(insts, lines)
+        removers = []
+        for inst in insts:
+
+            def push(line: str, inst_id: str = inst.id) -> None:
+                conn.write(protocol.notification("log", {"instance": inst_id, "line": line}))
+
+            inst.log.followers.add(push)
+            removers.append((inst, push))
+
+        def unsubscribe() -> None:
+            for inst, push in removers:
+                inst.log.followers.discard(push)
+
+        conn.on_close.append(unsubscribe)
+        return {"lines": tail}

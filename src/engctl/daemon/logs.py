@@ -1,0 +1,122 @@
+"""Per-instance log files: every line timestamped, rotated by size, with live followers.
+
+Writes are buffered appends (page cache, bounded by the line cap) so they stay on the event loop;
+nothing here fsyncs. Reading a tail is done off the loop by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+# A process that writes without newlines still gets its output logged, in pieces this long.
+MAX_LINE_BYTES = 8192
+
+Follower = Callable[[str], None]
+
+
+def timestamp(now: float | None = None) -> str:
+    """UTC ISO 8601 with milliseconds, the prefix of every log line."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+class InstanceLog:
+    """The log file of one instance (`NAME.K.log`, rotated to `.1` … `.N`)."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.followers: set[Follower] = set()
+        self._partial: dict[str, bytes] = {}
+        self._file: IO[bytes] | None = None
+        self._size = 0
+
+    def _open(self) -> IO[bytes]:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab", buffering=64 * 1024)  # noqa: SIM115
+            self._size = self._file.tell()
+        return self._file
+
+    def feed(self, stream: str, data: bytes) -> None:
+        """Append raw output of `stream` (stdout/stderr); complete lines are written."""
+        buf = self._partial.pop(stream, b"") + data
+        *lines, rest = buf.split(b"\n")
+        while len(rest) > MAX_LINE_BYTES:
+            lines.append(rest[:MAX_LINE_BYTES])
+            rest = rest[MAX_LINE_BYTES:]
+        if rest:
+            self._partial[stream] = rest
+        if lines:
+            self._write_lines(stream, lines)
+
+    def close_stream(self, stream: str) -> None:
+        """The stream reached EOF: write what is left of a last unterminated line."""
+        rest = self._partial.pop(stream, b"")
+        if rest:
+            self._write_lines(stream, [rest])
+
+    def note(self, text: str) -> None:
+        """A line from engctl itself (start, exit), so the log tells the whole story."""
+        self._write_lines("engctl", [text.encode()])
+
+    def _write_lines(self, stream: str, lines: list[bytes]) -> None:
+        prefix = f"{timestamp()} {stream}: ".encode()
+        out = b"".join(prefix + line.rstrip(b"\r") + b"\n" for line in lines)
+        f = self._open()
+        f.write(out)
+        self._size += len(out)
+        if self.followers:
+            text = out.decode(errors="replace")
+            for line in text.splitlines():
+                for follower in list(self.followers):
+                    follower(line)
+        if self._size >= self.max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self.close()
+        for i in range(self.backups, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(src, self.path.with_name(f"{self.path.name}.{i}"))
+        if self.backups == 0:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self._size = 0
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_tail(paths: list[Path], lines: int) -> list[str]:
+    """The last `lines` lines over the given files (oldest first), reading from the end."""
+    out: deque[str] = deque(maxlen=lines)
+    for path in paths:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue
+        with open(path, "rb") as f:
+            # Read at most ~ lines × 512 bytes from the end, enough for typical lines.
+            start = max(0, size - max(lines, 1) * 512)
+            f.seek(start)
+            chunk = f.read()
+        text = chunk.decode(errors="replace").splitlines()
+        if start > 0 and text:
+            text = text[1:]  # first line is cut
+        out.extend(text)
+    return list(out)

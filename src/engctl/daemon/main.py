@@ -1,0 +1,202 @@
+"""Daemon start-up and shutdown: folders, the single-daemon lock, wiring, signals.
+
+Run as `python -m engctl.daemon` (what the CLI spawns) or `engctl daemon run` (foreground).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from pathlib import Path
+
+from engctl import __version__
+from engctl.config import MAX_SOCKET_PATH, DaemonConfig, Paths, resolve_paths
+from engctl.errors import DaemonUnreachableError, EngctlError
+from engctl.models import check_dependencies
+from engctl.states import DesiredState
+
+from . import process
+from .api import Api
+from .events import EventLog
+from .monitor import Monitor
+from .registry import Entry, Registry
+from .server import Server
+from .supervisor import Sample, Supervisor
+
+log = logging.getLogger("engctl.daemon")
+
+
+def prepare_folders(paths: Paths) -> None:
+    """Create the home's folders; the socket folder is private (0700)."""
+    if len(str(paths.socket).encode()) > MAX_SOCKET_PATH:
+        raise DaemonUnreachableError(
+            f"socket path {paths.socket} is longer than {MAX_SOCKET_PATH} bytes"
+            " (AF_UNIX limit): use a shorter ENGCTL_HOME"
+        )
+    for d in (paths.runtime_dir, paths.state_dir, paths.log_dir):
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise DaemonUnreachableError(f"cannot create {d}: {exc.strerror}") from exc
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise DaemonUnreachableError(f"folder {d} is not writable")
+    os.chmod(paths.runtime_dir, 0o700)
+
+
+def acquire_daemon_lock(paths: Paths) -> int:
+    """Hold an exclusive lock for the daemon's lifetime: at most one daemon per home."""
+    fd = os.open(paths.daemon_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DaemonUnreachableError(
+            f"another daemon already runs for this home (pid {other})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def setup_logging(paths: Paths, foreground: bool) -> None:
+    handler = logging.handlers.RotatingFileHandler(
+        paths.daemon_log, maxBytes=5 * 1024 * 1024, backupCount=2
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("engctl")
+    root.handlers[:] = [handler]
+    if foreground:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    root.setLevel(logging.INFO)
+
+
+class Daemon:
+    """The running daemon: owns the server, supervisor, monitor and event log."""
+
+    def __init__(self, paths: Paths, config: DaemonConfig) -> None:
+        self.paths = paths
+        self.config = config
+        self.stopping = asyncio.Event()
+        self._signals = 0
+
+    async def run(self, ready: int | None) -> None:
+        paths, config = self.paths, self.config
+        loop = asyncio.get_running_loop()
+        events = EventLog(paths.events_db, config.events_retention)
+        monitor = Monitor(config.sample_interval, loop, self._apply_samples)
+        sup = Supervisor(paths, config, events, monitor.set_targets)
+        self.sup = sup
+        registry = Registry(paths.registry, lambda: [e.to_entry() for e in sup.engines.values()])
+        entries = registry.load()
+        api = Api(paths, sup, registry, events, self.stopping.set)
+        server = Server(paths.socket, api.handlers(), config.max_frame_bytes, paths.daemon_log)
+        await server.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        monitor.start()
+        log.info("engctl %s daemon pid %d listening on %s", __version__, os.getpid(), paths.socket)
+        events.emit("daemon.started", f"engctl {__version__} pid {os.getpid()}")
+        if ready is not None:
+            _notify_ready(ready, "ok")
+        startup = asyncio.ensure_future(self._start_engines(entries))
+        await self.stopping.wait()
+
+        log.info("shutting down")
+        events.emit("daemon.stopping", "shutdown requested")
+        startup.cancel()
+        await server.close()
+        await sup.shutdown(config.shutdown_timeout)
+        monitor.stop()
+        events.emit("daemon.stopped", "all engines stopped")
+        events.close()
+        log.info("stopped")
+
+    async def _start_engines(self, entries: list[Entry]) -> None:
+        found = await process.end_old_generation(self.paths.daemon_id)
+        if found:
+            self.sup.events.emit(
+                "daemon.replaced_orphans",
+                f"stopped {found} processes left by a previous daemon; starting fresh instances"
+                " (their stdin/stdout pipes died with it)",
+            )
+        by_name = {e.spec.name: e for e in entries}
+        for entry in by_name.values():
+            self.sup.add_engine(entry.spec, entry.desired, entry.stopped_instances)
+        for name in check_dependencies({n: e.spec for n, e in by_name.items()}):
+            engine = self.sup.engines[name]
+            if engine.desired is DesiredState.RUNNING:
+                wanted = [
+                    i.index for i in engine.instances if i.index not in engine.stopped_instances
+                ]
+                await self.sup.start_engine(engine, "daemon started", wanted)
+
+    def _apply_samples(self, samples: dict[str, Sample]) -> None:
+        for inst in self.sup.all_instances():
+            s = samples.get(inst.id)
+            if s is not None:
+                inst.sample = s
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: graceful shutdown (send again to kill engines at once)", sig.name)
+            self.stopping.set()
+        else:
+            log.warning("%s again: killing every engine now", sig.name)
+            self.sup.kill_all()
+
+
+def _notify_ready(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, (message + "\n").encode())
+        os.close(fd)
+
+
+def run(home: str | None = None, ready_fd: int | None = None, foreground: bool = True) -> int:
+    """Run the daemon until it is asked to stop; returns the process exit code."""
+    paths = resolve_paths(home)
+    try:
+        prepare_folders(paths)
+        lock_fd = acquire_daemon_lock(paths)
+        config = DaemonConfig.load(paths.config_file)
+    except EngctlError as exc:
+        if ready_fd is not None:
+            _notify_ready(ready_fd, f"error: {exc.message}")
+        print(f"engctl daemon: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    setup_logging(paths, foreground)
+    try:
+        asyncio.run(Daemon(paths, config).run(ready_fd))
+    except EngctlError as exc:
+        log.error("%s", exc.message)
+        if ready_fd is not None:
+            _notify_ready(ready_fd, f"error: {exc.message}")
+        print(f"engctl daemon: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        log.exception("daemon crashed")
+        if ready_fd is not None:
+            _notify_ready(ready_fd, f"error: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        os.close(lock_fd)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engctl.daemon")
+    parser.add_argument("--home", help="engctl home (default: ENGCTL_HOME or platformdirs)")
+    parser.add_argument("--ready-fd", type=int, help="write 'ok' or 'error: …' here when ready")
+    parser.add_argument("--background", action="store_true", help="log to the file only")
+    args = parser.parse_args(argv)
+    if args.home:
+        os.environ["ENGCTL_HOME"] = str(Path(args.home).absolute())
+    sys.exit(run(args.home, args.ready_fd, foreground=not args.background))

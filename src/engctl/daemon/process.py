@@ -1,0 +1,204 @@
+"""One OS process of an instance: spawn it in its own process group, watch its exit, signal
+its tree.
+
+Mechanism only: knows nothing of restart policies or states (that is `supervisor`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import psutil
+
+# Set in each engine's environment so a restarted daemon can find the old generation.
+DAEMON_ID_ENV = "ENGCTL_DAEMON_ID"
+INSTANCE_ENV = "ENGCTL_INSTANCE"
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a process ended: an exit code, or the signal that killed it."""
+
+    code: int | None
+    signal: str | None
+
+    @classmethod
+    def from_returncode(cls, rc: int) -> ExitStatus:
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"SIG{-rc}"
+            return cls(None, name)
+        return cls(rc, None)
+
+    def describe(self) -> str:
+        return f"killed by {self.signal}" if self.signal else f"exit code {self.code}"
+
+
+class SpawnError(Exception):
+    """The process could not be started (command missing, not executable, bad cwd)."""
+
+
+class ChildProcess:
+    """A spawned process: its pid (also its process group id) and a callback on exit."""
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        loop: asyncio.AbstractEventLoop,
+        on_exit: Callable[[ChildProcess, ExitStatus], None],
+    ) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.pgid = popen.pid  # start_new_session made it the leader of its own group
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self.exit_status: ExitStatus | None = None
+        self._loop = loop
+        self._on_exit = on_exit
+        self._exited = loop.create_future()
+        # A pidfd becomes readable the moment the process exits: no polling, no SIGCHLD
+        # handler racing other waiters, no thread per child.
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        rc = self.popen.poll()
+        if rc is None:  # spurious wake-up
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.exit_status = ExitStatus.from_returncode(rc)
+        if not self._exited.done():
+            self._exited.set_result(self.exit_status)
+        self._on_exit(self, self.exit_status)
+
+    @property
+    def alive(self) -> bool:
+        return self.exit_status is None
+
+    async def wait(self) -> ExitStatus:
+        """Wait for the exit (already seen or to come)."""
+        return await asyncio.shield(self._exited)
+
+    def signal_group(self, sig: int) -> bool:
+        """Send `sig` to the whole process group; False if nothing is left in it."""
+        return signal_group(self.pgid, sig)
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """killpg that treats a vanished group as done rather than an error."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process is left in the group."""
+    return signal_group(pgid, 0)
+
+
+def spawn(
+    argv: list[str],
+    *,
+    cwd: str | None,
+    env: dict[str, str],
+    pipe_stdin: bool,
+    stdout_to_pipe: bool,
+    loop: asyncio.AbstractEventLoop,
+    on_exit: Callable[[ChildProcess, ExitStatus], None],
+) -> ChildProcess:
+    """Start `argv` as the leader of a new session; stderr is always a pipe to the daemon."""
+    try:
+        popen = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_to_pipe else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        detail = exc.strerror or str(exc)
+        target = exc.filename or argv[0]
+        raise SpawnError(f"cannot start {target!r}: {detail}") from exc
+    return ChildProcess(popen, loop, on_exit)
+
+
+def kill_tree_now(pgid: int, extra_pids: Iterable[tuple[int, float]] = ()) -> None:
+    """SIGKILL a process group and any escaped descendants known by (pid, create_time)."""
+    signal_group(pgid, signal.SIGKILL)
+    for pid, created in extra_pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            # The create time guards against a recycled pid.
+            if abs(p.create_time() - created) < 0.01:
+                p.kill()
+
+
+def find_old_generation(daemon_id: str) -> list[psutil.Process]:
+    """Processes of a previous daemon of this home, found by the marker in their environment."""
+    me = os.getpid()
+    found: list[psutil.Process] = []
+    uid = os.getuid()
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            uids = proc.info["uids"]
+            if proc.pid == me or uids is None or uids.real != uid:
+                continue
+            if proc.environ().get(DAEMON_ID_ENV) == daemon_id:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+async def end_old_generation(daemon_id: str, grace: float = 3.0) -> int:
+    """Stop every process a killed daemon left behind: SIGTERM their groups, SIGKILL after `grace`.
+
+    Runs before new instances start, so a service's port is free again.
+    """
+    procs = await asyncio.to_thread(find_old_generation, daemon_id)
+    if not procs:
+        return 0
+    groups: set[int] = set()
+    for p in procs:
+        with contextlib.suppress(psutil.Error, OSError):
+            groups.add(os.getpgid(p.pid))
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    for g in groups:
+        signal_group(g, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        alive = [p for p in procs if _alive(p)]
+        if not alive:
+            break
+        await asyncio.sleep(0.05)
+    for g in groups:
+        signal_group(g, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return len(procs)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

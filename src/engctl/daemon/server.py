@@ -1,0 +1,197 @@
+"""The Unix-socket JSON-RPC server: framing, size limit, peer check, and the wire-error boundary.
+
+Every exception a handler raises becomes a JSON-RPC error here and nowhere else; nothing a
+client sends (garbage, a 10 MiB line, half a frame) can stop the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from engctl import protocol
+from engctl.errors import (
+    EngctlError,
+    InternalError,
+    InvalidParamsError,
+    MethodNotFoundError,
+    ProtocolError,
+)
+
+log = logging.getLogger("engctl.server")
+
+Handler = Callable[[dict[str, Any], "Connection"], Any]
+# A follower that stops reading is dropped once this much output waits for it.
+MAX_WRITE_BUFFER = 8 * 1024 * 1024
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: splits lines, calls handlers, answers as each call completes."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._discarding = False
+        self.on_close: list[Callable[[], None]] = []
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                log.warning("refused connection from pid %d with uid %d", pid, uid)
+                self.write(protocol.error(None, ProtocolError("permission denied: other uid")))
+                transport.close()
+                return
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for cb in self.on_close:
+            try:
+                cb()
+            except Exception:
+                log.exception("close callback failed")
+        self.on_close.clear()
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the client; a client that stops reading is disconnected."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("dropping a client that does not read its output")
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        limit = self.server.max_frame
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = bytes(buf[start:nl])
+            start = nl + 1
+            if self._discarding:
+                # The tail of an oversized frame: its error was sent already.
+                self._discarding = False
+                continue
+            if line.strip():
+                self._handle_line(line)
+        del buf[:start]
+        if len(buf) > limit:
+            if not self._discarding:
+                self.write(
+                    protocol.error(
+                        None,
+                        ProtocolError(f"frame exceeds the limit of {limit} bytes; skipped"),
+                    )
+                )
+            self._discarding = True
+            buf.clear()
+
+    def _handle_line(self, line: bytes) -> None:
+        req_id: int | str | None = None
+        try:
+            if len(line) > self.server.max_frame:
+                raise ProtocolError(f"frame exceeds the limit of {self.server.max_frame} bytes")
+            obj = protocol.parse_frame(line)
+            req_id = obj.get("id") if isinstance(obj.get("id"), int | str) else None
+            req_id, method, params = protocol.parse_request(obj)
+            handler = self.server.handlers.get(method)
+            if handler is None:
+                raise MethodNotFoundError(f"unknown method {method!r}")
+            outcome = handler(params, self)
+        except Exception as exc:
+            self._reply_error(req_id, exc)
+            return
+        if isinstance(outcome, Awaitable):
+            task = asyncio.ensure_future(outcome)
+            self.server.tasks.add(task)
+            task.add_done_callback(lambda t: self._finish(req_id, t))
+        elif req_id is not None:
+            self.write(protocol.result(req_id, outcome))
+
+    def _finish(self, req_id: int | str | None, task: asyncio.Future[Any]) -> None:
+        self.server.tasks.discard(task)
+        if task.cancelled():
+            self._reply_error(req_id, InternalError("request cancelled: daemon shutting down"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._reply_error(req_id, exc)
+        elif req_id is not None:
+            self.write(protocol.result(req_id, task.result()))
+
+    def _reply_error(self, req_id: int | str | None, exc: BaseException) -> None:
+        if isinstance(exc, EngctlError):
+            err = exc
+        elif isinstance(exc, KeyError | TypeError | ValueError) and not isinstance(
+            exc, UnicodeError
+        ):
+            err = InvalidParamsError(f"invalid params: {exc}")
+            log.debug("invalid params", exc_info=exc)
+        else:
+            log.error("internal error", exc_info=exc)
+            err = InternalError(
+                f"internal error: {type(exc).__name__}: {exc} (see {self.server.log_path})"
+            )
+        self.write(protocol.error(req_id, err))
+
+
+class Server:
+    """Listens on the socket (0600, in a 0700 folder) and routes calls to `handlers`."""
+
+    def __init__(
+        self,
+        path: Path,
+        handlers: dict[str, Handler],
+        max_frame: int,
+        log_path: Path,
+    ) -> None:
+        self.path = path
+        self.handlers = handlers
+        self.max_frame = max_frame
+        self.log_path = log_path
+        self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # The daemon lock is held: a socket file left here belongs to a dead daemon.
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await loop.create_unix_server(lambda: Connection(self), str(self.path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        """Stop accepting, close client connections, cancel in-flight handlers."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        for task in list(self.tasks):
+            task.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -1,0 +1,571 @@
+"""Keeps each engine at its wanted instances: start, stop, restart with backoff, give up (fatal).
+
+Every state change goes through `Supervisor.transition`, which checks the edge and records the
+event with its reason. Spawning and signalling are `process`'s job; this module decides when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engctl.config import DaemonConfig, Paths
+from engctl.errors import InstanceNotFoundError, RequestTimeoutError
+from engctl.models import EngineSpec
+from engctl.states import (
+    DesiredState,
+    Eligibility,
+    EngineMode,
+    Health,
+    InstanceState,
+    can_transition,
+)
+
+from . import process
+from .events import EventLog
+from .logs import InstanceLog
+from .process import ChildProcess, ExitStatus, SpawnError
+from .registry import Entry
+
+log = logging.getLogger("engctl.supervisor")
+
+S = InstanceState
+# How long `start` of a dependent waits for its dependencies to be ready.
+DEPENDENCY_WAIT = 30.0
+
+
+@dataclass
+class Sample:
+    """The latest psutil reading of an instance (process plus descendants)."""
+
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    threads: int = 0
+    fds: int = 0
+    descendants: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Instance:
+    """One process slot of an engine, `name#index`; survives restarts of its process."""
+
+    def __init__(self, engine: Engine, index: int, log_file: InstanceLog) -> None:
+        self.engine = engine
+        self.index = index
+        self.id = f"{engine.spec.name}#{index}"
+        self.state = S.STOPPED
+        self.state_reason = "registered"
+        self.state_since = time.time()
+        self.health = Health.UNKNOWN
+        self.eligibility = Eligibility.ACTIVE
+        self.proc: ChildProcess | None = None
+        self.restarts = 0
+        self.quick_failures = 0
+        self.backoff_attempt = 0
+        self.last_exit: dict[str, Any] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.sample = Sample()
+        self.log = log_file
+        self.removed = False
+
+    @property
+    def spec(self) -> EngineSpec:
+        return self.engine.spec
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.alive else None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented per-instance object of `status --json`."""
+        running = self.proc is not None and self.proc.alive
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "state": self.state.value,
+            "state_reason": self.state_reason,
+            "state_since": self.state_since,
+            "health": self.health.value,
+            "eligibility": self.eligibility.value,
+            "restarts": self.restarts,
+            "uptime_s": round(time.monotonic() - self.proc.started_mono, 3)
+            if running and self.proc
+            else None,
+            "cpu_percent": round(self.sample.cpu_percent, 1) if running else None,
+            "rss_bytes": self.sample.rss_bytes if running else None,
+            "threads": self.sample.threads if running else None,
+            "fds": self.sample.fds if running else None,
+            "last_exit": self.last_exit,
+        }
+
+
+class Engine:
+    """A registered engine's runtime side: its current spec and instances."""
+
+    def __init__(self, spec: EngineSpec, desired: DesiredState) -> None:
+        self.spec = spec
+        self.desired = desired
+        # Indices stopped by hand: `start ENGINE` of the whole engine leaves them alone
+        # only if they were named; persisted with the registry.
+        self.stopped_instances: set[int] = set()
+        self.instances: list[Instance] = []
+        self.lock = asyncio.Lock()
+
+    def to_entry(self) -> Entry:
+        return Entry(self.spec, self.desired, set(self.stopped_instances))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "type": self.spec.type,
+            "mode": self.spec.mode.value,
+            "desired": self.desired.value,
+            "instances_wanted": self.spec.instances if self.spec.mode.long_running else 0,
+            "instances": [i.to_json() for i in self.instances],
+        }
+
+
+class Supervisor:
+    """Owns every engine's instances and their processes."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        config: DaemonConfig,
+        events: EventLog,
+        on_targets_changed: Callable[[dict[str, int]], None] = lambda _t: None,
+    ) -> None:
+        self.paths = paths
+        self.config = config
+        self.events = events
+        self.engines: dict[str, Engine] = {}
+        self.loop = asyncio.get_running_loop()
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._on_targets_changed = on_targets_changed
+        self._sweeps: set[asyncio.Task[None]] = set()
+        self.closing = False
+
+    # -- the one place where an instance changes state ------------------------------------
+    def transition(self, inst: Instance, new: InstanceState, reason: str, **data: Any) -> None:
+        """Move `inst` to `new`, recording the event; an illegal edge is a bug and raises."""
+        old = inst.state
+        if not can_transition(old, new):
+            raise RuntimeError(f"illegal transition {inst.id}: {old} -> {new} ({reason})")
+        inst.state = new
+        inst.state_reason = reason
+        inst.state_since = time.time()
+        self.events.emit(
+            "instance.state",
+            reason,
+            engine=inst.spec.name,
+            instance=inst.id,
+            from_state=old.value,
+            to_state=new.value,
+            data=data or None,
+        )
+        if old.has_process != new.has_process:
+            self._publish_targets()
+        self._check_waiters()
+
+    def _check_waiters(self) -> None:
+        if not self._waiters:
+            return
+        keep = []
+        for pred, fut in self._waiters:
+            if fut.done():
+                continue
+            if pred():
+                fut.set_result(None)
+            else:
+                keep.append((pred, fut))
+        self._waiters = keep
+
+    async def wait_until(self, pred: Callable[[], bool], timeout: float | None, what: str) -> None:
+        """Wait until `pred()` holds after some transition, or raise RequestTimeoutError."""
+        if pred():
+            return
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._waiters.append((pred, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise RequestTimeoutError(f"timed out after {timeout:g}s waiting for {what}") from None
+
+    def _publish_targets(self) -> None:
+        targets = {
+            i.id: i.proc.pid
+            for e in self.engines.values()
+            for i in e.instances
+            if i.proc is not None and i.proc.alive
+        }
+        self._on_targets_changed(targets)
+
+    # -- lookups ---------------------------------------------------------------------------
+    def instance(self, engine: Engine, index: int) -> Instance:
+        for inst in engine.instances:
+            if inst.index == index:
+                return inst
+        raise InstanceNotFoundError(
+            f"engine {engine.spec.name!r} has no instance #{index}"
+            f" (it has {len(engine.instances)}: #0..#{len(engine.instances) - 1})"
+            if engine.instances
+            else f"engine {engine.spec.name!r} has no instances"
+        )
+
+    def all_instances(self) -> list[Instance]:
+        return [i for e in self.engines.values() for i in e.instances]
+
+    # -- starting --------------------------------------------------------------------------
+    def start_instance(self, inst: Instance, reason: str) -> None:
+        """Spawn the instance's process now (from stopped, exited, fatal or backoff)."""
+        inst.cancel_timer()
+        if inst.removed or self.closing:
+            return
+        spec = inst.spec
+        self.transition(inst, S.STARTING, reason)
+        env = dict(os.environ)
+        env.update(spec.env)
+        env[process.DAEMON_ID_ENV] = self.paths.daemon_id
+        env[process.INSTANCE_ENV] = inst.id
+        try:
+            proc = process.spawn(
+                spec.argv,
+                cwd=spec.cwd,
+                env=env,
+                pipe_stdin=spec.mode is EngineMode.WORKER,
+                stdout_to_pipe=True,
+                loop=self.loop,
+                on_exit=lambda proc, status: self._on_exit(inst, proc, status),
+            )
+        except SpawnError as exc:
+            inst.log.note(str(exc))
+            inst.last_exit = {"code": None, "signal": None, "at": time.time(), "error": str(exc)}
+            self._after_unexpected_exit(inst, str(exc), quick=True, wants_restart=True)
+            return
+        inst.proc = proc
+        inst.sample = Sample()
+        inst.log.note(f"started pid {proc.pid}: {' '.join(spec.argv)}")
+        self._attach_output(inst, proc)
+        self._publish_targets()
+        self.events.emit(
+            "instance.spawned",
+            f"pid {proc.pid}",
+            engine=spec.name,
+            instance=inst.id,
+            data={"pid": proc.pid},
+        )
+        delay = spec.restart.start_seconds
+        if delay <= 0:
+            self._mark_running(inst, proc)
+        else:
+            inst.timer = self.loop.call_later(delay, self._mark_running, inst, proc)
+
+    def _mark_running(self, inst: Instance, proc: ChildProcess) -> None:
+        inst.timer = None
+        if inst.proc is not proc or not proc.alive or inst.state is not S.STARTING:
+            return
+        # starting -> ready: the process stayed up start_seconds
+        inst.quick_failures = 0
+        self.transition(inst, S.READY, f"up for {inst.spec.restart.start_seconds:g}s")
+
+    def _attach_output(self, inst: Instance, proc: ChildProcess) -> None:
+        popen = proc.popen
+        streams = [("stderr", popen.stderr)]
+        # A worker's stdout carries the request protocol; it is drained here until the
+        # dispatch layer owns it, and anything it writes is kept in the log.
+        streams.append(("stdout", popen.stdout))
+        for name, pipe in streams:
+            if pipe is None:
+                continue
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self.loop.add_reader(fd, self._read_pipe, inst, name, pipe)
+
+    def _read_pipe(self, inst: Instance, stream: str, pipe: Any) -> None:
+        fd = pipe.fileno()
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            inst.log.feed(stream, data)
+            return
+        self.loop.remove_reader(fd)
+        inst.log.close_stream(stream)
+        pipe.close()
+
+    # -- exits -----------------------------------------------------------------------------
+    def _on_exit(self, inst: Instance, proc: ChildProcess, status: ExitStatus) -> None:
+        if inst.proc is not proc:
+            return
+        inst.cancel_timer()
+        now = time.time()
+        uptime = time.monotonic() - proc.started_mono
+        inst.last_exit = {"code": status.code, "signal": status.signal, "at": now}
+        inst.log.note(f"pid {proc.pid} {status.describe()} after {uptime:.2f}s")
+        self._sweep_group(inst, proc)
+        if proc.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.popen.stdin.close()
+        self._publish_targets()
+        desc = status.describe()
+        if inst.state is S.STOPPING:
+            # stopping -> stopped: the exit we asked for
+            self.transition(inst, S.STOPPED, f"stopped ({desc})", code=status.code)
+            return
+        quick = inst.state is S.STARTING
+        if uptime >= inst.spec.restart.backoff.reset_after:
+            inst.backoff_attempt = 0
+        wants = inst.spec.restart.policy.wants_restart(status.code, expected=False)
+        self._after_unexpected_exit(inst, desc, quick=quick, wants_restart=wants)
+
+    def _after_unexpected_exit(
+        self, inst: Instance, desc: str, *, quick: bool, wants_restart: bool
+    ) -> None:
+        spec = inst.spec
+        if inst.removed or self.closing or inst.engine.desired is DesiredState.STOPPED:
+            self.transition(inst, S.EXITED, f"{desc}; not restarted (engine stopping)")
+            return
+        if not wants_restart:
+            self.transition(inst, S.EXITED, f"{desc}; restart policy {spec.restart.policy}")
+            return
+        if quick:
+            inst.quick_failures += 1
+            if inst.quick_failures > spec.restart.max_retries:
+                # starting -> fatal: too many failures before start_seconds
+                self.transition(
+                    inst,
+                    S.FATAL,
+                    f"gave up after {inst.quick_failures} failed starts"
+                    f" (max_retries {spec.restart.max_retries}): {desc}",
+                )
+                return
+        inst.backoff_attempt += 1
+        delay = spec.restart.backoff.delay(inst.backoff_attempt)
+        self.transition(
+            inst,
+            S.BACKOFF,
+            f"{desc}; restart in {delay:g}s (attempt {inst.backoff_attempt})",
+            delay=delay,
+        )
+        inst.timer = self.loop.call_later(delay, self._restart_after_backoff, inst)
+
+    def _restart_after_backoff(self, inst: Instance) -> None:
+        inst.timer = None
+        if inst.state is not S.BACKOFF:
+            return
+        inst.restarts += 1
+        # backoff -> starting: delay elapsed
+        self.start_instance(inst, f"restart {inst.restarts} after backoff")
+
+    def _sweep_group(self, inst: Instance, proc: ChildProcess) -> None:
+        """After the leader exits, give what is left of its tree the stop grace, then SIGKILL."""
+        escaped = list(inst.sample.descendants)
+        if not process.group_alive(proc.pgid) and not escaped:
+            return
+        grace = inst.spec.stop.timeout
+        if inst.state is not S.STOPPING:
+            process.signal_group(proc.pgid, signal.SIGTERM)
+
+        async def sweep() -> None:
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and process.group_alive(proc.pgid):
+                await asyncio.sleep(0.05)
+            process.kill_tree_now(proc.pgid, escaped)
+
+        task = self.loop.create_task(sweep())
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    # -- stopping --------------------------------------------------------------------------
+    async def stop_instance(self, inst: Instance, reason: str, wait: bool = True) -> None:
+        """Stop one instance with its stop policy; never restarted until started again."""
+        inst.cancel_timer()
+        if inst.state in (S.BACKOFF, S.EXITED, S.FATAL):
+            self.transition(inst, S.STOPPED, reason)
+            return
+        if inst.state is S.STOPPED:
+            return
+        if inst.state is not S.STOPPING:
+            proc = inst.proc
+            assert proc is not None
+            spec = inst.spec
+            self.transition(inst, S.STOPPING, reason)
+            sig = signal.Signals[spec.stop.signal]
+            inst.log.note(f"sending {sig.name} to process group {proc.pgid} ({reason})")
+            process.signal_group(proc.pgid, sig)
+            inst.timer = self.loop.call_later(
+                spec.stop.timeout, self._kill_after_timeout, inst, proc
+            )
+        if wait:
+            await self.wait_until(
+                lambda: inst.state is not S.STOPPING,
+                inst.spec.stop.timeout + 10.0,
+                f"{inst.id} to stop",
+            )
+
+    def _kill_after_timeout(self, inst: Instance, proc: ChildProcess) -> None:
+        inst.timer = None
+        if not proc.alive:
+            return
+        timeout = inst.spec.stop.timeout
+        inst.log.note(f"still alive {timeout:g}s after the stop signal: SIGKILL to the group")
+        self.events.emit(
+            "instance.killed",
+            f"did not stop within {timeout:g}s; killed the process group",
+            engine=inst.spec.name,
+            instance=inst.id,
+        )
+        process.kill_tree_now(proc.pgid, inst.sample.descendants)
+
+    # -- engines ---------------------------------------------------------------------------
+    def add_engine(
+        self, spec: EngineSpec, desired: DesiredState, stopped_instances: set[int]
+    ) -> Engine:
+        """Create the runtime side of a registered engine (instances stay stopped)."""
+        engine = Engine(spec, desired)
+        self.engines[spec.name] = engine
+        engine.stopped_instances = set(stopped_instances)
+        self._resize(engine)
+        return engine
+
+    def _resize(self, engine: Engine) -> list[Instance]:
+        """Add instance slots up to the spec's count; return the ones to remove (highest)."""
+        want = engine.spec.instances if engine.spec.mode.long_running else 0
+        while len(engine.instances) < want:
+            idx = len(engine.instances)
+            log_file = InstanceLog(
+                self.paths.instance_log(engine.spec.name, idx),
+                self.config.log_max_bytes,
+                self.config.log_backups,
+            )
+            engine.instances.append(Instance(engine, idx, log_file))
+        extra = engine.instances[want:]
+        del engine.instances[want:]
+        return extra
+
+    async def start_engine(
+        self, engine: Engine, reason: str, indices: list[int] | None = None
+    ) -> list[str]:
+        """Start the engine's instances (all, or `indices`) after its dependencies are ready."""
+        for dep in engine.spec.depends_on:
+            dep_engine = self.engines.get(dep)
+            if dep_engine is None:
+                continue
+            if dep_engine.desired is not DesiredState.RUNNING or not any(
+                i.state.is_running for i in dep_engine.instances
+            ):
+                await self.start_engine(dep_engine, f"dependency of {engine.spec.name}")
+                try:
+                    await self.wait_until(
+                        lambda d=dep_engine: all(  # type: ignore[misc]
+                            i.state.is_running or i.state is S.FATAL for i in d.instances
+                        ),
+                        DEPENDENCY_WAIT,
+                        f"dependency {dep} to be ready",
+                    )
+                except RequestTimeoutError as exc:
+                    self.events.emit(
+                        "engine.dependency_timeout",
+                        f"starting anyway: {exc}",
+                        engine=engine.spec.name,
+                    )
+        engine.desired = DesiredState.RUNNING
+        started = []
+        for inst in engine.instances:
+            if indices is not None and inst.index not in indices:
+                continue
+            if inst.state in (S.STOPPED, S.EXITED, S.FATAL, S.BACKOFF):
+                if inst.state is S.FATAL:
+                    inst.quick_failures = 0
+                    inst.backoff_attempt = 0
+                self.start_instance(inst, reason)
+                started.append(inst.id)
+        return started
+
+    async def stop_instances(self, insts: list[Instance], reason: str, wait: bool) -> list[str]:
+        """Stop several instances at once; with `wait`, return when all are stopped."""
+        active = [i for i in insts if i.state is not S.STOPPED]
+        await asyncio.gather(*(self.stop_instance(i, reason, wait) for i in active))
+        return [i.id for i in active]
+
+    async def update_engine(self, engine: Engine, spec: EngineSpec) -> str:
+        """Apply a changed spec, restarting only what must change; returns what was done."""
+        old = engine.spec
+        if spec.needs_restart(old):
+            running = [i for i in engine.instances if i.state is not S.STOPPED]
+            await self.stop_instances(running, "spec changed: restarting", wait=True)
+            for inst in engine.instances:
+                inst.log.close()
+            engine.spec = spec
+            removed = self._resize(engine)
+            for inst in removed:
+                inst.removed = True
+            if engine.desired is DesiredState.RUNNING:
+                await self.start_engine(engine, "spec changed")
+            return "restarted"
+        engine.spec = spec
+        if old.instances != spec.instances:
+            return await self.scale_engine(engine, spec.instances)
+        return "updated in place"
+
+    async def scale_engine(self, engine: Engine, n: int) -> str:
+        """Grow or shrink to `n` instances (the highest indices go first)."""
+        before = len(engine.instances)
+        engine.spec = engine.spec.with_instances(n)
+        removed = self._resize(engine)
+        for inst in removed:
+            inst.removed = True
+        await self.stop_instances(removed, f"scaled to {n}", wait=True)
+        for inst in removed:
+            inst.log.close()
+        if engine.desired is DesiredState.RUNNING:
+            await self.start_engine(engine, f"scaled to {n}")
+        self.events.emit("engine.scaled", f"{before} -> {n} instances", engine=engine.spec.name)
+        self._publish_targets()
+        return f"scaled {before} -> {n}"
+
+    async def remove_engine(self, engine: Engine) -> None:
+        """Stop every instance and forget the engine."""
+        engine.desired = DesiredState.STOPPED
+        for inst in engine.instances:
+            inst.removed = True
+        await self.stop_instances(engine.instances, "unregistered", wait=True)
+        for inst in engine.instances:
+            inst.log.close()
+        self.engines.pop(engine.spec.name, None)
+        self._publish_targets()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop everything with each engine's stop policy (daemon exit)."""
+        self.closing = True
+        insts = [i for i in self.all_instances() if i.state is not S.STOPPED]
+        try:
+            await asyncio.wait_for(
+                self.stop_instances(insts, "daemon shutting down", True), timeout
+            )
+        except (TimeoutError, RequestTimeoutError):
+            self.kill_all()
+        if self._sweeps:
+            await asyncio.wait(set(self._sweeps), timeout=timeout)
+        for inst in self.all_instances():
+            inst.log.close()
+
+    def kill_all(self) -> None:
+        """SIGKILL every process tree now (second signal during shutdown)."""
+        for inst in self.all_instances():
+            if inst.proc is not None and inst.proc.alive:
+                process.kill_tree_now(inst.proc.pgid, inst.sample.descendants)

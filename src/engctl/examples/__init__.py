@@ -1,0 +1,1 @@
+"""Example engines bundled with engctl (used by `engctl demo`)."""

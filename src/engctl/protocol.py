@@ -1,0 +1,84 @@
+"""JSON-RPC 2.0 framing, one object per line, shared by the daemon socket and the CLI.
+
+Shared contract between CLI and daemon: stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engctl.errors import EngctlError, ParseError, ProtocolError
+
+PROTOCOL_VERSION = 1
+# Largest frame either side accepts. A larger line is answered with an error and skipped.
+MAX_FRAME_BYTES = 1024 * 1024
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_decode = json.JSONDecoder().decode
+
+
+def dumps(obj: Any) -> bytes:
+    """One frame: compact JSON and a newline."""
+    return (_encoder.encode(obj) + "\n").encode()
+
+
+def request(req_id: int | str | None, method: str, params: dict[str, Any] | None = None) -> bytes:
+    """Encode a call (or, with `req_id` None, a notification)."""
+    msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        msg["params"] = params
+    if req_id is not None:
+        msg["id"] = req_id
+    return dumps(msg)
+
+
+def result(req_id: int | str | None, value: Any) -> bytes:
+    """Encode a successful response."""
+    return dumps({"jsonrpc": "2.0", "id": req_id, "result": value})
+
+
+def error(req_id: int | str | None, exc: EngctlError) -> bytes:
+    """Encode an error response from an engctl exception."""
+    return dumps({"jsonrpc": "2.0", "id": req_id, "error": exc.to_wire()})
+
+
+def notification(method: str, params: dict[str, Any]) -> bytes:
+    """Encode a server-to-client notification (streams such as `events -f`)."""
+    return dumps({"jsonrpc": "2.0", "method": method, "params": params})
+
+
+def parse_frame(line: bytes | str) -> dict[str, Any]:
+    """Decode one frame into a JSON object, or raise ParseError/ProtocolError."""
+    if len(line) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(line)} bytes exceeds the limit of {MAX_FRAME_BYTES}")
+    try:
+        text = line.decode() if isinstance(line, bytes) else line
+        obj = _decode(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ParseError(f"frame is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame must be a JSON object, got {type(obj).__name__}")
+    if obj.get("jsonrpc") != "2.0":
+        raise ProtocolError('frame lacks "jsonrpc": "2.0"')
+    return obj
+
+
+def parse_request(obj: dict[str, Any]) -> tuple[int | str | None, str, dict[str, Any]]:
+    """Validate a decoded call: (id, method, params). Params must be an object if present."""
+    req_id = obj.get("id")
+    if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, int | str)):
+        raise ProtocolError("id must be a string, an integer or absent")
+    method = obj.get("method")
+    if not isinstance(method, str) or not method:
+        raise ProtocolError("method must be a non-empty string")
+    params = obj.get("params", {})
+    if not isinstance(params, dict):
+        raise ProtocolError("params must be an object (by-name parameters)")
+    return req_id, method, params
+
+
+def preview(data: bytes | str, limit: int = 120) -> str:
+    """A short printable excerpt of offending bytes, for error messages and logs."""
+    text = data.decode(errors="replace") if isinstance(data, bytes) else data
+    return text[:limit] + ("…" if len(text) > limit else "")

@@ -1,0 +1,1 @@
+"""Text and JSON output built from the wire models only (never from daemon objects)."""

@@ -1,0 +1,64 @@
+"""Small formatters for human output: durations, sizes, times. Stdlib only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def duration(seconds: float | None) -> str:
+    """`3s`, `4m12s`, `2h05m`, `3d04h`; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def size(n: int | None) -> str:
+    """Bytes in binary units: `512B`, `14.2MiB`; `-` when unknown."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}GiB"
+
+
+def clock(at: float | None) -> str:
+    """Local wall-clock time of an epoch timestamp, to the millisecond."""
+    if at is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
+
+
+def last_exit(info: dict[str, Any] | None) -> str:
+    """`code 1`, `SIGKILL`, or the spawn error, for the status table."""
+    if not info:
+        return "-"
+    if info.get("error"):
+        return str(info["error"])
+    if info.get("signal"):
+        return str(info["signal"])
+    return f"code {info.get('code')}"
+
+
+def print_json(obj: Any) -> None:
+    """The one way JSON reaches stdout: one document, sorted keys not imposed, newline-ended."""
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def event_line(ev: dict[str, Any]) -> str:
+    """One event as a line of text."""
+    subject = ev.get("instance") or ev.get("engine") or "daemon"
+    edge = f" {ev['from']} -> {ev['to']}" if ev.get("from") else ""
+    return f"{clock(ev.get('at'))}  {subject}{edge}: {ev.get('reason', '')}"

@@ -1,0 +1,117 @@
+"""States of instances, their health and dispatch eligibility: the vocabulary on the wire.
+
+Shared contract between CLI and daemon: stdlib only.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class InstanceState(StrEnum):
+    """Lifecycle of one instance (SPEC §4)."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    WARMING = "warming"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    EXITED = "exited"
+    FATAL = "fatal"
+
+    @property
+    def has_process(self) -> bool:
+        """True while an OS process may exist for the instance."""
+        return self in _WITH_PROCESS
+
+    @property
+    def is_running(self) -> bool:
+        """True once the process has stayed up `start_seconds`."""
+        return self in (InstanceState.WARMING, InstanceState.READY, InstanceState.BUSY)
+
+
+_WITH_PROCESS = frozenset(
+    {
+        InstanceState.STARTING,
+        InstanceState.WARMING,
+        InstanceState.READY,
+        InstanceState.BUSY,
+        InstanceState.STOPPING,
+    }
+)
+
+_S = InstanceState
+# Every legal edge. Anything else is a bug in the supervisor, raised loudly.
+TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
+    _S.STOPPED: frozenset({_S.STARTING}),
+    _S.STARTING: frozenset({_S.WARMING, _S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
+    _S.WARMING: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
+    _S.READY: frozenset({_S.BUSY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
+    _S.BUSY: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
+    _S.STOPPING: frozenset({_S.STOPPED}),
+    _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPED, _S.FATAL}),
+    _S.EXITED: frozenset({_S.STARTING, _S.STOPPED}),
+    _S.FATAL: frozenset({_S.STARTING, _S.STOPPED}),
+}
+
+
+def can_transition(old: InstanceState, new: InstanceState) -> bool:
+    """Whether `old -> new` is an edge of the lifecycle."""
+    return new in TRANSITIONS[old]
+
+
+class Health(StrEnum):
+    """Result of health probes; a separate axis from the lifecycle."""
+
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+    RECOVERING = "recovering"
+
+
+class Eligibility(StrEnum):
+    """Whether dispatch may pick the instance."""
+
+    ACTIVE = "active"
+    DOWNWEIGHTED = "downweighted"
+    ISOLATED = "isolated"
+    DRAINING = "draining"
+
+
+class EngineMode(StrEnum):
+    """How requests reach an engine (SPEC §3)."""
+
+    WORKER = "worker"
+    ONESHOT = "oneshot"
+    SERVICE = "service"
+
+    @property
+    def long_running(self) -> bool:
+        """Worker and service engines keep processes up; oneshot spawns per request."""
+        return self is not EngineMode.ONESHOT
+
+
+class RestartPolicy(StrEnum):
+    """When an exited instance is started again."""
+
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+    def wants_restart(self, exit_code: int | None, expected: bool) -> bool:
+        """Decide for one exit: `exit_code` is None when a signal ended the process."""
+        if expected or self is RestartPolicy.NEVER:
+            return False
+        if self is RestartPolicy.ALWAYS:
+            return True
+        return exit_code != 0
+
+
+class DesiredState(StrEnum):
+    """What the user asked an engine to be; survives daemon restarts."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"

@@ -1,0 +1,120 @@
+"""Helper for writing a Python worker engine: `serve(handler)` speaks the worker protocol.
+
+The protocol (SPEC §3): JSON-RPC 2.0 lines on stdin/stdout; `execute` carries
+`params.input`, `ping` answers anything; the optional `ready` notification ends warm-up.
+stdout belongs to the protocol, so the handler's prints are sent to stderr (the engine's log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
+
+Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
+
+HANDLER_ERROR = -32000
+
+
+def _response(req_id: Any, outcome: Any, error: BaseException | None) -> bytes:
+    if error is None:
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "result": outcome}
+    else:
+        msg = {
+            "jsonrpc": "2.0",
+            "id": req_id,
+            "error": {"code": HANDLER_ERROR, "message": f"{type(error).__name__}: {error}"},
+        }
+    return (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+
+
+def _bad(req_id: Any, code: int, message: str) -> bytes:
+    msg = {"jsonrpc": "2.0", "id": req_id, "error": {"code": code, "message": message}}
+    return (json.dumps(msg) + "\n").encode()
+
+
+def _decode(line: bytes) -> tuple[Any, str, Any] | bytes:
+    """(id, method, input) of a request, or the error frame to answer with."""
+    try:
+        msg = json.loads(line)
+    except ValueError as exc:
+        return _bad(None, -32700, f"parse error: {exc}")
+    if not isinstance(msg, dict) or not isinstance(msg.get("method"), str):
+        return _bad(None, -32600, "invalid request")
+    params = msg.get("params") or {}
+    return msg.get("id"), msg["method"], params.get("input") if isinstance(params, dict) else None
+
+
+def serve(handler: Handler, *, ready: bool = True, stdin: IO[bytes] | None = None) -> None:
+    """Answer requests until stdin closes. Exceptions in `handler` become JSON-RPC errors."""
+    inp = stdin or sys.stdin.buffer
+    out = sys.stdout.buffer
+    # Anything the handler prints must not corrupt the protocol stream.
+    sys.stdout = sys.stderr
+    if ready:
+        out.write(b'{"jsonrpc":"2.0","method":"ready"}\n')
+        out.flush()
+    if inspect.iscoroutinefunction(handler):
+        asyncio.run(_serve_async(handler, inp, out))
+        return
+    for line in inp:
+        if not line.strip():
+            continue
+        decoded = _decode(line)
+        if isinstance(decoded, bytes):
+            out.write(decoded)
+        else:
+            req_id, method, value = decoded
+            if method == "ping":
+                out.write(_response(req_id, "pong", None))
+            elif method == "execute":
+                try:
+                    out.write(_response(req_id, handler(value), None))
+                except Exception as exc:
+                    traceback.print_exc(file=sys.stderr)
+                    out.write(_response(req_id, None, exc))
+            elif req_id is not None:
+                out.write(_bad(req_id, -32601, f"unknown method {method!r}"))
+        out.flush()
+
+
+async def _serve_async(handler: Handler, inp: IO[bytes], out: IO[bytes]) -> None:
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(req_id: Any, value: Any) -> None:
+        try:
+            result = await handler(value)
+            data = _response(req_id, result, None)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            data = _response(req_id, None, exc)
+        out.write(data)
+        out.flush()
+
+    while True:
+        line = await loop.run_in_executor(None, inp.readline)
+        if not line:
+            break
+        decoded = _decode(line)
+        if isinstance(decoded, bytes):
+            out.write(decoded)
+        else:
+            req_id, method, value = decoded
+            if method == "ping":
+                out.write(_response(req_id, "pong", None))
+            elif method == "execute":
+                task = asyncio.ensure_future(run(req_id, value))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                continue
+            elif req_id is not None:
+                out.write(_bad(req_id, -32601, f"unknown method {method!r}"))
+        out.flush()
+    with contextlib.suppress(Exception):
+        await asyncio.gather(*tasks)

@@ -1,0 +1,165 @@
+"""Fixtures: a private ENGCTL_HOME per test, a real daemon in it, and a check that every
+process a test started (daemons, engines, grandchildren) is gone when it ends."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from engctl.client import Client
+from engctl.config import Paths, resolve_paths
+
+ENGINES = Path(__file__).parent / "engines"
+PY = sys.executable
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `pred` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {pred}")
+        time.sleep(interval)
+
+
+def engine_cmd(script: str, *args: str) -> list[str]:
+    """argv running one of the test engines with this interpreter."""
+    return [PY, str(ENGINES / script), *args]
+
+
+def _home_processes(home: Path, daemon_id: str) -> list[psutil.Process]:
+    """Every live process that belongs to this test's home: daemons and their engines."""
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            env = p.environ()
+            cmd = p.cmdline()
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        if (
+            env.get("ENGCTL_DAEMON_ID") == daemon_id
+            or env.get("ENGCTL_HOME") == str(home)
+            or str(home) in cmd
+        ):
+            found.append(p)
+    return found
+
+
+@dataclass
+class Home:
+    """A private engctl home: its paths, a CLI runner and a Python client."""
+
+    path: Path
+    paths: Paths
+    env: dict[str, str]
+
+    def cli(self, *args: str, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `engctl ARGS` in a fresh process against this home."""
+        return subprocess.run(
+            [PY, "-m", "engctl", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+
+    def client(self, **kw: Any) -> Client:
+        return Client(self.path, **kw)
+
+    def status(self) -> dict[str, Any]:
+        with self.client() as c:
+            return c.status()
+
+    def instances(self, engine: str | None = None) -> list[dict[str, Any]]:
+        st = self.status()
+        return [i for e in st["engines"] if engine in (None, e["name"]) for i in e["instances"]]
+
+    def instance(self, inst_id: str) -> dict[str, Any]:
+        for i in self.instances():
+            if i["id"] == inst_id:
+                return i
+        raise KeyError(inst_id)
+
+    def wait_state(self, inst_id: str, *states: str, timeout: float = 15.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            inst = self.instance(inst_id)
+            return inst if inst["state"] in states else None
+
+        return wait_until(check, timeout)  # type: ignore[no-any-return]
+
+    def register(self, name: str, command: list[str], **spec: Any) -> dict[str, Any]:
+        with self.client() as c:
+            return c.register({name: {"command": command, **spec}})
+
+    def daemon_pid(self) -> int | None:
+        try:
+            text = self.paths.daemon_lock.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() and psutil.pid_exists(int(text)) else None
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
+    """A short private ENGCTL_HOME (AF_UNIX paths are limited to 108 bytes).
+
+    On teardown every daemon and engine of this home is stopped; a test that leaves a
+    process behind fails.
+    """
+    path = Path(tempfile.mkdtemp(prefix="eh", dir="/tmp"))
+    monkeypatch.setenv("ENGCTL_HOME", str(path))
+    env = {**os.environ, "ENGCTL_HOME": str(path)}
+    h = Home(path, resolve_paths(path), env)
+    try:
+        yield h
+    finally:
+        leftovers = _stop_everything(h)
+        shutil.rmtree(path, ignore_errors=True)
+        if leftovers:
+            pytest.fail(f"processes left behind: {leftovers}")
+
+
+def _stop_everything(h: Home) -> list[str]:
+    """Stop daemons gracefully, then kill whatever of this home is still alive."""
+    pid = h.daemon_pid()
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).wait(20)
+    leftovers = []
+    for p in _home_processes(h.path, h.paths.daemon_id):
+        with contextlib.suppress(psutil.Error):
+            leftovers.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            p.kill()
+    return leftovers
+
+
+@pytest.fixture
+def daemon(home: Home) -> Iterator[Home]:
+    """A daemon running in `home`, started the way the CLI starts it (background, ready fd)."""
+    with home.client() as c:
+        c.connect()
+    assert home.daemon_pid() is not None
+    yield home
