@@ -7,12 +7,8 @@ Imports only the shared contract and the stdlib, so the CLI stays fast.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import select
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,6 +210,7 @@ class Client:
 
 def start_daemon(paths: Paths, home: str | None, connect: Any) -> socket.socket:
     """Start a background daemon (one, even when callers race) and return a connection to it."""
+    import fcntl
     try:
         paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = os.open(paths.start_lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -233,6 +230,9 @@ def start_daemon(paths: Paths, home: str | None, connect: Any) -> socket.socket:
 
 
 def _spawn_and_wait(paths: Paths, home: str | None) -> None:
+    import subprocess
+    import sys
+
     read_fd, write_fd = os.pipe()
     err_path = paths.runtime_dir / "daemon.stderr"
     argv = [sys.executable, "-m", "engctl.daemon", "--ready-fd", str(write_fd), "--background"]
@@ -260,6 +260,8 @@ def _spawn_and_wait(paths: Paths, home: str | None) -> None:
 
 
 def _read_ready(fd: int, timeout: float) -> str:
+    import select
+
     deadline = time.monotonic() + timeout
     data = b""
     try:

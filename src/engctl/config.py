@@ -6,9 +6,7 @@ Shared contract between CLI and daemon: stdlib only (platformdirs is imported wh
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -56,8 +54,11 @@ class Paths:
 
     @property
     def daemon_id(self) -> str:
-        """Marks this home's engine processes (in their environment) for re-discovery."""
-        return hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:16]
+        """Marks this home's engine processes (in their environment) for re-discovery.
+
+        The state folder itself: unique per home, and readable in `ps e` output.
+        """
+        return str(self.state_dir)
 
     def instance_log(self, engine: str, index: int) -> Path:
         return self.log_dir / f"{engine}.{index}.log"
@@ -111,14 +112,25 @@ class DaemonConfig:
             default = getattr(cls, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise SpecError(f"{path}: daemon.{key}: expected a positive number, got {value!r}")
+            if isinstance(default, int) and not isinstance(value, int):
+                # int(0.5) would silently become 0
+                raise SpecError(f"{path}: daemon.{key}: expected a positive integer, got {value!r}")
             values[key] = type(default)(value)
         return cls(**values)
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:
     """Parse TOML; an error names the source with its line and column."""
+    import tomllib  # only commands that read files pay for the parser
+
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        # tomllib puts "(at line L, column C)" at the end of its message.
-        raise SpecError(f"{source}: invalid TOML: {exc}") from exc
+        # tomllib puts "(at line L, column C)" at the end of its message, except for errors
+        # found at the end of the input ("(at end of document)"): name that place too.
+        message = str(exc)
+        if message.endswith("(at end of document)"):
+            line = text.count("\n") + 1
+            column = len(text) - text.rfind("\n")
+            message = message.removesuffix(")") + f", line {line}, column {column})"
+        raise SpecError(f"{source}: invalid TOML: {message}") from exc

@@ -335,6 +335,8 @@ class EngineSpec:
             out["restart"] = restart
         for key, dflt in (("stop", StopSpec()), ("health", _default_health(self.mode))):
             sub = _diff(getattr(self, key), dflt)
+            if key == "health" and self.health.check is None and self.mode is EngineMode.WORKER:
+                sub["check"] = "none"  # a disabled default check must survive the round trip
             if sub:
                 out[key] = sub
         limits = _diff(self.limits, LimitsSpec())
@@ -500,6 +502,6 @@ def parse_instance_ref(ref: str) -> tuple[str, int | None]:
     name, sep, idx = ref.partition("#")
     if not sep:
         return name, None
-    if not idx.isdigit():
+    if not (idx.isascii() and idx.isdigit()):  # int() rejects some Unicode digits (²)
         raise SpecError(f"{ref!r}: expected NAME or NAME#INDEX, e.g. web#0")
     return name, int(idx)

@@ -55,7 +55,7 @@ def parse_frame(line: bytes | str) -> dict[str, Any]:
     try:
         text = line.decode() if isinstance(line, bytes) else line
         obj = _decode(text)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # [[[… nests too deep
         raise ParseError(f"frame is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame must be a JSON object, got {type(obj).__name__}")

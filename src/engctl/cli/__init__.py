@@ -7,6 +7,7 @@ Never imports `engctl.daemon`; heavy modules (rich, the client) load inside the 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from engctl.errors import EXIT_FAILED, EXIT_USAGE, EngctlError
@@ -22,13 +23,29 @@ def _report(code: int, message: str, rpc_code: int, json_mode: bool) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with its code."""
+    args = sys.argv[1:] if argv is None else argv
+    if args in (["--version"], ["-V"]):
+        # Answered before typer loads: scripts call this often and it needs nothing else.
+        from engctl import __version__
+
+        sys.stdout.write(f"engctl {__version__}\n")
+        sys.exit(0)
+
     from typer import Abort
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-    from engctl.cli.app import app
+    from engctl.cli.app import app, load_commands
 
-    args = sys.argv[1:] if argv is None else argv
     json_mode = "--json" in args
+    if "_ENGCTL_COMPLETE" in os.environ:
+        # The scripts of `engctl completion` call back with this variable set; typer knows
+        # the shells only once its completion classes are registered (add_completion=False).
+        from typer._completion_classes import completion_init
+
+        completion_init()
+        load_commands([])
+    else:
+        load_commands(args)
     try:
         rv = app(args=args, prog_name="engctl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0

@@ -39,14 +39,38 @@ def _root(
     """
 
 
-from engctl.cli import (  # noqa: E402  (commands register themselves on `app`)
-    daemon,
-    demo,
-    engines,
-    lifecycle,
-    logs,
-    misc,
-    status,
-)
+# Command name -> the module that registers it on `app`. Only the module of the command being
+# run is imported, so `engctl status` does not pay for building the other commands.
+COMMAND_MODULES = {
+    "register": "engines",
+    "unregister": "engines",
+    "list": "engines",
+    "export": "engines",
+    "apply": "engines",
+    "start": "lifecycle",
+    "stop": "lifecycle",
+    "restart": "lifecycle",
+    "scale": "lifecycle",
+    "status": "status",
+    "logs": "logs",
+    "events": "logs",
+    "daemon": "daemon",
+    "demo": "demo",
+    "completion": "misc",
+    "config": "misc",
+}
 
-__all__ = ["app", "daemon", "demo", "engines", "lifecycle", "logs", "misc", "status"]
+
+def load_commands(args: list[str]) -> None:
+    """Register the command named in `args`, or every command (help, completion, typos)."""
+    import importlib
+
+    first = next((a for a in args if not a.startswith("-")), None)
+    wanted = (
+        {COMMAND_MODULES[first]}
+        if first in COMMAND_MODULES and "--help" not in args and "-h" not in args
+        else set(COMMAND_MODULES.values())
+    )
+    # In table order, which is the order `engctl --help` lists them.
+    for module in dict.fromkeys(m for m in COMMAND_MODULES.values() if m in wanted):
+        importlib.import_module(f"engctl.cli.{module}")

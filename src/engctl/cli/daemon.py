@@ -71,7 +71,17 @@ def _alive(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
+        pass
+    # So does a zombie of another process: a program that started the daemon through
+    # engctl.Client is its parent and may never reap it.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
         return True
+    # The state is the first field after the command name, which is in parentheses.
+    fields = stat.rpartition(")")[2].split()
+    return not fields or fields[0] != "Z"
 
 
 @daemon_app.command("status")

@@ -41,7 +41,9 @@ class InstanceLog:
     def _open(self) -> IO[bytes]:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab", buffering=64 * 1024)  # noqa: SIM115
+            # Unbuffered: each feed() is one write of whole lines, readers see them at once,
+            # and hundreds of idle instances hold no buffers.
+            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
             self._size = self._file.tell()
         return self._file
 

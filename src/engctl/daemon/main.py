@@ -96,6 +96,10 @@ class Daemon:
         self.sup = sup
         registry = Registry(paths.registry, lambda: [e.to_entry() for e in sup.engines.values()])
         entries = registry.load()
+        # Registered engines exist before the first client is answered: a status during
+        # start-up lists them, and a registration then cannot save a registry without them.
+        for entry in entries:
+            sup.add_engine(entry.spec, entry.desired, entry.stopped_instances)
         api = Api(paths, sup, registry, events, self.stopping.set)
         server = Server(paths.socket, api.handlers(), config.max_frame_bytes, paths.daemon_log)
         await server.start()
@@ -128,11 +132,10 @@ class Daemon:
                 " (their stdin/stdout pipes died with it)",
             )
         by_name = {e.spec.name: e for e in entries}
-        for entry in by_name.values():
-            self.sup.add_engine(entry.spec, entry.desired, entry.stopped_instances)
         for name in check_dependencies({n: e.spec for n, e in by_name.items()}):
-            engine = self.sup.engines[name]
-            if engine.desired is DesiredState.RUNNING:
+            engine = self.sup.engines.get(name)
+            # Clients may have unregistered or replaced it during the sweep above.
+            if engine is not None and engine.desired is DesiredState.RUNNING:
                 wanted = [
                     i.index for i in engine.instances if i.index not in engine.stopped_instances
                 ]

@@ -1,0 +1,215 @@
+"""Supervision benchmark (issue 2): prints one JSON object with every figure and its target.
+
+Run: `python benchmarks/supervise.py [--cpu-seconds 60] [--runs 15]`. Everything runs against a
+fresh daemon in a temporary ENGCTL_HOME; ratios are against `python -c pass` measured in the
+same run. Loopback only, bounded counts; the daemon and its engines are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from engctl.client import Client
+
+PY = sys.executable
+ENGCTL = [str(Path(PY).with_name("engctl"))]
+SLEEP = shutil.which("sleep") or "/bin/sleep"
+IGNORE_TERM = [PY, "-c", "import signal,time\nsignal.signal(15, signal.SIG_IGN)\ntime.sleep(3600)"]
+
+
+def median_ms(cmd: list[str], runs: int, env: dict[str, str]) -> float:
+    """Median wall time of a command, in milliseconds (one warm-up run first)."""
+    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def wait_for(pred: Any, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError(str(pred))
+
+
+def all_ready(c: Client, name: str, n: int) -> bool:
+    insts = [i for e in c.status([name])["engines"] for i in e["instances"]]
+    return len(insts) == n and all(i["state"] == "ready" for i in insts)
+
+
+def crash_to_restart(c: Client, runs: int) -> list[float]:
+    """kill -9 of an instance to the successor's exec (the daemon's spawn event), in ms."""
+    c.register(
+        {
+            "crashy": {
+                "command": [SLEEP, "3600"],
+                "mode": "service",
+                "restart": {"policy": "always", "start_seconds": 0.05, "backoff": {"initial": 0}},
+            }
+        }
+    )
+    wait_for(lambda: all_ready(c, "crashy", 1))
+    watcher = Client(c.home)
+    _, notes = watcher.stream("events.follow", engine="crashy")
+    out = []
+    for _ in range(runs):
+        pid = c.status(["crashy"])["engines"][0]["instances"][0]["pid"]
+        t0 = time.time()
+        os.kill(pid, signal.SIGKILL)
+        for note in notes:
+            ev = note["params"]
+            if ev["kind"] == "instance.spawned" and ev["data"]["pid"] != pid:
+                out.append((ev["at"] - t0) * 1000)
+                break
+        wait_for(lambda: all_ready(c, "crashy", 1))
+    watcher.close()
+    c.unregister(["crashy"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=15, help="runs per CLI timing")
+    parser.add_argument("--restarts", type=int, default=20, help="crash-to-restart samples")
+    parser.add_argument("--cpu-seconds", type=float, default=60.0, help="idle CPU window")
+    args = parser.parse_args()
+
+    home = tempfile.mkdtemp(prefix="ebench", dir="/tmp")
+    env = {**os.environ, "ENGCTL_HOME": home}
+    os.environ["ENGCTL_HOME"] = home
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    c = Client(home)
+    try:
+        c.connect()
+        daemon_pid = c.daemon_info["pid"]
+        daemon = psutil.Process(daemon_pid)
+
+        base = median_ms([PY, "-c", "pass"], args.runs, env)
+        version = median_ms([*ENGCTL, "--version"], args.runs, env)
+
+        c.register({"ten": {"command": [SLEEP, "3600"], "mode": "service", "instances": 10}})
+        wait_for(lambda: all_ready(c, "ten", 10))
+        status10 = median_ms([*ENGCTL, "status", "--json"], args.runs, env)
+        c.unregister(["ten"])
+
+        # 200 instances: start to every process alive (the call returns once all have exec'd).
+        big = {
+            "command": [SLEEP, "3600"],
+            "mode": "service",
+            "instances": 200,
+            "restart": {"start_seconds": 0.5},
+        }
+        c.register({"big": big}, start=False)
+        t = time.perf_counter()
+        c.start(["big"])
+        pids = [i["pid"] for i in c.status(["big"])["engines"][0]["instances"]]
+        start200 = time.perf_counter() - t
+        alive = sum(1 for p in pids if p and psutil.pid_exists(p))
+        wait_for(lambda: all_ready(c, "big", 200))
+        status200 = median_ms([*ENGCTL, "status", "--json"], args.runs, env)
+        c.unregister(["big"])
+
+        restarts = crash_to_restart(c, args.restarts)
+
+        # 50 idle instances: daemon RSS and CPU share while sampling every second.
+        c.register({"fifty": {"command": [SLEEP, "3600"], "mode": "service", "instances": 50}})
+        wait_for(lambda: all_ready(c, "fifty", 50))
+        time.sleep(2)  # let the monitor take a few samples (it allocates its caches lazily)
+        rss50 = daemon.memory_info().rss
+        cpu0 = daemon.cpu_times()
+        t0 = time.monotonic()
+        time.sleep(args.cpu_seconds)
+        cpu1 = daemon.cpu_times()
+        cpu_share = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (
+            time.monotonic() - t0
+        )
+        c.unregister(["fifty"])
+
+        # Stop of an engine that ignores SIGTERM, stop timeout 1 s.
+        c.register(
+            {
+                "stubborn": {
+                    "command": IGNORE_TERM,
+                    "mode": "service",
+                    "stop": {"timeout": 1.0},
+                    "restart": {"start_seconds": 0.2},
+                }
+            }
+        )
+        wait_for(lambda: all_ready(c, "stubborn", 1))
+        pid = c.status(["stubborn"])["engines"][0]["instances"][0]["pid"]
+        t = time.perf_counter()
+        c.stop(["stubborn"], wait=True)
+        stop_s = time.perf_counter() - t
+        dead = not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        c.unregister(["stubborn"])
+
+        med_restart = statistics.median(restarts)
+        result["figures"] = {
+            "python_c_pass_ms": round(base, 1),
+            "engctl_version_ms": round(version, 1),
+            "engctl_version_ratio": round(version / base, 2),
+            "status_json_10_ms": round(status10, 1),
+            "status_json_10_ratio": round(status10 / base, 2),
+            "status_json_200_ms": round(status200, 1),
+            "status_200_over_10": round(status200 / status10, 3),
+            "crash_to_restart_ms": {
+                "median": round(med_restart, 2),
+                "min": round(min(restarts), 2),
+                "max": round(max(restarts), 2),
+                "samples": len(restarts),
+            },
+            "start_200_alive_s": round(start200, 3),
+            "start_200_alive_count": alive,
+            "daemon_rss_50_mib": round(rss50 / 2**20, 1),
+            "daemon_cpu_50_idle_percent": round(cpu_share * 100, 3),
+            "daemon_cpu_window_s": args.cpu_seconds,
+            "stop_ignoring_sigterm_s": round(stop_s, 3),
+            "stop_ignoring_sigterm_dead": dead,
+        }
+        f = result["figures"]
+        result["targets"] = {
+            "crash_to_restart_median_le_10ms": med_restart <= 10,
+            "version_le_6x_python": f["engctl_version_ratio"] <= 6,
+            "status_10_le_7x_python": f["status_json_10_ratio"] <= 7,
+            "status_200_le_1_2x_status_10": f["status_200_over_10"] <= 1.2,
+            "daemon_rss_50_le_30mib": f["daemon_rss_50_mib"] <= 30,
+            "daemon_cpu_50_le_1_percent": f["daemon_cpu_50_idle_percent"] <= 1,
+            "start_200_le_0_8s": start200 <= 0.8 and alive == 200,
+            "stop_within_timeout_plus_0_2s": stop_s <= 1.2 and dead,
+        }
+    finally:
+        try:
+            c.call("daemon.stop")
+            wait_for(lambda: not psutil.pid_exists(daemon_pid), 30)
+        except Exception as exc:  # report, but never leave the daemon behind
+            print(f"cleanup: {exc}", file=sys.stderr)
+            pid = Path(home, "state", "daemon.pid").read_text().strip()
+            if pid.isdigit():
+                os.kill(int(pid), signal.SIGKILL)
+        c.close()
+        shutil.rmtree(home, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
