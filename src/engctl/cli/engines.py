@@ -194,7 +194,8 @@ def apply(
     """Make the registry match a file: create, update (restarting only what must), --prune."""
     if file is None:
         raise UsageError("apply needs -f FILE (or -f - for stdin)")
-    result = client().apply(read_engines_file(file), prune=prune)
+    engines = read_engines_file(file)  # a bad file starts no daemon
+    result = client().apply(engines, prune=prune)
     if json:
         emit_json(result)
     else:

@@ -90,8 +90,8 @@ def events(
     """Every state change and action, with its reason (kept across daemon restarts)."""
     from engctl.render.format import event_line
 
+    since_ts = parse_since(since) if since else None  # a usage error starts no daemon
     c = client()
-    since_ts = parse_since(since) if since else None
     past = c.events(engine=engine, since=since_ts, limit=lines)
     if not follow:
         if json:

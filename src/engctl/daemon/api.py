@@ -276,6 +276,10 @@ class Api:
                     engine.stopped_instances.clear()
                     started += await self.sup.start_engine(engine, "started by user")
                 else:
+                    if engine.desired is DesiredState.STOPPED:
+                        # Only the named instances come up; the others stay stopped, also
+                        # after a daemon restart.
+                        engine.stopped_instances.update(i.index for i in engine.instances)
                     for inst in insts:
                         engine.stopped_instances.discard(inst.index)
                     started += await self.sup.start_engine(
@@ -314,6 +318,8 @@ class Api:
                 if insts is None:
                     engine.stopped_instances.clear()
                 else:
+                    if engine.desired is DesiredState.STOPPED:
+                        engine.stopped_instances.update(i.index for i in engine.instances)
                     engine.stopped_instances.difference_update(i.index for i in insts)
                 restarted += await self.sup.start_engine(
                     engine, "restarted by user", [i.index for i in chosen]

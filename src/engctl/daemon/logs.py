@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -106,19 +105,33 @@ class InstanceLog:
 
 def read_tail(paths: list[Path], lines: int) -> list[str]:
     """The last `lines` lines over the given files (oldest first), reading from the end."""
-    out: deque[str] = deque(maxlen=lines)
-    for path in paths:
+    if lines <= 0:
+        return []
+    chunks: list[list[str]] = []
+    have = 0
+    # Newest file first; older (rotated) files are read only while lines are still missing.
+    for path in reversed(paths):
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
+            f = open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:  # rotated away since it was listed
             continue
-        with open(path, "rb") as f:
-            # Read at most ~ lines × 512 bytes from the end, enough for typical lines.
-            start = max(0, size - max(lines, 1) * 512)
-            f.seek(start)
-            chunk = f.read()
-        text = chunk.decode(errors="replace").splitlines()
-        if start > 0 and text:
-            text = text[1:]  # first line is cut
-        out.extend(text)
-    return list(out)
+        with f:
+            size = f.seek(0, 2)
+            # Read ~ lines × 512 bytes from the end, enough for typical lines; grow the window
+            # while it holds too few whole lines, or a gap would open before older files.
+            window = (lines - have) * 512
+            while True:
+                start = max(0, size - window)
+                f.seek(start)
+                text = f.read(size - start).decode(errors="replace").splitlines()
+                if start > 0 and text:
+                    text = text[1:]  # first line is cut
+                if start == 0 or len(text) >= lines - have:
+                    break
+                window *= 4
+        text = text[-(lines - have) :]
+        chunks.append(text)
+        have += len(text)
+        if have >= lines:
+            break
+    return [line for chunk in reversed(chunks) for line in chunk]

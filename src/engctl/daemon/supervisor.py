@@ -488,6 +488,15 @@ class Supervisor:
         for inst in engine.instances:
             if indices is not None and inst.index not in indices:
                 continue
+            if inst.state is S.STOPPING:
+                # A start asked during a stop (`stop --no-wait`) takes effect once it ends.
+                await self.wait_until(
+                    lambda i=inst: i.state is not S.STOPPING,  # type: ignore[misc]
+                    inst.spec.stop.timeout + 10.0,
+                    f"{inst.id} to stop",
+                )
+                if engine.desired is not DesiredState.RUNNING:
+                    break  # stopped again meanwhile: the later wish wins
             if inst.state in (S.STOPPED, S.EXITED, S.FATAL, S.BACKOFF):
                 if inst.state is S.FATAL:
                     inst.quick_failures = 0

@@ -1,0 +1,130 @@
+"""Unit tests of process-tree discovery and one psutil sampling pass on real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from engctl.daemon.monitor import Monitor, descendants_of, ppid_map
+
+
+@pytest.fixture
+def tree() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A shell in its own process group with one `sleep` grandchild: (child, grandchild pid)."""
+    child = subprocess.Popen(
+        ["/bin/sh", "-c", "sleep 60 & echo $!; wait"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    grandchild: psutil.Process | None = None
+    try:
+        assert child.stdout is not None
+        grandchild = psutil.Process(int(child.stdout.readline()))
+        yield child, grandchild.pid
+    finally:
+        # Kill the grandchild first so the shell reaps it and exits: no orphan for init.
+        # psutil refuses to signal a pid that was reused since.
+        if grandchild is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                grandchild.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+@pytest.fixture
+def monitor() -> Iterator[Monitor]:
+    """A monitor that is never started: tests call sample_once themselves."""
+    loop = asyncio.new_event_loop()
+    try:
+        yield Monitor(1.0, loop, lambda samples: None)
+    finally:
+        loop.close()
+
+
+def test_ppid_map_finds_this_process_under_its_parent() -> None:
+    """One pass over /proc lists this test process among its parent's children."""
+    assert os.getpid() in ppid_map()[os.getppid()]
+
+
+def test_ppid_map_finds_a_child_and_grandchild(tree: tuple[subprocess.Popen[bytes], int]) -> None:
+    """A child started here and its own child both appear under their parents."""
+    child, grandchild = tree
+    children = ppid_map()
+    assert child.pid in children[os.getpid()]
+    assert grandchild in children[child.pid]
+    assert grandchild in descendants_of(os.getpid(), children)
+
+
+def test_descendants_of_walks_the_whole_subtree() -> None:
+    """Every process below a pid is found, at any depth, and nothing outside it."""
+    children = {1: [2, 3], 2: [4], 4: [5, 6], 9: [10], 3: []}
+    assert sorted(descendants_of(1, children)) == [2, 3, 4, 5, 6]
+    assert sorted(descendants_of(4, children)) == [5, 6]
+    assert descendants_of(5, children) == []
+    assert descendants_of(42, children) == []
+
+
+def test_sample_once_reads_a_real_process_tree(
+    tree: tuple[subprocess.Popen[bytes], int], monitor: Monitor
+) -> None:
+    """A sample of a live process has memory, threads and fds, and lists its grandchild."""
+    child, grandchild = tree
+    monitor.set_targets({"web#0": child.pid})
+    samples = monitor.sample_once()
+    assert set(samples) == {"web#0"}
+    s = samples["web#0"]
+    assert s.rss_bytes > 0
+    assert s.threads >= 2  # the shell and the sleep
+    assert s.fds > 0
+    assert [pid for pid, _ in s.descendants] == [grandchild]
+    assert s.descendants[0][1] == pytest.approx(psutil.Process(grandchild).create_time())
+
+
+def test_sample_once_includes_descendants_in_rss(
+    tree: tuple[subprocess.Popen[bytes], int], monitor: Monitor
+) -> None:
+    """The RSS of an instance counts its descendants too."""
+    child, _ = tree
+    monitor.set_targets({"web#0": child.pid})
+    total = monitor.sample_once()["web#0"].rss_bytes
+    own = psutil.Process(child.pid).memory_info().rss
+    assert total > own
+
+
+def test_sample_once_skips_vanished_processes(monitor: Monitor) -> None:
+    """A target whose process is gone gives an empty sample instead of an error."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    monitor.set_targets({"gone#0": gone.pid})
+    s = monitor.sample_once()["gone#0"]
+    assert (s.rss_bytes, s.threads, s.fds, s.descendants) == (0, 0, 0, [])
+
+
+def test_sample_once_forgets_processes_that_exit(
+    tree: tuple[subprocess.Popen[bytes], int], monitor: Monitor
+) -> None:
+    """After a target exits, the next sample is empty for it and keeps no cached handle."""
+    child, grandchild = tree
+    monitor.set_targets({"web#0": child.pid})
+    assert monitor.sample_once()["web#0"].rss_bytes > 0
+    psutil.Process(grandchild).kill()  # the shell reaps it, then exits from `wait`
+    child.wait(5)
+    assert monitor.sample_once()["web#0"].rss_bytes == 0
+    assert child.pid not in monitor._procs
+
+
+def test_sample_once_with_no_targets_is_empty(monitor: Monitor) -> None:
+    """No targets, no samples."""
+    assert monitor.sample_once() == {}

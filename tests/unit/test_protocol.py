@@ -1,0 +1,206 @@
+"""Unit tests of JSON-RPC framing: encoding one line per message and rejecting bad frames."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engctl import protocol
+from engctl.errors import BusyError, EngctlError, ParseError, ProtocolError
+
+
+def one_line(frame: bytes) -> dict[str, Any]:
+    """Check that `frame` is a single newline-terminated line and decode it."""
+    assert frame.endswith(b"\n")
+    assert frame.count(b"\n") == 1
+    obj = json.loads(frame)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def test_request_frame() -> None:
+    """A call is one line with jsonrpc, id, method and params."""
+    obj = one_line(protocol.request(7, "engine.list", {"all": True}))
+    assert obj == {"jsonrpc": "2.0", "id": 7, "method": "engine.list", "params": {"all": True}}
+
+
+def test_request_without_id_is_a_notification() -> None:
+    """A request with id None has no id member, and no params when none are given."""
+    assert one_line(protocol.request(None, "ping")) == {"jsonrpc": "2.0", "method": "ping"}
+
+
+def test_result_frame() -> None:
+    """A result carries the id and the value."""
+    obj = one_line(protocol.result("a", {"n": [1, 2]}))
+    assert obj == {"jsonrpc": "2.0", "id": "a", "result": {"n": [1, 2]}}
+
+
+def test_error_frame() -> None:
+    """An error carries the id and the exception's wire form."""
+    obj = one_line(protocol.error(3, BusyError("queue full", {"queue": 10})))
+    assert obj == {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "error": {"code": BusyError.rpc_code, "message": "queue full", "data": {"queue": 10}},
+    }
+
+
+def test_notification_frame() -> None:
+    """A notification has a method and params but no id."""
+    obj = one_line(protocol.notification("event", {"reason": "x"}))
+    assert obj == {"jsonrpc": "2.0", "method": "event", "params": {"reason": "x"}}
+
+
+def test_newlines_inside_values_stay_escaped() -> None:
+    """Strings with newlines and non-ASCII text still give one line that decodes back."""
+    value = "line one\nline two\r\n€ ✓"
+    obj = one_line(protocol.result(1, value))
+    assert obj["result"] == value
+
+
+def test_frames_round_trip_through_parse_frame() -> None:
+    """Every encoded frame parses back to the object it encodes."""
+    for frame in (
+        protocol.request(1, "m", {"a": 1}),
+        protocol.result(1, None),
+        protocol.notification("n", {}),
+    ):
+        assert protocol.parse_frame(frame) == json.loads(frame)
+
+
+def test_parse_frame_accepts_str_and_trailing_newline() -> None:
+    """Frames may be given as text or bytes, with their newline."""
+    assert protocol.parse_frame('{"jsonrpc":"2.0","method":"m"}\n')["method"] == "m"
+
+
+@pytest.mark.parametrize("line", [b"not json", b"{", b"", b"\xff\xfe", b'{"jsonrpc":"2.0"} x'])
+def test_parse_frame_rejects_non_json(line: bytes) -> None:
+    """Garbage, truncated JSON and invalid UTF-8 raise ParseError."""
+    with pytest.raises(ParseError, match="not valid JSON"):
+        protocol.parse_frame(line)
+
+
+def test_parse_frame_rejects_deeply_nested_json_as_parse_error() -> None:
+    """Nesting deeper than the decoder can follow is a ParseError, not a RecursionError."""
+    with pytest.raises(ParseError):
+        protocol.parse_frame(b"[" * 100_000)
+
+
+@pytest.mark.parametrize("line", [b"[]", b"3", b'"x"', b"null"])
+def test_parse_frame_rejects_non_objects(line: bytes) -> None:
+    """A JSON value that is not an object is a ProtocolError, not a ParseError."""
+    with pytest.raises(ProtocolError, match="must be a JSON object") as info:
+        protocol.parse_frame(line)
+    assert not isinstance(info.value, ParseError)
+
+
+@pytest.mark.parametrize("line", [b'{"method":"m"}', b'{"jsonrpc":"1.0","method":"m"}'])
+def test_parse_frame_rejects_missing_or_wrong_version(line: bytes) -> None:
+    """A frame without "jsonrpc": "2.0" is rejected."""
+    with pytest.raises(ProtocolError, match="jsonrpc"):
+        protocol.parse_frame(line)
+
+
+def test_parse_frame_rejects_oversized_frames() -> None:
+    """A frame over MAX_FRAME_BYTES is rejected before decoding, naming the limit."""
+    padding = "x" * protocol.MAX_FRAME_BYTES
+    line = json.dumps({"jsonrpc": "2.0", "method": "m", "params": {"p": padding}}).encode()
+    with pytest.raises(ProtocolError, match=f"limit of {protocol.MAX_FRAME_BYTES}"):
+        protocol.parse_frame(line)
+
+
+def test_parse_frame_accepts_a_frame_at_the_limit() -> None:
+    """A valid frame of exactly MAX_FRAME_BYTES is accepted."""
+    head = b'{"jsonrpc":"2.0","method":"m","params":{"p":"'
+    tail = b'"}}'
+    line = head + b"x" * (protocol.MAX_FRAME_BYTES - len(head) - len(tail)) + tail
+    assert len(line) == protocol.MAX_FRAME_BYTES
+    assert protocol.parse_frame(line)["method"] == "m"
+
+
+def test_parse_request_gives_id_method_params() -> None:
+    """A valid call is split into id, method and params; params default to {}."""
+    assert protocol.parse_request({"jsonrpc": "2.0", "id": 1, "method": "m"}) == (1, "m", {})
+    assert protocol.parse_request(
+        {"jsonrpc": "2.0", "id": "x", "method": "m", "params": {"a": 1}}
+    ) == ("x", "m", {"a": 1})
+    assert protocol.parse_request({"jsonrpc": "2.0", "method": "m"}) == (None, "m", {})
+
+
+@pytest.mark.parametrize("req_id", [True, 1.5, [1], {"a": 1}])
+def test_parse_request_rejects_bad_ids(req_id: Any) -> None:
+    """Ids must be strings, integers or absent."""
+    with pytest.raises(ProtocolError, match="id must be"):
+        protocol.parse_request({"jsonrpc": "2.0", "id": req_id, "method": "m"})
+
+
+@pytest.mark.parametrize("method", [None, "", 3, ["m"]])
+def test_parse_request_rejects_bad_methods(method: Any) -> None:
+    """The method must be a non-empty string."""
+    obj: dict[str, Any] = {"jsonrpc": "2.0", "id": 1}
+    if method is not None:
+        obj["method"] = method
+    with pytest.raises(ProtocolError, match="method must be"):
+        protocol.parse_request(obj)
+
+
+@pytest.mark.parametrize("params", [[1, 2], "x", 3, None])
+def test_parse_request_rejects_non_object_params(params: Any) -> None:
+    """Only by-name parameters (an object) are accepted."""
+    with pytest.raises(ProtocolError, match="params must be an object"):
+        protocol.parse_request({"jsonrpc": "2.0", "id": 1, "method": "m", "params": params})
+
+
+def test_preview_shortens_and_decodes_leniently() -> None:
+    """preview cuts long data with an ellipsis and replaces undecodable bytes."""
+    assert protocol.preview(b"abc") == "abc"
+    assert protocol.preview("x" * 200, limit=10) == "x" * 10 + "…"
+    assert "\ufffd" in protocol.preview(b"\xff ok")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_parse_frame_raises_only_engctl_errors_on_arbitrary_bytes(data: bytes) -> None:
+    """Whatever bytes arrive, parse_frame returns an object or raises an EngctlError."""
+    try:
+        obj = protocol.parse_frame(data)
+    except EngctlError:
+        return
+    assert isinstance(obj, dict)
+    assert obj["jsonrpc"] == "2.0"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.sampled_from(["jsonrpc", "id", "method", "params", "x"]), _json))
+def test_parse_frame_and_request_raise_only_engctl_errors_on_any_json_object(
+    obj: dict[str, Any],
+) -> None:
+    """Any JSON object is either a valid request or rejected with an EngctlError."""
+    frame = json.dumps(obj).encode()
+    try:
+        req_id, method, params = protocol.parse_request(protocol.parse_frame(frame))
+    except EngctlError:
+        return
+    assert isinstance(method, str) and method
+    assert isinstance(params, dict)
+    assert req_id is None or isinstance(req_id, int | str)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.integers(), st.text(max_size=10), st.none()), st.text(min_size=1), _json)
+def test_encoded_requests_always_parse_back(req_id: Any, method: str, value: Any) -> None:
+    """Every request the encoder writes is one line that parse_request accepts unchanged."""
+    frame = protocol.request(req_id, method, {"v": value})
+    assert frame.count(b"\n") == 1
+    assert protocol.parse_request(protocol.parse_frame(frame)) == (req_id, method, {"v": value})
