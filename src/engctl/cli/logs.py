@@ -92,8 +92,13 @@ def events(
 
     since_ts = parse_since(since) if since else None  # a usage error starts no daemon
     c = client()
+    notes = None
+    if follow:
+        # Subscribe (on a connection of its own) before reading the past, so that no event
+        # falls between the two; the ones seen twice are skipped by id below.
+        _, notes = client().stream("events.follow", engine=engine)
     past = c.events(engine=engine, since=since_ts, limit=lines)
-    if not follow:
+    if notes is None:
         if json:
             emit_json({"events": past})
         else:
@@ -101,7 +106,6 @@ def events(
                 out(event_line(ev))
         return
     last_id = past[-1]["id"] if past else 0
-    _, notes = c.stream("events.follow", engine=engine)
     try:
         for ev in past:
             _line(ev) if json else _flush(event_line(ev))

@@ -50,6 +50,13 @@ class InstanceLog:
         """Append raw output of `stream` (stdout/stderr); complete lines are written."""
         buf = self._partial.pop(stream, b"") + data
         *lines, rest = buf.split(b"\n")
+        if any(len(line) > MAX_LINE_BYTES for line in lines):
+            # Cap every line the same way, however the output was chunked by the pipe.
+            lines = [
+                ln[i : i + MAX_LINE_BYTES]
+                for ln in lines
+                for i in range(0, len(ln) or 1, MAX_LINE_BYTES)
+            ]
         while len(rest) > MAX_LINE_BYTES:
             lines.append(rest[:MAX_LINE_BYTES])
             rest = rest[MAX_LINE_BYTES:]

@@ -105,17 +105,26 @@ class Daemon:
         await server.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if not process.become_subreaper():
+            log.warning("cannot become a child subreaper: orphans of engines go to PID 1")
+        loop.add_signal_handler(signal.SIGCHLD, process.reap_children)
         monitor.start()
         log.info("engctl %s daemon pid %d listening on %s", __version__, os.getpid(), paths.socket)
         events.emit("daemon.started", f"engctl {__version__} pid {os.getpid()}")
         if ready is not None:
             _notify_ready(ready, "ok")
+        # Processes a killed daemon left are stopped even if this one is asked to stop at once.
+        self._sweep = asyncio.ensure_future(process.end_old_generation(paths.daemon_id))
         startup = asyncio.ensure_future(self._start_engines(entries))
         await self.stopping.wait()
 
         log.info("shutting down")
         events.emit("daemon.stopping", "shutdown requested")
         startup.cancel()
+        try:
+            await self._sweep
+        except Exception:
+            log.exception("cannot stop the processes of the previous daemon")
         await server.close()
         await sup.shutdown(config.shutdown_timeout)
         monitor.stop()
@@ -124,7 +133,7 @@ class Daemon:
         log.info("stopped")
 
     async def _start_engines(self, entries: list[Entry]) -> None:
-        found = await process.end_old_generation(self.paths.daemon_id)
+        found = await asyncio.shield(self._sweep)
         if found:
             self.sup.events.emit(
                 "daemon.replaced_orphans",

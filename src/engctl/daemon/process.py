@@ -65,15 +65,20 @@ class ChildProcess:
         self._loop = loop
         self._on_exit = on_exit
         self._exited = loop.create_future()
-        # A pidfd becomes readable the moment the process exits: no polling, no SIGCHLD
-        # handler racing other waiters, no thread per child.
+        # A pidfd becomes readable the moment the process exits: no polling timer and no
+        # thread per child.
         self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._pidfd, self._reap)
+        loop.add_reader(self._pidfd, self.reap)
+        _children[self.pid] = self
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
+        """Collect the exit status if the process has ended (idempotent)."""
+        if self.exit_status is not None:
+            return
         rc = self.popen.poll()
         if rc is None:  # spurious wake-up
             return
+        _children.pop(self.pid, None)
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self.exit_status = ExitStatus.from_returncode(rc)
@@ -92,6 +97,47 @@ class ChildProcess:
     def signal_group(self, sig: int) -> bool:
         """Send `sig` to the whole process group; False if nothing is left in it."""
         return signal_group(self.pgid, sig)
+
+
+# Live instance processes by pid, so the SIGCHLD reaper hands their status to them.
+_children: dict[int, ChildProcess] = {}
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Adopt the orphans of engine trees (Linux prctl), as an init would.
+
+    Orphans are then reaped at once by `reap_children`, so a group whose leader died is seen
+    empty as soon as it is, even where PID 1 is slow to reap or absent (containers).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def reap_children() -> None:
+    """On SIGCHLD: reap every exited child, instances through their ChildProcess.
+
+    Every process the daemon spawns must go through `spawn`, or its status is taken here.
+    """
+    while True:
+        try:
+            # WNOWAIT peeks: an instance's status must reach its own ChildProcess.
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None:
+            return
+        child = _children.get(info.si_pid)
+        if child is not None:
+            child.reap()
+            if child.exit_status is None:  # not reapable after all: never spin
+                return
+        else:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(info.si_pid, os.WNOHANG)
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -148,6 +194,39 @@ def kill_tree_now(pgid: int, extra_pids: Iterable[tuple[int, float]] = ()) -> No
             # The create time guards against a recycled pid.
             if abs(p.create_time() - created) < 0.01:
                 p.kill()
+
+
+def adopted_orphans(instance_id: str) -> list[tuple[int, float]]:
+    """Children of the daemon that are not instances but carry `instance_id`'s marker.
+
+    They are descendants that left the instance's process group (setsid) and were adopted
+    when their parent died; identified by (pid, create time) against pid reuse.
+    """
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children():
+            if child.pid in _children:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if child.environ().get(INSTANCE_ENV) == instance_id:
+                    found.append((child.pid, child.create_time()))
+    return found
+
+
+def signal_pids(pids: Iterable[tuple[int, float]], sig: int) -> None:
+    """Signal processes known by (pid, create time); vanished ones are skipped."""
+    for pid, _created in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+
+
+def any_alive(pids: Iterable[tuple[int, float]]) -> bool:
+    """Whether any of the processes still runs (a zombie counts as gone)."""
+    for pid, _created in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 def find_old_generation(daemon_id: str) -> list[psutil.Process]:

@@ -372,19 +372,25 @@ class Supervisor:
         self.start_instance(inst, f"restart {inst.restarts} after backoff")
 
     def _sweep_group(self, inst: Instance, proc: ChildProcess) -> None:
-        """After the leader exits, give what is left of its tree the stop grace, then SIGKILL."""
+        """After the leader exits, give what is left of its tree the stop grace, then SIGKILL.
+
+        "What is left" is the process group, descendants the monitor saw leave it, and
+        orphans of this instance the daemon adopted as subreaper (found by their marker).
+        """
         escaped = list(inst.sample.descendants)
-        if not process.group_alive(proc.pgid) and not escaped:
-            return
         grace = inst.spec.stop.timeout
         if inst.state is not S.STOPPING:
             process.signal_group(proc.pgid, signal.SIGTERM)
 
         async def sweep() -> None:
+            adopted = await asyncio.to_thread(process.adopted_orphans, inst.id)
+            process.signal_pids(adopted, signal.SIGTERM)
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and process.group_alive(proc.pgid):
+            while time.monotonic() < deadline and (
+                process.group_alive(proc.pgid) or process.any_alive(adopted)
+            ):
                 await asyncio.sleep(0.05)
-            process.kill_tree_now(proc.pgid, escaped)
+            process.kill_tree_now(proc.pgid, escaped + adopted)
 
         task = self.loop.create_task(sweep())
         self._sweeps.add(task)
