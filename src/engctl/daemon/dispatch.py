@@ -14,6 +14,7 @@ import heapq
 import itertools
 import math
 import random
+import struct
 import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
@@ -876,7 +877,8 @@ class LeastLoaded:
         self, candidates: CandidateSet, selector: Selector, winner: Candidate | None
     ) -> Verdict:
         trace = candidates.attach(self, _LoadTrace)
-        sampled = {c._id for c in trace.sampled}
+        # The trace belongs to this request's pick only if there was one.
+        sampled = {c._id for c in trace.sampled} if winner is not None else set()
         notes = {}
         for c in candidates._members:
             extra = ", sampled" if c._id in sampled else ""
@@ -1294,9 +1296,24 @@ class Affinity:
         return Verdict(why, notes)
 
 
-def hash64(text: str) -> int:
-    """A stable 64-bit hash (Python's str hash changes from one process to the next)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+def ring_hash(text: str) -> int:
+    """Where a key falls on the ring: a stable 30-bit hash.
+
+    30 bits keep ring points single-digit ints, which CPython sorts and compares on a fast
+    path; 64k points in 2**30 positions collide about twice, and a collision only orders two
+    points by member.
+    """
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big") >> 2
+
+
+def ring_points(instance_id: str, vnodes: int) -> list[int]:
+    """An instance's `vnodes` ring points, stable across processes.
+
+    One extendable-output hash gives them all: a thousand instances hash in milliseconds,
+    where one digest per point took a large fraction of a second.
+    """
+    raw = hashlib.shake_128(instance_id.encode()).digest(4 * vnodes)
+    return [x >> 2 for x in struct.unpack(f">{vnodes}I", raw)]
 
 
 class _Ring:
@@ -1306,18 +1323,28 @@ class _Ring:
 
     def __init__(self, candidates: CandidateSet, points_for: Callable[[str], list[int]]) -> None:
         self.points_for = points_for
-        entries = sorted(
-            ((p, c._seq, c) for c in candidates._members for p in points_for(c._id)),
-            key=lambda e: (e[0], e[1]),
-        )
-        self.points = [e[0] for e in entries]
-        self.owners = [e[2] for e in entries]
+        members = candidates._members
+        flat: list[int] = []
+        owner_of: list[Candidate] = []
+        for c in members:
+            pts = points_for(c._id)
+            flat.extend(pts)
+            owner_of.extend(itertools.repeat(c, len(pts)))
+        # An index sort of small ints beats sorting tuples several times over; being stable,
+        # it leaves colliding points in member order.
+        order = sorted(range(len(flat)), key=flat.__getitem__)
+        self.points = [flat[i] for i in order]
+        self.owners = [owner_of[i] for i in order]
 
     def added(self, candidate: Candidate) -> None:
+        points, owners, seq = self.points, self.owners, candidate._seq
         for p in self.points_for(candidate._id):
-            i = bisect_left(self.points, p)
-            self.points.insert(i, p)
-            self.owners.insert(i, candidate)
+            i = bisect_left(points, p)
+            # Colliding points stay in member order, so the ring equals a fresh build.
+            while i < len(points) and points[i] == p and owners[i]._seq < seq:
+                i += 1
+            points.insert(i, p)
+            owners.insert(i, candidate)
 
     def removed(self, candidate: Candidate) -> None:
         for p in self.points_for(candidate._id):
@@ -1366,9 +1393,7 @@ class ConsistentHash:
         """The ring points of one instance (cached: a restored instance is not rehashed)."""
         points = self._points.get(instance_id)
         if points is None:
-            points = self._points[instance_id] = [
-                hash64(f"{instance_id}/{v}") for v in range(self.vnodes)
-            ]
+            points = self._points[instance_id] = ring_points(instance_id, self.vnodes)
         return points
 
     def _new_ring(self, candidates: CandidateSet) -> _Ring:
@@ -1389,7 +1414,7 @@ class ConsistentHash:
         ring = candidates.attach(self, self._new_ring)
         points, owners = ring.points, ring.owners
         size = len(points)
-        h = hash64(selector.key)
+        h = ring_hash(selector.key)
         i = bisect_left(points, h)
         if i == size:
             i = 0
@@ -1407,7 +1432,8 @@ class ConsistentHash:
     def describe(
         self, candidates: CandidateSet, selector: Selector, winner: Candidate | None
     ) -> Verdict:
-        home, bound = self._trace
+        # The trace belongs to this request's pick only if there was one.
+        home, bound = self._trace if winner is not None else (None, self.bound(candidates))
         notes = {}
         for c in candidates._members:
             parts = []
@@ -1707,16 +1733,17 @@ class CandidatePool:
         if strategy is None:
             raise UsageError(f"strategy {name} is not enabled in this daemon")
         if selector.instance is not None:
-            return self._select_instance(selector, name, explain)
+            return self._select_instance(selector.instance, selector, name, explain)
         s = self.candidate_set(selector)
         if not s._members:
             return self._no_match(selector, name, explain)
         winner = strategy.pick(s, selector) if s._free else None
         if winner is None:
-            msg = (
-                f"all {len(s._members)} instances{_scope(selector)} are full "
-                f"(in flight {s._in_flight_total}/{s._capacity})"
-            )
+            n = len(s._members)
+            what = f"the one instance{_scope(selector)} is" if n == 1 else f"all {n} instances"
+            if n > 1:
+                what += f"{_scope(selector)} are"
+            msg = f"{what} full (in flight {s._in_flight_total}/{s._capacity})"
             expl = (
                 self._explain(selector, name, s, None, Outcome.ALL_FULL, msg) if explain else None
             )
@@ -1730,8 +1757,9 @@ class CandidatePool:
             self.memory.put(selector.key, winner._id)
         return Selection(Outcome.PICKED, name, winner, len(s._members), explanation=expl)
 
-    def _select_instance(self, selector: Selector, name: StrategyName, explain: bool) -> Selection:
-        instance = cast(str, selector.instance)
+    def _select_instance(
+        self, instance: str, selector: Selector, name: StrategyName, explain: bool
+    ) -> Selection:
         c = self._all.get(instance)
         excluded = None if c is None else exclusion(c, selector)
         if c is None or excluded is not None:
