@@ -73,7 +73,9 @@ class Home:
     paths: Paths
     env: dict[str, str]
 
-    def cli(self, *args: str, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run `engctl ARGS` in a fresh process against this home."""
         return subprocess.run(
             [PY, "-m", "engctl", *args],
