@@ -142,14 +142,24 @@ def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
             pytest.fail(f"processes left behind: {leftovers}")
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _stop_everything(h: Home) -> list[str]:
     """Stop daemons gracefully, then kill whatever of this home is still alive."""
     pid = h.daemon_pid()
     if pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        with contextlib.suppress(psutil.Error):
-            psutil.Process(pid).wait(20)
+        # The daemon is init's child (it detaches), so it may linger as a zombie until init
+        # reaps it: that counts as gone.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.01)
     leftovers = []
     for p in _home_processes(h.path, h.paths.daemon_id):
         with contextlib.suppress(psutil.Error):

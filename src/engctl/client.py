@@ -248,10 +248,10 @@ def _spawn_and_wait(paths: Paths, home: str | None) -> None:
             start_new_session=True,
         )
     os.close(write_fd)
+    # The daemon forks away from this child at once (see engctl.daemon.main).
+    proc.wait()
     message = _read_ready(read_fd, START_TIMEOUT)
     if message == "ok":
-        # The daemon lives on after this process; forget it so nothing waits for it here.
-        proc.returncode = 0
         return
     if not message:
         tail = _tail(err_path)

@@ -9,7 +9,6 @@ import stat
 import subprocess
 from typing import Any
 
-import psutil
 import pytest
 
 from engctl.errors import (
@@ -50,6 +49,16 @@ def test_garbage_line_gets_error_with_null_id_and_connection_stays_usable(daemon
         assert reply["error"]["code"] == PARSE_ERROR
         assert "not valid JSON" in reply["error"]["message"]
         _valid_call_answers(conn, 1)
+
+
+def test_notifications_get_no_reply_even_when_they_fail(daemon: Home) -> None:
+    """A call without an id (a notification) is never answered, as JSON-RPC 2.0 requires."""
+    with RawConn(daemon.paths.socket) as conn:
+        conn.send(b'{"jsonrpc":"2.0","method":"no.such.method"}\n')
+        conn.send(b'{"jsonrpc":"2.0","method":"status.get","params":{"names":5}}\n')
+        reply = conn.call(7, "status.get")
+        assert reply["id"] == 7
+        assert "result" in reply
 
 
 def _frame(method: object = "status.get", **fields: object) -> bytes:
@@ -318,7 +327,7 @@ def test_sigterm_stops_engines_with_their_stop_signal(daemon: Home) -> None:
     pid = daemon.daemon_pid()
     assert pid is not None
     os.kill(pid, signal.SIGTERM)
-    psutil.Process(pid).wait(30)
+    wait_until(lambda: gone(pid), 30)
     for inst in insts:
         assert gone(inst["pid"])
     for k in range(2):

@@ -133,7 +133,10 @@ class Daemon:
         log.info("stopped")
 
     async def _start_engines(self, entries: list[Entry]) -> None:
-        found = await asyncio.shield(self._sweep)
+        try:
+            found = await asyncio.shield(self._sweep)
+        finally:
+            self.sup.spawn_allowed.set()
         if found:
             self.sup.events.emit(
                 "daemon.replaced_orphans",
@@ -209,6 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-fd", type=int, help="write 'ok' or 'error: …' here when ready")
     parser.add_argument("--background", action="store_true", help="log to the file only")
     args = parser.parse_args(argv)
+    if args.background and os.fork() > 0:
+        # The starter reaps this first process at once; the daemon (the fork) is adopted by
+        # init, so a program that started it through engctl.Client keeps no zombie of it.
+        os._exit(0)
     if args.home:
         os.environ["ENGCTL_HOME"] = str(Path(args.home).absolute())
     sys.exit(run(args.home, args.ready_fd, foreground=not args.background))

@@ -107,28 +107,39 @@ class Connection(asyncio.Protocol):
 
     def _handle_line(self, line: bytes) -> None:
         req_id: int | str | None = None
+        notification = False
         try:
             if len(line) > self.server.max_frame:
                 raise ProtocolError(f"frame exceeds the limit of {self.server.max_frame} bytes")
             obj = protocol.parse_frame(line)
             req_id = obj.get("id") if isinstance(obj.get("id"), int | str) else None
             req_id, method, params = protocol.parse_request(obj)
+            # JSON-RPC: a valid call without an id is a notification and gets no reply.
+            notification = "id" not in obj
             handler = self.server.handlers.get(method)
             if handler is None:
                 raise MethodNotFoundError(f"unknown method {method!r}")
             outcome = handler(params, self)
         except Exception as exc:
-            self._reply_error(req_id, exc)
+            if notification:
+                log.debug("notification failed", exc_info=exc)
+            else:
+                self._reply_error(req_id, exc)
             return
         if isinstance(outcome, Awaitable):
             task = asyncio.ensure_future(outcome)
             self.server.tasks.add(task)
-            task.add_done_callback(lambda t: self._finish(req_id, t))
+            task.add_done_callback(lambda t: self._finish(None if notification else req_id, t))
         elif req_id is not None:
             self.write(protocol.result(req_id, outcome))
 
     def _finish(self, req_id: int | str | None, task: asyncio.Future[Any]) -> None:
+        """Answer a call that completed; `req_id` None means nobody waits (notification)."""
         self.server.tasks.discard(task)
+        if req_id is None:
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("notification failed", exc_info=task.exception())
+            return
         if task.cancelled():
             self._reply_error(req_id, InternalError("request cancelled: daemon shutting down"))
             return

@@ -155,6 +155,9 @@ class Supervisor:
         self._on_targets_changed = on_targets_changed
         self._sweeps: set[asyncio.Task[None]] = set()
         self.closing = False
+        # Closed until the processes of a killed predecessor are gone: they carry the same
+        # marker, and the sweep must not take new instances for old ones.
+        self.spawn_allowed = asyncio.Event()
 
     # -- the one place where an instance changes state ------------------------------------
     def transition(self, inst: Instance, new: InstanceState, reason: str, **data: Any) -> None:
@@ -467,6 +470,7 @@ class Supervisor:
         self, engine: Engine, reason: str, indices: list[int] | None = None
     ) -> list[str]:
         """Start the engine's instances (all, or `indices`) after its dependencies are ready."""
+        await self.spawn_allowed.wait()
         for dep in engine.spec.depends_on:
             dep_engine = self.engines.get(dep)
             if dep_engine is None:
