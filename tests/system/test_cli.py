@@ -461,6 +461,25 @@ def test_cli_talking_to_a_daemon_imports_no_daemon_code(daemon: Home) -> None:
     assert not _under(mods, "psutil")
 
 
+def test_plain_status_json_skips_typer_and_matches_the_typer_command(daemon: Home) -> None:
+    """Plain `status --json` runs without typer and prints what the typer command prints."""
+    daemon.register("s", engine_cmd("sleeper.py"), mode="service", restart={"start_seconds": 0})
+    daemon.wait_state("s#0", "ready")
+    r, mods = _imported(daemon.env, "status", "--json", "s")
+    assert r.returncode == 0, r.stderr
+    assert not _under(mods, "typer")
+    assert not _under(mods, "rich")
+    # Any other flag (here --interval) goes through typer; it prints the same document.
+    slow = daemon.cli("status", "s", "--json", "--interval", "1")
+    assert slow.returncode == 0, slow.stderr
+    fast_doc, slow_doc = json.loads(r.stdout), json.loads(slow.stdout)
+    for doc in (fast_doc, slow_doc):
+        for inst in doc["engines"][0]["instances"]:
+            for volatile in ("uptime_s", "cpu_percent", "rss_bytes", "threads", "fds"):
+                inst.pop(volatile)
+    assert fast_doc == slow_doc
+
+
 def test_no_cli_module_imports_daemon_code() -> None:
     """No module of the CLI, the client or the shared contract imports engctl.daemon."""
     files = [*SRC.glob("cli/*.py"), *SRC.glob("render/*.py"), *SRC.glob("*.py")]

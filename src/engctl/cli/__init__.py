@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from engctl.errors import EXIT_FAILED, EXIT_USAGE, EngctlError
+from engctl.errors import EXIT_FAILED, EXIT_USAGE, INVALID_PARAMS, EngctlError
 
 
 def _report(code: int, message: str, rpc_code: int, json_mode: bool) -> int:
@@ -24,19 +24,34 @@ def _report(code: int, message: str, rpc_code: int, json_mode: bool) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with its code."""
     args = sys.argv[1:] if argv is None else argv
-    if args in (["--version"], ["-V"]):
-        # Answered before typer loads: scripts call this often and it needs nothing else.
-        from engctl import __version__
+    json_mode = "--json" in args
+    try:
+        code = _run(args)
+    except EngctlError as exc:
+        code = _report(exc.exit_code, exc.message, exc.rpc_code, json_mode)
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        # The reader went away (`engctl events | head`): not an error of ours.
+        sys.stderr.close()
+        code = EXIT_FAILED
+    sys.stdout.flush()
+    sys.exit(code)
 
-        sys.stdout.write(f"engctl {__version__}\n")
-        sys.exit(0)
+
+def _run(args: list[str]) -> int:
+    from engctl.cli.fast import fast_command
+
+    fast = fast_command(args)
+    if fast is not None:
+        fast()
+        return 0
 
     from typer import Abort
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
     from engctl.cli.app import app, load_commands
 
-    json_mode = "--json" in args
     if "_ENGCTL_COMPLETE" in os.environ:
         # The scripts of `engctl completion` call back with this variable set; typer knows
         # the shells only once its completion classes are registered (add_completion=False).
@@ -48,26 +63,18 @@ def main(argv: list[str] | None = None) -> None:
         load_commands(args)
     try:
         rv = app(args=args, prog_name="engctl", standalone_mode=False)
-        code = rv if isinstance(rv, int) else 0
-    except EngctlError as exc:
-        code = _report(exc.exit_code, exc.message, exc.rpc_code, json_mode)
     except NoArgsIsHelpError as exc:
         sys.stdout.write(exc.format_message() + "\n")
-        code = 0
+        return 0
     except ClickException as exc:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        code = _report(
+        return _report(
             exc.exit_code if exc.exit_code else EXIT_USAGE,
             exc.format_message() + hint,
-            -32602,
-            json_mode,
+            INVALID_PARAMS,
+            "--json" in args,
         )
-    except (Abort, KeyboardInterrupt):
-        code = 130
-    except BrokenPipeError:
-        # The reader went away (`engctl events | head`): not an error of ours.
-        sys.stderr.close()
-        code = EXIT_FAILED
-    sys.stdout.flush()
-    sys.exit(code)
+    except Abort:
+        return 130
+    return rv if isinstance(rv, int) else 0

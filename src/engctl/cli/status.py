@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, console, emit_json, out
+from engctl.cli.common import JsonFlag, client, console, out
+from engctl.cli.fast import status_json
 
 
 @app.command()
@@ -21,11 +22,11 @@ def status(
     interval: Annotated[float, typer.Option(min=0.1, help="Refresh period for --watch.")] = 1.0,
 ) -> None:
     """Show engines and their instances (table, or --json)."""
+    if json:
+        status_json(names or [])
+        return
     c = client()
     result = c.status(names or None)
-    if json:
-        emit_json(result)
-        return
     from engctl.render.tables import status_table
 
     if not watch:
