@@ -201,6 +201,20 @@ def test_unregister_stops_processes_and_forgets_the_engine(daemon: Home) -> None
             c.unregister(["gone"])
 
 
+def test_unregister_of_an_engine_and_its_dependents_together(daemon: Home) -> None:
+    """A dependency alone cannot be unregistered, but it can together with its dependents."""
+    _register(daemon, "db")
+    _register(daemon, "app", depends_on=["db"])
+    r = daemon.cli("unregister", "db")
+    assert r.returncode == 2
+    assert "'app' depends on it" in r.stderr
+    assert sorted(e["name"] for e in daemon.status()["engines"]) == ["app", "db"]
+    r = daemon.cli("unregister", "db", "app")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "unregistered: app, db"  # dependents go first
+    assert daemon.status()["engines"] == []
+
+
 def test_unregister_of_an_unknown_engine_removes_nothing(daemon: Home) -> None:
     """Unregistering a known and an unknown engine together fails and keeps the known one."""
     _register(daemon, "a")

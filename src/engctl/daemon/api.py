@@ -150,7 +150,7 @@ class Api:
         results: list[dict[str, Any]] = []
         removed: list[str] = []
         if prune:
-            for name in [n for n in self.sup.engines if n not in incoming]:
+            for name in self._removal_order(set(self.sup.engines) - set(incoming)):
                 await self._unregister_one(name)
                 removed.append(name)
         to_start: list[Engine] = []
@@ -197,27 +197,30 @@ class Api:
             specs, _get(params, "start", bool, True), prune=_get(params, "prune", bool, False)
         )
 
+    def _removal_order(self, names: set[str]) -> list[str]:
+        """`names` in a safe removal order (dependents first); refuse if a kept engine needs one."""
+        for name in sorted(names):
+            self._engine(name)  # all must exist before anything is removed
+        for e in self.sup.engines.values():
+            needed = sorted(set(e.spec.depends_on) & names)
+            if needed and e.spec.name not in names:
+                raise SpecError(
+                    f"cannot unregister {needed[0]!r}: {e.spec.name!r} depends on it"
+                    f" (unregister {e.spec.name!r} too, or drop the dependency first)"
+                )
+        order = check_dependencies({n: e.spec for n, e in self.sup.engines.items()})
+        return [n for n in reversed(order) if n in names]
+
     async def _unregister_one(self, name: str) -> None:
         engine = self._engine(name)
-        dependents = [
-            e.spec.name
-            for e in self.sup.engines.values()
-            if name in e.spec.depends_on and e.spec.name != name
-        ]
-        if dependents:
-            raise SpecError(
-                f"cannot unregister {name!r}: {', '.join(sorted(dependents))} depend on it"
-            )
         async with engine.lock:
             await self.sup.remove_engine(engine)
         self.events.emit("engine.unregistered", "unregistered", engine=name)
 
     async def unregister(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         names = _str_list(params, "names")
-        for name in names:
-            self._engine(name)  # all must exist before anything is removed
         removed = []
-        for name in names:
+        for name in self._removal_order(set(names)):
             await self._unregister_one(name)
             removed.append(name)
         await self.registry.save()
