@@ -722,15 +722,12 @@ def smooth_schedule(weights: Sequence[int]) -> list[int]:
     return out
 
 
-class _Schedule:
-    """A precomputed smooth cycle, rebuilt lazily only after membership or weights change."""
+class _WeightedState:
+    """Strategy state derived from members and weights: marked dirty when either changes."""
 
-    __slots__ = ("cursor", "dirty", "slots", "slots_of")
+    __slots__ = ("dirty",)
 
-    def __init__(self, _: CandidateSet) -> None:
-        self.slots: list[Candidate] = []
-        self.slots_of: dict[str, int] = {}
-        self.cursor = 0
+    def __init__(self) -> None:
         self.dirty = True
 
     def added(self, candidate: Candidate) -> None:
@@ -742,6 +739,18 @@ class _Schedule:
     def changed(self, candidate: Candidate, change: Change) -> None:
         if change is Change.WEIGHT:
             self.dirty = True
+
+
+class _Schedule(_WeightedState):
+    """A precomputed smooth cycle, rebuilt lazily only after membership or weights change."""
+
+    __slots__ = ("cursor", "slots", "slots_of")
+
+    def __init__(self, _: CandidateSet) -> None:
+        super().__init__()
+        self.slots: list[Candidate] = []
+        self.slots_of: dict[str, int] = {}
+        self.cursor = 0
 
     def rebuild(self, candidates: CandidateSet, owner: SmoothWeightedRoundRobin) -> None:
         members = candidates._members
@@ -895,26 +904,16 @@ class LeastLoaded:
         return Verdict(why, notes)
 
 
-class _Cumulative:
+class _Cumulative(_WeightedState):
     """Cumulative effective weights for a binary-search draw, rebuilt when weights change."""
 
-    __slots__ = ("cum", "dirty", "owners", "total")
+    __slots__ = ("cum", "owners", "total")
 
     def __init__(self, _: CandidateSet) -> None:
+        super().__init__()
         self.cum: list[float] = []
         self.owners: list[Candidate] = []
         self.total = 0.0
-        self.dirty = True
-
-    def added(self, candidate: Candidate) -> None:
-        self.dirty = True
-
-    def removed(self, candidate: Candidate) -> None:
-        self.dirty = True
-
-    def changed(self, candidate: Candidate, change: Change) -> None:
-        if change is Change.WEIGHT:
-            self.dirty = True
 
     def rebuild(self, candidates: CandidateSet) -> None:
         self.owners = [c for c in candidates._members if c._effective_weight > 0]
