@@ -6,11 +6,12 @@ Imports only the shared contract and the stdlib, so the CLI stays fast.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,76 @@ class Client:
         """Past events, oldest first."""
         return self.call("events.list", engine=engine, since=since, limit=limit)["events"]  # type: ignore[no-any-return]
 
+    def exec(
+        self,
+        input: Any,
+        *,
+        type: str | None = None,
+        engine: str | None = None,
+        instance: str | None = None,
+        require: Iterable[str] = (),
+        prefer: Iterable[str] = (),
+        labels: Mapping[str, str] | Iterable[str] | None = None,
+        key: str | None = None,
+        strategy: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        explain: bool = False,
+    ) -> dict[str, Any]:
+        """Run one request on the best instance; the result object, or the matching error.
+
+        The object is `{"request_id", "engine", "instance", "ok", "result", "latency_ms",
+        "attempts"}`; a failure raises RequestFailedError, NoEligibleEngineError,
+        RequestTimeoutError or BusyError, with that object (ok false) in `.data`.
+        """
+        params = exec_params(
+            type=type,
+            engine=engine,
+            instance=instance,
+            require=require,
+            prefer=prefer,
+            labels=labels,
+            key=key,
+            strategy=strategy,
+            timeout=timeout,
+            retries=retries,
+            explain=explain,
+        )
+        return self.call("request.exec", input=input, **params)  # type: ignore[no-any-return]
+
+    def exec_many(
+        self, inputs: Iterable[Any], *, window: int = 16, **filters: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Run many requests with up to `window` in flight on this connection.
+
+        Yields one result object per input, in input order, reading `inputs` lazily; a failed
+        request yields an object with `"ok": false` and `"error": {"code", "message"}`.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        params = exec_params(**filters)
+        if self._sock is None:
+            self.connect()
+        order: collections.deque[int] = collections.deque()
+        done: dict[int, dict[str, Any]] = {}
+        source = iter(inputs)
+        exhausted = False
+        while True:
+            while not exhausted and len(order) < window:
+                try:
+                    value = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                order.append(self._send("request.exec", {"input": value, **params}))
+            if not order:
+                return
+            while order[0] not in done:
+                msg = self._read()
+                if isinstance(msg.get("id"), int):
+                    done[msg["id"]] = msg
+            yield result_object(done.pop(order.popleft()))
+
     def wait_for(
         self, predicate: Any, timeout: float = 10.0, interval: float = 0.05
     ) -> dict[str, Any]:
@@ -208,9 +279,63 @@ class Client:
             time.sleep(interval)
 
 
+def exec_params(
+    *,
+    type: str | None = None,
+    engine: str | None = None,
+    instance: str | None = None,
+    require: Iterable[str] = (),
+    prefer: Iterable[str] = (),
+    labels: Mapping[str, str] | Iterable[str] | None = None,
+    key: str | None = None,
+    strategy: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    explain: bool = False,
+) -> dict[str, Any]:
+    """The `request.exec` parameters other than the input, without the unset ones."""
+    if isinstance(labels, Mapping):
+        labels = [f"{k}={v}" for k, v in labels.items()]
+    params: dict[str, Any] = {
+        "type": type,
+        "engine": engine,
+        "instance": instance,
+        "require": list(require) or None,
+        "prefer": list(prefer) or None,
+        "labels": list(labels) if labels else None,
+        "key": key,
+        "strategy": strategy,
+        "timeout": timeout,
+        "retries": retries or None,
+        "explain": explain or None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def result_object(msg: dict[str, Any]) -> dict[str, Any]:
+    """A `request.exec` response as the documented result object (failures: ok false)."""
+    if "result" in msg:
+        return msg["result"]  # type: ignore[no-any-return]
+    raw_error = msg.get("error")
+    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+    raw_data = error.get("data")
+    data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
+    out: dict[str, Any] = {
+        "request_id": data.get("request_id"),
+        "engine": data.get("engine"),
+        "instance": data.get("instance"),
+        "ok": False,
+        "error": {"code": error.get("code"), "message": error.get("message", "unknown error")},
+        "latency_ms": data.get("latency_ms"),
+        "attempts": data.get("attempts", 0),
+    }
+    return out
+
+
 def start_daemon(paths: Paths, home: str | None, connect: Any) -> socket.socket:
     """Start a background daemon (one, even when callers race) and return a connection to it."""
     import fcntl
+
     try:
         paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = os.open(paths.start_lock, os.O_RDWR | os.O_CREAT, 0o600)

@@ -13,6 +13,17 @@ from typing import Any
 
 from engctl.errors import SpecError
 
+# The dispatch strategies (SPEC §5), as named on the wire and in config.toml.
+STRATEGIES = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_loaded",
+    "weighted_random",
+    "capability",
+    "affinity",
+    "consistent_hash",
+)
+
 # AF_UNIX socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -90,6 +101,9 @@ class DaemonConfig:
     events_retention: int = 100_000
     max_frame_bytes: int = 1024 * 1024
     shutdown_timeout: float = 30.0
+    default_strategy: str = "least_loaded"
+    default_timeout: float = 30.0
+    max_queue: int = 1000
 
     @classmethod
     def load(cls, path: Path) -> DaemonConfig:
@@ -110,6 +124,14 @@ class DaemonConfig:
             if key not in known:
                 raise SpecError(f"{path}: daemon.{key}: unknown key {key!r}")
             default = getattr(cls, key)
+            if key == "default_strategy":
+                if value not in STRATEGIES:
+                    raise SpecError(
+                        f"{path}: daemon.{key}: expected one of {', '.join(STRATEGIES)},"
+                        f" got {value!r}"
+                    )
+                values[key] = value
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise SpecError(f"{path}: daemon.{key}: expected a positive number, got {value!r}")
             if isinstance(default, int) and not isinstance(value, int):

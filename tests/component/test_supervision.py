@@ -470,10 +470,8 @@ def test_service_stdout_and_stderr_lines_are_logged_with_timestamps(daemon: Home
     assert any(" engctl: started pid " in ln for ln in lines)
 
 
-def test_worker_stderr_is_logged_and_stdout_is_drained(daemon: Home) -> None:
-    """A worker's stderr is its log; its stdout (protocol pipe) is drained and kept, tagged."""
-    # Current behaviour (supervisor._attach_output): until the dispatch layer owns a
-    # worker's stdout, whatever it writes there is drained into the log as `stdout:` lines.
+def test_worker_stdout_garbage_is_logged_as_protocol_errors(daemon: Home) -> None:
+    """A worker's stderr is its log; non-protocol stdout lines are logged as protocol errors."""
     daemon.register("w", engine_cmd("chatty.py", "0.05"), mode="worker", health={"check": "none"})
 
     def enough() -> list[str] | None:
@@ -484,8 +482,11 @@ def test_worker_stderr_is_logged_and_stdout_is_drained(daemon: Home) -> None:
     lines = wait_until(enough)
     assert all(TIMESTAMP.match(ln) for ln in lines)
     outs = [ln for ln in lines if " out " in ln]
-    assert outs and all(re.search(r" stdout: out \d+$", ln) for ln in outs)
-    daemon.wait_state("w#0", "ready")
+    assert outs and all(
+        re.search(r" engctl: protocol error \(not JSON\): out \d+$", ln) for ln in outs
+    )
+    # It never answers the warm-up ping, so it is never offered requests.
+    assert daemon.wait_state("w#0", "warming")["requests"]["errors"] >= 1
 
 
 def test_log_rotation_keeps_backups(home: Home) -> None:

@@ -44,8 +44,7 @@ def _run(args: list[str]) -> int:
 
     fast = fast_command(args)
     if fast is not None:
-        fast()
-        return 0
+        return fast()
 
     from typer import Abort
     from typer._click.exceptions import ClickException, NoArgsIsHelpError

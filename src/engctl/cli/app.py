@@ -51,6 +51,7 @@ COMMAND_MODULES = {
     "stop": "lifecycle",
     "restart": "lifecycle",
     "scale": "lifecycle",
+    "exec": "exec_listing",
     "status": "status",
     "logs": "logs",
     "events": "logs",

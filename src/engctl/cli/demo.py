@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from typing import Annotated
@@ -11,11 +12,29 @@ import typer
 from engctl.cli.app import app
 from engctl.cli.common import client, console, out
 
+# Optional example engines: name -> (type, module, the package its module needs).
+# They are registered only where the `examples` extra is installed.
+OPTIONAL_ENGINES = {
+    "demo-wasm": ("wasm", "engctl.examples.wasm_fib", "wasmtime"),
+    "demo-onnx": ("onnx", "engctl.examples.onnx_model", "onnxruntime"),
+}
+EXAMPLES_INSTALL = "pip install 'engctl[examples]'"
+
+
+def missing_optional_engines() -> dict[str, str]:
+    """The optional example engines that cannot run here, each with the package it lacks."""
+    # find_spec looks the package up without importing it (onnxruntime takes ~0.3 s to import).
+    return {
+        name: package
+        for name, (_, _, package) in OPTIONAL_ENGINES.items()
+        if importlib.util.find_spec(package) is None
+    }
+
 
 def demo_engines() -> dict[str, dict[str, object]]:
     """The example engines, run by this Python (so they work in any venv)."""
     py = sys.executable
-    return {
+    engines: dict[str, dict[str, object]] = {
         "demo-echo": {
             "type": "echo",
             "mode": "worker",
@@ -39,6 +58,16 @@ def demo_engines() -> dict[str, dict[str, object]]:
             "restart": {"start_seconds": 0.5, "policy": "always"},
         },
     }
+    missing = missing_optional_engines()
+    for name, (engine_type, module, _) in OPTIONAL_ENGINES.items():
+        if name not in missing:
+            engines[name] = {
+                "type": engine_type,
+                "mode": "worker",
+                "command": [py, "-m", module],
+                "restart": {"start_seconds": 0.5},
+            }
+    return engines
 
 
 @app.command()
@@ -47,7 +76,7 @@ def demo(
         float, typer.Option(help="Seconds to wait for the engines to be ready.")
     ] = 20.0,
 ) -> None:
-    """Register the bundled example engines (echo worker, web service, clock) and show status."""
+    """Register the bundled example engines (echo, web, clock; wasm and onnx) and show status."""
     c = client()
     result = c.register(demo_engines())
     for r in result["engines"]:
@@ -65,6 +94,9 @@ def demo(
 
     console().print(status_table(st))
     out("")
-    out("skipped: wasm and onnx example engines (they arrive with `engctl exec`)")
+    missing = missing_optional_engines()
+    if missing:
+        needs = ", ".join(f"{name} (needs {package})" for name, package in missing.items())
+        out(f"skipped: {needs}; enable with: {EXAMPLES_INSTALL}")
     out("next:    engctl logs demo-clock -f    engctl events -f    engctl stop demo-web")
     out("         engctl export > engines.toml  engctl unregister demo-echo demo-web demo-clock")

@@ -1,4 +1,5 @@
-"""Typer-free paths for what scripts call in loops: `--version` and plain `status --json`.
+"""Typer-free paths for what scripts call in loops: `--version`, `exec` and plain
+`status --json`.
 
 Importing and building the typer app costs more than everything else `status --json` does
 (~45 ms on a 2-core machine). These paths run the same code as the typer commands (`status`
@@ -12,25 +13,31 @@ import sys
 from collections.abc import Callable
 
 
-def print_version() -> None:
+def print_version() -> int:
     from engctl import __version__
 
     sys.stdout.write(f"engctl {__version__}\n")
+    return 0
 
 
-def status_json(names: list[str]) -> None:
+def status_json(names: list[str]) -> int:
     """`engctl status --json [NAMES]`: the status document on stdout."""
     from engctl.client import Client
     from engctl.render.format import print_json
 
     with Client() as c:
         print_json(c.status(names or None))
+    return 0
 
 
-def fast_command(args: list[str]) -> Callable[[], None] | None:
+def fast_command(args: list[str]) -> Callable[[], int] | None:
     """The typer-free implementation of `args`, when it is one of the plain forms."""
     if args in (["--version"], ["-V"]):
         return print_version
+    if args[:1] == ["exec"]:
+        from engctl.cli.exec import main as exec_main
+
+        return lambda: exec_main(args[1:])
     if args[:1] == ["status"] and "--json" in args:
         rest = [a for a in args[1:] if a != "--json"]
         if all(not a.startswith("-") for a in rest):

@@ -28,6 +28,7 @@ from engctl.states import DesiredState
 from .events import Event, EventLog
 from .logs import read_tail
 from .registry import Registry
+from .requests import Router
 from .server import Connection, Handler
 from .supervisor import Engine, Instance, Supervisor
 
@@ -63,9 +64,11 @@ class Api:
         supervisor: Supervisor,
         registry: Registry,
         events: EventLog,
+        router: Router,
         request_shutdown: Callable[[], None],
     ) -> None:
         self.paths = paths
+        self.router = router
         self.sup = supervisor
         self.registry = registry
         self.events = events
@@ -92,7 +95,20 @@ class Api:
             "events.follow": self.events_follow,
             "logs.read": self.logs_read,
             "logs.follow": self.logs_follow,
+            "request.exec": self.request_exec,
         }
+
+    async def _persist(self) -> None:
+        """After a change to the engines: keep dispatch in step, then make it durable."""
+        self.router.engines_changed()
+        await self.registry.save()
+
+    # -- requests --------------------------------------------------------------------------
+    def request_exec(
+        self, params: dict[str, Any], conn: Connection
+    ) -> asyncio.Future[dict[str, Any]]:
+        # A future, not a coroutine: the server adds a callback, no task per request.
+        return self.router.submit(params)
 
     # -- session and daemon ----------------------------------------------------------------
     def hello(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -181,7 +197,7 @@ class Api:
                 results.append(
                     {"name": name, "action": "updated", "detail": detail, "changed": changed}
                 )
-        await self.registry.save()
+        await self._persist()
         for engine in to_start:
             # Dependencies first: `order` is topological.
             await self.sup.start_engine(engine, "registered")
@@ -223,7 +239,7 @@ class Api:
         for name in self._removal_order(set(names)):
             await self._unregister_one(name)
             removed.append(name)
-        await self.registry.save()
+        await self._persist()
         return {"removed": removed}
 
     def list_engines(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -288,7 +304,7 @@ class Api:
                     started += await self.sup.start_engine(
                         engine, "started by user", [i.index for i in insts]
                     )
-        await self.registry.save()
+        await self._persist()
         return {"started": started}
 
     async def stop(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -300,7 +316,7 @@ class Api:
             else:
                 engine.stopped_instances.update(i.index for i in insts)
         # The wish is durable before any signal is sent: a restarted daemon will not undo it.
-        await self.registry.save()
+        await self._persist()
         results = await asyncio.gather(
             *(
                 self.sup.stop_instances(
@@ -327,7 +343,7 @@ class Api:
                 restarted += await self.sup.start_engine(
                     engine, "restarted by user", [i.index for i in chosen]
                 )
-        await self.registry.save()
+        await self._persist()
         return {"restarted": restarted}
 
     async def scale(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -337,7 +353,7 @@ class Api:
             raise SpecError(f"engine {engine.spec.name!r} is oneshot: it has no instances to scale")
         async with engine.lock:
             detail = await self.sup.scale_engine(engine, n)
-        await self.registry.save()
+        await self._persist()
         return {"name": engine.spec.name, "instances": n, "detail": detail}
 
     # -- reading ---------------------------------------------------------------------------

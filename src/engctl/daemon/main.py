@@ -27,6 +27,7 @@ from .api import Api
 from .events import EventLog
 from .monitor import Monitor
 from .registry import Entry, Registry
+from .requests import Router
 from .server import Server
 from .supervisor import Sample, Supervisor
 
@@ -100,7 +101,9 @@ class Daemon:
         # start-up lists them, and a registration then cannot save a registry without them.
         for entry in entries:
             sup.add_engine(entry.spec, entry.desired, entry.stopped_instances)
-        api = Api(paths, sup, registry, events, self.stopping.set)
+        router = Router(sup, config, paths)
+        router.engines_changed()
+        api = Api(paths, sup, registry, events, router, self.stopping.set)
         server = Server(paths.socket, api.handlers(), config.max_frame_bytes, paths.daemon_log)
         await server.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -121,6 +124,7 @@ class Daemon:
         log.info("shutting down")
         events.emit("daemon.stopping", "shutdown requested")
         startup.cancel()
+        router.close()
         try:
             await self._sweep
         except Exception:

@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from engctl.config import DaemonConfig, Paths
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
@@ -52,6 +52,43 @@ class Sample:
     descendants: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass
+class RequestStats:
+    """Rolling request observations of an instance (fed by the request router)."""
+
+    in_flight: int = 0
+    requests: int = 0
+    ok: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    latency_ewma_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "in_flight": self.in_flight,
+            "requests": self.requests,
+            "ok": self.ok,
+            "errors": self.errors,
+            "timeouts": self.timeouts,
+            "latency_ewma_ms": None
+            if self.latency_ewma_ms is None
+            else round(self.latency_ewma_ms, 3),
+        }
+
+
+class InstanceObserver(Protocol):
+    """What the request layer needs to hear from supervision (it owns workers' stdin/stdout)."""
+
+    def spawned(self, inst: Instance, proc: ChildProcess) -> Callable[[bytes], None] | None:
+        """A worker process started: return the consumer of its stdout (b"" is EOF)."""
+
+    def warming(self, inst: Instance) -> None:
+        """The process stayed up start_seconds; it is ready once it answers (ping or `ready`)."""
+
+    def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
+        """Called after every transition."""
+
+
 class Instance:
     """One process slot of an engine, `name#index`; survives restarts of its process."""
 
@@ -73,6 +110,8 @@ class Instance:
         self.sample = Sample()
         self.log = log_file
         self.removed = False
+        self.ready_seen = False  # the worker announced `ready` before start_seconds passed
+        self.stats = RequestStats()
 
     @property
     def spec(self) -> EngineSpec:
@@ -90,10 +129,14 @@ class Instance:
     def to_json(self) -> dict[str, Any]:
         """The documented per-instance object of `status --json`."""
         running = self.proc is not None and self.proc.alive
+        state = self.state
+        # busy is derived from the in-flight count, not recorded as an event per request.
+        if state is S.READY and self.stats.in_flight >= self.spec.max_concurrency:
+            state = S.BUSY
         return {
             "id": self.id,
             "pid": self.pid,
-            "state": self.state.value,
+            "state": state.value,
             "state_reason": self.state_reason,
             "state_since": self.state_since,
             "health": self.health.value,
@@ -107,6 +150,7 @@ class Instance:
             "threads": self.sample.threads if running else None,
             "fds": self.sample.fds if running else None,
             "last_exit": self.last_exit,
+            "requests": self.stats.to_json(),
         }
 
 
@@ -154,6 +198,7 @@ class Supervisor:
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._on_targets_changed = on_targets_changed
         self._sweeps: set[asyncio.Task[None]] = set()
+        self.observer: InstanceObserver | None = None
         self.closing = False
         # Closed until the processes of a killed predecessor are gone: they carry the same
         # marker, and the sweep must not take new instances for old ones.
@@ -179,6 +224,8 @@ class Supervisor:
         )
         if old.has_process != new.has_process:
             self._publish_targets()
+        if self.observer is not None:
+            self.observer.state_changed(inst, old, new)
         self._check_waiters()
 
     def _check_waiters(self) -> None:
@@ -278,36 +325,60 @@ class Supervisor:
         inst.timer = None
         if inst.proc is not proc or not proc.alive or inst.state is not S.STARTING:
             return
-        # starting -> ready: the process stayed up start_seconds
         inst.quick_failures = 0
-        self.transition(inst, S.READY, f"up for {inst.spec.restart.start_seconds:g}s")
+        up = f"up for {inst.spec.restart.start_seconds:g}s"
+        if inst.spec.mode is not EngineMode.WORKER or inst.ready_seen or self.observer is None:
+            # starting -> ready: the process stayed up start_seconds
+            self.transition(inst, S.READY, up)
+            return
+        # starting -> warming: a worker is ready once it answers ping or says `ready`
+        self.transition(inst, S.WARMING, f"{up}; waiting for it to answer")
+        self.observer.warming(inst)
+
+    def mark_ready(self, inst: Instance, reason: str) -> None:
+        """A worker showed it can take requests (answered ping, or sent `ready`)."""
+        if inst.state is S.STARTING:
+            inst.ready_seen = True
+        elif inst.state is S.WARMING:
+            # warming -> ready: the worker answered
+            self.transition(inst, S.READY, reason)
 
     def _attach_output(self, inst: Instance, proc: ChildProcess) -> None:
         popen = proc.popen
-        streams = [("stderr", popen.stderr)]
-        # A worker's stdout carries the request protocol; it is drained here until the
-        # dispatch layer owns it, and anything it writes is kept in the log.
-        streams.append(("stdout", popen.stdout))
-        for name, pipe in streams:
+        inst.ready_seen = False
+        protocol_consumer = None
+        if inst.spec.mode is EngineMode.WORKER and self.observer is not None:
+            # A worker's stdout carries the request protocol: it goes to the request layer.
+            protocol_consumer = self.observer.spawned(inst, proc)
+        for name, pipe in (("stderr", popen.stderr), ("stdout", popen.stdout)):
             if pipe is None:
                 continue
             fd = pipe.fileno()
             os.set_blocking(fd, False)
-            self.loop.add_reader(fd, self._read_pipe, inst, name, pipe)
+            consumer = protocol_consumer if name == "stdout" else None
+            self.loop.add_reader(fd, self._read_pipe, inst, name, pipe, consumer)
 
-    def _read_pipe(self, inst: Instance, stream: str, pipe: Any) -> None:
+    def _read_pipe(
+        self, inst: Instance, stream: str, pipe: Any, consumer: Callable[[bytes], None] | None
+    ) -> None:
         fd = pipe.fileno()
         try:
-            data = os.read(fd, 65536)
+            data = os.read(fd, 262144)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if data:
-            inst.log.feed(stream, data)
+            if consumer is not None:
+                consumer(data)
+            else:
+                inst.log.feed(stream, data)
             return
         self.loop.remove_reader(fd)
-        inst.log.close_stream(stream)
+        if consumer is not None:
+            consumer(b"")
+        else:
+            inst.log.close_stream(stream)
         pipe.close()
 
     # -- exits -----------------------------------------------------------------------------

@@ -1,0 +1,602 @@
+"""Requests of `engctl exec`: pick an instance, queue when all are full, send it over the worker
+protocol (or spawn a oneshot), time out, retry elsewhere, and feed the outcome back as
+observations.
+
+Selection is `dispatch` (pure); processes belong to `supervisor`. The hot path creates no task
+per request: a Request is a plain object moved along by callbacks and one loop timer, and
+writes to a worker are batched per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from engctl import protocol
+from engctl.config import DaemonConfig, Paths
+from engctl.errors import (
+    BusyError,
+    EngctlError,
+    InvalidParamsError,
+    RequestFailedError,
+    RequestTimeoutError,
+    UsageError,
+)
+from engctl.models import EngineSpec
+from engctl.states import EngineMode, InstanceState
+
+from . import process
+from .dispatch import Candidate, CandidatePool, Outcome, Selector, StrategyName
+from .oneshot import OneshotRun
+from .process import ChildProcess
+from .supervisor import Instance, RequestStats, Supervisor
+
+log = logging.getLogger("engctl.requests")
+
+S = InstanceState
+EWMA_ALPHA = 0.2
+# Protocol garbage is logged with at most this many bytes of the offending line.
+PREVIEW_BYTES = 200
+# A worker line longer than this is a protocol error (and a guard for the daemon's memory).
+MAX_WORKER_LINE = 64 * 1024 * 1024
+# On each completion, this many waiting requests are tried against the freed capacity.
+QUEUE_SCAN = 8
+_KEYED = (StrategyName.AFFINITY, StrategyName.CONSISTENT_HASH)
+_PING = "ping"
+
+
+class Request:
+    """One exec request on its way: where it was tried, its deadline, its reply future."""
+
+    __slots__ = (
+        "attempts",
+        "explain",
+        "future",
+        "id",
+        "input_json",
+        "instance",
+        "last_error",
+        "retries_left",
+        "selector",
+        "sent_at",
+        "started",
+        "timeout",
+        "timer",
+        "tried",
+    )
+
+    def __init__(
+        self,
+        req_id: str,
+        input_json: str,
+        selector: Selector,
+        timeout: float,
+        retries: int,
+        explain: bool,
+        future: asyncio.Future[dict[str, Any]],
+    ) -> None:
+        self.id = req_id
+        self.input_json = input_json
+        self.selector = selector
+        self.timeout = timeout
+        self.retries_left = retries
+        self.explain = explain
+        self.future = future
+        self.tried: list[str] = []
+        self.attempts = 0
+        self.started = time.perf_counter()
+        self.sent_at = 0.0
+        self.instance: str | None = None
+        self.last_error: EngctlError | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class WorkerChannel:
+    """The worker protocol over one instance's stdin/stdout: ids, batching, garbage."""
+
+    def __init__(self, router: Router, inst: Instance, proc: ChildProcess) -> None:
+        self.router = router
+        self.inst = inst
+        stdin = proc.popen.stdin
+        assert stdin is not None
+        self._stdin = stdin
+        self._fd = stdin.fileno()
+        os.set_blocking(self._fd, False)
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._writer_on = False
+        self._buf = b""
+        self.pending: dict[int, Request] = {}
+        self._ping_id: int | None = None
+        self._next_id = 1
+        self.closed = False
+
+    # -- writing -----------------------------------------------------------------------
+    def send(self, req: Request) -> int:
+        wid = self._next_id
+        self._next_id += 1
+        self.pending[wid] = req
+        self._write(
+            b'{"jsonrpc":"2.0","id":%d,"method":"execute","params":{"input":%s}}\n'
+            % (wid, req.input_json.encode())
+        )
+        return wid
+
+    def ping(self) -> None:
+        wid = self._next_id
+        self._next_id += 1
+        self._ping_id = wid
+        self._write(b'{"jsonrpc":"2.0","id":%d,"method":"ping"}\n' % wid)
+
+    def _write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._out += data
+        if not self._flush_scheduled and not self._writer_on:
+            self._flush_scheduled = True
+            self.router.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or not self._out:
+            return
+        try:
+            n = os.write(self._fd, self._out)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:  # the worker closed its stdin or died
+            self.router.channel_broken(self, f"cannot write to the worker: {exc.strerror}")
+            return
+        del self._out[:n]
+        if self._out and not self._writer_on:
+            self._writer_on = True
+            self.router.loop.add_writer(self._fd, self._writable)
+
+    def _writable(self) -> None:
+        self.router.loop.remove_writer(self._fd)
+        self._writer_on = False
+        self._flush()
+
+    # -- reading -----------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Bytes from the worker's stdout (b"" at EOF)."""
+        if not data:
+            self.close()
+            return
+        buf = self._buf + data if self._buf else data
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = buf[start:nl]
+            start = nl + 1
+            if line.strip():
+                self._line(line)
+        self._buf = buf[start:]
+        if len(self._buf) > MAX_WORKER_LINE:
+            self._garbage(self._buf, "line exceeds the size limit")
+            self._buf = b""
+
+    def _line(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            self._garbage(line, "not JSON")
+            return
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+            self._garbage(line, "not a JSON-RPC 2.0 object")
+            return
+        if "id" not in msg:
+            if msg.get("method") == "ready":
+                self.router.sup.mark_ready(self.inst, "announced ready")
+            return  # other notifications are allowed and ignored
+        wid = msg["id"]
+        if wid == self._ping_id and wid is not None:
+            self._ping_id = None
+            self.router.sup.mark_ready(self.inst, "answered ping")
+            return
+        req = self.pending.pop(wid, None) if isinstance(wid, int) else None
+        if req is None:
+            if isinstance(wid, int) and wid < self._next_id:
+                return  # the answer to a request that timed out: nobody waits for it
+            self._garbage(line, f"unknown id {wid!r}")
+            return
+        if "result" in msg:
+            self.router.finished(req, self.inst.id, True, msg["result"], None)
+        elif isinstance(msg.get("error"), dict):
+            err = msg["error"]
+            text = str(err.get("message", "error"))
+            self.router.finished(
+                req, self.inst.id, False, None, RequestFailedError(f"{self.inst.id}: {text}",
+                                                                   {"worker_error": err})
+            )
+        else:
+            self._garbage(line, "response without result or error")
+            self.router.finished(
+                req, self.inst.id, False, None,
+                RequestFailedError(f"{self.inst.id}: malformed response"),
+            )
+
+    def _garbage(self, line: bytes, why: str) -> None:
+        """A protocol violation: an error of this instance, logged with the offending bytes."""
+        excerpt = protocol.preview(line[:PREVIEW_BYTES], PREVIEW_BYTES)
+        self.inst.log.note(f"protocol error ({why}): {excerpt}")
+        self.inst.stats.errors += 1
+        self.router.protocol_errors += 1
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._writer_on:
+            self.router.loop.remove_writer(self._fd)
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+
+
+class Router:
+    """Owns the candidate pool, worker channels, the wait queue and every request in flight."""
+
+    def __init__(self, sup: Supervisor, config: DaemonConfig, paths: Paths) -> None:
+        self.sup = sup
+        self.config = config
+        self.paths = paths
+        self.loop = sup.loop
+        self.pool = CandidatePool(default_strategy=StrategyName(config.default_strategy))
+        self.channels: dict[str, WorkerChannel] = {}
+        self.queue: collections.deque[Request] = collections.deque()
+        self.oneshot_stats: dict[str, RequestStats] = {}
+        self.protocol_errors = 0
+        self._explained: dict[str, Any] = {}
+        self._seq = 0
+        sup.observer = self
+
+    # -- supervision events ------------------------------------------------------------
+    def spawned(self, inst: Instance, proc: ChildProcess) -> Any:
+        old = self.channels.pop(inst.id, None)
+        if old is not None:
+            old.close()
+        channel = WorkerChannel(self, inst, proc)
+        self.channels[inst.id] = channel
+        return channel.feed
+
+    def warming(self, inst: Instance) -> None:
+        channel = self.channels.get(inst.id)
+        if channel is not None:
+            channel.ping()
+
+    def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
+        if new is S.READY and inst.spec.mode is EngineMode.WORKER:
+            self._admit(inst)
+            return
+        if old in (S.READY, S.BUSY) and inst.id in self.pool:
+            self.pool.remove(inst.id)  # no new requests; those in flight may still finish
+        if not new.has_process:
+            self._lose_pending(inst.id, f"{inst.id} {new.value}: {inst.state_reason}")
+
+    def _admit(self, inst: Instance) -> None:
+        spec = inst.spec
+        if inst.id in self.pool:
+            self.pool.remove(inst.id)
+        self.pool.add(
+            Candidate(
+                inst.id,
+                spec.name,
+                spec.type,
+                capabilities=spec.capabilities,
+                labels=spec.labels,
+                weight=spec.weight,
+                max_concurrency=spec.max_concurrency,
+                latency_ms=inst.stats.latency_ewma_ms,
+            )
+        )
+        self._drain_queue()
+
+    def _lose_pending(self, inst_id: str, why: str) -> None:
+        """The process is gone: its requests in flight fail here (and may be retried), so
+        none waits forever on an instance that will never answer."""
+        channel = self.channels.pop(inst_id, None)
+        if channel is None:
+            return
+        pending = list(channel.pending.values())
+        channel.pending.clear()
+        channel.close()
+        for req in pending:
+            self.finished(req, inst_id, False, None, RequestFailedError(f"{why} (request lost)"))
+
+    def channel_broken(self, channel: WorkerChannel, why: str) -> None:
+        pending = list(channel.pending.values())
+        channel.pending.clear()
+        channel.close()
+        for req in pending:
+            self.finished(req, channel.inst.id, False, None, RequestFailedError(why))
+
+    def engines_changed(self) -> None:
+        """Oneshot engines are candidates without processes: keep them in step."""
+        wanted = {
+            f"{e.spec.name}#oneshot": e.spec
+            for e in self.sup.engines.values()
+            if e.spec.mode is EngineMode.ONESHOT and e.desired.value == "running"
+        }
+        for cid in [c.id for c in self.pool if c.id.endswith("#oneshot")]:
+            if cid not in wanted:
+                self.pool.remove(cid)
+        for cid, spec in wanted.items():
+            if cid in self.pool:
+                old = self.pool.get(cid)
+                if old.type == spec.type and old.max_concurrency == _oneshot_capacity(spec):
+                    continue
+                self.pool.remove(cid)
+            self.pool.add(
+                Candidate(
+                    cid,
+                    spec.name,
+                    spec.type,
+                    capabilities=spec.capabilities,
+                    labels=spec.labels,
+                    weight=spec.weight,
+                    max_concurrency=_oneshot_capacity(spec),
+                )
+            )
+            self.oneshot_stats.setdefault(spec.name, RequestStats())
+
+    # -- requests ----------------------------------------------------------------------
+    def submit(self, params: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Start one request from `request.exec` params; the future holds its result object."""
+        if "input" not in params:
+            raise InvalidParamsError("missing parameter 'input'")
+        selector = _selector(params)
+        timeout = float(params.get("timeout") or self.config.default_timeout)
+        if timeout <= 0:
+            raise UsageError(f"timeout must be positive, got {timeout:g}")
+        retries = int(params.get("retries") or 0)
+        if retries < 0:
+            raise UsageError(f"retries must be 0 or more, got {retries}")
+        self._seq += 1
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        req = Request(
+            f"r{os.getpid():x}-{self._seq}",
+            json.dumps(params["input"], separators=(",", ":")),
+            selector,
+            timeout,
+            retries,
+            bool(params.get("explain")),
+            fut,
+        )
+        req.timer = self.loop.call_later(timeout, self._timed_out, req)
+        self._route(req)
+        return fut
+
+    def _route(self, req: Request) -> None:
+        if req.tried:
+            cand = self._pick_untried(req)
+            if cand is None:
+                error = req.last_error or RequestFailedError("no other instance to retry on")
+                self._fail(req, error)
+                return
+            self._dispatch(req, cand)
+            return
+        sel = self.pool.select(req.selector, explain=req.explain)
+        if sel.outcome is Outcome.PICKED:
+            assert sel.candidate is not None
+            if req.explain and sel.explanation is not None:
+                self._explained[req.id] = sel.explanation.to_json()
+            self._dispatch(req, sel.candidate)
+        elif sel.outcome is Outcome.ALL_FULL:
+            if len(self.queue) >= self.config.max_queue:
+                self._fail(
+                    req,
+                    BusyError(
+                        f"busy: {sel.message}; {len(self.queue)} requests already wait"
+                        f" (max_queue {self.config.max_queue})"
+                    ),
+                )
+                return
+            self.queue.append(req)
+        else:
+            assert sel.no_match is not None
+            self._fail(req, sel.no_match.error(sel.explanation))
+
+    def _pick_untried(self, req: Request) -> Candidate | None:
+        # Retries are rare: a scan of the free members is fine here.
+        free = [c for c in self.pool.candidate_set(req.selector).free if c.id not in req.tried]
+        return min(free, key=lambda c: (c.load, c.id)) if free else None
+
+    def _dispatch(self, req: Request, cand: Candidate) -> None:
+        req.attempts += 1
+        req.tried.append(cand.id)
+        req.instance = cand.id
+        cand.in_flight += 1
+        req.sent_at = time.perf_counter()
+        if cand.id.endswith("#oneshot"):
+            self._run_oneshot(req, cand)
+            return
+        inst_stats = self._stats(cand.id)
+        if inst_stats is not None:
+            inst_stats.in_flight += 1
+        channel = self.channels.get(cand.id)
+        if channel is None or channel.closed:
+            lost = RequestFailedError(f"{cand.id} has no protocol channel")
+            self.finished(req, cand.id, False, None, lost)
+            return
+        channel.send(req)
+
+    def _run_oneshot(self, req: Request, cand: Candidate) -> None:
+        engine = self.sup.engines.get(cand.engine)
+        if engine is None:
+            self.finished(req, cand.id, False, None, RequestFailedError(f"{cand.engine} is gone"))
+            return
+        spec = engine.spec
+        stats = self.oneshot_stats.setdefault(spec.name, RequestStats())
+        stats.in_flight += 1
+        env = dict(os.environ)
+        env.update(spec.env)
+        env[process.DAEMON_ID_ENV] = self.paths.daemon_id
+        env[process.INSTANCE_ENV] = cand.id
+        left = max(0.001, req.timeout - (time.perf_counter() - req.started))
+
+        def done(ok: bool, result: Any, error: str) -> None:
+            err = None if ok else RequestFailedError(f"{spec.name}: {error}")
+            self.finished(req, cand.id, ok, result, err)
+
+        payload = json.loads(req.input_json)
+        text = payload if isinstance(payload, str) else req.input_json
+        OneshotRun(spec, text, env, self.loop, left, done)
+
+    def _stats(self, cand_id: str) -> RequestStats | None:
+        if cand_id.endswith("#oneshot"):
+            return self.oneshot_stats.get(cand_id.removesuffix("#oneshot"))
+        name, _, idx = cand_id.rpartition("#")
+        engine = self.sup.engines.get(name)
+        if engine is None or not idx.isdigit():
+            return None
+        k = int(idx)
+        insts = engine.instances
+        return insts[k].stats if k < len(insts) and insts[k].id == cand_id else None
+
+    def finished(
+        self, req: Request, cand_id: str, ok: bool, result: Any, error: EngctlError | None
+    ) -> None:
+        """One attempt ended: record it, then answer, retry elsewhere, or ignore (late)."""
+        latency_ms = (time.perf_counter() - req.sent_at) * 1000
+        if cand_id in self.pool:
+            cand = self.pool.get(cand_id)
+            if cand.in_flight > 0:
+                cand.in_flight -= 1
+        stats = self._stats(cand_id)
+        if stats is not None:
+            stats.in_flight = max(0, stats.in_flight - 1)
+            stats.requests += 1
+            if ok:
+                stats.ok += 1
+                prev = stats.latency_ewma_ms
+                stats.latency_ewma_ms = (
+                    latency_ms if prev is None else prev + EWMA_ALPHA * (latency_ms - prev)
+                )
+                if cand_id in self.pool:
+                    self.pool.get(cand_id).latency_ms = stats.latency_ewma_ms
+            else:
+                stats.errors += 1
+        if req.future.done():
+            self._drain_queue()
+            return
+        if ok:
+            self._succeed(req, result)
+        else:
+            assert error is not None
+            req.last_error = error
+            if req.retries_left > 0:
+                req.retries_left -= 1
+                self._route(req)
+            else:
+                self._fail(req, error)
+        self._drain_queue()
+
+    def _drain_queue(self) -> None:
+        if not self.queue:
+            return
+        for _ in range(min(QUEUE_SCAN, len(self.queue))):
+            req = self.queue.popleft()
+            if req.future.done():
+                continue
+            sel = self.pool.select(req.selector)
+            if sel.outcome is Outcome.PICKED:
+                assert sel.candidate is not None
+                self._dispatch(req, sel.candidate)
+            elif sel.outcome is Outcome.ALL_FULL:
+                self.queue.appendleft(req)
+                return
+            else:
+                assert sel.no_match is not None
+                self._fail(req, sel.no_match.error(None))
+
+    def _timed_out(self, req: Request) -> None:
+        req.timer = None
+        if req.future.done():
+            return
+        where = f" on {req.instance}" if req.instance else " waiting in the queue"
+        stats = self._stats(req.instance) if req.instance else None
+        if stats is not None:
+            stats.timeouts += 1
+        self._fail(req, RequestTimeoutError(f"request timed out after {req.timeout:g}s{where}"))
+
+    def _result(self, req: Request, ok: bool) -> dict[str, Any]:
+        instance = req.instance
+        out: dict[str, Any] = {
+            "request_id": req.id,
+            "engine": instance.rpartition("#")[0] if instance else None,
+            "instance": instance,
+            "ok": ok,
+            "latency_ms": round((time.perf_counter() - req.started) * 1000, 3),
+            "attempts": req.attempts,
+        }
+        explained = self._explained.pop(req.id, None)
+        if explained is not None:
+            out["explain"] = explained
+        return out
+
+    def _succeed(self, req: Request, result: Any) -> None:
+        if req.timer is not None:
+            req.timer.cancel()
+        out = self._result(req, True)
+        out["result"] = result
+        req.future.set_result(out)
+
+    def _fail(self, req: Request, error: EngctlError) -> None:
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        if req.future.done():
+            return
+        error.data = {**error.data, **self._result(req, False)}
+        req.future.set_exception(error)
+
+    def close(self) -> None:
+        """Fail everything still waiting (daemon shutdown)."""
+        for req in list(self.queue):
+            self._fail(req, RequestFailedError("daemon shutting down"))
+        self.queue.clear()
+        for channel in self.channels.values():
+            for req in list(channel.pending.values()):
+                self._fail(req, RequestFailedError("daemon shutting down"))
+            channel.pending.clear()
+
+
+def _oneshot_capacity(spec: EngineSpec) -> int:
+    return spec.max_concurrency * max(1, spec.instances)
+
+
+def _selector(params: dict[str, Any]) -> Selector:
+    def strings(key: str) -> list[str]:
+        value = params.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidParamsError(f"parameter {key!r} must be a list of strings")
+        return value
+
+    def opt(key: str) -> str | None:
+        value = params.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidParamsError(f"parameter {key!r} must be a string")
+        return value
+
+    selector = Selector.of(
+        type=opt("type"),
+        engine=opt("engine"),
+        instance=opt("instance"),
+        require=strings("require"),
+        prefer=strings("prefer"),
+        labels=strings("labels"),
+        key=opt("key"),
+        strategy=opt("strategy"),
+    )
+    if selector.strategy in _KEYED and selector.key is None:
+        raise UsageError(f"strategy {selector.strategy} needs --key (the stickiness key)")
+    return selector
+
