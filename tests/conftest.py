@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from engctl.client import Client
-from engctl.config import Paths, resolve_paths
+from engctl.paths import Paths, resolve_paths
 
 ENGINES = Path(__file__).parent / "engines"
 PY = sys.executable

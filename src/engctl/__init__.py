@@ -5,11 +5,12 @@ Kept import-light: `engctl --help` loads this module, so the client is imported 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs every CLI start
 if TYPE_CHECKING:
+    from typing import Any
+
     from engctl.client import Client
 
 __all__ = ["Client", "__version__"]

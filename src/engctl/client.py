@@ -6,19 +6,25 @@ Imports only the shared contract and the stdlib, so the CLI stays fast.
 
 from __future__ import annotations
 
+# socket.py's C core: the Python wrapper would import selectors, array and more on every
+# CLI start, for nothing this client uses.
+import _socket
 import collections
-import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
-from typing import Any
 
 from engctl import __version__, protocol
-from engctl.config import MAX_SOCKET_PATH, Paths, resolve_paths
 from engctl.errors import DaemonUnreachableError, ProtocolError, from_wire
+from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 
+TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
+# Results can be larger than the requests the daemon accepts.
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 # How long a starting daemon may take to say it is ready.
 START_TIMEOUT = 15.0
 
@@ -37,20 +43,21 @@ class Client:
         self.paths = resolve_paths(self.home)
         self.autostart = autostart
         self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._rfile: Any = None
+        self._sock: _socket.socket | None = None
+        self._buf = bytearray()
+        self._pos = 0
         self._next_id = 1
         self.daemon_info: dict[str, Any] = {}
 
     # -- connection ------------------------------------------------------------------------
-    def _connect_once(self) -> socket.socket:
-        path = str(self.paths.socket)
+    def _connect_once(self) -> _socket.socket:
+        path = self.paths.socket_file
         if len(path.encode()) > MAX_SOCKET_PATH:
             raise DaemonUnreachableError(
                 f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes: use a shorter"
                 " ENGCTL_HOME"
             )
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.connect(path)
         except OSError:
@@ -68,30 +75,26 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if not self.autostart:
                 raise DaemonUnreachableError(
-                    f"no daemon is running (socket {self.paths.socket}):"
+                    f"no daemon is running (socket {self.paths.socket_file}):"
                     " start one with `engctl daemon start`"
                 ) from exc
             sock = start_daemon(self.paths, self.home, self._connect_once)
         except OSError as exc:
             raise DaemonUnreachableError(
-                f"cannot connect to {self.paths.socket}: {exc.strerror or exc}"
+                f"cannot connect to {self.paths.socket_file}: {exc.strerror or exc}"
             ) from exc
         self._sock = sock
-        self._rfile = sock.makefile("rb")
+        self._buf = bytearray()
+        self._pos = 0
         self.daemon_info = self.call(
             "session.hello", protocol=protocol.PROTOCOL_VERSION, client=f"engctl {__version__}"
         )
 
     def close(self) -> None:
         """Close the connection (a follow stream ends with it)."""
-        if self._rfile is not None:
-            with contextlib.suppress(OSError):
-                self._rfile.close()
         if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
+            _close_quietly(self._sock)
         self._sock = None
-        self._rfile = None
 
     def __enter__(self) -> Client:
         return self
@@ -102,30 +105,48 @@ class Client:
     def _send(self, method: str, params: dict[str, Any]) -> int:
         if self._sock is None:
             self.connect()
-        assert self._sock is not None
         req_id = self._next_id
         self._next_id += 1
-        try:
-            self._sock.sendall(protocol.request(req_id, method, params))
-        except OSError as exc:
-            self.close()
-            raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
+        self._send_raw(protocol.request(req_id, method, params))
         return req_id
 
-    def _read(self) -> dict[str, Any]:
+    def _send_raw(self, data: bytes) -> None:
+        assert self._sock is not None
         try:
-            line = self._rfile.readline(protocol.MAX_FRAME_BYTES * 16)
-        except TimeoutError as exc:
-            raise DaemonUnreachableError(
-                f"the daemon did not answer within {self.timeout}s"
-            ) from exc
+            self._sock.sendall(data)
         except OSError as exc:
             self.close()
             raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
-        if not line:
-            self.close()
-            raise DaemonUnreachableError("the daemon closed the connection (did it stop?)")
-        return protocol.parse_frame(line)
+
+    def _read(self) -> dict[str, Any]:
+        """The next frame from the daemon."""
+        buf = self._buf
+        while True:
+            nl = buf.find(b"\n", self._pos)
+            if nl >= 0:
+                line = bytes(buf[self._pos : nl])
+                self._pos = nl + 1
+                if self._pos > 65536 and self._pos * 2 > len(buf):
+                    del buf[: self._pos]  # compact now and then, not per line
+                    self._pos = 0
+                return protocol.parse_frame(line, MAX_RESPONSE_BYTES)
+            if len(buf) - self._pos > MAX_RESPONSE_BYTES:
+                self.close()
+                raise ProtocolError(f"daemon response exceeds {MAX_RESPONSE_BYTES} bytes")
+            assert self._sock is not None
+            try:
+                chunk = self._sock.recv(262144)
+            except TimeoutError as exc:
+                raise DaemonUnreachableError(
+                    f"the daemon did not answer within {self.timeout}s"
+                ) from exc
+            except OSError as exc:
+                self.close()
+                raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
+            if not chunk:
+                self.close()
+                raise DaemonUnreachableError("the daemon closed the connection (did it stop?)")
+            buf += chunk
 
     def call(self, method: str, **params: Any) -> Any:
         """Call `method` with by-name params; return its result or raise its EngctlError."""
@@ -250,19 +271,30 @@ class Client:
         source = iter(inputs)
         exhausted = False
         while True:
+            frames = []
             while not exhausted and len(order) < window:
                 try:
                     value = next(source)
                 except StopIteration:
                     exhausted = True
                     break
-                order.append(self._send("request.exec", {"input": value, **params}))
+                req_id = self._next_id
+                self._next_id += 1
+                frames.append(protocol.request(req_id, "request.exec", {"input": value, **params}))
+                order.append(req_id)
+            if frames:
+                self._send_raw(b"".join(frames))  # one syscall for the whole refill
             if not order:
                 return
             while order[0] not in done:
                 msg = self._read()
                 if isinstance(msg.get("id"), int):
                     done[msg["id"]] = msg
+                elif msg.get("id") is None and "error" in msg:
+                    # A frame the daemon could not read (e.g. oversized): it names no request,
+                    # so none of ours would ever be answered for it. Stop rather than hang.
+                    self.close()
+                    raise from_wire(msg["error"])
             yield result_object(done.pop(order.popleft()))
 
     def wait_for(
@@ -332,7 +364,7 @@ def result_object(msg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def start_daemon(paths: Paths, home: str | None, connect: Any) -> socket.socket:
+def start_daemon(paths: Paths, home: str | None, connect: Any) -> _socket.socket:
     """Start a background daemon (one, even when callers race) and return a connection to it."""
     import fcntl
 
@@ -346,9 +378,10 @@ def start_daemon(paths: Paths, home: str | None, connect: Any) -> socket.socket:
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         # Another caller may have started it while we waited for the lock.
-        with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
+        try:
             return connect()  # type: ignore[no-any-return]
-        _spawn_and_wait(paths, home)
+        except (FileNotFoundError, ConnectionRefusedError):
+            _spawn_and_wait(paths, home)
         return connect()  # type: ignore[no-any-return]
     finally:
         os.close(lock_fd)
@@ -404,6 +437,14 @@ def _read_ready(fd: int, timeout: float) -> str:
     finally:
         os.close(fd)
     return data.decode(errors="replace").strip()
+
+
+def _close_quietly(closable: Any) -> None:
+    # Not contextlib.suppress: contextlib is kept off the CLI's start-up path.
+    try:
+        closable.close()
+    except OSError:
+        return
 
 
 def _tail(path: Path) -> str:

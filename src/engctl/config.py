@@ -1,12 +1,10 @@
-"""Where engctl keeps its files, and the daemon's settings (`config.toml`).
+"""The daemon's settings (`[daemon]` in `config.toml`) and the TOML reader with precise errors.
 
-Shared contract between CLI and daemon: stdlib only (platformdirs is imported when needed).
-`ENGCTL_HOME` puts the socket, state and logs under one folder; otherwise platformdirs decides.
+Shared contract between CLI and daemon: stdlib only. Where the files are is `engctl.paths`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,72 +21,6 @@ STRATEGIES = (
     "affinity",
     "consistent_hash",
 )
-
-# AF_UNIX socket paths are limited to 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
-
-
-@dataclass(frozen=True)
-class Paths:
-    """The folders of one engctl home."""
-
-    runtime_dir: Path
-    state_dir: Path
-    log_dir: Path
-    config_file: Path
-
-    @property
-    def socket(self) -> Path:
-        return self.runtime_dir / "engctl.sock"
-
-    @property
-    def start_lock(self) -> Path:
-        """Held by a CLI while it starts a daemon, so racing CLIs start one."""
-        return self.runtime_dir / "start.lock"
-
-    @property
-    def daemon_lock(self) -> Path:
-        """Held by the running daemon for its lifetime; contains its pid."""
-        return self.state_dir / "daemon.pid"
-
-    @property
-    def registry(self) -> Path:
-        return self.state_dir / "registry.json"
-
-    @property
-    def events_db(self) -> Path:
-        return self.state_dir / "events.sqlite3"
-
-    @property
-    def daemon_log(self) -> Path:
-        return self.state_dir / "daemon.log"
-
-    @property
-    def daemon_id(self) -> str:
-        """Marks this home's engine processes (in their environment) for re-discovery.
-
-        The state folder itself: unique per home, and readable in `ps e` output.
-        """
-        return str(self.state_dir)
-
-    def instance_log(self, engine: str, index: int) -> Path:
-        return self.log_dir / f"{engine}.{index}.log"
-
-
-def resolve_paths(home: str | os.PathLike[str] | None = None) -> Paths:
-    """Paths from an explicit home, else `ENGCTL_HOME`, else platformdirs' user folders."""
-    home = home or os.environ.get("ENGCTL_HOME")
-    if home:
-        root = Path(home).expanduser().absolute()
-        return Paths(root / "run", root / "state", root / "logs", root / "config.toml")
-    import platformdirs
-
-    return Paths(
-        runtime_dir=Path(platformdirs.user_runtime_dir("engctl")),
-        state_dir=Path(platformdirs.user_state_dir("engctl")),
-        log_dir=Path(platformdirs.user_log_dir("engctl")),
-        config_file=Path(platformdirs.user_config_dir("engctl")) / "config.toml",
-    )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 EXIT_OK = 0
 EXIT_FAILED = 1

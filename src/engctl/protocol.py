@@ -6,9 +6,12 @@ Shared contract between CLI and daemon: stdlib only.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from engctl.errors import EngctlError, ParseError, ProtocolError
+
+TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 # Largest frame either side accepts. A larger line is answered with an error and skipped.
@@ -48,10 +51,10 @@ def notification(method: str, params: dict[str, Any]) -> bytes:
     return dumps({"jsonrpc": "2.0", "method": method, "params": params})
 
 
-def parse_frame(line: bytes | str) -> dict[str, Any]:
+def parse_frame(line: bytes | str, limit: int = MAX_FRAME_BYTES) -> dict[str, Any]:
     """Decode one frame into a JSON object, or raise ParseError/ProtocolError."""
-    if len(line) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {len(line)} bytes exceeds the limit of {MAX_FRAME_BYTES}")
+    if len(line) > limit:
+        raise ProtocolError(f"frame of {len(line)} bytes exceeds the limit of {limit}")
     try:
         text = line.decode() if isinstance(line, bytes) else line
         obj = _decode(text)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engctl.config import MAX_SOCKET_PATH, DaemonConfig, Paths, parse_toml, resolve_paths
+from engctl.config import DaemonConfig, parse_toml
 from engctl.errors import SpecError
+from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 
 
 def test_parse_toml_returns_the_document() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import time
 from typing import Annotated
@@ -11,6 +12,7 @@ import typer
 
 from engctl.cli.app import app
 from engctl.cli.common import client, console, out
+from engctl.errors import EngctlError
 
 # Optional example engines: name -> (type, module, the package its module needs).
 # They are registered only where the `examples` extra is installed.
@@ -70,6 +72,14 @@ def demo_engines() -> dict[str, dict[str, object]]:
     return engines
 
 
+# One request per dispatchable example, shown after the status table.
+DEMO_REQUESTS: dict[str, object] = {
+    "demo-echo": {"hello": "engctl"},
+    "demo-wasm": {"n": 30},
+    "demo-onnx": {"x": [1.0, 2.0, 3.0]},
+}
+
+
 @app.command()
 def demo(
     timeout: Annotated[
@@ -94,9 +104,24 @@ def demo(
 
     console().print(status_table(st))
     out("")
+    engines = demo_engines()
+    for name, payload in DEMO_REQUESTS.items():
+        if name not in engines:
+            continue
+        shown = json.dumps(payload)
+        try:
+            obj = c.exec(payload, engine=name, timeout=10)
+            answer = (
+                f"{json.dumps(obj['result'])}   ({obj['instance']}, {obj['latency_ms']:.2f} ms)"
+            )
+        except EngctlError as exc:
+            answer = f"failed: {exc.message}"
+        out(f"engctl exec --engine {name} -- '{shown}'  ->  {answer}")
+    out("")
     missing = missing_optional_engines()
     if missing:
         needs = ", ".join(f"{name} (needs {package})" for name, package in missing.items())
         out(f"skipped: {needs}; enable with: {EXAMPLES_INSTALL}")
     out("next:    engctl logs demo-clock -f    engctl events -f    engctl stop demo-web")
-    out("         engctl export > engines.toml  engctl unregister demo-echo demo-web demo-clock")
+    out("         engctl exec --type echo --explain -- 42    engctl export > engines.toml")
+    out(f"         engctl unregister {' '.join(engines)}")

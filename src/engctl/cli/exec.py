@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
-from typing import Any, NoReturn
 
 from engctl.errors import EXIT_FAILED, UsageError
+
+TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 STRATEGIES = (
     "round_robin",
@@ -49,6 +53,17 @@ examples:
 """
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    # argparse's default asks shutil for the width, which imports shutil (and bz2, lzma) on
+    # every run, help or not; os knows the terminal width too.
+    def __init__(self, prog: str) -> None:
+        try:
+            width = os.get_terminal_size().columns - 2
+        except OSError:
+            width = 78
+        super().__init__(prog, width=max(40, width))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `engctl exec --help`)")
@@ -60,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="engctl exec",
         description=HELP,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     p.add_argument("payload", nargs="?", help="the request input (JSON or text), or - for stdin")
     f = p.add_argument_group("selection")

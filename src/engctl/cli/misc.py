@@ -43,7 +43,8 @@ def config(json: JsonFlag = False) -> None:
     """Show where engctl keeps its files and the daemon settings in effect (from config.toml)."""
     from dataclasses import asdict
 
-    from engctl.config import DaemonConfig, resolve_paths
+    from engctl.config import DaemonConfig
+    from engctl.paths import resolve_paths
 
     paths = resolve_paths()
     settings = asdict(DaemonConfig.load(paths.config_file))

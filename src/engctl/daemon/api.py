@@ -15,7 +15,6 @@ from typing import Any
 import psutil
 
 from engctl import __version__, protocol
-from engctl.config import Paths
 from engctl.errors import (
     EngineNotFoundError,
     IncompatibleDaemonError,
@@ -23,13 +22,14 @@ from engctl.errors import (
     SpecError,
 )
 from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
+from engctl.paths import Paths
 from engctl.states import DesiredState
 
 from .events import Event, EventLog
 from .logs import read_tail
 from .registry import Registry
 from .requests import Router
-from .server import Connection, Handler
+from .server import Connection, Handler, Reply
 from .supervisor import Engine, Instance, Supervisor
 
 
@@ -104,10 +104,8 @@ class Api:
         await self.registry.save()
 
     # -- requests --------------------------------------------------------------------------
-    def request_exec(
-        self, params: dict[str, Any], conn: Connection
-    ) -> asyncio.Future[dict[str, Any]]:
-        # A future, not a coroutine: the server adds a callback, no task per request.
+    def request_exec(self, params: dict[str, Any], conn: Connection) -> Reply:
+        # A Reply, not a coroutine: completed by callbacks, no task per request.
         return self.router.submit(params)
 
     # -- session and daemon ----------------------------------------------------------------

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 from engctl import __version__
-from engctl.config import MAX_SOCKET_PATH, DaemonConfig, Paths, resolve_paths
+from engctl.config import DaemonConfig
 from engctl.errors import DaemonUnreachableError, EngctlError
 from engctl.models import check_dependencies
+from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 from engctl.states import DesiredState
 
 from . import process

@@ -164,6 +164,13 @@ class OneshotRun:
                 self._timer.cancel()
             cb(ok, result, error)
 
+    def kill(self) -> None:
+        """Kill the process group now, without calling `done` (daemon shutdown)."""
+        self._done_cb = None
+        if self.proc is not None:
+            self._timer.cancel()
+            process.signal_group(self.proc.pgid, signal.SIGKILL)
+
     @property
     def timed_out(self) -> bool:
         return self._timed_out

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from engctl import protocol
-from engctl.config import DaemonConfig, Paths
+from engctl.config import DaemonConfig
 from engctl.errors import (
     BusyError,
     EngctlError,
@@ -29,12 +29,14 @@ from engctl.errors import (
     UsageError,
 )
 from engctl.models import EngineSpec
+from engctl.paths import Paths
 from engctl.states import EngineMode, InstanceState
 
 from . import process
 from .dispatch import Candidate, CandidatePool, Outcome, Selector, StrategyName
 from .oneshot import OneshotRun
 from .process import ChildProcess
+from .server import Reply
 from .supervisor import Instance, RequestStats, Supervisor
 
 log = logging.getLogger("engctl.requests")
@@ -48,14 +50,24 @@ MAX_WORKER_LINE = 64 * 1024 * 1024
 # On each completion, this many waiting requests are tried against the freed capacity.
 QUEUE_SCAN = 8
 _KEYED = (StrategyName.AFFINITY, StrategyName.CONSISTENT_HASH)
+# States from which an instance becomes dispatchable without anyone asking.
+_ON_ITS_WAY = frozenset({S.STARTING, S.WARMING, S.BACKOFF})
+
+
+class _Wait:
+    """`_place` result: the request waits in the queue."""
+
+
+_WAIT = _Wait()
 _PING = "ping"
 
 
 class Request:
-    """One exec request on its way: where it was tried, its deadline, its reply future."""
+    """One exec request on its way: where it was tried, its deadline, where to reply."""
 
     __slots__ = (
         "attempts",
+        "cand",
         "explain",
         "future",
         "id",
@@ -66,6 +78,7 @@ class Request:
         "selector",
         "sent_at",
         "started",
+        "stats",
         "timeout",
         "timer",
         "tried",
@@ -79,7 +92,7 @@ class Request:
         timeout: float,
         retries: int,
         explain: bool,
-        future: asyncio.Future[dict[str, Any]],
+        future: Reply,
     ) -> None:
         self.id = req_id
         self.input_json = input_json
@@ -95,6 +108,8 @@ class Request:
         self.instance: str | None = None
         self.last_error: EngctlError | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.cand: Candidate | None = None  # the attempt in flight, and its instance's stats
+        self.stats: RequestStats | None = None
 
 
 class WorkerChannel:
@@ -214,22 +229,37 @@ class WorkerChannel:
             err = msg["error"]
             text = str(err.get("message", "error"))
             self.router.finished(
-                req, self.inst.id, False, None, RequestFailedError(f"{self.inst.id}: {text}",
-                                                                   {"worker_error": err})
+                req,
+                self.inst.id,
+                False,
+                None,
+                RequestFailedError(f"{self.inst.id}: {text}", {"worker_error": err}),
             )
         else:
             self._garbage(line, "response without result or error")
             self.router.finished(
-                req, self.inst.id, False, None,
+                req,
+                self.inst.id,
+                False,
+                None,
                 RequestFailedError(f"{self.inst.id}: malformed response"),
             )
 
     def _garbage(self, line: bytes, why: str) -> None:
-        """A protocol violation: an error of this instance, logged with the offending bytes."""
+        """A protocol violation: an error of this instance, logged with the offending bytes.
+
+        Its requests in flight fail at once (and may be retried elsewhere): after garbage, no
+        answer on this pipe can be trusted to be theirs, and waiting would end in a timeout.
+        """
         excerpt = protocol.preview(line[:PREVIEW_BYTES], PREVIEW_BYTES)
         self.inst.log.note(f"protocol error ({why}): {excerpt}")
         self.inst.stats.errors += 1
         self.router.protocol_errors += 1
+        pending = list(self.pending.values())
+        self.pending.clear()
+        error = f"{self.inst.id} broke the worker protocol ({why}): {excerpt}"
+        for req in pending:
+            self.router.finished(req, self.inst.id, False, None, RequestFailedError(error))
 
     def close(self) -> None:
         if self.closed:
@@ -252,9 +282,10 @@ class Router:
         self.pool = CandidatePool(default_strategy=StrategyName(config.default_strategy))
         self.channels: dict[str, WorkerChannel] = {}
         self.queue: collections.deque[Request] = collections.deque()
-        self.oneshot_stats: dict[str, RequestStats] = {}
+        self.oneshot_runs: dict[Request, OneshotRun] = {}  # so shutdown can kill them
         self.protocol_errors = 0
         self._explained: dict[str, Any] = {}
+        self._selectors: dict[tuple[Any, ...], Selector] = {}
         self._seq = 0
         sup.observer = self
 
@@ -345,22 +376,37 @@ class Router:
                     max_concurrency=_oneshot_capacity(spec),
                 )
             )
-            self.oneshot_stats.setdefault(spec.name, RequestStats())
 
     # -- requests ----------------------------------------------------------------------
-    def submit(self, params: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-        """Start one request from `request.exec` params; the future holds its result object."""
+    def submit(self, params: dict[str, Any]) -> Reply:
+        """Start one request from `request.exec` params; the Reply gets its result object."""
         if "input" not in params:
             raise InvalidParamsError("missing parameter 'input'")
-        selector = _selector(params)
-        timeout = float(params.get("timeout") or self.config.default_timeout)
+        key = (
+            params.get("type"),
+            params.get("engine"),
+            params.get("instance"),
+            _as_tuple(params.get("require")),
+            _as_tuple(params.get("prefer")),
+            _as_tuple(params.get("labels")),
+            params.get("key"),
+            params.get("strategy"),
+        )
+        selector = self._selectors.get(key)
+        if selector is None:
+            selector = _selector(params)
+            if len(self._selectors) >= 1024:
+                self._selectors.clear()  # bounded: many distinct keys (affinity) churn it
+            self._selectors[key] = selector
+        raw_timeout = params.get("timeout")
+        timeout = self.config.default_timeout if raw_timeout is None else float(raw_timeout)
         if timeout <= 0:
             raise UsageError(f"timeout must be positive, got {timeout:g}")
         retries = int(params.get("retries") or 0)
         if retries < 0:
             raise UsageError(f"retries must be 0 or more, got {retries}")
         self._seq += 1
-        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        fut = Reply()
         req = Request(
             f"r{os.getpid():x}-{self._seq}",
             json.dumps(params["input"], separators=(",", ":")),
@@ -375,52 +421,76 @@ class Router:
         return fut
 
     def _route(self, req: Request) -> None:
-        if req.tried:
-            cand = self._pick_untried(req)
-            if cand is None:
-                error = req.last_error or RequestFailedError("no other instance to retry on")
-                self._fail(req, error)
-                return
-            self._dispatch(req, cand)
-            return
-        sel = self.pool.select(req.selector, explain=req.explain)
-        if sel.outcome is Outcome.PICKED:
-            assert sel.candidate is not None
-            if req.explain and sel.explanation is not None:
-                self._explained[req.id] = sel.explanation.to_json()
-            self._dispatch(req, sel.candidate)
-        elif sel.outcome is Outcome.ALL_FULL:
+        """Dispatch a new or retried request, queue it, or fail it."""
+        outcome = self._place(req, req.explain)
+        if outcome is _WAIT:
             if len(self.queue) >= self.config.max_queue:
                 self._fail(
                     req,
                     BusyError(
-                        f"busy: {sel.message}; {len(self.queue)} requests already wait"
+                        f"busy: no free instance and {len(self.queue)} requests already wait"
                         f" (max_queue {self.config.max_queue})"
                     ),
                 )
                 return
             self.queue.append(req)
-        else:
-            assert sel.no_match is not None
-            self._fail(req, sel.no_match.error(sel.explanation))
+        elif isinstance(outcome, EngctlError):
+            self._fail(req, outcome)
 
-    def _pick_untried(self, req: Request) -> Candidate | None:
-        # Retries are rare: a scan of the free members is fine here.
-        free = [c for c in self.pool.candidate_set(req.selector).free if c.id not in req.tried]
-        return min(free, key=lambda c: (c.load, c.id)) if free else None
+    def _place(self, req: Request, explain: bool = False) -> EngctlError | _Wait | None:
+        """Dispatch `req` now (None), leave it to wait (_WAIT), or the error that ends it."""
+        if req.tried:
+            # A retry goes to an instance not tried yet. Retries are rare: scanning is fine.
+            members = self.pool.candidate_set(req.selector)
+            free = [c for c in members.free if c.id not in req.tried]
+            if free:
+                self._dispatch(req, min(free, key=lambda c: (c.load, c.id)))
+                return None
+            if any(c.id not in req.tried for c in members) or self._coming(req.selector):
+                return _WAIT
+            return req.last_error or RequestFailedError("no other instance to retry on")
+        sel = self.pool.select(req.selector, explain=explain)
+        if sel.outcome is Outcome.PICKED:
+            assert sel.candidate is not None
+            if explain and sel.explanation is not None:
+                self._explained[req.id] = sel.explanation.to_json()
+            self._dispatch(req, sel.candidate)
+            return None
+        if sel.outcome is Outcome.ALL_FULL or self._coming(req.selector):
+            return _WAIT
+        assert sel.no_match is not None
+        return sel.no_match.error(sel.explanation)
+
+    def _coming(self, selector: Selector) -> bool:
+        """Whether an instance that may match is on its way (starting, warming, backoff)."""
+        for engine in self.sup.engines.values():
+            spec = engine.spec
+            if selector.engine is not None and spec.name != selector.engine:
+                continue
+            if selector.type is not None and spec.type != selector.type:
+                continue
+            if engine.desired.value != "running":
+                continue
+            for inst in engine.instances:
+                if inst.state in _ON_ITS_WAY and (
+                    selector.instance is None or inst.id == selector.instance
+                ):
+                    return True
+        return False
 
     def _dispatch(self, req: Request, cand: Candidate) -> None:
         req.attempts += 1
         req.tried.append(cand.id)
         req.instance = cand.id
+        req.cand = cand
         cand.in_flight += 1
         req.sent_at = time.perf_counter()
+        req.stats = self._stats(cand.id)
+        if req.stats is not None:
+            req.stats.in_flight += 1
         if cand.id.endswith("#oneshot"):
             self._run_oneshot(req, cand)
             return
-        inst_stats = self._stats(cand.id)
-        if inst_stats is not None:
-            inst_stats.in_flight += 1
         channel = self.channels.get(cand.id)
         if channel is None or channel.closed:
             lost = RequestFailedError(f"{cand.id} has no protocol channel")
@@ -434,8 +504,6 @@ class Router:
             self.finished(req, cand.id, False, None, RequestFailedError(f"{cand.engine} is gone"))
             return
         spec = engine.spec
-        stats = self.oneshot_stats.setdefault(spec.name, RequestStats())
-        stats.in_flight += 1
         env = dict(os.environ)
         env.update(spec.env)
         env[process.DAEMON_ID_ENV] = self.paths.daemon_id
@@ -443,16 +511,19 @@ class Router:
         left = max(0.001, req.timeout - (time.perf_counter() - req.started))
 
         def done(ok: bool, result: Any, error: str) -> None:
+            self.oneshot_runs.pop(req, None)
             err = None if ok else RequestFailedError(f"{spec.name}: {error}")
             self.finished(req, cand.id, ok, result, err)
 
         payload = json.loads(req.input_json)
         text = payload if isinstance(payload, str) else req.input_json
-        OneshotRun(spec, text, env, self.loop, left, done)
+        # `done` never runs inside the constructor (a spawn error is reported on a later turn).
+        self.oneshot_runs[req] = OneshotRun(spec, text, env, self.loop, left, done)
 
     def _stats(self, cand_id: str) -> RequestStats | None:
         if cand_id.endswith("#oneshot"):
-            return self.oneshot_stats.get(cand_id.removesuffix("#oneshot"))
+            oneshot = self.sup.engines.get(cand_id.removesuffix("#oneshot"))
+            return oneshot.stats if oneshot is not None else None
         name, _, idx = cand_id.rpartition("#")
         engine = self.sup.engines.get(name)
         if engine is None or not idx.isdigit():
@@ -466,11 +537,10 @@ class Router:
     ) -> None:
         """One attempt ended: record it, then answer, retry elsewhere, or ignore (late)."""
         latency_ms = (time.perf_counter() - req.sent_at) * 1000
-        if cand_id in self.pool:
-            cand = self.pool.get(cand_id)
-            if cand.in_flight > 0:
-                cand.in_flight -= 1
-        stats = self._stats(cand_id)
+        cand, stats = req.cand, req.stats
+        req.cand = req.stats = None
+        if cand is not None and cand.in_flight > 0:
+            cand.in_flight -= 1  # harmless on a candidate already withdrawn from the pool
         if stats is not None:
             stats.in_flight = max(0, stats.in_flight - 1)
             stats.requests += 1
@@ -480,11 +550,11 @@ class Router:
                 stats.latency_ewma_ms = (
                     latency_ms if prev is None else prev + EWMA_ALPHA * (latency_ms - prev)
                 )
-                if cand_id in self.pool:
-                    self.pool.get(cand_id).latency_ms = stats.latency_ewma_ms
+                if cand is not None:
+                    cand.latency_ms = stats.latency_ewma_ms
             else:
                 stats.errors += 1
-        if req.future.done():
+        if req.future.done:
             self._drain_queue()
             return
         if ok:
@@ -500,28 +570,36 @@ class Router:
         self._drain_queue()
 
     def _drain_queue(self) -> None:
+        """Offer freed capacity to the oldest waiting requests (a bounded scan)."""
         if not self.queue:
             return
+        kept: list[Request] = []
+        blocked: set[object] = set()  # filters that found nothing free in this scan
         for _ in range(min(QUEUE_SCAN, len(self.queue))):
             req = self.queue.popleft()
-            if req.future.done():
+            if req.future.done:
                 continue
-            sel = self.pool.select(req.selector)
-            if sel.outcome is Outcome.PICKED:
-                assert sel.candidate is not None
-                self._dispatch(req, sel.candidate)
-            elif sel.outcome is Outcome.ALL_FULL:
-                self.queue.appendleft(req)
-                return
-            else:
-                assert sel.no_match is not None
-                self._fail(req, sel.no_match.error(None))
+            key = req.selector.filter_key
+            if key in blocked and not req.tried:
+                kept.append(req)
+                continue
+            outcome = self._place(req)
+            if outcome is _WAIT:
+                blocked.add(key)
+                kept.append(req)
+            elif isinstance(outcome, EngctlError):
+                self._fail(req, outcome)
+        self.queue.extendleft(reversed(kept))
 
     def _timed_out(self, req: Request) -> None:
         req.timer = None
-        if req.future.done():
+        if req.future.done:
             return
         where = f" on {req.instance}" if req.instance else " waiting in the queue"
+        if req.instance is None:
+            # Free its slot now: max_queue bounds live waiters, not requests already answered.
+            with contextlib.suppress(ValueError):
+                self.queue.remove(req)
         stats = self._stats(req.instance) if req.instance else None
         if stats is not None:
             stats.timeouts += 1
@@ -553,7 +631,7 @@ class Router:
         if req.timer is not None:
             req.timer.cancel()
             req.timer = None
-        if req.future.done():
+        if req.future.done:
             return
         error.data = {**error.data, **self._result(req, False)}
         req.future.set_exception(error)
@@ -567,6 +645,15 @@ class Router:
             for req in list(channel.pending.values()):
                 self._fail(req, RequestFailedError("daemon shutting down"))
             channel.pending.clear()
+        for req, run in list(self.oneshot_runs.items()):
+            run.kill()  # no oneshot outlives the daemon
+            self._fail(req, RequestFailedError("daemon shutting down"))
+        self.oneshot_runs.clear()
+
+
+def _as_tuple(value: Any) -> Any:
+    """A hashable form of a list parameter (unhashable junk is left for validation)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _oneshot_capacity(spec: EngineSpec) -> int:
@@ -599,4 +686,3 @@ def _selector(params: dict[str, Any]) -> Selector:
     if selector.strategy in _KEYED and selector.key is None:
         raise UsageError(f"strategy {selector.strategy} needs --key (the stickiness key)")
     return selector
-

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engctl.config import DaemonConfig, Paths
+from engctl.config import DaemonConfig
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
 from engctl.models import EngineSpec
+from engctl.paths import Paths
 from engctl.states import (
     DesiredState,
     Eligibility,
@@ -165,6 +166,7 @@ class Engine:
         self.stopped_instances: set[int] = set()
         self.instances: list[Instance] = []
         self.lock = asyncio.Lock()
+        self.stats = RequestStats()  # requests of a oneshot engine (it has no instances)
 
     def to_entry(self) -> Entry:
         return Entry(self.spec, self.desired, set(self.stopped_instances))
@@ -177,6 +179,7 @@ class Engine:
             "desired": self.desired.value,
             "instances_wanted": self.spec.instances if self.spec.mode.long_running else 0,
             "instances": [i.to_json() for i in self.instances],
+            **({"requests": self.stats.to_json()} if self.spec.mode is EngineMode.ONESHOT else {}),
         }
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def duration(seconds: float | None) -> str:
