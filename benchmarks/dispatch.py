@@ -397,8 +397,13 @@ def main() -> None:
                 tput_block, lambda: engctl_throughput(c, tput_block, WINDOW, per_instance)
             )
 
-        exec_ms = median_ms([ENGCTL, "exec", "--type", TYPE, "--", "1"], runs, env)
-        version_ms = median_ms([ENGCTL, "--version"], runs, env)
+        # As installed: pip compiles bytecode at install time, so the CLI runs here may write
+        # it too (an environment with PYTHONDONTWRITEBYTECODE=1 would otherwise recompile
+        # every engctl module on every run, which no installed copy does). The warm-up run of
+        # each command writes what it needs.
+        cli_env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        exec_ms = median_ms([ENGCTL, "exec", "--type", TYPE, "--", "1"], runs, cli_env)
+        version_ms = median_ms([ENGCTL, "--version"], runs, cli_env)
     finally:
         if direct is not None:
             direct.close()

@@ -1,7 +1,7 @@
 """`engctl exec`: send requests to the best engine instance.
 
-Parsed with argparse and run without typer: `exec` is called from scripts and loops, and its
-start-up must cost about what `engctl --version` does. typer lists it in `engctl --help` only.
+Parsed here and run without typer: `exec` is called from scripts and loops, and its start-up
+must cost about what `engctl --version` does. typer lists it in `engctl --help` only.
 
 Payload: the argument after `--` (or `-` for stdin). Text that parses as JSON is sent as that
 JSON value; other text is sent as a JSON string, unless `--json-input` asks to refuse it.
@@ -9,9 +9,7 @@ JSON value; other text is sent as a JSON string, unless `--json-input` asks to r
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 
@@ -19,7 +17,7 @@ from engctl.errors import EXIT_FAILED, UsageError
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import Any
 
 STRATEGIES = (
     "round_robin",
@@ -53,54 +51,139 @@ examples:
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    # argparse's default asks shutil for the width, which imports shutil (and bz2, lzma) on
-    # every run, help or not; os knows the terminal width too.
-    def __init__(self, prog: str) -> None:
-        try:
-            width = os.get_terminal_size().columns - 2
-        except OSError:
-            width = 78
-        super().__init__(prog, width=max(40, width))
+USAGE = """\
+usage: engctl exec [OPTIONS] [--] PAYLOAD|-
+       engctl exec [OPTIONS] --batch [-j N] < payloads.ndjson
+
+selection:
+  -t, --type TYPE         engine type
+  -e, --engine NAME       this engine only
+  -i, --instance NAME#K   this instance only
+  --cap CAP               required capability (repeatable)
+  --prefer CAP            preferred capability, for --strategy capability (repeatable)
+  --label KEY=VALUE       required label (repeatable)
+  -s, --strategy NAME     round_robin, weighted_round_robin, least_loaded, weighted_random,
+                          capability, affinity, consistent_hash (default: daemon config)
+  -k, --key KEY           stickiness key (needed by affinity and consistent_hash)
+
+request:
+  --timeout SECONDS       deadline (default: the daemon's default_timeout)
+  --retries N             retry a failed request on other instances (default 0)
+  --json-input            refuse payloads that are not JSON
+
+output:
+  --json                  print the result object
+  --explain               show every candidate, its factors and the decision
+  --batch                 one payload per stdin line, one result object per output line
+  -j, --jobs N            requests in flight with --batch (default 8)
+  -h, --help              show this help
+"""
+
+# option -> (destination, kind): kind is str, int, float, "list" (repeatable) or "flag".
+_OPTIONS: dict[str, tuple[str, object]] = {
+    "--type": ("type", str),
+    "-t": ("type", str),
+    "--engine": ("engine", str),
+    "-e": ("engine", str),
+    "--instance": ("instance", str),
+    "-i": ("instance", str),
+    "--cap": ("cap", "list"),
+    "--prefer": ("prefer", "list"),
+    "--label": ("label", "list"),
+    "--strategy": ("strategy", str),
+    "-s": ("strategy", str),
+    "--key": ("key", str),
+    "-k": ("key", str),
+    "--timeout": ("timeout", float),
+    "--retries": ("retries", int),
+    "--json-input": ("json_input", "flag"),
+    "--json": ("json", "flag"),
+    "--explain": ("explain", "flag"),
+    "--batch": ("batch", "flag"),
+    "--jobs": ("jobs", int),
+    "-j": ("jobs", int),
+    "-h": ("help", "flag"),
+    "--help": ("help", "flag"),
+}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see `engctl exec --help`)")
+class ExecOptions:
+    """The parsed command line of `engctl exec`."""
+
+    def __init__(self) -> None:
+        self.payload: str | None = None
+        self.type: str | None = None
+        self.engine: str | None = None
+        self.instance: str | None = None
+        self.cap: list[str] = []
+        self.prefer: list[str] = []
+        self.label: list[str] = []
+        self.strategy: str | None = None
+        self.key: str | None = None
+        self.timeout: float | None = None
+        self.retries = 0
+        self.json_input = False
+        self.json = False
+        self.explain = False
+        self.batch = False
+        self.jobs = 8
+        self.help = False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The one parser of `engctl exec`."""
-    p = _Parser(
-        prog="engctl exec",
-        description=HELP,
-        epilog=EPILOG,
-        formatter_class=_Formatter,
-    )
-    p.add_argument("payload", nargs="?", help="the request input (JSON or text), or - for stdin")
-    f = p.add_argument_group("selection")
-    f.add_argument("--type", "-t", help="engine type")
-    f.add_argument("--engine", "-e", help="this engine only")
-    f.add_argument("--instance", "-i", help="this instance only (NAME#K)")
-    f.add_argument("--cap", action="append", default=[], help="required capability (repeatable)")
-    f.add_argument(
-        "--prefer", action="append", default=[], help="preferred capability (repeatable)"
-    )
-    f.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeatable)")
-    f.add_argument("--strategy", "-s", choices=STRATEGIES, help="selection strategy")
-    f.add_argument("--key", "-k", help="stickiness key (affinity, consistent_hash)")
-    r = p.add_argument_group("request")
-    r.add_argument("--timeout", type=float, help="seconds (default: daemon default_timeout)")
-    r.add_argument(
-        "--retries", type=int, default=0, help="retry a failed request on other instances"
-    )
-    r.add_argument("--json-input", action="store_true", help="refuse payloads that are not JSON")
-    o = p.add_argument_group("output")
-    o.add_argument("--json", action="store_true", help="print the result object")
-    o.add_argument("--explain", action="store_true", help="show every candidate and the choice")
-    o.add_argument("--batch", action="store_true", help="one payload per stdin line (NDJSON)")
-    o.add_argument("-j", "--jobs", type=int, default=8, help="requests in flight with --batch")
-    return p
+def parse_args(args: list[str]) -> ExecOptions:
+    """Parse `engctl exec` arguments; errors raise UsageError naming the argument.
+
+    A small table-driven parser rather than argparse: argparse's import and its gettext
+    lookups cost about as much as the rest of `exec` (the target is 1.3x `engctl --version`).
+    """
+    opts = ExecOptions()
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--":
+            positional = list(rest)
+            if len(positional) > 1:
+                raise UsageError(f"one payload expected after --, got {len(positional)}")
+            if positional:
+                _set_payload(opts, positional[0])
+            break
+        if arg == "-" or not arg.startswith("-"):
+            _set_payload(opts, arg)
+            continue
+        name, eq, inline = arg.partition("=")
+        spec = _OPTIONS.get(name)
+        if spec is None:
+            raise UsageError(f"unknown option {name} (see `engctl exec --help`)")
+        dest, kind = spec
+        if kind == "flag":
+            if eq:
+                raise UsageError(f"option {name} takes no value")
+            setattr(opts, dest, True)
+            continue
+        given = inline if eq else next(rest, None)
+        if given is None:
+            raise UsageError(f"option {name} needs a value (see `engctl exec --help`)")
+        value: str = given
+        if kind == "list":
+            getattr(opts, dest).append(value)
+        elif kind is str:
+            setattr(opts, dest, value)
+        else:
+            try:
+                setattr(opts, dest, int(value) if kind is int else float(value))
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise UsageError(f"option {name} expects {what}, got {value!r}") from None
+    if opts.strategy is not None and opts.strategy not in STRATEGIES:
+        raise UsageError(
+            f"unknown strategy {opts.strategy!r} (choose from {', '.join(STRATEGIES)})"
+        )
+    return opts
+
+
+def _set_payload(opts: ExecOptions, value: str) -> None:
+    if opts.payload is not None:
+        raise UsageError("one payload expected (quote it, or put it after --)")
+    opts.payload = value
 
 
 def parse_payload(text: str, json_input: bool) -> Any:
@@ -117,7 +200,10 @@ def parse_payload(text: str, json_input: bool) -> Any:
 
 def main(args: list[str]) -> int:
     """Run `engctl exec ARGS`; returns the exit code (errors raise EngctlError)."""
-    opts = build_parser().parse_args(args)
+    opts = parse_args(args)
+    if opts.help:
+        sys.stdout.write(f"{HELP}\n\n{USAGE}\n{EPILOG}")
+        return 0
     if opts.retries < 0:
         raise UsageError("--retries must be 0 or more")
     if opts.timeout is not None and opts.timeout <= 0:

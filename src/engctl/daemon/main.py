@@ -29,7 +29,7 @@ from .events import EventLog
 from .monitor import Monitor
 from .registry import Entry, Registry
 from .requests import Router
-from .server import Server
+from .server import Outbox, Server
 from .supervisor import Sample, Supervisor
 
 log = logging.getLogger("engctl.daemon")
@@ -102,10 +102,13 @@ class Daemon:
         # start-up lists them, and a registration then cannot save a registry without them.
         for entry in entries:
             sup.add_engine(entry.spec, entry.desired, entry.stopped_instances)
-        router = Router(sup, config, paths)
+        outbox = Outbox(loop)
+        router = Router(sup, config, paths, outbox)
         router.engines_changed()
         api = Api(paths, sup, registry, events, router, self.stopping.set)
-        server = Server(paths.socket, api.handlers(), config.max_frame_bytes, paths.daemon_log)
+        server = Server(
+            paths.socket, api.handlers(), config.max_frame_bytes, paths.daemon_log, outbox
+        )
         await server.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)

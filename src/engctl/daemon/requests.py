@@ -36,7 +36,7 @@ from . import process
 from .dispatch import Candidate, CandidatePool, Outcome, Selector, StrategyName
 from .oneshot import OneshotRun
 from .process import ChildProcess
-from .server import Reply
+from .server import Outbox, Reply
 from .supervisor import Instance, RequestStats, Supervisor
 
 log = logging.getLogger("engctl.requests")
@@ -124,7 +124,7 @@ class WorkerChannel:
         self._fd = stdin.fileno()
         os.set_blocking(self._fd, False)
         self._out = bytearray()
-        self._flush_scheduled = False
+        self._marked = False
         self._writer_on = False
         self._buf = b""
         self.pending: dict[int, Request] = {}
@@ -153,12 +153,12 @@ class WorkerChannel:
         if self.closed:
             return
         self._out += data
-        if not self._flush_scheduled and not self._writer_on:
-            self._flush_scheduled = True
-            self.router.loop.call_soon(self._flush)
+        if not self._marked and not self._writer_on:
+            self._marked = True
+            self.router.outbox.mark(self)  # requests of one batch share one write
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._marked = False
         if self.closed or not self._out:
             return
         try:
@@ -184,6 +184,10 @@ class WorkerChannel:
         if not data:
             self.close()
             return
+        with self.router.outbox:
+            self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
         start = 0
         while True:
@@ -274,8 +278,9 @@ class WorkerChannel:
 class Router:
     """Owns the candidate pool, worker channels, the wait queue and every request in flight."""
 
-    def __init__(self, sup: Supervisor, config: DaemonConfig, paths: Paths) -> None:
+    def __init__(self, sup: Supervisor, config: DaemonConfig, paths: Paths, outbox: Outbox) -> None:
         self.sup = sup
+        self.outbox = outbox
         self.config = config
         self.paths = paths
         self.loop = sup.loop
