@@ -47,7 +47,8 @@ class Client:
         self._buf = bytearray()
         self._pos = 0
         self._next_id = 1
-        self.daemon_info: dict[str, Any] = {}
+        self._daemon_info: dict[str, Any] = {}
+        self._hello_id: int | None = None
 
     # -- connection ------------------------------------------------------------------------
     def _connect_once(self) -> _socket.socket:
@@ -86,15 +87,28 @@ class Client:
         self._sock = sock
         self._buf = bytearray()
         self._pos = 0
-        self.daemon_info = self.call(
-            "session.hello", protocol=protocol.PROTOCOL_VERSION, client=f"engctl {__version__}"
+        # The hello travels with the first call and is checked when its answer is read:
+        # one round trip less for every CLI command.
+        self._hello_id = self._send(
+            "session.hello",
+            {"protocol": protocol.PROTOCOL_VERSION, "client": f"engctl {__version__}"},
         )
+
+    @property
+    def daemon_info(self) -> dict[str, Any]:
+        """The daemon's answer to the hello (`protocol`, `version`, `pid`); connects if needed."""
+        if self._sock is None:
+            self.connect()
+        while self._hello_id is not None:
+            self._read()
+        return self._daemon_info
 
     def close(self) -> None:
         """Close the connection (a follow stream ends with it)."""
         if self._sock is not None:
             _close_quietly(self._sock)
         self._sock = None
+        self._hello_id = None
 
     def __enter__(self) -> Client:
         return self
@@ -119,7 +133,18 @@ class Client:
             raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
 
     def _read(self) -> dict[str, Any]:
-        """The next frame from the daemon."""
+        """The next frame from the daemon (the hello's answer is checked and skipped)."""
+        while True:
+            msg = self._read_frame()
+            if self._hello_id is None or msg.get("id") != self._hello_id:
+                return msg
+            self._hello_id = None
+            if "error" in msg:
+                self.close()
+                raise from_wire(msg["error"])
+            self._daemon_info = msg.get("result") or {}
+
+    def _read_frame(self) -> dict[str, Any]:
         buf = self._buf
         while True:
             nl = buf.find(b"\n", self._pos)

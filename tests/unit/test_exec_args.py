@@ -13,7 +13,35 @@ from engctl.errors import UsageError
 def test_every_option_lands_in_its_field() -> None:
     """Value options, `--opt=value`, short names, repeatables and flags are all parsed."""
     o = parse_args(
-        ["-t", "onnx", "--engine=e1", "-i", "e1#0", "--cap", "fp16", "--cap", "batch", "--prefer", "x", "--label", "tier=gold", "-s", "consistent_hash", "-k", "user-42", "--timeout", "2.5", "--retries", "2", "--json", "--explain", "--json-input", "--batch", "-j", "16"]
+        [
+            "-t",
+            "onnx",
+            "--engine=e1",
+            "-i",
+            "e1#0",
+            "--cap",
+            "fp16",
+            "--cap",
+            "batch",
+            "--prefer",
+            "x",
+            "--label",
+            "tier=gold",
+            "-s",
+            "consistent_hash",
+            "-k",
+            "user-42",
+            "--timeout",
+            "2.5",
+            "--retries",
+            "2",
+            "--json",
+            "--explain",
+            "--json-input",
+            "--batch",
+            "-j",
+            "16",
+        ]
     )
     assert (o.type, o.engine, o.instance) == ("onnx", "e1", "e1#0")
     assert (o.cap, o.prefer, o.label) == (["fp16", "batch"], ["x"], ["tier=gold"])
