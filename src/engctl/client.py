@@ -100,7 +100,9 @@ class Client:
         if self._sock is None:
             self.connect()
         while self._hello_id is not None:
-            self._read()
+            msg = self._read_frame()  # nothing else is outstanding right after connect()
+            if msg.get("id") == self._hello_id:
+                self._take_hello(msg)
         return self._daemon_info
 
     def close(self) -> None:
@@ -138,11 +140,14 @@ class Client:
             msg = self._read_frame()
             if self._hello_id is None or msg.get("id") != self._hello_id:
                 return msg
-            self._hello_id = None
-            if "error" in msg:
-                self.close()
-                raise from_wire(msg["error"])
-            self._daemon_info = msg.get("result") or {}
+            self._take_hello(msg)
+
+    def _take_hello(self, msg: dict[str, Any]) -> None:
+        self._hello_id = None
+        if "error" in msg:
+            self.close()
+            raise from_wire(msg["error"])
+        self._daemon_info = msg.get("result") or {}
 
     def _read_frame(self) -> dict[str, Any]:
         buf = self._buf

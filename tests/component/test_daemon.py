@@ -336,3 +336,12 @@ def test_sigterm_stops_engines_with_their_stop_signal(daemon: Home) -> None:
         assert "exit code 0" in text
     assert not daemon.paths.socket.exists()
     assert engine_processes(daemon) == set()
+
+
+def test_client_daemon_info_answers_right_after_connect(daemon: Home) -> None:
+    """The hello's answer (sent with the first call) is available at once after connect()."""
+    with daemon.client() as c:
+        c.connect()
+        assert c.daemon_info["pid"] == daemon.daemon_pid()
+        assert c.daemon_info["protocol"] == 1
+        assert c.status()["engines"] == []  # the connection is still in step
