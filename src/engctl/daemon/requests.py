@@ -14,8 +14,10 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from engctl import protocol
@@ -68,6 +70,7 @@ class Request:
     __slots__ = (
         "attempts",
         "cand",
+        "deadline",
         "explain",
         "future",
         "id",
@@ -80,7 +83,6 @@ class Request:
         "started",
         "stats",
         "timeout",
-        "timer",
         "tried",
     )
 
@@ -107,9 +109,65 @@ class Request:
         self.sent_at = 0.0
         self.instance: str | None = None
         self.last_error: EngctlError | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time
         self.cand: Candidate | None = None  # the attempt in flight, and its instance's stats
         self.stats: RequestStats | None = None
+
+
+class Deadlines:
+    """Request deadlines without a loop timer per request.
+
+    Requests with the same timeout expire in arrival order, so each timeout value keeps an
+    ordered lane and one loop timer watches the earliest head; a finished request leaves its
+    lane in O(1). Memory is bounded by the requests in flight.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_expired: Callable[[Request], None]
+    ) -> None:
+        self._loop = loop
+        self._on_expired = on_expired
+        self._lanes: dict[float, collections.OrderedDict[str, Request]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def add(self, req: Request) -> None:
+        req.deadline = self._loop.time() + req.timeout
+        lane = self._lanes.get(req.timeout)
+        if lane is None:
+            lane = self._lanes[req.timeout] = collections.OrderedDict()
+        lane[req.id] = req
+        if req.deadline < self._timer_at:
+            self._arm(req.deadline)
+
+    def discard(self, req: Request) -> None:
+        lane = self._lanes.get(req.timeout)
+        if lane is not None:
+            lane.pop(req.id, None)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self._loop.time()
+        earliest = math.inf
+        for timeout, lane in list(self._lanes.items()):
+            while lane:
+                req = next(iter(lane.values()))
+                if req.deadline > now:
+                    earliest = min(earliest, req.deadline)
+                    break
+                lane.popitem(last=False)
+                self._on_expired(req)
+            if not lane:
+                del self._lanes[timeout]
+        if earliest < math.inf:
+            self._arm(earliest)
 
 
 class WorkerChannel:
@@ -290,6 +348,7 @@ class Router:
         self.oneshot_runs: dict[Request, OneshotRun] = {}  # so shutdown can kill them
         self.protocol_errors = 0
         self._explained: dict[str, Any] = {}
+        self.deadlines = Deadlines(self.loop, self._timed_out)
         self._selectors: dict[tuple[Any, ...], Selector] = {}
         self._seq = 0
         sup.observer = self
@@ -421,7 +480,7 @@ class Router:
             bool(params.get("explain")),
             fut,
         )
-        req.timer = self.loop.call_later(timeout, self._timed_out, req)
+        self.deadlines.add(req)
         self._route(req)
         return fut
 
@@ -597,7 +656,6 @@ class Router:
         self.queue.extendleft(reversed(kept))
 
     def _timed_out(self, req: Request) -> None:
-        req.timer = None
         if req.future.done:
             return
         where = f" on {req.instance}" if req.instance else " waiting in the queue"
@@ -626,16 +684,13 @@ class Router:
         return out
 
     def _succeed(self, req: Request, result: Any) -> None:
-        if req.timer is not None:
-            req.timer.cancel()
+        self.deadlines.discard(req)
         out = self._result(req, True)
         out["result"] = result
         req.future.set_result(out)
 
     def _fail(self, req: Request, error: EngctlError) -> None:
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
+        self.deadlines.discard(req)
         if req.future.done:
             return
         error.data = {**error.data, **self._result(req, False)}
