@@ -294,6 +294,10 @@ class Client:
         if window < 1:
             raise ValueError("window must be at least 1")
         params = exec_params(**filters)
+        # The filters are the same for every request: encoded once, only the input varies.
+        tail = protocol.encode_value(params)[1:]  # `"type":"echo",...}`: without its `{`
+        head = b'{"jsonrpc":"2.0","method":"request.exec","params":{"input":'
+        sep = b"," if len(tail) > 1 else b""
         if self._sock is None:
             self.connect()
         order: collections.deque[int] = collections.deque()
@@ -310,7 +314,10 @@ class Client:
                     break
                 req_id = self._next_id
                 self._next_id += 1
-                frames.append(protocol.request(req_id, "request.exec", {"input": value, **params}))
+                frames.append(
+                    b"%s%s%s%s,\"id\":%d}\n"
+                    % (head, protocol.encode_value(value), sep, tail, req_id)
+                )
                 order.append(req_id)
             if frames:
                 self._send_raw(b"".join(frames))  # one syscall for the whole refill

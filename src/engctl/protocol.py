@@ -26,6 +26,11 @@ def dumps(obj: Any) -> bytes:
     return (_encoder.encode(obj) + "\n").encode()
 
 
+def encode_value(value: Any) -> bytes:
+    """One JSON value, compact, as bytes (to splice into a frame built around it)."""
+    return _encoder.encode(value).encode()
+
+
 def request(req_id: int | str | None, method: str, params: dict[str, Any] | None = None) -> bytes:
     """Encode a call (or, with `req_id` None, a notification)."""
     msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method}

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import json
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import IO, Any
@@ -62,25 +63,49 @@ def serve(handler: Handler, *, ready: bool = True, stdin: IO[bytes] | None = Non
     if inspect.iscoroutinefunction(handler):
         asyncio.run(_serve_async(handler, inp, out))
         return
-    for line in inp:
-        if not line.strip():
-            continue
-        decoded = _decode(line)
-        if isinstance(decoded, bytes):
-            out.write(decoded)
-        else:
-            req_id, method, value = decoded
-            if method == "ping":
-                out.write(_response(req_id, "pong", None))
-            elif method == "execute":
-                try:
-                    out.write(_response(req_id, handler(value), None))
-                except Exception as exc:
-                    traceback.print_exc(file=sys.stderr)
-                    out.write(_response(req_id, None, exc))
-            elif req_id is not None:
-                out.write(_bad(req_id, -32601, f"unknown method {method!r}"))
+    _serve_sync(handler, inp, out)
+
+
+def _serve_sync(handler: Callable[[Any], Any], inp: IO[bytes], out: IO[bytes]) -> None:
+    # Requests that arrive together are answered with one write (one wake-up of the daemon),
+    # unless a handler is slow: then each answer leaves as soon as it is ready.
+    read1 = getattr(inp, "read1", None)  # what is available now, at most one read(2)
+    pending = b""
+    while True:
+        chunk = read1(262144) if read1 is not None else inp.readline()
+        if not chunk:
+            if pending.strip():  # a last request without its newline
+                out.write(_answer(handler, pending))
+                out.flush()
+            return
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            started = time.perf_counter()
+            out.write(_answer(handler, line))
+            if time.perf_counter() - started > 0.001:
+                out.flush()
         out.flush()
+
+
+def _answer(handler: Callable[[Any], Any], line: bytes) -> bytes:
+    """The response frame for one request line (empty for a notification)."""
+    decoded = _decode(line)
+    if isinstance(decoded, bytes):
+        return decoded
+    req_id, method, value = decoded
+    if method == "ping":
+        return _response(req_id, "pong", None)
+    if method == "execute":
+        try:
+            return _response(req_id, handler(value), None)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            return _response(req_id, None, exc)
+    if req_id is not None:
+        return _bad(req_id, -32601, f"unknown method {method!r}")
+    return b""
 
 
 async def _serve_async(handler: Handler, inp: IO[bytes], out: IO[bytes]) -> None:

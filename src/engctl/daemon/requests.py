@@ -89,7 +89,7 @@ class Request:
     def __init__(
         self,
         req_id: str,
-        input_json: str,
+        input_json: bytes,
         selector: Selector,
         timeout: float,
         retries: int,
@@ -197,7 +197,7 @@ class WorkerChannel:
         self.pending[wid] = req
         self._write(
             b'{"jsonrpc":"2.0","id":%d,"method":"execute","params":{"input":%s}}\n'
-            % (wid, req.input_json.encode())
+            % (wid, req.input_json)
         )
         return wid
 
@@ -349,8 +349,11 @@ class Router:
         self.protocol_errors = 0
         self._explained: dict[str, Any] = {}
         self.deadlines = Deadlines(self.loop, self._timed_out)
+        # Instance or oneshot-engine id -> its counters; rebuilt when the engines change.
+        self._stats_by_id: dict[str, RequestStats] = {}
         self._selectors: dict[tuple[Any, ...], Selector] = {}
         self._seq = 0
+        self._id_prefix = f"r{os.getpid():x}-"
         sup.observer = self
 
     # -- supervision events ------------------------------------------------------------
@@ -415,6 +418,7 @@ class Router:
 
     def engines_changed(self) -> None:
         """Oneshot engines are candidates without processes: keep them in step."""
+        self._stats_by_id.clear()
         wanted = {
             f"{e.spec.name}#oneshot": e.spec
             for e in self.sup.engines.values()
@@ -472,8 +476,9 @@ class Router:
         self._seq += 1
         fut = Reply()
         req = Request(
-            f"r{os.getpid():x}-{self._seq}",
-            json.dumps(params["input"], separators=(",", ":")),
+            f"{self._id_prefix}{self._seq}",
+            # The shared encoder: json.dumps with arguments would build one per call.
+            protocol.encode_value(params["input"]),
             selector,
             timeout,
             retries,
@@ -580,11 +585,19 @@ class Router:
             self.finished(req, cand.id, ok, result, err)
 
         payload = json.loads(req.input_json)
-        text = payload if isinstance(payload, str) else req.input_json
+        text = payload if isinstance(payload, str) else req.input_json.decode()
         # `done` never runs inside the constructor (a spawn error is reported on a later turn).
         self.oneshot_runs[req] = OneshotRun(spec, text, env, self.loop, left, done)
 
     def _stats(self, cand_id: str) -> RequestStats | None:
+        stats = self._stats_by_id.get(cand_id)
+        if stats is None:
+            stats = self._find_stats(cand_id)
+            if stats is not None:
+                self._stats_by_id[cand_id] = stats
+        return stats
+
+    def _find_stats(self, cand_id: str) -> RequestStats | None:
         if cand_id.endswith("#oneshot"):
             oneshot = self.sup.engines.get(cand_id.removesuffix("#oneshot"))
             return oneshot.stats if oneshot is not None else None
@@ -614,7 +627,12 @@ class Router:
                 stats.latency_ewma_ms = (
                     latency_ms if prev is None else prev + EWMA_ALPHA * (latency_ms - prev)
                 )
-                if cand is not None:
+                # The selection index re-sorts on a latency change: tell it only when the
+                # EWMA has moved by a tenth since it last heard, not on every request.
+                known = cand.latency_ms if cand is not None else None
+                if cand is not None and (
+                    known is None or abs(stats.latency_ewma_ms - known) > 0.1 * known
+                ):
                     cand.latency_ms = stats.latency_ewma_ms
             else:
                 stats.errors += 1
