@@ -94,7 +94,10 @@ def main() -> None:
     args = parser.parse_args()
 
     home = tempfile.mkdtemp(prefix="ebench", dir="/tmp")
+    # As installed: pip writes bytecode at install time, so the timed commands may write it too
+    # (with PYTHONDONTWRITEBYTECODE=1 every run would recompile engctl from source).
     env = {**os.environ, "ENGCTL_HOME": home}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["ENGCTL_HOME"] = home
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     c = Client(home)
@@ -108,6 +111,7 @@ def main() -> None:
 
         c.register({"ten": {"command": [SLEEP, "3600"], "mode": "service", "instances": 10}})
         wait_for(lambda: all_ready(c, "ten", 10))
+        time.sleep(2)  # a settled fleet: the monitor has taken its first samples
         status10 = median_ms([*ENGCTL, "status", "--json"], args.runs, env)
         c.unregister(["ten"])
 
@@ -125,6 +129,7 @@ def main() -> None:
         start200 = time.perf_counter() - t
         alive = sum(1 for p in pids if p and psutil.pid_exists(p))
         wait_for(lambda: all_ready(c, "big", 200))
+        time.sleep(2)  # like status10: measured on a settled fleet, not during 200 spawns
         status200 = median_ms([*ENGCTL, "status", "--json"], args.runs, env)
         c.unregister(["big"])
 
