@@ -39,6 +39,7 @@ from types import ModuleType
 from typing import IO, Any
 
 import psutil
+from common import all_ready, median_ms, wait_for  # benchmarks/common.py
 
 from engctl.client import Client
 from engctl.daemon.dispatch import Candidate, CandidatePool, Selector
@@ -70,32 +71,6 @@ def latency_summary(samples_s: list[float]) -> dict[str, Any]:
         "max_ms": round(ms[-1], 4),
         "requests": len(ms),
     }
-
-
-def median_ms(cmd: list[str], runs: int, env: dict[str, str]) -> float:
-    """Median wall time of a command, in milliseconds (one warm-up run first)."""
-    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
-def wait_for(pred: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError(str(pred))
-
-
-def all_ready(c: Client, name: str, n: int) -> bool:
-    insts = [i for e in c.status([name])["engines"] for i in e["instances"]]
-    return len(insts) == n and all(i["state"] == "ready" for i in insts)
 
 
 def cpu_s(proc: psutil.Process) -> float:

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from common import all_ready, median_ms, wait_for  # benchmarks/common.py
 
 from engctl.client import Client
 
@@ -28,32 +28,6 @@ PY = sys.executable
 ENGCTL = [str(Path(PY).with_name("engctl"))]
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 IGNORE_TERM = [PY, "-c", "import signal,time\nsignal.signal(15, signal.SIG_IGN)\ntime.sleep(3600)"]
-
-
-def median_ms(cmd: list[str], runs: int, env: dict[str, str]) -> float:
-    """Median wall time of a command, in milliseconds (one warm-up run first)."""
-    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
-def wait_for(pred: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError(str(pred))
-
-
-def all_ready(c: Client, name: str, n: int) -> bool:
-    insts = [i for e in c.status([name])["engines"] for i in e["instances"]]
-    return len(insts) == n and all(i["state"] == "ready" for i in insts)
 
 
 def crash_to_restart(c: Client, runs: int) -> list[float]:

@@ -114,6 +114,17 @@ class Home:
         with self.client() as c:
             return c.register({name: {"command": command, **spec}})
 
+    def start_daemon(self, **daemon_config: float) -> Home:
+        """Write `[daemon]` settings to this home's config.toml, then start its daemon."""
+        if daemon_config:
+            body = "\n".join(f"{k} = {v!r}" for k, v in daemon_config.items())
+            self.paths.config_file.parent.mkdir(parents=True, exist_ok=True)
+            self.paths.config_file.write_text(f"[daemon]\n{body}\n")
+        with self.client() as c:
+            c.connect()
+        assert self.daemon_pid() is not None
+        return self
+
     def daemon_pid(self) -> int | None:
         try:
             text = self.paths.daemon_lock.read_text().strip()
@@ -171,7 +182,4 @@ def _stop_everything(h: Home) -> list[str]:
 @pytest.fixture
 def daemon(home: Home) -> Iterator[Home]:
     """A daemon running in `home`, started the way the CLI starts it (background, ready fd)."""
-    with home.client() as c:
-        c.connect()
-    assert home.daemon_pid() is not None
-    yield home
+    yield home.start_daemon()

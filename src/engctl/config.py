@@ -10,17 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engctl.errors import SpecError
-
-# The dispatch strategies (SPEC §5), as named on the wire and in config.toml.
-STRATEGIES = (
-    "round_robin",
-    "weighted_round_robin",
-    "least_loaded",
-    "weighted_random",
-    "capability",
-    "affinity",
-    "consistent_hash",
-)
+from engctl.protocol import STRATEGIES
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = 1
+# The dispatch strategies (SPEC §5) as named on the wire, on the command line and in
+# config.toml (the daemon's selection layer checks its own names against these).
+STRATEGIES = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_loaded",
+    "weighted_random",
+    "capability",
+    "affinity",
+    "consistent_hash",
+)
 # Largest frame either side accepts. A larger line is answered with an error and skipped.
 MAX_FRAME_BYTES = 1024 * 1024
 

@@ -32,16 +32,6 @@ RESULT_KEYS = {"request_id", "engine", "instance", "ok", "result", "latency_ms",
 
 
 # -- helpers -------------------------------------------------------------------------------
-def start_daemon(home: Home, **daemon_config: float) -> Home:
-    """Write `[daemon]` settings to the home's config.toml, then start its daemon."""
-    if daemon_config:
-        body = "\n".join(f"{k} = {v!r}" for k, v in daemon_config.items())
-        home.paths.config_file.parent.mkdir(parents=True, exist_ok=True)
-        home.paths.config_file.write_text(f"[daemon]\n{body}\n")
-    with home.client() as c:
-        c.connect()
-    assert home.daemon_pid() is not None
-    return home
 
 
 def workers(home: Home, **engines: dict[str, Any]) -> None:
@@ -201,7 +191,7 @@ def test_timeout_exits_5(daemon: Home) -> None:
 def test_full_queue_answers_busy_at_once(home: Home) -> None:
     """With max_queue 1, one request in flight and one waiting, the next is refused as busy
     (exit 6) at once, and the two accepted ones still succeed."""
-    start_daemon(home, max_queue=1)
+    home.start_daemon(max_queue=1)
     workers(home, s={"command": engine_cmd("slow.py", "0.05"), "type": "T"})
     both_sent = threading.Event()
     results: list[dict[str, Any]] = []
@@ -235,7 +225,7 @@ def test_full_queue_answers_busy_at_once(home: Home) -> None:
 def test_queued_request_that_timed_out_frees_its_queue_slot(home: Home) -> None:
     """A request that timed out while waiting leaves the queue at once: with max_queue 1 the
     next request is queued (and served), not refused as busy."""
-    start_daemon(home, max_queue=1)
+    home.start_daemon(max_queue=1)
     workers(home, s={"command": engine_cmd("slow.py", "0"), "type": "T"})
     first: list[dict[str, Any]] = []
 
@@ -481,7 +471,7 @@ def test_batch_reports_failed_lines_and_goes_on(daemon: Home) -> None:
 def test_batch_line_over_the_frame_limit_fails_instead_of_hanging(home: Home) -> None:
     """A --batch line larger than the daemon's frame limit ends the batch with a clear error
     (exit 1) instead of waiting forever for an answer that never comes."""
-    start_daemon(home, max_frame_bytes=65536)
+    home.start_daemon(max_frame_bytes=65536)
     workers(home, s={"command": engine_cmd("slow.py", "0"), "type": "T"})
     lines = "1\n" + "x" * 100_000 + "\n3\n"
     r = home.cli("exec", "--type", "T", "--batch", "-j", "1", input=lines, timeout=10)

@@ -21,22 +21,12 @@ MiB = 1024 * 1024
 
 
 # -- helpers -------------------------------------------------------------------------------
-def start_daemon(home: Home, **daemon_config: float) -> Home:
-    """Write `[daemon]` settings to the home's config.toml, then start its daemon."""
-    if daemon_config:
-        body = "\n".join(f"{k} = {v!r}" for k, v in daemon_config.items())
-        home.paths.config_file.parent.mkdir(parents=True, exist_ok=True)
-        home.paths.config_file.write_text(f"[daemon]\n{body}\n")
-    with home.client() as c:
-        c.connect()
-    assert home.daemon_pid() is not None
-    return home
 
 
 @pytest.fixture
 def fast(home: Home) -> Iterator[Home]:
     """A daemon whose monitor samples every 0.2 s."""
-    yield start_daemon(home, sample_interval=0.2)
+    yield home.start_daemon(sample_interval=0.2)
 
 
 def gone(pid: int) -> bool:
@@ -274,7 +264,7 @@ def test_start_during_a_no_wait_stop_takes_effect_once_stopped(daemon: Home) -> 
 def test_starting_one_instance_of_a_stopped_engine_keeps_the_others_stopped(home: Home) -> None:
     """After `stop NAME` and `start NAME#0`, NAME#1 stays stopped, also after a daemon restart."""
     # Regression: the engine became wanted as a whole, so a new daemon started NAME#1 too.
-    start_daemon(home)
+    home.start_daemon()
     home.register(
         "s", engine_cmd("sleeper.py"), mode="service", instances=2, restart={"start_seconds": 0}
     )
@@ -284,7 +274,7 @@ def test_starting_one_instance_of_a_stopped_engine_keeps_the_others_stopped(home
     home.wait_state("s#0", "ready")
     assert home.instance("s#1")["state"] == "stopped"
     assert home.cli("daemon", "stop").returncode == 0
-    start_daemon(home)
+    home.start_daemon()
     home.wait_state("s#0", "ready")
     stays(lambda: home.instance("s#1")["state"] == "stopped", 0.5)
 
@@ -360,7 +350,7 @@ def test_grandchildren_are_gone_after(fast: Home, how: str, setsid: bool) -> Non
 
 def test_setsid_grandchild_unseen_by_the_monitor_dies_with_its_engine(home: Home) -> None:
     """A grandchild that left the group before any sample is adopted and killed at stop."""
-    slow = start_daemon(home, sample_interval=30.0)  # the monitor never samples in time
+    slow = home.start_daemon(sample_interval=30.0)  # the monitor never samples in time
     pidfile = slow.path / "grandchild.pid"
     slow.register(
         "g",
@@ -491,7 +481,7 @@ def test_worker_stdout_garbage_is_logged_as_protocol_errors(daemon: Home) -> Non
 
 def test_log_rotation_keeps_backups(home: Home) -> None:
     """With a small log_max_bytes the instance log rotates to NAME.K.log.1."""
-    start_daemon(home, log_max_bytes=4096, log_backups=2)
+    home.start_daemon(log_max_bytes=4096, log_backups=2)
     home.register("c", engine_cmd("chatty.py", "0.005"), mode="service")
     rotated = home.paths.log_dir / "c.0.log.1"
     wait_until(rotated.exists, timeout=15)

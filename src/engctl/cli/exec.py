@@ -14,20 +14,12 @@ import sys
 from collections.abc import Iterator
 
 from engctl.errors import EXIT_FAILED, UsageError
+from engctl.protocol import STRATEGIES
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
     from typing import Any
 
-STRATEGIES = (
-    "round_robin",
-    "weighted_round_robin",
-    "least_loaded",
-    "weighted_random",
-    "capability",
-    "affinity",
-    "consistent_hash",
-)
 
 HELP = "Send a request to the best engine instance and print its result."
 EPILOG = """\

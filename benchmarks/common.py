@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmark scripts (run as `python benchmarks/NAME.py`)."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import time
+from typing import Any
+
+from engctl.client import Client
+
+
+def median_ms(cmd: list[str], runs: int, env: dict[str, str]) -> float:
+    """Median wall time of a command, in milliseconds (one warm-up run first)."""
+    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def wait_for(pred: Any, timeout: float = 60.0) -> Any:
+    """Poll `pred` until it returns something truthy (TimeoutError after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError(str(pred))
+
+
+def all_ready(c: Client, name: str, n: int) -> bool:
+    """Whether engine `name` has exactly `n` instances, all ready."""
+    insts = [i for e in c.status([name])["engines"] for i in e["instances"]]
+    return len(insts) == n and all(i["state"] == "ready" for i in insts)
