@@ -26,6 +26,8 @@ class DaemonConfig:
     default_strategy: str = "least_loaded"
     default_timeout: float = 30.0
     max_queue: int = 1000
+    # type, capability, load, performance, affinity (SPEC §5), from [daemon.capability_weights]
+    capability_weights: tuple[float, float, float, float, float] = (0.40, 0.25, 0.20, 0.10, 0.05)
 
     @classmethod
     def load(cls, path: Path) -> DaemonConfig:
@@ -46,6 +48,9 @@ class DaemonConfig:
             if key not in known:
                 raise SpecError(f"{path}: daemon.{key}: unknown key {key!r}")
             default = getattr(cls, key)
+            if key == "capability_weights":
+                values[key] = _capability_weights(value, path)
+                continue
             if key == "default_strategy":
                 if value not in STRATEGIES:
                     raise SpecError(
@@ -61,6 +66,28 @@ class DaemonConfig:
                 raise SpecError(f"{path}: daemon.{key}: expected a positive integer, got {value!r}")
             values[key] = type(default)(value)
         return cls(**values)
+
+
+CAPABILITY_FACTORS = ("type", "capability", "load", "performance", "affinity")
+
+
+def _capability_weights(table: Any, path: Path) -> tuple[float, float, float, float, float]:
+    where = f"{path}: daemon.capability_weights"
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}: expected a table such as {{ load = 0.5 }}")
+    weights = dict(zip(CAPABILITY_FACTORS, DaemonConfig.capability_weights, strict=True))
+    for key, value in table.items():
+        if key not in weights:
+            raise SpecError(
+                f"{where}.{key}: unknown factor (expected {', '.join(CAPABILITY_FACTORS)})"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise SpecError(f"{where}.{key}: expected a number of 0 or more, got {value!r}")
+        weights[key] = float(value)
+    if not any(weights.values()):
+        raise SpecError(f"{where}: at least one factor must weigh more than 0")
+    t, c, lo, pe, af = (weights[k] for k in CAPABILITY_FACTORS)
+    return (t, c, lo, pe, af)
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:

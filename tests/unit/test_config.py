@@ -177,3 +177,27 @@ def test_daemon_id_differs_between_homes(tmp_path: Path) -> None:
 def test_short_home_gives_a_socket_path_within_the_limit() -> None:
     """A short temporary home keeps the socket path under the AF_UNIX limit."""
     assert len(str(resolve_paths("/tmp/ehXXXXXXXX").socket)) <= MAX_SOCKET_PATH
+
+
+def test_capability_weights_table_overrides_some_factors(tmp_path: Path) -> None:
+    """[daemon.capability_weights] sets the scored strategy's factors; the rest keep defaults."""
+    f = tmp_path / "config.toml"
+    f.write_text("[daemon.capability_weights]\nload = 0.5\naffinity = 0\n")
+    assert DaemonConfig.load(f).capability_weights == (0.40, 0.25, 0.5, 0.10, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("speed = 1", "unknown factor"),
+        ("load = -1", "0 or more"),
+        ('load = "high"', "0 or more"),
+        ("type = 0\ncapability = 0\nload = 0\nperformance = 0\naffinity = 0", "at least one"),
+    ],
+)
+def test_capability_weights_are_checked(tmp_path: Path, body: str, message: str) -> None:
+    """A bad factor name or weight is refused with the key it concerns."""
+    f = tmp_path / "config.toml"
+    f.write_text(f"[daemon.capability_weights]\n{body}\n")
+    with pytest.raises(SpecError, match=message):
+        DaemonConfig.load(f)

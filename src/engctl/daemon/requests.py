@@ -35,7 +35,15 @@ from engctl.paths import Paths
 from engctl.states import EngineMode, InstanceState
 
 from . import process
-from .dispatch import Candidate, CandidatePool, Outcome, Selector, StrategyName
+from .dispatch import (
+    Candidate,
+    CandidatePool,
+    CapabilityWeights,
+    Outcome,
+    Selector,
+    StrategyName,
+    default_strategies,
+)
 from .oneshot import OneshotRun
 from .process import ChildProcess
 from .server import Outbox, Reply
@@ -342,7 +350,10 @@ class Router:
         self.config = config
         self.paths = paths
         self.loop = sup.loop
-        self.pool = CandidatePool(default_strategy=StrategyName(config.default_strategy))
+        self.pool = CandidatePool(
+            default_strategy=StrategyName(config.default_strategy),
+            strategies=default_strategies(weights=CapabilityWeights(*config.capability_weights)),
+        )
         self.channels: dict[str, WorkerChannel] = {}
         self.queue: collections.deque[Request] = collections.deque()
         self.oneshot_runs: dict[Request, OneshotRun] = {}  # so shutdown can kill them
