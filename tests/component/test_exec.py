@@ -603,3 +603,21 @@ def test_a_retry_waits_for_a_busy_untried_instance(daemon: Home) -> None:
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout)
     assert (obj["instance"], obj["attempts"]) == ("good#0", 2)
+
+
+def test_results_pass_through_unchanged(daemon: Home) -> None:
+    """Results spliced from the worker's answer arrive exactly as the worker sent them."""
+    workers(daemon, e={"command": engine_cmd("echo.py"), "type": "E"})
+    payloads = [
+        {"text": 'héllo \u2603 "quoted" \\ back', "n": [1, 2.5, -3e-7, None, True]},
+        "plain string",
+        12345678901234567890,
+        [],
+        {"deep": {"deeper": {"deepest": ["x" * 1000]}}},
+    ]
+    with daemon.client() as c:
+        for obj, payload in zip(c.exec_many(payloads, window=4, type="E"), payloads, strict=True):
+            assert obj["ok"] and obj["result"] == {"echo": payload}
+            assert set(obj) == RESULT_KEYS
+        explained = c.exec(payloads[0], type="E", explain=True)
+        assert explained["result"] == {"echo": payloads[0]} and "explain" in explained

@@ -46,7 +46,7 @@ from .dispatch import (
 )
 from .oneshot import OneshotRun
 from .process import ChildProcess
-from .server import Outbox, Reply
+from .server import Outbox, RawJSON, Reply
 from .supervisor import Instance, RequestStats, Supervisor
 
 log = logging.getLogger("engctl.requests")
@@ -294,7 +294,14 @@ class WorkerChannel:
             self._garbage(line, f"unknown id {wid!r}")
             return
         if "result" in msg:
-            self.router.finished(req, self.inst.id, True, msg["result"], None)
+            result: Any = msg["result"]
+            # The common answer, exactly {"jsonrpc":"2.0","id":N,"result":X} and already
+            # validated by the parse above: X is spliced into the reply as it came.
+            if len(msg) == 3:
+                prefix = b'{"jsonrpc":"2.0","id":%d,"result":' % wid
+                if line.startswith(prefix):
+                    result = RawJSON(line.rstrip()[len(prefix) : -1])
+            self.router.finished(req, self.inst.id, True, result, None)
         elif isinstance(msg.get("error"), dict):
             err = msg["error"]
             text = str(err.get("message", "error"))
@@ -697,6 +704,22 @@ class Router:
             stats.timeouts += 1
         self._fail(req, RequestTimeoutError(f"request timed out after {req.timeout:g}s{where}"))
 
+    def _raw_result(self, req: Request, raw: bytes) -> bytes:
+        """The success object of `_result`, built as bytes around the worker's raw result."""
+        instance = req.instance or ""
+        return (
+            b'{"request_id":%s,"engine":%s,"instance":%s,"ok":true,"latency_ms":%.3f,'
+            b'"attempts":%d,"result":%s}'
+            % (
+                protocol.encode_value(req.id),
+                protocol.encode_value(instance.rpartition("#")[0]),
+                protocol.encode_value(instance),
+                (time.perf_counter() - req.started) * 1000,
+                req.attempts,
+                raw,
+            )
+        )
+
     def _result(self, req: Request, ok: bool) -> dict[str, Any]:
         instance = req.instance
         out: dict[str, Any] = {
@@ -714,6 +737,11 @@ class Router:
 
     def _succeed(self, req: Request, result: Any) -> None:
         self.deadlines.discard(req)
+        if isinstance(result, RawJSON):
+            if not req.explain:
+                req.future.set_raw_result(self._raw_result(req, result.raw))
+                return
+            result = json.loads(result.raw)
         out = self._result(req, True)
         out["result"] = result
         req.future.set_result(out)

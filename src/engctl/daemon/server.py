@@ -224,6 +224,15 @@ class Connection(asyncio.Protocol):
         self.write(protocol.error(req_id, err))
 
 
+class RawJSON:
+    """Bytes that are already one valid JSON value, to be spliced into a frame as they are."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+
 class Reply:
     """A result that a callback delivers later: the hot path's alternative to a Future (no
     task, no extra loop hop). A handler returns one and completes it once."""
@@ -250,6 +259,10 @@ class Reply:
     def set_exception(self, exc: BaseException) -> None:
         self._complete(False, exc)
 
+    def set_raw_result(self, raw: bytes) -> None:
+        """Complete with a result that is already valid, compact JSON (no encoding pass)."""
+        self._complete(True, RawJSON(raw))
+
     def _complete(self, ok: bool, value: Any) -> None:
         if self.done:
             return
@@ -263,7 +276,12 @@ class Reply:
         conn = self._conn
         if conn is None or self._id is None:
             return  # a notification: nobody waits
-        if ok:
+        if ok and isinstance(value, RawJSON):
+            conn.write(
+                b'{"jsonrpc":"2.0","id":%s,"result":%s}\n'
+                % (protocol.encode_value(self._id), value.raw)
+            )
+        elif ok:
             conn.write(protocol.result(self._id, value))
         else:
             conn.reply_error(self._id, value)
