@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import statistics
 import subprocess
 import time
@@ -36,3 +37,12 @@ def all_ready(c: Client, name: str, n: int) -> bool:
     """Whether engine `name` has exactly `n` instances, all ready."""
     insts = [i for e in c.status([name])["engines"] for i in e["instances"]]
     return len(insts) == n and all(i["state"] == "ready" for i in insts)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (e.g. from `timeout`) into SystemExit, so `finally` stops the daemon."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)

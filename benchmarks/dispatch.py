@@ -39,7 +39,7 @@ from types import ModuleType
 from typing import IO, Any
 
 import psutil
-from common import all_ready, median_ms, wait_for  # benchmarks/common.py
+from common import all_ready, exit_cleanly_on_sigterm, median_ms, wait_for
 
 from engctl.client import Client
 from engctl.daemon.dispatch import Candidate, CandidatePool, Selector
@@ -278,6 +278,7 @@ def selection_costs(picks: int, seed: int = 1) -> dict[str, Any]:
 
 # -- main --------------------------------------------------------------------------------------
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="counts scaled down ~5x")
     parser.add_argument("--latency-requests", type=int, default=2000)

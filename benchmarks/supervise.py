@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import all_ready, median_ms, wait_for  # benchmarks/common.py
+from common import all_ready, exit_cleanly_on_sigterm, median_ms, wait_for
 
 from engctl.client import Client
 
@@ -61,6 +61,7 @@ def crash_to_restart(c: Client, runs: int) -> list[float]:
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=15, help="runs per CLI timing")
     parser.add_argument("--restarts", type=int, default=20, help="crash-to-restart samples")
