@@ -52,7 +52,6 @@ def test_partial_lines_are_joined_across_feeds(tmp_path: Path) -> None:
     log = InstanceLog(tmp_path / "a.log", 1 << 20, 1)
     log.feed("stdout", b"hel")
     log.feed("stdout", b"lo wo")
-    log.flush()
     assert not log.path.exists() or log.path.read_bytes() == b""
     log.feed("stdout", b"rld\nnext")
     log.close()
@@ -74,7 +73,6 @@ def test_long_output_without_newline_is_split(tmp_path: Path) -> None:
     """Output without newlines is written in pieces of MAX_LINE_BYTES; the rest waits."""
     log = InstanceLog(tmp_path / "a.log", 1 << 20, 1)
     log.feed("stdout", b"x" * (2 * MAX_LINE_BYTES + 10))
-    log.flush()
     assert [len(text) for _, text in bodies(log.path)] == [MAX_LINE_BYTES, MAX_LINE_BYTES]
     log.close_stream("stdout")
     log.close()

@@ -394,7 +394,6 @@ class Api:
     def _tail(self, insts: list[Instance], lines: int) -> list[dict[str, str]]:
         out: list[dict[str, str]] = []
         for inst in insts:
-            inst.log.flush()
             path = inst.log.path
             files = [path.with_name(f"{path.name}.{i}") for i in range(inst.log.backups, 0, -1)]
             out += [{"instance": inst.id, "line": ln} for ln in read_tail([*files, path], lines)]

@@ -100,10 +100,6 @@ class InstanceLog:
                 self.path.unlink()
         self._size = 0
 
-    def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

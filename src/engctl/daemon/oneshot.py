@@ -56,7 +56,6 @@ class OneshotRun:
         self._stderr = bytearray()
         self._open_pipes = 0
         self._status: ExitStatus | None = None
-        self._timed_out = False
         argv = spec.argv
         use_argv = any(PLACEHOLDER in a for a in argv)
         if use_argv:
@@ -114,12 +113,9 @@ class OneshotRun:
 
     def _read(self, pipe: Any, buf: bytearray) -> None:
         fd = pipe.fileno()
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
+        data = process.read_available(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             buf += data
             if buf is self._stderr and len(buf) > STDERR_TAIL_BYTES * 2:
@@ -139,7 +135,6 @@ class OneshotRun:
         self._maybe_finish()
 
     def _timeout(self, timeout: float) -> None:
-        self._timed_out = True
         if self.proc is not None:
             process.signal_group(self.proc.pgid, signal.SIGKILL)
         self._finish(False, None, f"timed out after {timeout:g}s; killed the process group")
@@ -170,7 +165,3 @@ class OneshotRun:
         if self.proc is not None:
             self._timer.cancel()
             process.signal_group(self.proc.pgid, signal.SIGKILL)
-
-    @property
-    def timed_out(self) -> bool:
-        return self._timed_out

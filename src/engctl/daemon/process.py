@@ -64,7 +64,6 @@ class ChildProcess:
         self.exit_status: ExitStatus | None = None
         self._loop = loop
         self._on_exit = on_exit
-        self._exited = loop.create_future()
         # A pidfd becomes readable the moment the process exits: no polling timer and no
         # thread per child.
         self._pidfd = os.pidfd_open(self.pid)
@@ -82,17 +81,11 @@ class ChildProcess:
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self.exit_status = ExitStatus.from_returncode(rc)
-        if not self._exited.done():
-            self._exited.set_result(self.exit_status)
         self._on_exit(self, self.exit_status)
 
     @property
     def alive(self) -> bool:
         return self.exit_status is None
-
-    async def wait(self) -> ExitStatus:
-        """Wait for the exit (already seen or to come)."""
-        return await asyncio.shield(self._exited)
 
     def signal_group(self, sig: int) -> bool:
         """Send `sig` to the whole process group; False if nothing is left in it."""
@@ -138,6 +131,17 @@ def reap_children() -> None:
         else:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, os.WNOHANG)
+
+
+def read_available(fd: int, size: int = 262144) -> bytes | None:
+    """What a non-blocking pipe holds now: bytes, b"" at EOF (or a broken pipe), None if
+    nothing is there yet (a spurious wake-up)."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def signal_group(pgid: int, sig: int) -> bool:

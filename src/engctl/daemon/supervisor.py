@@ -365,12 +365,9 @@ class Supervisor:
         self, inst: Instance, stream: str, pipe: Any, consumer: Callable[[bytes], None] | None
     ) -> None:
         fd = pipe.fileno()
-        try:
-            data = os.read(fd, 262144)
-        except BlockingIOError:
+        data = process.read_available(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             if consumer is not None:
                 consumer(data)
