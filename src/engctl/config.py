@@ -5,11 +5,12 @@ Shared contract between CLI and daemon: stdlib only. Where the files are is `eng
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from engctl.errors import SpecError
+from engctl.policy_config import PolicyOverrides, parse_policy_table
 from engctl.protocol import STRATEGIES
 
 
@@ -28,6 +29,10 @@ class DaemonConfig:
     max_queue: int = 1000
     # type, capability, load, performance, affinity (SPEC §5), from [daemon.capability_weights]
     capability_weights: tuple[float, float, float, float, float] = (0.40, 0.25, 0.20, 0.10, 0.05)
+    # How often failure policies look at their observations (seconds).
+    policy_interval: float = 1.0
+    # Failure-policy defaults for every engine ([daemon.policy]); engines override them.
+    policy: PolicyOverrides = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> DaemonConfig:
@@ -47,6 +52,9 @@ class DaemonConfig:
         for key, value in section.items():
             if key not in known:
                 raise SpecError(f"{path}: daemon.{key}: unknown key {key!r}")
+            if key == "policy":
+                values[key] = parse_policy_table(value, f"{path}: daemon.policy")
+                continue
             default = getattr(cls, key)
             if key == "capability_weights":
                 values[key] = _capability_weights(value, path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from engctl.errors import SpecError
+from engctl.policy_config import PolicyOverrides, overrides_to_toml, parse_policy_table
 from engctl.states import EngineMode, RestartPolicy
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -182,7 +183,8 @@ class BackoffSpec:
         """Seconds to wait before restart number `attempt` (1-based)."""
         if attempt <= 0 or self.initial == 0:
             return 0.0
-        return min(self.max, self.initial * self.factor ** (attempt - 1))
+        # The exponent is bounded: a crash loop long enough would overflow a float.
+        return min(self.max, self.initial * self.factor ** min(attempt - 1, 1024 // 8))
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,8 @@ class EngineSpec:
     stop: StopSpec = field(default_factory=StopSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
+    # Failure-policy settings this engine overrides (`[engines.NAME.policy]`).
+    policy: PolicyOverrides = field(default_factory=dict)
 
     @property
     def argv(self) -> list[str]:
@@ -307,6 +311,7 @@ class EngineSpec:
             stop=_stop(r.table("stop")),
             health=_health(r.table("health"), mode),
             limits=_limits(r.table("limits")),
+            policy=_policy(r),
         )
         r.done()
         if name in spec.depends_on:
@@ -344,6 +349,8 @@ class EngineSpec:
             limits["max_rss"] = format_size(limits["max_rss"])
         if limits:
             out["limits"] = limits
+        if self.policy:
+            out["policy"] = overrides_to_toml(self.policy)
         return out
 
 
@@ -443,6 +450,11 @@ def _health(r: _Reader, mode: EngineMode) -> HealthSpec:
     )
     r.done()
     return spec
+
+
+def _policy(r: _Reader) -> PolicyOverrides:
+    raw = r.raw("policy")
+    return {} if raw is None else parse_policy_table(raw, r.path("policy"))
 
 
 def _limits(r: _Reader) -> LimitsSpec:

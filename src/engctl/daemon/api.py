@@ -23,8 +23,10 @@ from engctl.errors import (
 )
 from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
 from engctl.paths import Paths
-from engctl.states import DesiredState
+from engctl.policy_config import effective_policy
+from engctl.states import DesiredState, Eligibility, EngineMode
 
+from .enforcer import Enforcer
 from .events import Event, EventLog
 from .logs import read_tail
 from .registry import Registry
@@ -65,10 +67,12 @@ class Api:
         registry: Registry,
         events: EventLog,
         router: Router,
+        enforcer: Enforcer,
         request_shutdown: Callable[[], None],
     ) -> None:
         self.paths = paths
         self.router = router
+        self.enforcer = enforcer
         self.sup = supervisor
         self.registry = registry
         self.events = events
@@ -96,6 +100,10 @@ class Api:
             "logs.read": self.logs_read,
             "logs.follow": self.logs_follow,
             "request.exec": self.request_exec,
+            "instance.isolate": self.isolate,
+            "instance.drain": self.drain,
+            "instance.restore": self.restore,
+            "policy.show": self.policy_show,
         }
 
     async def _persist(self) -> None:
@@ -353,6 +361,83 @@ class Api:
             detail = await self.sup.scale_engine(engine, n)
         await self._persist()
         return {"name": engine.spec.name, "instances": n, "detail": detail}
+
+    # -- manual overrides (win over policies until restored; persisted) ---------------------
+    def _override_targets(self, params: dict[str, Any]) -> list[Instance]:
+        insts: list[Instance] = []
+        for engine, chosen in self._targets(params):
+            if not engine.spec.mode.long_running:
+                raise InvalidParamsError(
+                    f"{engine.spec.name} is a oneshot engine: it has no instances to"
+                    " isolate, drain or restore"
+                )
+            insts += engine.instances if chosen is None else chosen
+        return insts
+
+    async def _override(
+        self, params: dict[str, Any], eligibility: Eligibility | None, default_reason: str
+    ) -> dict[str, Any]:
+        reason = _get(params, "reason", str, None) or default_reason
+        insts = self._override_targets(params)
+        for inst in insts:
+            self.enforcer.set_manual(inst, eligibility, reason)
+        await self._persist()
+        return {"instances": [i.to_json() for i in insts]}
+
+    async def isolate(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return await self._override(params, Eligibility.ISOLATED, "isolated by user")
+
+    async def drain(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return await self._override(params, Eligibility.DRAINING, "drained by user")
+
+    async def restore(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return await self._override(params, None, "restored by user")
+
+    def policy_show(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        names = _str_list(params, "names", None)
+        engines = (
+            [self._engine(n) for n in names]
+            if names
+            else [self.sup.engines[n] for n in sorted(self.sup.engines)]
+        )
+        out = []
+        for engine in engines:
+            spec = engine.spec
+            policy, sources = effective_policy(self.sup.config.policy, spec.policy)
+            out.append(
+                {
+                    "name": spec.name,
+                    "type": spec.type,
+                    "mode": spec.mode.value,
+                    "policy": policy.to_json(),
+                    "sources": sources,
+                    "restart": {
+                        "policy": spec.restart.policy.value,
+                        "start_seconds": spec.restart.start_seconds,
+                        "max_retries": spec.restart.max_retries,
+                        "backoff": {
+                            "initial": spec.restart.backoff.initial,
+                            "factor": spec.restart.backoff.factor,
+                            "max": spec.restart.backoff.max,
+                            "reset_after": spec.restart.backoff.reset_after,
+                        },
+                    },
+                    "health": {
+                        "check": spec.health.check,
+                        "interval": spec.health.interval,
+                        "timeout": spec.health.timeout,
+                        "failure_threshold": spec.health.failure_threshold,
+                        "success_threshold": spec.health.success_threshold,
+                        "grace": spec.health.grace,
+                    },
+                    "limits": {
+                        "max_rss": spec.limits.max_rss,
+                        "max_cpu_percent": spec.limits.max_cpu_percent,
+                    },
+                    "applies": spec.mode is not EngineMode.ONESHOT,
+                }
+            )
+        return {"engines": out}
 
     # -- reading ---------------------------------------------------------------------------
     def status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from engctl.states import DesiredState
 
 from . import process
 from .api import Api
+from .enforcer import Enforcer
 from .events import EventLog
 from .monitor import Monitor
 from .registry import Entry, Registry
@@ -88,6 +89,7 @@ class Daemon:
         self.config = config
         self.stopping = asyncio.Event()
         self._signals = 0
+        self.enforcer: Enforcer | None = None
 
     async def run(self, ready: int | None) -> None:
         paths, config = self.paths, self.config
@@ -105,7 +107,13 @@ class Daemon:
         outbox = Outbox(loop)
         router = Router(sup, config, paths, outbox)
         router.engines_changed()
-        api = Api(paths, sup, registry, events, router, self.stopping.set)
+        enforcer = self.enforcer = Enforcer(sup, router, config, events)
+        for entry in entries:
+            engine = sup.engines[entry.spec.name]
+            for index, saved in entry.overrides.items():
+                if index < len(engine.instances):
+                    enforcer.apply_saved(engine.instances[index], saved)
+        api = Api(paths, sup, registry, events, router, enforcer, self.stopping.set)
         server = Server(
             paths.socket, api.handlers(), config.max_frame_bytes, paths.daemon_log, outbox
         )
@@ -128,6 +136,7 @@ class Daemon:
         log.info("shutting down")
         events.emit("daemon.stopping", "shutdown requested")
         startup.cancel()
+        enforcer.close()
         router.close()
         try:
             await self._sweep
@@ -164,8 +173,10 @@ class Daemon:
     def _apply_samples(self, samples: dict[str, Sample]) -> None:
         for inst in self.sup.all_instances():
             s = samples.get(inst.id)
-            if s is not None:
+            if s is not None and s.pid == inst.pid:
                 inst.sample = s
+        if self.enforcer is not None:
+            self.enforcer.samples_taken(samples)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

@@ -114,7 +114,7 @@ class Monitor:
         seen: set[int] = set()
         out: dict[str, Sample] = {}
         for inst_id, pid in targets.items():
-            sample = Sample()
+            sample = Sample(pid=pid)
             for i, p_id in enumerate([pid, *self._tree.get(pid, ())]):
                 p = self._proc(p_id)
                 if p is None:

@@ -28,13 +28,18 @@ class Entry:
     spec: EngineSpec
     desired: DesiredState = DesiredState.RUNNING
     stopped_instances: set[int] = field(default_factory=set)
+    # Manual isolate/drain per instance index: {"eligibility", "reason", "since"}.
+    overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "spec": self.spec.to_dict(),
             "desired": self.desired.value,
             "stopped_instances": sorted(self.stopped_instances),
         }
+        if self.overrides:
+            out["overrides"] = {str(k): v for k, v in sorted(self.overrides.items())}
+        return out
 
 
 class Registry:
@@ -58,6 +63,7 @@ class Registry:
                     EngineSpec.from_dict(name, item["spec"]),
                     DesiredState(item.get("desired", "running")),
                     {int(i) for i in item.get("stopped_instances", [])},
+                    {int(k): dict(v) for k, v in item.get("overrides", {}).items()},
                 )
                 for name, item in doc["engines"].items()
             ]

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from engctl import protocol
 from engctl.config import DaemonConfig
@@ -32,7 +32,7 @@ from engctl.errors import (
 )
 from engctl.models import EngineSpec
 from engctl.paths import Paths
-from engctl.states import EngineMode, InstanceState
+from engctl.states import Eligibility, EngineMode, InstanceState
 
 from . import process
 from .dispatch import (
@@ -62,6 +62,16 @@ QUEUE_SCAN = 8
 _KEYED = (StrategyName.AFFINITY, StrategyName.CONSISTENT_HASH)
 # States from which an instance becomes dispatchable without anyone asking.
 _ON_ITS_WAY = frozenset({S.STARTING, S.WARMING, S.BACKOFF})
+
+
+class PolicyHooks(Protocol):
+    """What the failure policies need to hear from dispatch (see `enforcer`)."""
+
+    def request_failed(self, inst_id: str) -> None: ...
+
+    def request_overdue(self, inst_id: str, request_id: str, timeout: float) -> None: ...
+
+    def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None: ...
 
 
 class _Wait:
@@ -194,9 +204,10 @@ class WorkerChannel:
         self._writer_on = False
         self._buf = b""
         self.pending: dict[int, Request] = {}
-        self._ping_id: int | None = None
+        self._pings: dict[int, Callable[[], None]] = {}
         self._next_id = 1
         self.closed = False
+        self.last_read = 0.0  # loop time of the last bytes from the worker
 
     # -- writing -----------------------------------------------------------------------
     def send(self, req: Request) -> int:
@@ -209,10 +220,13 @@ class WorkerChannel:
         )
         return wid
 
-    def ping(self) -> None:
+    def ping(self, on_answer: Callable[[], None]) -> None:
+        """Send a ping; `on_answer()` runs when it is answered (never, if it is not)."""
         wid = self._next_id
         self._next_id += 1
-        self._ping_id = wid
+        if len(self._pings) > 64:
+            self._pings.clear()  # unanswered pings of a stuck worker must not pile up
+        self._pings[wid] = on_answer
         self._write(b'{"jsonrpc":"2.0","id":%d,"method":"ping"}\n' % wid)
 
     def _write(self, data: bytes) -> None:
@@ -250,6 +264,7 @@ class WorkerChannel:
         if not data:
             self.close()
             return
+        self.last_read = self.router.loop.time()
         with self.router.outbox:
             self._receive(data)
 
@@ -283,9 +298,8 @@ class WorkerChannel:
                 self.router.sup.mark_ready(self.inst, "announced ready")
             return  # other notifications are allowed and ignored
         wid = msg["id"]
-        if wid == self._ping_id and wid is not None:
-            self._ping_id = None
-            self.router.sup.mark_ready(self.inst, "answered ping")
+        if self._pings and isinstance(wid, int) and wid in self._pings:
+            self._pings.pop(wid)()
             return
         req = self.pending.pop(wid, None) if isinstance(wid, int) else None
         if req is None:
@@ -337,6 +351,8 @@ class WorkerChannel:
         error = f"{self.inst.id} broke the worker protocol ({why}): {excerpt}"
         for req in pending:
             self.router.finished(req, self.inst.id, False, None, RequestFailedError(error))
+        if not pending:
+            self.router.blame(self.inst.id, f"protocol error ({why})")
 
     def close(self) -> None:
         if self.closed:
@@ -367,6 +383,7 @@ class Router:
         self.protocol_errors = 0
         self._explained: dict[str, Any] = {}
         self.deadlines = Deadlines(self.loop, self._timed_out)
+        self.enforcer: PolicyHooks | None = None
         # Instance or oneshot-engine id -> its counters; rebuilt when the engines change.
         self._stats_by_id: dict[str, RequestStats] = {}
         self._selectors: dict[tuple[Any, ...], Selector] = {}
@@ -386,21 +403,48 @@ class Router:
     def warming(self, inst: Instance) -> None:
         channel = self.channels.get(inst.id)
         if channel is not None:
-            channel.ping()
+            channel.ping(lambda: self.sup.mark_ready(inst, "answered ping"))
+
+    def ping_sender(self, inst: Instance) -> Callable[[Callable[[], None]], None] | None:
+        """How to ping the instance's worker, or None when it has no open channel."""
+        channel = self.channels.get(inst.id)
+        if channel is None or channel.closed:
+            return None
+        return channel.ping
+
+    def channel_last_read(self, inst: Instance) -> float:
+        channel = self.channels.get(inst.id)
+        return channel.last_read if channel is not None else 0.0
 
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
         if new is S.READY and inst.spec.mode is EngineMode.WORKER:
             self._admit(inst)
+        else:
+            if old in (S.READY, S.BUSY) and inst.id in self.pool:
+                self.pool.remove(inst.id)  # no new requests; those in flight may still finish
+            if not new.has_process:
+                self._lose_pending(inst.id, f"{inst.id} {new.value}: {inst.state_reason}")
+        if self.enforcer is not None:
+            self.enforcer.state_changed(inst, old, new)
+
+    def candidate_changed(self, inst: Instance) -> None:
+        """The instance's eligibility or effective weight changed: tell the selection pool."""
+        if inst.id not in self.pool:
             return
-        if old in (S.READY, S.BUSY) and inst.id in self.pool:
-            self.pool.remove(inst.id)  # no new requests; those in flight may still finish
-        if not new.has_process:
-            self._lose_pending(inst.id, f"{inst.id} {new.value}: {inst.state_reason}")
+        cand = self.pool.get(inst.id)
+        eligible = inst.eligibility in (Eligibility.ACTIVE, Eligibility.DOWNWEIGHTED)
+        cand.ineligible_reason = "" if eligible else _ineligible(inst)
+        cand.effective_weight = inst.effective_weight
+        was = cand.eligible
+        cand.eligible = eligible
+        if eligible and not was:
+            self._drain_queue()
 
     def _admit(self, inst: Instance) -> None:
         spec = inst.spec
         if inst.id in self.pool:
             self.pool.remove(inst.id)
+        eligible = inst.eligibility in (Eligibility.ACTIVE, Eligibility.DOWNWEIGHTED)
         self.pool.add(
             Candidate(
                 inst.id,
@@ -409,8 +453,11 @@ class Router:
                 capabilities=spec.capabilities,
                 labels=spec.labels,
                 weight=spec.weight,
+                effective_weight=min(inst.effective_weight, spec.weight),
                 max_concurrency=spec.max_concurrency,
                 latency_ms=inst.stats.latency_ewma_ms,
+                eligible=eligible,
+                ineligible_reason="" if eligible else _ineligible(inst),
             )
         )
         self._drain_queue()
@@ -425,7 +472,8 @@ class Router:
         channel.pending.clear()
         channel.close()
         for req in pending:
-            self.finished(req, inst_id, False, None, RequestFailedError(f"{why} (request lost)"))
+            lost = RequestFailedError(f"{why} (request lost)")
+            self.finished(req, inst_id, False, None, lost, blame=False)
 
     def channel_broken(self, channel: WorkerChannel, why: str) -> None:
         pending = list(channel.pending.values())
@@ -628,9 +676,19 @@ class Router:
         return insts[k].stats if k < len(insts) and insts[k].id == cand_id else None
 
     def finished(
-        self, req: Request, cand_id: str, ok: bool, result: Any, error: EngctlError | None
+        self,
+        req: Request,
+        cand_id: str,
+        ok: bool,
+        result: Any,
+        error: EngctlError | None,
+        blame: bool = True,
     ) -> None:
-        """One attempt ended: record it, then answer, retry elsewhere, or ignore (late)."""
+        """One attempt ended: record it, then answer, retry elsewhere, or ignore (late).
+
+        `blame` False: the request was lost with its process (the crash policy's business),
+        not failed by a running instance (the failing policy's).
+        """
         latency_ms = (time.perf_counter() - req.sent_at) * 1000
         cand, stats = req.cand, req.stats
         req.cand = req.stats = None
@@ -641,6 +699,7 @@ class Router:
             stats.requests += 1
             if ok:
                 stats.ok += 1
+                stats.consecutive_errors = 0
                 prev = stats.latency_ewma_ms
                 stats.latency_ewma_ms = (
                     latency_ms if prev is None else prev + EWMA_ALPHA * (latency_ms - prev)
@@ -652,8 +711,12 @@ class Router:
                     known is None or abs(stats.latency_ewma_ms - known) > 0.1 * known
                 ):
                     cand.latency_ms = stats.latency_ewma_ms
-            else:
+            elif blame:
                 stats.errors += 1
+                assert error is not None
+                self._blame(stats, cand_id, error.message)
+            else:
+                stats.lost += 1
         if req.future.done:
             self._drain_queue()
             return
@@ -668,6 +731,18 @@ class Router:
             else:
                 self._fail(req, error)
         self._drain_queue()
+
+    def _blame(self, stats: RequestStats, cand_id: str, why: str) -> None:
+        stats.consecutive_errors += 1
+        stats.last_error = why
+        if self.enforcer is not None and not cand_id.endswith("#oneshot"):
+            self.enforcer.request_failed(cand_id)
+
+    def blame(self, cand_id: str, why: str) -> None:
+        """An error of an instance outside any request (protocol garbage between answers)."""
+        stats = self._stats(cand_id)
+        if stats is not None:
+            self._blame(stats, cand_id, why)
 
     def _drain_queue(self) -> None:
         """Offer freed capacity to the oldest waiting requests (a bounded scan)."""
@@ -700,9 +775,13 @@ class Router:
             with contextlib.suppress(ValueError):
                 self.queue.remove(req)
         stats = self._stats(req.instance) if req.instance else None
-        if stats is not None:
-            stats.timeouts += 1
         self._fail(req, RequestTimeoutError(f"request timed out after {req.timeout:g}s{where}"))
+        if stats is not None and req.instance is not None:
+            stats.timeouts += 1
+            self._blame(stats, req.instance, f"timeout after {req.timeout:g}s")
+            if self.enforcer is not None and req.cand is not None:
+                # Still unanswered on its instance: the hang policy pings it.
+                self.enforcer.request_overdue(req.instance, req.id, req.timeout)
 
     def _raw_result(self, req: Request, raw: bytes) -> bytes:
         """The success object of `_result`, built as bytes around the worker's raw result."""
@@ -766,6 +845,11 @@ class Router:
             run.kill()  # no oneshot outlives the daemon
             self._fail(req, RequestFailedError("daemon shutting down"))
         self.oneshot_runs.clear()
+
+
+def _ineligible(inst: Instance) -> str:
+    reason = inst.eligibility_reason
+    return f"{inst.eligibility.value}: {reason}" if reason else inst.eligibility.value
 
 
 def _as_tuple(value: Any) -> Any:

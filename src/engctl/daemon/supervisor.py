@@ -20,6 +20,7 @@ from engctl.config import DaemonConfig
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
 from engctl.models import EngineSpec
 from engctl.paths import Paths
+from engctl.policy_config import PolicySpec, effective_policy
 from engctl.states import (
     DesiredState,
     Eligibility,
@@ -32,6 +33,16 @@ from engctl.states import (
 from . import process
 from .events import EventLog
 from .logs import InstanceLog
+from .policies import (
+    Action,
+    CpuWatch,
+    CrashTracker,
+    FailureTracker,
+    HealthTracker,
+    MemoryWatch,
+    SlowTracker,
+    Standing,
+)
 from .process import ChildProcess, ExitStatus, SpawnError
 from .registry import Entry
 
@@ -51,6 +62,7 @@ class Sample:
     threads: int = 0
     fds: int = 0
     descendants: list[tuple[int, float]] = field(default_factory=list)
+    pid: int = 0  # the leader it was taken of: a reading of a replaced process is dropped
 
 
 @dataclass
@@ -63,6 +75,9 @@ class RequestStats:
     errors: int = 0
     timeouts: int = 0
     latency_ewma_ms: float | None = None
+    lost: int = 0  # in flight when the process died (the crash policy's business)
+    consecutive_errors: int = 0  # reset by every success (the failing policy reads it)
+    last_error: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +86,8 @@ class RequestStats:
             "ok": self.ok,
             "errors": self.errors,
             "timeouts": self.timeouts,
+            "lost": self.lost,
+            "consecutive_errors": self.consecutive_errors,
             "latency_ewma_ms": None
             if self.latency_ewma_ms is None
             else round(self.latency_ewma_ms, 3),
@@ -104,8 +121,7 @@ class Instance:
         self.eligibility = Eligibility.ACTIVE
         self.proc: ChildProcess | None = None
         self.restarts = 0
-        self.quick_failures = 0
-        self.backoff_attempt = 0
+        self.crashes = CrashTracker()
         self.last_exit: dict[str, Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.sample = Sample()
@@ -113,6 +129,19 @@ class Instance:
         self.removed = False
         self.ready_seen = False  # the worker announced `ready` before start_seconds passed
         self.stats = RequestStats()
+        # Failure-policy state (decisions in `policies`, carried out by `enforcer`).
+        self.standing = Standing()
+        self.health_check = HealthTracker()
+        self.health_reason = ""
+        self.memory = MemoryWatch()
+        self.cpu = CpuWatch()
+        self.slow = SlowTracker()
+        self.failures = FailureTracker()
+        self.effective_weight = engine.spec.weight
+        self.eligibility_reason = ""
+        self.isolated_until: float | None = None  # wall-clock time
+        self.restarting = False  # a policy restart (drain, then stop and start) is under way
+        self.kill_cause = ""  # why the daemon killed the process (hang), for the exit record
 
     @property
     def spec(self) -> EngineSpec:
@@ -141,7 +170,13 @@ class Instance:
             "state_reason": self.state_reason,
             "state_since": self.state_since,
             "health": self.health.value,
+            "health_reason": self.health_reason,
             "eligibility": self.eligibility.value,
+            "eligibility_reason": self.eligibility_reason,
+            "isolated_until": self.isolated_until,
+            "weight": self.spec.weight,
+            "effective_weight": round(self.effective_weight, 4),
+            "isolations": self.failures.isolations,
             "restarts": self.restarts,
             "uptime_s": round(time.monotonic() - self.proc.started_mono, 3)
             if running and self.proc
@@ -167,9 +202,27 @@ class Engine:
         self.instances: list[Instance] = []
         self.lock = asyncio.Lock()
         self.stats = RequestStats()  # requests of a oneshot engine (it has no instances)
+        self._policy: tuple[EngineSpec, Any, PolicySpec] | None = None
+
+    def policy(self, daemon_policy: Any) -> PolicySpec:
+        """The effective failure policy (defaults < daemon config < this engine)."""
+        cached = self._policy
+        if cached is None or cached[0] is not self.spec or cached[1] is not daemon_policy:
+            merged = effective_policy(daemon_policy, self.spec.policy)[0]
+            cached = self._policy = (self.spec, daemon_policy, merged)
+        return cached[2]
 
     def to_entry(self) -> Entry:
-        return Entry(self.spec, self.desired, set(self.stopped_instances))
+        overrides = {
+            i.index: {
+                "eligibility": i.standing.manual.value,
+                "reason": i.standing.manual_reason,
+                "since": i.standing.manual_since,
+            }
+            for i in self.instances
+            if i.standing.manual is not None
+        }
+        return Entry(self.spec, self.desired, set(self.stopped_instances), overrides)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -279,6 +332,16 @@ class Supervisor:
     def all_instances(self) -> list[Instance]:
         return [i for e in self.engines.values() for i in e.instances]
 
+    def find_instance(self, inst_id: str) -> Instance | None:
+        """The instance `name#k`, or None."""
+        name, _, idx = inst_id.rpartition("#")
+        engine = self.engines.get(name)
+        if engine is None or not idx.isdigit():
+            return None
+        k = int(idx)
+        insts = engine.instances
+        return insts[k] if k < len(insts) and insts[k].id == inst_id else None
+
     # -- starting --------------------------------------------------------------------------
     def start_instance(self, inst: Instance, reason: str) -> None:
         """Spawn the instance's process now (from stopped, exited, fatal or backoff)."""
@@ -308,6 +371,15 @@ class Supervisor:
             return
         inst.proc = proc
         inst.sample = Sample()
+        # A new process: what was measured of the old one says nothing about it.
+        inst.health_check.reset(time.monotonic())
+        inst.memory.reset()
+        inst.cpu = CpuWatch()
+        inst.slow.reset()
+        inst.stats.latency_ewma_ms = None
+        inst.stats.consecutive_errors = 0
+        inst.standing.slow_multiplier = 1.0
+        inst.standing.draining_reason = ""
         inst.log.note(f"started pid {proc.pid}: {' '.join(spec.argv)}")
         self._attach_output(inst, proc)
         self._publish_targets()
@@ -328,7 +400,7 @@ class Supervisor:
         inst.timer = None
         if inst.proc is not proc or not proc.alive or inst.state is not S.STARTING:
             return
-        inst.quick_failures = 0
+        inst.crashes.started()
         up = f"up for {inst.spec.restart.start_seconds:g}s"
         if inst.spec.mode is not EngineMode.WORKER or inst.ready_seen or self.observer is None:
             # starting -> ready: the process stayed up start_seconds
@@ -389,25 +461,27 @@ class Supervisor:
         now = time.time()
         uptime = time.monotonic() - proc.started_mono
         inst.last_exit = {"code": status.code, "signal": status.signal, "at": now}
-        inst.log.note(f"pid {proc.pid} {status.describe()} after {uptime:.2f}s")
+        desc = status.describe()
+        if inst.kill_cause:
+            desc = f"{desc} ({inst.kill_cause})"
+            inst.last_exit["cause"] = inst.kill_cause
+            inst.kill_cause = ""
+        inst.log.note(f"pid {proc.pid} {desc} after {uptime:.2f}s")
         self._sweep_group(inst, proc)
         if proc.popen.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.popen.stdin.close()
         self._publish_targets()
-        desc = status.describe()
         if inst.state is S.STOPPING:
             # stopping -> stopped: the exit we asked for
             self.transition(inst, S.STOPPED, f"stopped ({desc})", code=status.code)
             return
         quick = inst.state is S.STARTING
-        if uptime >= inst.spec.restart.backoff.reset_after:
-            inst.backoff_attempt = 0
         wants = inst.spec.restart.policy.wants_restart(status.code, expected=False)
-        self._after_unexpected_exit(inst, desc, quick=quick, wants_restart=wants)
+        self._after_unexpected_exit(inst, desc, quick=quick, wants_restart=wants, uptime=uptime)
 
     def _after_unexpected_exit(
-        self, inst: Instance, desc: str, *, quick: bool, wants_restart: bool
+        self, inst: Instance, desc: str, *, quick: bool, wants_restart: bool, uptime: float = 0.0
     ) -> None:
         spec = inst.spec
         if inst.removed or self.closing or inst.engine.desired is DesiredState.STOPPED:
@@ -416,26 +490,28 @@ class Supervisor:
         if not wants_restart:
             self.transition(inst, S.EXITED, f"{desc}; restart policy {spec.restart.policy}")
             return
-        if quick:
-            inst.quick_failures += 1
-            if inst.quick_failures > spec.restart.max_retries:
-                # starting -> fatal: too many failures before start_seconds
-                self.transition(
-                    inst,
-                    S.FATAL,
-                    f"gave up after {inst.quick_failures} failed starts"
-                    f" (max_retries {spec.restart.max_retries}): {desc}",
-                )
-                return
-        inst.backoff_attempt += 1
-        delay = spec.restart.backoff.delay(inst.backoff_attempt)
-        self.transition(
-            inst,
-            S.BACKOFF,
-            f"{desc}; restart in {delay:g}s (attempt {inst.backoff_attempt})",
-            delay=delay,
+        policy = inst.engine.policy(self.config.policy)
+        decision = inst.crashes.on_exit(
+            time.monotonic(), uptime, quick, desc, spec.restart, policy.crash
         )
-        inst.timer = self.loop.call_later(delay, self._restart_after_backoff, inst)
+        if decision.action is Action.FATAL:
+            self.transition(inst, S.FATAL, decision.reason, **decision.data)
+            cooldown = policy.crash.cooldown
+            if cooldown > 0:
+                # SPEC §6: a fatal instance comes back after a cool-down, if one is set.
+                inst.timer = self.loop.call_later(cooldown, self._retry_after_cooldown, inst)
+            return
+        self.transition(inst, S.BACKOFF, decision.reason, delay=decision.delay, **decision.data)
+        inst.timer = self.loop.call_later(decision.delay, self._restart_after_backoff, inst)
+
+    def _retry_after_cooldown(self, inst: Instance) -> None:
+        inst.timer = None
+        if inst.state is not S.FATAL or inst.engine.desired is not DesiredState.RUNNING:
+            return
+        inst.crashes.reset()
+        inst.restarts += 1
+        cooldown = inst.engine.policy(self.config.policy).crash.cooldown
+        self.start_instance(inst, f"retry after the {cooldown:g}s cool-down")
 
     def _restart_after_backoff(self, inst: Instance) -> None:
         inst.timer = None
@@ -496,6 +572,30 @@ class Supervisor:
                 inst.spec.stop.timeout + 10.0,
                 f"{inst.id} to stop",
             )
+
+    def kill_hung(self, inst: Instance, reason: str) -> None:
+        """Kill a hung instance's process tree now; its exit is then handled as a crash."""
+        proc = inst.proc
+        if proc is None or not proc.alive:
+            return
+        inst.kill_cause = reason.split(":", 1)[0]
+        inst.log.note(f"{reason}: SIGKILL to process group {proc.pgid}")
+        process.kill_tree_now(proc.pgid, inst.sample.descendants)
+
+    async def restart_instance(self, inst: Instance, reason: str) -> None:
+        """A graceful restart a policy asked for: the stop policy, then a fresh process."""
+        async with inst.engine.lock:
+            if not inst.state.is_running:
+                return
+            await self.stop_instance(inst, f"restart: {reason}", wait=True)
+            if (
+                inst.state is S.STOPPED
+                and not inst.removed
+                and not self.closing
+                and inst.engine.desired is DesiredState.RUNNING
+            ):
+                inst.restarts += 1
+                self.start_instance(inst, f"restarted: {reason}")
 
     def _kill_after_timeout(self, inst: Instance, proc: ChildProcess) -> None:
         inst.timer = None
@@ -580,8 +680,7 @@ class Supervisor:
                     break  # stopped again meanwhile: the later wish wins
             if inst.state in (S.STOPPED, S.EXITED, S.FATAL, S.BACKOFF):
                 if inst.state is S.FATAL:
-                    inst.quick_failures = 0
-                    inst.backoff_attempt = 0
+                    inst.crashes.reset()
                 self.start_instance(inst, reason)
                 started.append(inst.id)
         return started

@@ -1,0 +1,486 @@
+"""Carries out the failure policies: feeds observations to `policies`, acts on what they
+decide, and keeps each instance's health, eligibility and effective weight in step with
+dispatch.
+
+Observations arrive from the router (request errors, overdue requests), the monitor (RSS and
+CPU samples), health probes (one timer per instance) and a periodic tick (error rates,
+latency against peers, isolation ends, slow start). Every action is an event with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from engctl.config import DaemonConfig
+from engctl.policy_config import PolicySpec
+from engctl.states import Eligibility, EngineMode, Health, InstanceState
+
+from .events import EventLog
+from .health import ping_probe, probe_env, run_probe
+from .policies import (
+    Action,
+    Decision,
+    HealthChange,
+    guard_rail,
+    hang_decision,
+    peer_median,
+)
+from .supervisor import Instance, Sample, Supervisor
+
+if TYPE_CHECKING:
+    from .requests import Router
+
+log = logging.getLogger("engctl.enforcer")
+
+S = InstanceState
+# Probes in flight at once, daemon-wide: a thousand instances must not fork a thousand checks.
+MAX_CONCURRENT_PROBES = 16
+_IN_SERVICE = (Eligibility.ACTIVE, Eligibility.DOWNWEIGHTED)
+
+
+class Enforcer:
+    """Applies every engine's effective policy to its instances."""
+
+    def __init__(
+        self, sup: Supervisor, router: Router, config: DaemonConfig, events: EventLog
+    ) -> None:
+        self.sup = sup
+        self.router = router
+        self.config = config
+        self.events = events
+        self.loop = sup.loop
+        self._sem = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._probe_timers: dict[Instance, asyncio.TimerHandle] = {}
+        self._probing: set[Instance] = set()
+        self._hang_checks: set[Instance] = set()
+        self._returning: set[Instance] = set()
+        self._guard_notes: dict[Instance, str] = {}
+        self._closed = False
+        self._timer = self.loop.call_later(config.policy_interval, self._tick)
+        router.enforcer = self
+
+    def policy(self, inst: Instance) -> PolicySpec:
+        return inst.engine.policy(self.config.policy)
+
+    def close(self) -> None:
+        """Stop every timer and probe (daemon shutdown)."""
+        self._closed = True
+        self._timer.cancel()
+        for handle in self._probe_timers.values():
+            handle.cancel()
+        self._probe_timers.clear()
+        for task in self._tasks:
+            task.cancel()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("policy task failed", exc_info=task.exception())
+
+    def _emit(self, inst: Instance, kind: str, reason: str, **data: Any) -> None:
+        self.events.emit(kind, reason, engine=inst.spec.name, instance=inst.id, data=data or None)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
+        """From the router: a process came up or went away."""
+        if new is S.READY and old in (S.STARTING, S.WARMING):
+            self._arm_probe(inst, inst.spec.health.interval)
+        elif not new.has_process:
+            handle = self._probe_timers.pop(inst, None)
+            if handle is not None:
+                handle.cancel()
+        self.refresh(inst)
+
+    # -- eligibility ---------------------------------------------------------------------------
+    def refresh(self, inst: Instance, announce: bool = True) -> None:
+        """Recompute health, eligibility and effective weight, and tell dispatch."""
+        now = self.loop.time()
+        standing = inst.standing
+        elig, reason, weight, until = standing.resolve(
+            now, inst.spec.weight, self.policy(inst).failing.slow_start
+        )
+        probed = inst.health_check.state
+        if not inst.state.has_process:
+            health = Health.UNKNOWN
+        elif standing.slow_multiplier < 1.0 and probed in (Health.HEALTHY, Health.UNKNOWN):
+            health = Health.DEGRADED
+        else:
+            health = probed
+        old = inst.eligibility
+        inst.health = health
+        inst.eligibility = elig
+        inst.eligibility_reason = reason
+        inst.effective_weight = weight
+        inst.isolated_until = None if until is None else time.time() + (until - now)
+        if announce and elig is not old:
+            self._emit(
+                inst,
+                "instance.eligibility",
+                f"{old.value} -> {elig.value}: {reason or 'full weight'}",
+                from_eligibility=old.value,
+                to_eligibility=elig.value,
+            )
+        self.router.candidate_changed(inst)
+
+    def _serving(self, inst: Instance) -> list[Instance]:
+        t = inst.spec.type
+        return [
+            i
+            for e in self.sup.engines.values()
+            if e.spec.type == t and e.spec.mode is not EngineMode.ONESHOT
+            for i in e.instances
+            if i.state.has_process or i.state is S.BACKOFF
+        ]
+
+    def _guard(self, inst: Instance, what: str) -> bool:
+        """The guard rail: may `inst` be taken out of service? Refusals are events (once)."""
+        serving = self._serving(inst)
+        isolated = sum(1 for i in serving if i is not inst and i.eligibility not in _IN_SERVICE)
+        pct = self.policy(inst).max_isolated_percent
+        allowed, cap = guard_rail(len(serving), isolated, pct)
+        if allowed:
+            self._guard_notes.pop(inst, None)
+            return True
+        note = (
+            f"guard rail kept {inst.id} in service ({what}): {isolated} of {len(serving)}"
+            f" instances of type {inst.spec.type!r} are already out"
+            f" (max_isolated_percent {pct:g}% allows {cap})"
+        )
+        if self._guard_notes.get(inst) != what:
+            self._guard_notes[inst] = what
+            self._emit(inst, "policy.guard_rail", note, isolated=isolated, serving=len(serving))
+        return False
+
+    def _isolate(self, inst: Instance, decision: Decision, now: float) -> None:
+        standing = inst.standing
+        if standing.isolated_until is not None or standing.manual is not None:
+            return
+        if inst.eligibility not in _IN_SERVICE:
+            return
+        policy = self.policy(inst)
+        if not self._guard(inst, decision.reason):
+            return
+        length = inst.failures.isolation_length(policy.failing)
+        inst.failures.isolated(now)
+        inst.stats.consecutive_errors = 0
+        standing.isolated_until = now + length
+        standing.isolation_reason = decision.reason
+        standing.slow_start_since = None
+        self._emit(
+            inst,
+            "instance.isolated",
+            f"isolated for {length:g}s: {decision.reason}",
+            seconds=length,
+            isolations=inst.failures.isolations,
+            **decision.data,
+        )
+        self.refresh(inst, announce=False)
+
+    # -- request observations (from the router) ----------------------------------------------
+    def request_failed(self, inst_id: str) -> None:
+        """An attempt on `inst_id` failed or timed out (not lost to a dying process)."""
+        inst = self.sup.find_instance(inst_id)
+        if inst is None:
+            return
+        decision = inst.failures.on_errors(
+            inst.stats.consecutive_errors, inst.stats.last_error, self.policy(inst).failing
+        )
+        if decision is not None:
+            self._isolate(inst, decision, self.loop.time())
+
+    def request_overdue(self, inst_id: str, request_id: str, timeout: float) -> None:
+        """A request passed its deadline on `inst_id`: is the instance hung?"""
+        inst = self.sup.find_instance(inst_id)
+        if inst is None or inst in self._hang_checks or not inst.state.is_running:
+            return
+        hang = self.policy(inst).hang
+        if not hang.enabled or inst.spec.mode is not EngineMode.WORKER or inst.proc is None:
+            return
+        self._hang_checks.add(inst)
+        self._spawn(self._check_hang(inst, inst.proc.pid, request_id, timeout, hang.ping_timeout))
+
+    async def _check_hang(
+        self, inst: Instance, pid: int, request_id: str, timeout: float, ping_timeout: float
+    ) -> None:
+        try:
+            passed, _ = await ping_probe(self.router.ping_sender(inst), ping_timeout)
+            if passed or inst.pid != pid:
+                return
+            decision = hang_decision(request_id, timeout, ping_timeout)
+            self._emit(inst, "instance.hung", decision.reason, **decision.data)
+            self.sup.kill_hung(inst, decision.reason)
+        finally:
+            self._hang_checks.discard(inst)
+
+    # -- monitor samples -----------------------------------------------------------------------
+    def samples_taken(self, samples: dict[str, Sample]) -> None:
+        """RSS and CPU of running instances: the memory and CPU policies."""
+        now = self.loop.time()
+        for inst in self.sup.all_instances():
+            sample = samples.get(inst.id)
+            if sample is None or sample.pid != inst.pid or not inst.state.is_running:
+                continue
+            if inst.restarting:
+                continue
+            policy = self.policy(inst)
+            limits = inst.spec.limits
+            decision = inst.memory.observe(now, sample.rss_bytes, limits.max_rss, policy.memory)
+            if decision is None:
+                decision = inst.cpu.observe(
+                    now, sample.cpu_percent, limits.max_cpu_percent, policy.cpu
+                )
+            if decision is None:
+                continue
+            if decision.action is Action.WARN:
+                self._emit(inst, "instance.cpu", decision.reason, **decision.data)
+            else:
+                self._drain_restart(inst, decision)
+
+    def _drain_restart(self, inst: Instance, decision: Decision) -> None:
+        inst.restarting = True
+        inst.standing.draining_reason = f"draining to restart: {decision.reason}"
+        self._emit(
+            inst,
+            "instance.draining",
+            f"{decision.reason}: draining, then a graceful restart",
+            **decision.data,
+        )
+        self.refresh(inst, announce=False)
+        self._spawn(self._restart_when_drained(inst, decision.reason))
+
+    async def _restart_when_drained(self, inst: Instance, reason: str) -> None:
+        try:
+            deadline = self.loop.time() + self.policy(inst).memory.drain_timeout
+            while inst.stats.in_flight > 0 and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            left = inst.stats.in_flight
+            if left:
+                self._emit(inst, "instance.drain_timeout", f"restarting with {left} in flight")
+            await self.sup.restart_instance(inst, reason)
+        finally:
+            inst.restarting = False
+            inst.standing.draining_reason = ""
+            self.refresh(inst, announce=False)
+
+    # -- health probes -------------------------------------------------------------------------
+    def _arm_probe(self, inst: Instance, delay: float) -> None:
+        if self._closed or inst.spec.health.check is None:
+            return
+        old = self._probe_timers.pop(inst, None)
+        if old is not None:
+            old.cancel()
+        self._probe_timers[inst] = self.loop.call_later(delay, self._probe_due, inst)
+
+    def _probe_due(self, inst: Instance) -> None:
+        self._probe_timers.pop(inst, None)
+        if inst.removed or not inst.state.is_running or inst in self._probing:
+            return
+        self._probing.add(inst)
+        self._spawn(self._probe(inst))
+
+    async def _check(self, inst: Instance) -> tuple[bool, str]:
+        """Run the engine's check once (or a ping, or a liveness look, when it has none)."""
+        spec = inst.spec
+        check = spec.health.check
+        if check is None:
+            check = "ping" if spec.mode is EngineMode.WORKER else ""
+        if not check:
+            alive = inst.proc is not None and inst.proc.alive
+            return alive, "process alive" if alive else "process gone"
+        env = probe_env(spec, inst.id, inst.pid, self.sup.paths.daemon_id)
+        async with self._sem:
+            return await run_probe(
+                check, spec, spec.health.timeout, self.router.ping_sender(inst), env
+            )
+
+    async def _probe(self, inst: Instance) -> None:
+        pid = inst.pid
+        try:
+            started = self.router.channel_last_read(inst)
+            passed, detail = await self._check(inst)
+            if inst.pid != pid or not inst.state.is_running:
+                return
+            if (
+                not passed
+                and inst.spec.health.check == "ping"
+                and inst.stats.in_flight > 0
+                and self.router.channel_last_read(inst) > started
+            ):
+                # A worker busy with requests answers them, not pings: it is alive.
+                passed, detail = True, "busy (answered requests while the ping waited)"
+            now = self.loop.time()
+            change = inst.health_check.observe(passed, now, inst.spec.health, detail)
+            if change is not None:
+                self._health_changed(inst, change, now)
+        finally:
+            self._probing.discard(inst)
+            if inst.state.is_running:
+                self._arm_probe(inst, inst.spec.health.interval)
+
+    def _health_changed(self, inst: Instance, change: HealthChange, now: float) -> None:
+        inst.health_reason = change.reason
+        self._emit(
+            inst,
+            "instance.health",
+            f"{change.old.value} -> {change.new.value}: {change.reason}",
+            from_health=change.old.value,
+            to_health=change.new.value,
+        )
+        standing = inst.standing
+        if change.new is Health.UNHEALTHY:
+            self._take_out_unhealthy(inst)
+        elif change.new is Health.HEALTHY and standing.unhealthy_isolated:
+            standing.unhealthy_isolated = False
+            self._guard_notes.pop(inst, None)
+            self._start_slow(inst, now)
+            self._emit(inst, "instance.returned", f"healthy again: {change.reason}")
+        self.refresh(inst, announce=False)
+
+    def _take_out_unhealthy(self, inst: Instance) -> None:
+        standing = inst.standing
+        if standing.unhealthy_isolated:
+            return
+        why = f"unhealthy: {inst.health_reason}"
+        if self._guard(inst, why):
+            standing.unhealthy_isolated = True
+            standing.health_reason = why
+            self._emit(inst, "instance.isolated", f"isolated until healthy: {inst.health_reason}")
+
+    def _start_slow(self, inst: Instance, now: float) -> None:
+        if self.policy(inst).failing.slow_start > 0:
+            inst.standing.slow_start_since = now
+
+    # -- the periodic tick ---------------------------------------------------------------------
+    def _tick(self) -> None:
+        if self._closed:
+            return
+        self._timer = self.loop.call_later(self.config.policy_interval, self._tick)
+        try:
+            self._evaluate(self.loop.time())
+        except Exception:
+            log.exception("policy tick failed")
+
+    def _evaluate(self, now: float) -> None:
+        latencies: dict[str, dict[str, float]] = {}
+        running: list[Instance] = []
+        for inst in self.sup.all_instances():
+            if not inst.state.is_running:
+                if inst.eligibility is not Eligibility.ACTIVE or inst.health is not Health.UNKNOWN:
+                    self.refresh(inst)
+                continue
+            running.append(inst)
+            policy = self.policy(inst)
+            stats = inst.stats
+            standing = inst.standing
+            decision = inst.failures.on_tick(
+                now, stats.ok, stats.errors + stats.timeouts, policy.failing
+            )
+            if decision is not None:
+                self._isolate(inst, decision, now)
+            if (
+                standing.isolated_until is not None
+                and now >= standing.isolated_until
+                and inst not in self._returning
+            ):
+                self._returning.add(inst)
+                self._spawn(self._try_return(inst))
+            if inst.health_check.state is Health.UNHEALTHY and not standing.unhealthy_isolated:
+                self._take_out_unhealthy(inst)  # the guard rail may allow it now
+            if (
+                inst.eligibility in _IN_SERVICE
+                and stats.latency_ewma_ms is not None
+                and stats.ok >= policy.slow.min_requests
+            ):
+                latencies.setdefault(inst.spec.type, {})[inst.id] = stats.latency_ewma_ms
+        for inst in running:
+            peers = latencies.get(inst.spec.type, {})
+            policy = self.policy(inst)
+            own = peers.get(inst.id, inst.stats.latency_ewma_ms)
+            decision = inst.slow.evaluate(
+                now, own, inst.stats.ok, peer_median(inst.id, peers), policy.slow
+            )
+            if decision is not None:
+                inst.standing.slow_multiplier = inst.slow.multiplier
+                kind = (
+                    "instance.downweighted"
+                    if decision.action is Action.DOWNWEIGHT
+                    else "instance.weight_restored"
+                )
+                self._emit(inst, kind, decision.reason, **decision.data)
+            self.refresh(inst)
+
+    async def _try_return(self, inst: Instance) -> None:
+        """An isolation ended: a passing probe brings the instance back (with slow start)."""
+        try:
+            passed, detail = await self._check(inst)
+            now = self.loop.time()
+            standing = inst.standing
+            if standing.isolated_until is None:
+                return  # restored by hand meanwhile
+            if passed:
+                standing.isolated_until = None
+                standing.isolation_reason = ""
+                self._start_slow(inst, now)
+                slow = self.policy(inst).failing.slow_start
+                ramp = f"; slow start over {slow:g}s" if slow > 0 else ""
+                self._emit(inst, "instance.returned", f"back in service: {detail}{ramp}")
+            else:
+                policy = self.policy(inst)
+                length = inst.failures.isolation_length(policy.failing)
+                inst.failures.isolated(now)
+                standing.isolated_until = now + length
+                standing.isolation_reason = f"still failing after isolation: {detail}"
+                self._emit(
+                    inst,
+                    "instance.isolated",
+                    f"isolated for {length:g}s: still failing after isolation ({detail})",
+                    seconds=length,
+                    isolations=inst.failures.isolations,
+                )
+            self.refresh(inst, announce=False)
+        finally:
+            self._returning.discard(inst)
+
+    # -- manual overrides ----------------------------------------------------------------------
+    def set_manual(self, inst: Instance, eligibility: Eligibility | None, reason: str) -> None:
+        """`isolate`/`drain` (win over policies until undone) or `restore` (None)."""
+        standing = inst.standing
+        if eligibility is None:
+            standing.manual = None
+            standing.manual_reason = ""
+            standing.isolated_until = None
+            standing.isolation_reason = ""
+            standing.unhealthy_isolated = False
+            standing.slow_multiplier = 1.0
+            standing.slow_start_since = None
+            inst.slow.reset()
+            inst.stats.consecutive_errors = 0
+            self._guard_notes.pop(inst, None)
+            self._emit(inst, "instance.restored", f"restored by hand: {reason}")
+        else:
+            standing.manual = eligibility
+            standing.manual_reason = reason
+            standing.manual_since = time.time()
+            kind = "instance.isolated" if eligibility is Eligibility.ISOLATED else "instance.drain"
+            verb = "isolated" if eligibility is Eligibility.ISOLATED else "draining"
+            self._emit(inst, kind, f"{verb} by hand: {reason}")
+        self.refresh(inst, announce=False)
+
+    def apply_saved(self, inst: Instance, saved: dict[str, Any]) -> None:
+        """A manual override from the registry (a previous daemon's)."""
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            inst.standing.manual = Eligibility(saved["eligibility"])
+            inst.standing.manual_reason = str(saved.get("reason", ""))
+            inst.standing.manual_since = float(saved.get("since", 0.0))
+            self.refresh(inst, announce=False)

@@ -1,0 +1,491 @@
+"""Failure policies as pure decisions over observations (SPEC §6).
+
+Nothing here touches a process, the event loop or the clock: every method takes `now`, so a
+test drives a policy with plain numbers. `daemon.enforcer` feeds the observations in and
+carries out what comes back; each decision carries the reason a person reads in `events`.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from engctl.models import HealthSpec, RestartSpec
+from engctl.policy_config import (
+    CpuPolicy,
+    CrashPolicy,
+    FailingPolicy,
+    MemoryPolicy,
+    SlowPolicy,
+)
+from engctl.states import Eligibility, Health
+
+MIB = 1024 * 1024
+# A returning instance starts at this share of its weight and ramps up over `slow_start`.
+SLOW_START_MIN = 0.1
+
+
+class Action(StrEnum):
+    """What a policy asks the daemon to do."""
+
+    RESTART = "restart"  # after the exit of a crashed process: start again after `delay`
+    FATAL = "fatal"  # give up until a person (or the cool-down) starts it again
+    KILL = "kill"  # kill the process group now (hang); the exit is then handled as a crash
+    DRAIN_RESTART = "drain_restart"  # take no new requests, let in-flight finish, restart
+    ISOLATE = "isolate"  # no dispatch until a time
+    DOWNWEIGHT = "downweight"  # lower the effective weight
+    RESTORE_WEIGHT = "restore_weight"  # raise it back a step
+    WARN = "warn"  # an event only
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One action with its reason and the figures behind it."""
+
+    action: Action
+    reason: str
+    delay: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes as MiB with one decimal (policy reasons)."""
+    return f"{n / MIB:.1f} MiB"
+
+
+# -- health checks (unresponsive) ------------------------------------------------------------
+@dataclass(frozen=True)
+class HealthChange:
+    """Health moved from `old` to `new` because of `reason`."""
+
+    old: Health
+    new: Health
+    reason: str
+
+
+class HealthTracker:
+    """Kubernetes-style thresholds over probe results.
+
+    unknown → healthy after `success_threshold` passes in a row, → unhealthy after
+    `failure_threshold` failures in a row; unhealthy → recovering on a pass; recovering →
+    healthy after `success_threshold` passes in a row, → unhealthy again on any failure.
+    Results before the grace period ends do not count.
+    """
+
+    def __init__(self, started_at: float = 0.0) -> None:
+        self.state = Health.UNKNOWN
+        self.passes = 0
+        self.failures = 0
+        self.started_at = started_at
+        self.last_detail = ""
+
+    def observe(
+        self, passed: bool, now: float, spec: HealthSpec, detail: str = ""
+    ) -> HealthChange | None:
+        """Count one probe result; return the change it causes, if any."""
+        if now < self.started_at + spec.grace:
+            return None
+        self.last_detail = detail
+        old = self.state
+        if passed:
+            self.passes += 1
+            self.failures = 0
+            if old is Health.UNHEALTHY:
+                new = Health.HEALTHY if self.passes >= spec.success_threshold else Health.RECOVERING
+            elif old in (Health.UNKNOWN, Health.RECOVERING):
+                new = Health.HEALTHY if self.passes >= spec.success_threshold else old
+            else:
+                new = old
+            why = f"{self.passes} passing probe(s) (success_threshold {spec.success_threshold})"
+        else:
+            self.failures += 1
+            self.passes = 0
+            if old is Health.RECOVERING or (
+                old in (Health.UNKNOWN, Health.HEALTHY)
+                and (self.failures >= spec.failure_threshold)
+            ):
+                new = Health.UNHEALTHY
+            else:
+                new = old
+            why = f"{self.failures} failed probe(s) (failure_threshold {spec.failure_threshold})"
+            if detail:
+                why += f"; last: {detail}"
+        if new is old:
+            return None
+        self.state = new
+        return HealthChange(old, new, why)
+
+    def reset(self, now: float) -> None:
+        """A new process: health is unknown again and the grace period restarts."""
+        self.__init__(now)  # type: ignore[misc]
+
+
+# -- crash, flapping -------------------------------------------------------------------------
+class CrashTracker:
+    """Restart decisions after unexpected exits: capped exponential backoff that resets after
+    healthy uptime, fatal after too many failed starts, fatal when flapping."""
+
+    def __init__(self) -> None:
+        self.attempt = 0  # backoff attempts since the last reset
+        self.quick_failures = 0  # exits before start_seconds, in a row
+        self.restart_times: collections.deque[float] = collections.deque()
+
+    def started(self) -> None:
+        """The process stayed up start_seconds: failed starts no longer count."""
+        self.quick_failures = 0
+
+    def reset(self) -> None:
+        """Started by hand: a fresh budget."""
+        self.attempt = 0
+        self.quick_failures = 0
+        self.restart_times.clear()
+
+    def on_exit(
+        self,
+        now: float,
+        uptime: float,
+        quick: bool,
+        desc: str,
+        restart: RestartSpec,
+        crash: CrashPolicy,
+    ) -> Decision:
+        """Decide after an exit the restart policy wants restarted: when, or give up."""
+        if uptime >= restart.backoff.reset_after:
+            self.attempt = 0
+        if quick:
+            self.quick_failures += 1
+            if self.quick_failures > restart.max_retries:
+                return Decision(
+                    Action.FATAL,
+                    f"gave up after {self.quick_failures} failed starts"
+                    f" (max_retries {restart.max_retries}): {desc}",
+                )
+        while self.restart_times and self.restart_times[0] <= now - crash.flap_window:
+            self.restart_times.popleft()
+        if len(self.restart_times) >= crash.flap_max_restarts:
+            return Decision(
+                Action.FATAL,
+                f"flapping: {len(self.restart_times)} restarts in the last"
+                f" {crash.flap_window:g}s (flap_max_restarts {crash.flap_max_restarts}): {desc}",
+                data={"restarts_in_window": len(self.restart_times)},
+            )
+        self.attempt += 1
+        self.restart_times.append(now)
+        delay = restart.backoff.delay(self.attempt)
+        return Decision(
+            Action.RESTART,
+            f"{desc}; restart in {delay:g}s (attempt {self.attempt})",
+            delay=delay,
+            data={"attempt": self.attempt},
+        )
+
+
+def hang_decision(request_id: str, timeout: float, ping_timeout: float) -> Decision:
+    """A request outlived its deadline and the instance did not answer ping in time."""
+    return Decision(
+        Action.KILL,
+        f"hang: request {request_id} passed its {timeout:g}s deadline and the instance did not"
+        f" answer ping within {ping_timeout:g}s",
+        data={"request_id": request_id},
+    )
+
+
+# -- memory and CPU --------------------------------------------------------------------------
+class MemoryWatch:
+    """RSS over `max_rss`, or a steady climb over `leak_window` (a leak)."""
+
+    def __init__(self) -> None:
+        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def observe(
+        self, now: float, rss: int, max_rss: int | None, policy: MemoryPolicy
+    ) -> Decision | None:
+        """Add one RSS sample; decide when the instance must be drained and restarted."""
+        samples = self.samples
+        samples.append((now, rss))
+        while samples and samples[0][0] < now - policy.leak_window:
+            samples.popleft()
+        if max_rss is not None and rss > max_rss:
+            return Decision(
+                Action.DRAIN_RESTART,
+                f"memory: RSS {fmt_bytes(rss)} is above max_rss {fmt_bytes(max_rss)}",
+                data={"rss_bytes": rss, "max_rss": max_rss},
+            )
+        if policy.leak_rate <= 0 or len(samples) < 5:
+            return None
+        span = samples[-1][0] - samples[0][0]
+        if span < 0.9 * policy.leak_window:
+            return None
+        rate = _slope(samples)
+        growth = samples[-1][1] - samples[0][1]
+        rising = sum(1 for a, b in zip(samples, list(samples)[1:], strict=False) if b[1] > a[1])
+        # Steady: most steps go up (a one-off allocation is not a leak) and the whole window
+        # grew at the rate, not just its slope.
+        steady = rising >= 0.7 * (len(samples) - 1)
+        if rate >= policy.leak_rate and growth >= policy.leak_rate * span and steady:
+            return Decision(
+                Action.DRAIN_RESTART,
+                f"memory leak: RSS grew {fmt_bytes(growth)} in {span:.0f}s"
+                f" ({fmt_bytes(rate)}/s, leak_rate {fmt_bytes(policy.leak_rate)}/s)",
+                data={"rss_bytes": rss, "growth_bytes": growth, "rate_bytes_s": round(rate)},
+            )
+        return None
+
+    def reset(self) -> None:
+        self.samples.clear()
+
+
+def _slope(points: Iterable[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x."""
+    pts = list(points)
+    n = len(pts)
+    mx = sum(p[0] for p in pts) / n
+    my = sum(p[1] for p in pts) / n
+    var = sum((p[0] - mx) ** 2 for p in pts)
+    if var == 0:
+        return 0.0
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / var
+
+
+class CpuWatch:
+    """CPU above `max_cpu_percent` in every sample of `window` seconds."""
+
+    def __init__(self) -> None:
+        self.over_since: float | None = None
+        self.peak = 0.0
+
+    def observe(
+        self, now: float, cpu_percent: float, max_cpu: float | None, policy: CpuPolicy
+    ) -> Decision | None:
+        """Add one CPU sample; decide once per sustained window."""
+        if max_cpu is None or cpu_percent <= max_cpu:
+            self.over_since = None
+            self.peak = 0.0
+            return None
+        if self.over_since is None:
+            self.over_since = now
+        self.peak = max(self.peak, cpu_percent)
+        if now - self.over_since < policy.window:
+            return None
+        since, peak = self.over_since, self.peak
+        self.over_since = now  # the next decision needs another full window
+        self.peak = 0.0
+        action = Action.DRAIN_RESTART if policy.action == "restart" else Action.WARN
+        return Decision(
+            action,
+            f"cpu: above max_cpu_percent {max_cpu:g}% for {now - since:.0f}s (peak {peak:.0f}%)",
+            data={"cpu_percent": cpu_percent, "max_cpu_percent": max_cpu},
+        )
+
+
+# -- slow: latency against peers ------------------------------------------------------------
+def peer_median(own_id: str, latencies: dict[str, float]) -> float | None:
+    """The median latency of the other instances serving the same type."""
+    others = [v for k, v in latencies.items() if k != own_id]
+    return statistics.median(others) if others else None
+
+
+class SlowTracker:
+    """Downweights an instance whose latency EWMA is far above its peers', and gives the
+    weight back step by step while latency stays normal."""
+
+    def __init__(self) -> None:
+        self.multiplier = 1.0
+        self.last_change = -math.inf
+        self.requests_at_change = 0
+
+    def evaluate(
+        self,
+        now: float,
+        latency_ms: float | None,
+        requests: int,
+        peers_median_ms: float | None,
+        policy: SlowPolicy,
+    ) -> Decision | None:
+        """Judge the latest EWMA against the peers' median; `requests` is a running count."""
+        if not policy.enabled:
+            if self.multiplier < 1.0:
+                return self._set(now, requests, 1.0, Action.RESTORE_WEIGHT, "slow policy off")
+            return None
+        if now - self.last_change < policy.restore_interval:
+            return None
+        fresh = requests - self.requests_at_change
+        if self.multiplier < 1.0 and (fresh == 0 or peers_median_ms is None):
+            # Nothing to judge by: a weight kept low on stale figures would never come back.
+            why = "no recent requests to judge" if fresh == 0 else "no peers left to compare with"
+            return self._step_back(now, requests, policy, f"{why}: weight back a step")
+        if latency_ms is None or peers_median_ms is None:
+            return None
+        limit = max(policy.threshold * peers_median_ms, peers_median_ms + policy.min_latency_ms)
+        ratio = f"{latency_ms / peers_median_ms:.1f}×" if peers_median_ms > 0 else "far above"
+        figures = (
+            f"latency EWMA {latency_ms:.2f} ms is {ratio} its peers' median"
+            f" {peers_median_ms:.2f} ms"
+        )
+        if latency_ms > limit:
+            if self.multiplier <= policy.floor or fresh < policy.min_requests:
+                return None
+            new = max(policy.floor, self.multiplier * policy.downweight)
+            if new >= self.multiplier:  # downweight 1: nothing to lower, no event
+                return None
+            return self._set(
+                now,
+                requests,
+                new,
+                Action.DOWNWEIGHT,
+                f"slow: {figures} (threshold {policy.threshold:g}×): weight × {new:.2f}",
+            )
+        if self.multiplier < 1.0:
+            return self._step_back(
+                now, requests, policy, f"latency normal again ({figures}): weight back a step"
+            )
+        return None
+
+    def _step_back(self, now: float, requests: int, policy: SlowPolicy, why: str) -> Decision:
+        new = min(1.0, self.multiplier / policy.downweight)
+        if new <= self.multiplier:  # downweight 1 now: no step would ever get it back
+            new = 1.0
+        return self._set(now, requests, new, Action.RESTORE_WEIGHT, f"{why} (× {new:.2f})")
+
+    def _set(self, now: float, requests: int, new: float, action: Action, reason: str) -> Decision:
+        old = self.multiplier
+        self.multiplier = new
+        self.last_change = now
+        self.requests_at_change = requests
+        return Decision(action, reason, data={"from": round(old, 4), "to": round(new, 4)})
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+# -- failing: consecutive errors, error rate; isolation ------------------------------------
+class FailureTracker:
+    """Errors of one instance: in a row, and as a rate over a sliding window of counts."""
+
+    def __init__(self) -> None:
+        self.isolations = 0  # isolations that still count toward the next one's length
+        self.last_isolation = -math.inf
+        self.window: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._ok_seen = 0
+        self._err_seen = 0
+
+    def on_errors(
+        self, consecutive: int, last_error: str, policy: FailingPolicy
+    ) -> Decision | None:
+        """After an error: isolate when `consecutive` reaches the bound."""
+        if consecutive < policy.consecutive_errors:
+            return None
+        return Decision(
+            Action.ISOLATE,
+            f"{consecutive} consecutive errors (last: {last_error})",
+            data={"consecutive_errors": consecutive},
+        )
+
+    def on_tick(
+        self, now: float, ok_total: int, err_total: int, policy: FailingPolicy
+    ) -> Decision | None:
+        """Fold the running counts into the window; isolate when the rate is over its bound."""
+        d_ok = max(0, ok_total - self._ok_seen)
+        d_err = max(0, err_total - self._err_seen)
+        self._ok_seen, self._err_seen = ok_total, err_total
+        if d_ok or d_err:
+            self.window.append((now, d_ok, d_err))
+        while self.window and self.window[0][0] <= now - policy.window:
+            self.window.popleft()
+        # An isolation's weight fades: one less for each isolation_max seconds without one.
+        if self.isolations and now - self.last_isolation >= policy.isolation_max:
+            self.isolations -= 1
+            self.last_isolation = now
+        ok = sum(w[1] for w in self.window)
+        err = sum(w[2] for w in self.window)
+        total = ok + err
+        if total < policy.min_requests or total == 0:
+            return None
+        rate = err / total
+        if rate < policy.error_rate:
+            return None
+        return Decision(
+            Action.ISOLATE,
+            f"error rate {rate:.0%} over {total} requests in {policy.window:g}s"
+            f" (at or above {policy.error_rate:.0%}, min_requests {policy.min_requests})",
+            data={"error_rate": round(rate, 4), "requests": total},
+        )
+
+    def isolation_length(self, policy: FailingPolicy) -> float:
+        """How long the next isolation lasts: base × its number, capped (Envoy's rule)."""
+        return min(policy.isolation_max, policy.isolation_base * (self.isolations + 1))
+
+    def isolated(self, now: float) -> None:
+        """An isolation started: it counts toward the next one; the window starts afresh."""
+        self.isolations += 1
+        self.last_isolation = now
+        self.window.clear()
+
+
+def slow_start_factor(now: float, since: float | None, window: float) -> float:
+    """The share of its weight a returning instance gets: ramps from 10 % to 100 %."""
+    if since is None or window <= 0:
+        return 1.0
+    frac = (now - since) / window
+    if frac >= 1.0:
+        return 1.0
+    return max(SLOW_START_MIN, frac)
+
+
+def guard_rail(serving: int, isolated: int, max_percent: float) -> tuple[bool, int]:
+    """Whether one more of `serving` instances may be isolated, and the cap.
+
+    At least one may always be isolated, so a small group is not stuck with a bad instance
+    (Envoy's small-cluster trap).
+    """
+    cap = max(1, math.floor(serving * max_percent / 100.0 + 1e-9))
+    return isolated + 1 <= cap, cap
+
+
+# -- eligibility: every reason an instance may not get (all of) its share -----------------
+@dataclass
+class Standing:
+    """The policy-side facts about one instance that decide its eligibility and weight."""
+
+    manual: Eligibility | None = None  # ISOLATED or DRAINING, set by a person
+    manual_reason: str = ""
+    manual_since: float = 0.0
+    draining_reason: str = ""  # a policy drains it before a restart
+    isolated_until: float | None = None
+    isolation_reason: str = ""
+    unhealthy_isolated: bool = False  # unhealthy and the guard rail allowed taking it out
+    health_reason: str = ""
+    slow_multiplier: float = 1.0
+    slow_start_since: float | None = None
+
+    def resolve(
+        self, now: float, weight: float, slow_start: float
+    ) -> tuple[Eligibility, str, float, float | None]:
+        """(eligibility, reason, effective weight, isolated until) at `now`."""
+        if self.manual is Eligibility.DRAINING:
+            return Eligibility.DRAINING, f"by hand: {self.manual_reason}", 0.0, None
+        if self.manual is Eligibility.ISOLATED:
+            return Eligibility.ISOLATED, f"by hand: {self.manual_reason}", 0.0, None
+        if self.draining_reason:
+            return Eligibility.DRAINING, self.draining_reason, 0.0, None
+        if self.isolated_until is not None:
+            return Eligibility.ISOLATED, self.isolation_reason, 0.0, self.isolated_until
+        if self.unhealthy_isolated:
+            return Eligibility.ISOLATED, self.health_reason, 0.0, None
+        ramp = slow_start_factor(now, self.slow_start_since, slow_start)
+        if ramp >= 1.0:
+            self.slow_start_since = None
+        factor = self.slow_multiplier * ramp
+        if factor >= 1.0:
+            return Eligibility.ACTIVE, "", weight, None
+        reasons = []
+        if self.slow_multiplier < 1.0:
+            reasons.append(f"slow (× {self.slow_multiplier:.2f})")
+        if ramp < 1.0:
+            reasons.append(f"slow start after isolation ({ramp:.0%})")
+        return Eligibility.DOWNWEIGHTED, ", ".join(reasons), weight * factor, None
