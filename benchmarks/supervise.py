@@ -38,6 +38,8 @@ def crash_to_restart(c: Client, runs: int) -> list[float]:
                 "command": [SLEEP, "3600"],
                 "mode": "service",
                 "restart": {"policy": "always", "start_seconds": 0.05, "backoff": {"initial": 0}},
+                # Every kill here is deliberate: the flapping guard must not end the series.
+                "policy": {"crash": {"flap_max_restarts": 1_000_000}},
             }
         }
     )
