@@ -161,15 +161,18 @@ class Connection(asyncio.Protocol):
     def _handle_line(self, line: bytes) -> None:
         req_id: int | str | None = None
         notification = False
+        server = self.server
         try:
-            if len(line) > self.server.max_frame:
-                raise ProtocolError(f"frame exceeds the limit of {self.server.max_frame} bytes")
+            if len(line) > server.max_frame:
+                raise ProtocolError(f"frame exceeds the limit of {server.max_frame} bytes")
             obj = protocol.parse_frame(line)
-            req_id = obj.get("id") if isinstance(obj.get("id"), int | str) else None
+            req_id = obj.get("id")
+            if not isinstance(req_id, int | str):
+                req_id = None
             req_id, method, params = protocol.parse_request(obj)
             # JSON-RPC: a valid call without an id is a notification and gets no reply.
-            notification = "id" not in obj
-            handler = self.server.handlers.get(method)
+            notification = req_id is None and "id" not in obj
+            handler = server.handlers.get(method)
             if handler is None:
                 raise MethodNotFoundError(f"unknown method {method!r}")
             outcome = handler(params, self)
