@@ -806,3 +806,21 @@ def test_default_strategies_cover_every_name() -> None:
     strategies = default_strategies(rng=random.Random(0))
     assert set(strategies) == set(S)
     assert all(s.name is n for n, s in strategies.items())
+
+
+def test_a_reused_selection_states_the_current_pick() -> None:
+    """Plain picks may share one Selection object; its strategy and match count stay right."""
+    a = cand("a#0", max_concurrency=8)
+    pool = make_pool([a])
+    first = pool.select(Selector.of(type="onnx"))
+    again = pool.select(Selector.of(type="onnx"))
+    assert again == first
+    assert (again.outcome, again.candidate, again.matched) == (Outcome.PICKED, a, 1)
+    assert pool.select(Selector.of(type="onnx", strategy="round_robin")).strategy is S.ROUND_ROBIN
+    pool.add(cand("b#0", max_concurrency=8))
+    a.in_flight = 0
+    picks = [pool.select(Selector.of(type="onnx")) for _ in range(4)]
+    assert all(p.matched == 2 and p.strategy is S.LEAST_LOADED for p in picks)
+    explained = pool.select(Selector.of(type="onnx"), explain=True)
+    assert explained.explanation is not None
+    assert pool.select(Selector.of(type="onnx")).explanation is None

@@ -204,3 +204,40 @@ def test_encoded_requests_always_parse_back(req_id: Any, method: str, value: Any
     frame = protocol.request(req_id, method, {"v": value})
     assert frame.count(b"\n") == 1
     assert protocol.parse_request(protocol.parse_frame(frame)) == (req_id, method, {"v": value})
+
+
+def _loads_outcome(fn: Any, data: bytes) -> tuple[str, Any]:
+    try:
+        return "ok", fn(data)
+    except (ValueError, RecursionError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"jsonrpc":"2.0","id":1,"result":{"echo":1}}',
+        b'  {"a": 1} \r',
+        b'{"a":1}{"b":2}',
+        b"\xef\xbb\xbf{}",  # UTF-8 BOM: json.loads accepts it
+        '{"a":"é"}'.encode("utf-16"),
+        '{"a":1}'.encode("utf-16-le"),
+        b'"\xed\xa0\x80"',  # a lone surrogate: json.loads passes it through
+        b"[" * 100_000,
+        b"\xff{}",
+        b"",
+        b"1",
+        b"NaN",
+    ],
+)
+def test_loads_is_json_loads(data: bytes) -> None:
+    """The fast path of `loads` returns and raises exactly what json.loads does."""
+    assert _loads_outcome(protocol.loads, data) == _loads_outcome(json.loads, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json)
+def test_encode_value_is_the_compact_encoding(value: Any) -> None:
+    """The int and str fast paths of encode_value give the same bytes as the encoder."""
+    expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    assert protocol.encode_value(value) == expected

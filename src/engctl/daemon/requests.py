@@ -286,7 +286,7 @@ class WorkerChannel:
 
     def _line(self, line: bytes) -> None:
         try:
-            msg = json.loads(line)
+            msg = protocol.loads(line)
         except ValueError:
             self._garbage(line, "not JSON")
             return
@@ -516,16 +516,22 @@ class Router:
         """Start one request from `request.exec` params; the Reply gets its result object."""
         if "input" not in params:
             raise InvalidParamsError("missing parameter 'input'")
-        key = (
-            params.get("type"),
-            params.get("engine"),
-            params.get("instance"),
-            _as_tuple(params.get("require")),
-            _as_tuple(params.get("prefer")),
-            _as_tuple(params.get("labels")),
-            params.get("key"),
-            params.get("strategy"),
-        )
+        common_type = params.get("type") if len(params) == 2 else None
+        if type(common_type) is str:
+            # The common call, {input, type}: its key is the type (a str never equals the
+            # tuples below), one lookup instead of eight.
+            key: Any = common_type
+        else:
+            key = (
+                params.get("type"),
+                params.get("engine"),
+                params.get("instance"),
+                _as_tuple(params.get("require")),
+                _as_tuple(params.get("prefer")),
+                _as_tuple(params.get("labels")),
+                params.get("key"),
+                params.get("strategy"),
+            )
         selector = self._selectors.get(key)
         if selector is None:
             selector = _selector(params)

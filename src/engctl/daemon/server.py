@@ -161,15 +161,25 @@ class Connection(asyncio.Protocol):
     def _handle_line(self, line: bytes) -> None:
         req_id: int | str | None = None
         notification = False
+        server = self.server
         try:
-            if len(line) > self.server.max_frame:
-                raise ProtocolError(f"frame exceeds the limit of {self.server.max_frame} bytes")
+            if len(line) > server.max_frame:
+                raise ProtocolError(f"frame exceeds the limit of {server.max_frame} bytes")
             obj = protocol.parse_frame(line)
-            req_id = obj.get("id") if isinstance(obj.get("id"), int | str) else None
-            req_id, method, params = protocol.parse_request(obj)
+            req_id = obj.get("id")
+            method = obj.get("method")
+            params = obj.get("params")
+            # The common call (int id, a method, params object) is valid as it is; anything
+            # else goes through parse_request's checks.
+            if not (
+                type(req_id) is int and type(method) is str and method and type(params) is dict
+            ):
+                if not isinstance(req_id, int | str):
+                    req_id = None
+                req_id, method, params = protocol.parse_request(obj)
             # JSON-RPC: a valid call without an id is a notification and gets no reply.
-            notification = "id" not in obj
-            handler = self.server.handlers.get(method)
+            notification = req_id is None and "id" not in obj
+            handler = server.handlers.get(method)
             if handler is None:
                 raise MethodNotFoundError(f"unknown method {method!r}")
             outcome = handler(params, self)
@@ -261,7 +271,16 @@ class Reply:
 
     def set_raw_result(self, raw: bytes) -> None:
         """Complete with a result that is already valid, compact JSON (no encoding pass)."""
-        self._complete(True, RawJSON(raw))
+        conn = self._conn
+        if conn is None or self.done:
+            self._complete(True, RawJSON(raw))
+            return
+        # Bound and not done, as for nearly every request: _complete and _deliver inlined.
+        self.done = True
+        if self._id is not None:
+            conn.write(
+                b'{"jsonrpc":"2.0","id":%s,"result":%s}\n' % (protocol.encode_value(self._id), raw)
+            )
 
     def _complete(self, ok: bool, value: Any) -> None:
         if self.done:
