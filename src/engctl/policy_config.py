@@ -72,7 +72,7 @@ class FailingPolicy:
     consecutive_errors: int = 5
     error_rate: float = 0.5
     min_requests: int = 20
-    window: float = 30.0
+    window: float = 10.0
     isolation_base: float = 30.0
     isolation_max: float = 300.0
     slow_start: float = 30.0

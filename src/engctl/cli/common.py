@@ -26,10 +26,21 @@ def client(autostart: bool = True) -> Client:
     return c
 
 
+# Width of tables written to a pipe or a file: rich would assume 80 columns and squeeze or
+# fold them; a reader such as grep wants one whole line per row.
+PIPE_WIDTH = 1000
+
+
 def console(stderr: bool = False) -> Console:
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and not os.environ.get("COLUMNS")
+    return Console(
+        stderr=stderr, highlight=False, soft_wrap=False, width=PIPE_WIDTH if piped else None
+    )
 
 
 def out(text: str) -> None:

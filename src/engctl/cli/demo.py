@@ -100,9 +100,10 @@ def demo(
         if states and all(s in ("ready", "busy", "fatal", "exited") for s in states):
             break
         time.sleep(0.1)
-    from engctl.render.tables import status_table
+    from engctl.render.tables import status_view
 
-    console().print(status_table(st))
+    con = console()
+    con.print(status_view(st, con.width))
     out("")
     engines = demo_engines()
     for name, payload in DEMO_REQUESTS.items():

@@ -15,7 +15,7 @@ from engctl.errors import SpecError, UsageError
 
 FileOpt = Annotated[
     str | None,
-    typer.Option("--file", "-f", help="Engines file (TOML, [engines.NAME] tables); - for stdin."),
+    typer.Option("--file", "-f", help=r"Engines file (TOML, \[engines.NAME] tables); - for stdin."),
 ]
 
 

@@ -1,4 +1,5 @@
-"""`engctl status`: every instance's state, health, uptime, restarts, CPU, RSS and last exit."""
+"""`engctl status`: every instance's state, health, eligibility, uptime, restarts, CPU, RSS,
+last exit and, when it is not simply active, why."""
 
 from __future__ import annotations
 
@@ -21,26 +22,34 @@ def status(
     ] = False,
     interval: Annotated[float, typer.Option(min=0.1, help="Refresh period for --watch.")] = 1.0,
 ) -> None:
-    """Show engines and their instances (table, or --json)."""
+    """Show engines and their instances (table, or --json).
+
+    HEALTH: healthy, degraded, unhealthy, recovering or unknown (what the probes say).
+
+    ELIGIBILITY (may dispatch pick it?): active, downweighted W, isolated Ns left, draining.
+
+    REASON (or lines under a narrow table): why an instance is not simply active.
+    """
     if json:
         status_json(names or [])
         return
     c = client()
     result = c.status(names or None)
-    from engctl.render.tables import status_table
+    from engctl.render.tables import status_view
 
+    con = console()
     if not watch:
         if not result["engines"]:
             out("no engines registered (try `engctl register` or `engctl demo`)")
             return
-        console().print(status_table(result))
+        con.print(status_view(result, con.width))
         return
     from rich.live import Live
 
-    with Live(status_table(result), console=console(), auto_refresh=False) as live:
+    with Live(status_view(result, con.width), console=con, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(interval)
-                live.update(status_table(c.status(names or None)), refresh=True)
+                live.update(status_view(c.status(names or None), con.width), refresh=True)
         except KeyboardInterrupt:
             pass

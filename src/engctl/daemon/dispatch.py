@@ -163,6 +163,7 @@ class Candidate:
         "_id",
         "_in_flight",
         "_labels",
+        "_last_pick",
         "_latency_ms",
         "_max",
         "_picked",
@@ -213,6 +214,7 @@ class Candidate:
         self._pool: CandidatePool | None = None
         # The last plain Selection that picked this candidate (see CandidatePool.select).
         self._picked: Selection | None = None
+        self._last_pick = 0  # when least_loaded last picked it (its tie-break)
 
     def __repr__(self) -> str:
         state = "eligible" if self._eligible else f"ineligible: {self.ineligible_reason or '?'}"
@@ -821,10 +823,9 @@ class SmoothWeightedRoundRobin:
 
 
 class _LoadTrace:
-    __slots__ = ("rotor", "sampled")
+    __slots__ = ("sampled",)
 
     def __init__(self, _: CandidateSet) -> None:
-        self.rotor = 0
         self.sampled: tuple[Candidate, ...] = ()
 
     def added(self, candidate: Candidate) -> None:
@@ -837,6 +838,9 @@ class _LoadTrace:
         pass
 
 
+_PICKS = itertools.count(1)
+
+
 def _load_key(c: Candidate) -> tuple[float, float]:
     return (c._in_flight / c._max, -c._effective_weight)
 
@@ -844,9 +848,10 @@ def _load_key(c: Candidate) -> tuple[float, float]:
 class LeastLoaded:
     """Fewest in flight relative to max_concurrency, then higher effective weight.
 
-    Small sets are scanned (ties rotate, so an idle fleet is spread, not piled on the first
-    member). Above `sample_above` members, the power of two choices: two distinct random free
-    members, the less loaded wins; it keeps the maximum load low without a scan.
+    Small sets are scanned (ties go to the least recently picked, so an idle fleet is spread,
+    not piled on the first member). Above `sample_above` members, the power of two choices:
+    two distinct random free members, the less loaded wins; it keeps the maximum load low
+    without a scan.
     """
 
     name: ClassVar[StrategyName] = StrategyName.LEAST_LOADED
@@ -862,15 +867,16 @@ class LeastLoaded:
             return None
         trace = candidates.attach(self, _LoadTrace)
         if len(candidates._members) <= self.sample_above:
-            start = trace.rotor % n
-            trace.rotor = start + 1
-            best = free[start]
+            # Ties go to the least recently picked: a rotor over the changing free list can
+            # skip one member again and again under regular load.
+            best = free[0]
             best_key = _load_key(best)
             for j in range(1, n):
-                c = free[(start + j) % n]
+                c = free[j]
                 key = _load_key(c)
-                if key < best_key:
+                if key < best_key or (key == best_key and c._last_pick < best._last_pick):
                     best, best_key = c, key
+            best._last_pick = next(_PICKS)
             trace.sampled = ()
             return best
         if n == 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 
 from engctl.models import EngineSpec
 
-from . import process
+from . import allow_ssl, process
 from .oneshot import OneshotRun
 
 ProbeResult = tuple[bool, str]
@@ -101,7 +100,7 @@ async def http_probe(url: str, timeout: float) -> ProbeResult:
     except TimeoutError:
         return False, f"GET {url}: no answer within {timeout:g}s"
     except OSError as exc:
-        return False, f"GET {url}: {exc.strerror or exc}"
+        return False, f"GET {url}: {_os_error(exc)}"
     fields = status_line.decode("latin-1").split()
     if len(fields) < 2 or not fields[1].isdigit():
         return False, f"GET {url}: not an HTTP answer: {status_line[:60]!r}"
@@ -112,11 +111,17 @@ async def http_probe(url: str, timeout: float) -> ProbeResult:
 def _ssl_context() -> Any:
     # The daemon blocks the ssl import to save memory (see __main__); an https check is the
     # one thing that needs it, so it pays for it.
-    if "ssl" in sys.modules and sys.modules["ssl"] is None:
-        del sys.modules["ssl"]
+    allow_ssl()
     import ssl
 
     return ssl.create_default_context()
+
+
+def _os_error(exc: OSError) -> str:
+    """The OS's words for a failed connection: asyncio's strerror is "Connect call failed"."""
+    if isinstance(exc, ConnectionError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc.strerror or exc)
 
 
 async def tcp_probe(address: str, timeout: float) -> ProbeResult:
@@ -131,7 +136,7 @@ async def tcp_probe(address: str, timeout: float) -> ProbeResult:
     except TimeoutError:
         return False, f"tcp {address}: no connection within {timeout:g}s"
     except OSError as exc:
-        return False, f"tcp {address}: {exc.strerror or exc}"
+        return False, f"tcp {address}: {_os_error(exc)}"
     return True, f"tcp {address}: connected"
 
 

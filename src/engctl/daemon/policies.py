@@ -208,7 +208,9 @@ class MemoryWatch:
         """Add one RSS sample; decide when the instance must be drained and restarted."""
         samples = self.samples
         samples.append((now, rss))
-        while samples and samples[0][0] < now - policy.leak_window:
+        # One sample at or before the window's start is kept, so the span covers the whole
+        # window whatever the sampling period.
+        while len(samples) > 1 and samples[1][0] <= now - policy.leak_window:
             samples.popleft()
         if max_rss is not None and rss > max_rss:
             return Decision(
@@ -382,7 +384,8 @@ class FailureTracker:
             return None
         return Decision(
             Action.ISOLATE,
-            f"{consecutive} consecutive errors (last: {last_error})",
+            f"{consecutive} consecutive error{'s' if consecutive != 1 else ''}"
+            f" (last: {last_error})",
             data={"consecutive_errors": consecutive},
         )
 
@@ -467,10 +470,9 @@ class Standing:
         self, now: float, weight: float, slow_start: float
     ) -> tuple[Eligibility, str, float, float | None]:
         """(eligibility, reason, effective weight, isolated until) at `now`."""
-        if self.manual is Eligibility.DRAINING:
-            return Eligibility.DRAINING, f"by hand: {self.manual_reason}", 0.0, None
-        if self.manual is Eligibility.ISOLATED:
-            return Eligibility.ISOLATED, f"by hand: {self.manual_reason}", 0.0, None
+        if self.manual is not None:
+            why = f"by hand: {self.manual_reason}" if self.manual_reason else "by hand"
+            return self.manual, why, 0.0, None
         if self.draining_reason:
             return Eligibility.DRAINING, self.draining_reason, 0.0, None
         if self.isolated_until is not None:

@@ -217,6 +217,14 @@ def adopted_orphans(instance_id: str) -> list[tuple[int, float]]:
     return found
 
 
+def pgid_of(pid: int) -> int | None:
+    """The process group of `pid`, None when it is gone."""
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 def signal_pids(pids: Iterable[tuple[int, float]], sig: int) -> None:
     """Signal processes known by (pid, create time); vanished ones are skipped."""
     for pid, _created in pids:

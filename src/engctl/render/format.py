@@ -55,6 +55,32 @@ def last_exit(info: dict[str, Any] | None) -> str:
     return f"code {info.get('code')}"
 
 
+def eligibility(inst: dict[str, Any], now: float | None = None) -> str:
+    """`active`, `downweighted 0.25` (effective weight), `isolated 42s left` (`isolated` when
+    by hand: no end), `draining`: an instance's dispatch eligibility for a person."""
+    elig = str(inst.get("eligibility", "active"))
+    if elig == "downweighted":
+        weight = inst.get("effective_weight")
+        return elig if weight is None else f"{elig} {weight:.2f}"
+    if elig == "isolated":
+        until = inst.get("isolated_until")
+        if until is None:
+            return elig
+        left = until - (time.time() if now is None else now)
+        # At the end the daemon probes it before it returns (or isolates it again).
+        return f"{elig} {duration(max(0.0, left))} left" if left > 0 else f"{elig}, probing"
+    return elig
+
+
+def standing_reason(inst: dict[str, Any]) -> str:
+    """Why an instance is not simply active and healthy ("" when it is)."""
+    if inst.get("eligibility", "active") != "active" and inst.get("eligibility_reason"):
+        return str(inst["eligibility_reason"])
+    if inst.get("health") in ("degraded", "unhealthy", "recovering"):
+        return str(inst.get("health_reason") or "")
+    return ""
+
+
 def print_json(obj: Any) -> None:
     """The one way JSON reaches stdout: one document, newline-ended; indented for a person
     at a terminal, one compact line for a program (json's C encoder does not indent, and

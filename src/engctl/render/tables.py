@@ -1,13 +1,16 @@
-"""rich tables for `status`, `list` and `events`. Imported only by commands that print them."""
+"""rich tables for `status`, `list` and `policy show`. Imported only by commands that print
+them."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from engctl.render.format import duration, last_exit, size
+from engctl.render.format import duration, eligibility, last_exit, size, standing_reason
 
 STATE_STYLE = {
     "ready": "green",
@@ -21,43 +24,118 @@ STATE_STYLE = {
     "fatal": "bold red",
 }
 
+HEALTH_STYLE = {
+    "healthy": "green",
+    "degraded": "yellow",
+    "unhealthy": "bold red",
+    "recovering": "cyan",
+    "unknown": "dim",
+}
 
-def status_table(status: dict[str, Any]) -> Table:
-    """One row per instance (or per engine without instances)."""
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col, justify in (
-        ("INSTANCE", "left"),
-        ("PID", "right"),
-        ("STATE", "left"),
-        ("HEALTH", "left"),
-        ("UPTIME", "right"),
-        ("RESTARTS", "right"),
-        ("CPU%", "right"),
-        ("RSS", "right"),
-        ("LAST EXIT", "left"),
-    ):
-        table.add_column(col, justify=justify, no_wrap=col != "LAST EXIT")  # type: ignore[arg-type]
-    for eng in status["engines"]:
-        insts = eng["instances"]
-        if not insts:
+ELIGIBILITY_STYLE = {
+    "active": "green",
+    "downweighted": "yellow",
+    "isolated": "bold red",
+    "draining": "magenta",
+}
+
+
+def status_table(
+    status: dict[str, Any],
+    now: float | None = None,
+    reason_column: bool = True,
+    compact: bool = False,
+) -> Table:
+    """One row per instance (or per engine without instances); with `reason_column`, a
+    REASON column when an instance is not simply active and healthy; `compact`: one space
+    between columns, for narrow terminals."""
+    rows: list[tuple[dict[str, Any], dict[str, Any] | None]] = [
+        (eng, inst) for eng in status["engines"] for inst in (eng["instances"] or [None])
+    ]
+    reasons = {id(inst): standing_reason(inst) for _, inst in rows if inst is not None}
+    with_reason = reason_column and any(reasons.values())
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=compact)
+    # (header, justify, width it may wrap to or 0: never wraps)
+    columns: list[tuple[str, str, int]] = [
+        ("INSTANCE", "left", 0),
+        ("PID", "right", 0),
+        ("STATE", "left", 0),
+        ("HEALTH", "left", 0),
+        ("ELIGIBILITY", "left", 12),
+        ("UPTIME", "right", 0),
+        ("RESTARTS", "right", 0),
+        ("CPU%", "right", 0),
+        ("RSS", "right", 0),
+        ("LAST EXIT", "left", 5),
+    ]
+    if with_reason:
+        columns.append(("REASON", "left", 12))
+    for col, justify, wraps in columns:
+        table.add_column(
+            col,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=not wraps,
+            min_width=wraps or None,
+            # Narrow terminals: these wrap rather than push the last columns off the edge.
+            max_width=wraps + 1 if compact and wraps else None,
+            overflow="fold",
+        )
+    for eng, inst in rows:
+        if inst is None:
             note = "oneshot" if eng["mode"] == "oneshot" else f"0 instances ({eng['desired']})"
-            table.add_row(eng["name"], "-", Text(note, style="dim"), *["-"] * 6)
+            table.add_row(eng["name"], "-", Text(note, style="dim"), *["-"] * (len(columns) - 3))
             continue
-        for inst in insts:
-            state = inst["state"]
-            cpu = inst.get("cpu_percent")
-            table.add_row(
-                inst["id"],
-                str(inst["pid"]) if inst.get("pid") else "-",
-                Text(state, style=STATE_STYLE.get(state, "")),
-                inst.get("health", "unknown"),
-                duration(inst.get("uptime_s")),
-                str(inst.get("restarts", 0)),
-                "-" if cpu is None else f"{cpu:.1f}",
-                size(inst.get("rss_bytes")),
-                last_exit(inst.get("last_exit")),
-            )
+        state = inst["state"]
+        health = inst.get("health", "unknown")
+        elig = inst.get("eligibility", "active")
+        cpu = inst.get("cpu_percent")
+        cells: list[str | Text] = [
+            inst["id"],
+            str(inst["pid"]) if inst.get("pid") else "-",
+            Text(state, style=STATE_STYLE.get(state, "")),
+            Text(health, style=HEALTH_STYLE.get(health, "")),
+            Text(eligibility(inst, now), style=ELIGIBILITY_STYLE.get(elig, "")),
+            duration(inst.get("uptime_s")),
+            str(inst.get("restarts", 0)),
+            "-" if cpu is None else f"{cpu:.1f}",
+            size(inst.get("rss_bytes")),
+            last_exit(inst.get("last_exit")),
+        ]
+        if with_reason:
+            cells.append(reasons[id(inst)] or "-")
+        table.add_row(*cells)
     return table
+
+
+def status_view(status: dict[str, Any], width: int, now: float | None = None) -> RenderableType:
+    """The status table for a console `width` columns wide: reasons in a REASON column when
+    it fits, else as lines under the table (`echo#1  isolated: 5 consecutive errors …`)."""
+    table = status_table(status, now)
+    if _width(table) <= width:
+        return table
+    notes = Text()
+    for eng in status["engines"]:
+        for inst in eng["instances"]:
+            why = standing_reason(inst)
+            if why:
+                what = inst.get("eligibility", "active")
+                if what == "active":
+                    what = inst.get("health", "unknown")
+                notes.append(f"\n{inst['id']}  ")
+                notes.append(what, style=ELIGIBILITY_STYLE.get(what) or HEALTH_STYLE.get(what, ""))
+                notes.append(f": {why}")
+    table = status_table(status, now, reason_column=False)
+    if _width(table) > width:
+        table = status_table(status, now, reason_column=False, compact=True)
+    return Group(table, notes) if notes else table
+
+
+_MEASURE = Console(width=100_000, color_system=None)
+
+
+def _width(table: Table) -> int:
+    """The width `table` takes when nothing limits it."""
+    return Measurement.get(_MEASURE, _MEASURE.options, table).maximum
 
 
 def engines_table(engines: list[dict[str, Any]]) -> Table:
@@ -74,4 +152,100 @@ def engines_table(engines: list[dict[str, Any]]) -> Table:
             e["desired"],
             " ".join(e["command"]),
         )
+    return table
+
+
+SOURCE_STYLE = {"default": "dim", "daemon": "cyan", "engine": "yellow"}
+
+# Settings in seconds, shown with their unit.
+_SECONDS = frozenset(
+    {
+        "interval", "timeout", "grace", "start_seconds", "initial", "max", "reset_after",
+        "flap_window", "cooldown", "ping_timeout", "leak_window", "drain_timeout", "window",
+        "restore_interval", "isolation_base", "isolation_max", "slow_start",
+    }
+)  # fmt: skip
+# Settings whose 0 turns the behaviour off.
+_ZERO_IS_OFF = frozenset({"cooldown", "leak_rate", "slow_start"})
+
+
+def setting_value(key: str, value: Any) -> str:
+    """One setting for a person: `30s`, `512.0MiB`, `1.0MiB/s`, `50%`, `true`, `none`."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if value == 0 and key in _ZERO_IS_OFF:
+        return "0 (off)"
+    if key == "max_rss":
+        return size(value)
+    if key == "leak_rate":
+        return f"{size(value)}/s"
+    if key.endswith("_percent"):
+        return f"{value:g}%"
+    if key in _SECONDS:
+        return f"{value:g}s"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _spec_defaults(mode: str) -> dict[str, dict[str, Any]]:
+    """The default health, restart and limits settings of an engine of `mode`, flat."""
+    from dataclasses import asdict
+
+    from engctl.models import HealthSpec, LimitsSpec, RestartSpec
+
+    health = asdict(HealthSpec())
+    health["check"] = "ping" if mode == "worker" else None
+    restart = asdict(RestartSpec())
+    restart["policy"] = str(restart["policy"])
+    restart.update({f"backoff.{k}": v for k, v in restart.pop("backoff").items()})
+    return {"health": health, "restart": restart, "limits": asdict(LimitsSpec())}
+
+
+def policy_rows(engine: dict[str, Any]) -> list[tuple[str, str, Any, str]]:
+    """(section, setting, value, from) for every setting `policy show` prints; a section is
+    named as its TOML table under [engines.NAME] (the policy ones also go under [daemon])."""
+    rows: list[tuple[str, str, Any, str]] = []
+    # The engine spec's own tables: a value is the engine's when it is not the default.
+    defaults = _spec_defaults(engine["mode"])
+    restart = dict(engine["restart"])
+    backoff = restart.pop("backoff", {})
+    spec_sections = {
+        "health": engine["health"],
+        "restart": {**restart, **{f"backoff.{k}": v for k, v in backoff.items()}},
+        "limits": engine["limits"],
+    }
+    for section, values in spec_sections.items():
+        known = defaults[section]
+        for key, value in values.items():
+            source = "default" if key in known and known[key] == value else "engine"
+            rows.append((section, key, value, source))
+    policy, sources = engine["policy"], engine["sources"]
+    for key, value in policy.items():
+        if not isinstance(value, dict):
+            rows.append(("policy", key, value, sources.get("top", {}).get(key, "default")))
+    for section, values in policy.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                source = sources.get(section, {}).get(key, "default")
+                rows.append((f"policy.{section}", key, value, source))
+    return rows
+
+
+def policy_table(engine: dict[str, Any]) -> Table:
+    """`engctl policy show`: one engine's settings, grouped by section, with their source."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("SECTION", "SETTING", "VALUE", "FROM"):
+        table.add_column(col, no_wrap=True)
+    last = None
+    for section, key, value, source in policy_rows(engine):
+        table.add_row(
+            section if section != last else "",
+            key,
+            setting_value(key.rpartition(".")[2], value),
+            Text(source, style=SOURCE_STYLE.get(source, "")),
+        )
+        last = section
     return table
