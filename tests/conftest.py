@@ -114,12 +114,13 @@ class Home:
         with self.client() as c:
             return c.register({name: {"command": command, **spec}})
 
-    def start_daemon(self, **daemon_config: float) -> Home:
+    def start_daemon(self, **daemon_config: Any) -> Home:
         """Write `[daemon]` settings to this home's config.toml, then start its daemon."""
         if daemon_config:
-            body = "\n".join(f"{k} = {v!r}" for k, v in daemon_config.items())
+            import tomli_w
+
             self.paths.config_file.parent.mkdir(parents=True, exist_ok=True)
-            self.paths.config_file.write_text(f"[daemon]\n{body}\n")
+            self.paths.config_file.write_text(tomli_w.dumps({"daemon": daemon_config}))
         with self.client() as c:
             c.connect()
         assert self.daemon_pid() is not None

@@ -240,6 +240,26 @@ class Client:
         """Set an engine's number of instances."""
         return self.call("engine.scale", name=name, instances=instances)  # type: ignore[no-any-return]
 
+    def isolate(self, targets: list[str], reason: str | None = None) -> dict[str, Any]:
+        """Take instances out of dispatch by hand (wins over policies until `restore`)."""
+        return self.call("instance.isolate", targets=targets, reason=reason)  # type: ignore[no-any-return]
+
+    def drain(self, targets: list[str], reason: str | None = None) -> dict[str, Any]:
+        """Let instances finish what they run and give them nothing new, until `restore`."""
+        return self.call("instance.drain", targets=targets, reason=reason)  # type: ignore[no-any-return]
+
+    def restore(self, targets: list[str]) -> dict[str, Any]:
+        """Undo `isolate`/`drain` and clear policy isolation and downweighting."""
+        return self.call("instance.restore", targets=targets)  # type: ignore[no-any-return]
+
+    def policy(self, names: list[str] | None = None) -> dict[str, Any]:
+        """The effective failure policy of each engine, with where each value came from."""
+        return self.call("policy.show", names=names)  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        """The Prometheus text exposition."""
+        return self.call("metrics.get")["text"]  # type: ignore[no-any-return]
+
     def events(
         self, engine: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:

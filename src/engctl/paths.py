@@ -95,6 +95,10 @@ class Paths:
         return self.state_dir / "events.sqlite3"
 
     @property
+    def history_db(self) -> Path:
+        return self.state_dir / "history.sqlite3"
+
+    @property
     def daemon_log(self) -> Path:
         return self.state_dir / "daemon.log"
 

@@ -48,7 +48,7 @@ def monitor() -> Iterator[Monitor]:
     """A monitor that is never started: tests call sample_once themselves."""
     loop = asyncio.new_event_loop()
     try:
-        yield Monitor(1.0, loop, lambda samples: None)
+        yield Monitor(1.0, loop, lambda samples, host: None)
     finally:
         loop.close()
 

@@ -104,8 +104,21 @@ def status(json: JsonFlag = False) -> None:
 
 
 @daemon_app.command("run")
-def run() -> None:
+def run(
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus /metrics on 127.0.0.1:PORT (overrides metrics_port in"
+            " config.toml; 0: off).",
+        ),
+    ] = None,
+) -> None:
     """Run the daemon in the foreground (for systemd or a container); Ctrl-C stops it."""
     sys.stdout.flush()
+    argv = [sys.executable, "-m", "engctl.daemon"]
+    if metrics_port is not None:
+        argv += ["--metrics-port", str(metrics_port)]
     # exec keeps the CLI from importing daemon code and gives the daemon the pid systemd sees.
-    os.execv(sys.executable, [sys.executable, "-m", "engctl.daemon"])
+    os.execv(sys.executable, argv)

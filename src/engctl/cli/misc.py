@@ -45,9 +45,12 @@ def config(json: JsonFlag = False) -> None:
 
     from engctl.config import DaemonConfig
     from engctl.paths import resolve_paths
+    from engctl.policy_config import overrides_to_toml
 
     paths = resolve_paths()
-    settings = asdict(DaemonConfig.load(paths.config_file))
+    loaded = DaemonConfig.load(paths.config_file)
+    settings = asdict(loaded)
+    settings["policy"] = overrides_to_toml(loaded.policy)  # as written in [daemon.policy]
     info = {
         "home": os.environ.get("ENGCTL_HOME"),
         "socket": str(paths.socket),
@@ -64,4 +67,12 @@ def config(json: JsonFlag = False) -> None:
         out(f"{key:12} {info[key] or '-'}")
     out("[daemon]")
     for key, value in settings.items():
-        out(f"  {key} = {value}")
+        if key != "policy":
+            out(f"  {key} = {value}")
+    for key, value in settings["policy"].items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                out(f"  policy.{key}.{sub} = {v}")
+        else:
+            out(f"  policy.{key} = {value}")
+    out("(`engctl policy show` lists every policy setting in effect per engine)")

@@ -7,6 +7,7 @@ Parameters are checked here (wrong types raise InvalidParamsError); behaviour li
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import time
 from collections.abc import Callable
@@ -26,9 +27,11 @@ from engctl.paths import Paths
 from engctl.policy_config import effective_policy
 from engctl.states import DesiredState, Eligibility, EngineMode
 
+from . import allow_ssl
 from .enforcer import Enforcer
 from .events import Event, EventLog
 from .logs import read_tail
+from .metrics import Rollups, prometheus_text, snapshot
 from .registry import Registry
 from .requests import Router
 from .server import Connection, Handler, Reply
@@ -69,7 +72,10 @@ class Api:
         router: Router,
         enforcer: Enforcer,
         request_shutdown: Callable[[], None],
+        rollups: Rollups | None = None,
     ) -> None:
+        self.rollups = rollups
+        self._prometheus_ready = False
         self.paths = paths
         self.router = router
         self.enforcer = enforcer
@@ -104,6 +110,9 @@ class Api:
             "instance.drain": self.drain,
             "instance.restore": self.restore,
             "policy.show": self.policy_show,
+            "metrics.get": self.metrics_get,
+            "metrics.live": self.metrics_live,
+            "metrics.flush": self.metrics_flush,
         }
 
     async def _persist(self) -> None:
@@ -375,9 +384,9 @@ class Api:
         return insts
 
     async def _override(
-        self, params: dict[str, Any], eligibility: Eligibility | None, default_reason: str
+        self, params: dict[str, Any], eligibility: Eligibility | None
     ) -> dict[str, Any]:
-        reason = _get(params, "reason", str, None) or default_reason
+        reason = _get(params, "reason", str, None) or ""
         insts = self._override_targets(params)
         for inst in insts:
             self.enforcer.set_manual(inst, eligibility, reason)
@@ -385,13 +394,13 @@ class Api:
         return {"instances": [i.to_json() for i in insts]}
 
     async def isolate(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        return await self._override(params, Eligibility.ISOLATED, "isolated by user")
+        return await self._override(params, Eligibility.ISOLATED)
 
     async def drain(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        return await self._override(params, Eligibility.DRAINING, "drained by user")
+        return await self._override(params, Eligibility.DRAINING)
 
     async def restore(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        return await self._override(params, None, "restored by user")
+        return await self._override(params, None)
 
     def policy_show(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         names = _str_list(params, "names", None)
@@ -438,6 +447,49 @@ class Api:
                 }
             )
         return {"engines": out}
+
+    # -- metrics -----------------------------------------------------------------------------
+    async def metrics_text(self) -> bytes:
+        """The Prometheus text exposition (also served on --metrics-port)."""
+        if not self._prometheus_ready:
+            # prometheus-client takes ~100 ms to import: not on the loop, and only if asked.
+            allow_ssl()  # prometheus_client.exposition imports it
+            await asyncio.to_thread(importlib.import_module, "prometheus_client.exposition")
+            self._prometheus_ready = True
+        host = self.rollups.host if self.rollups is not None else None
+        # The copy is cheap and on the loop; the rendering is not, so it runs on a thread.
+        snap = snapshot(self.sup, self.router, host)
+        return await asyncio.to_thread(prometheus_text, snap)
+
+    async def metrics_get(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return {"text": (await self.metrics_text()).decode()}
+
+    async def metrics_flush(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        """Close the 10 s bucket being filled and wait until it and every event are on disk,
+        so a report read right after sees everything up to now."""
+        rows = 0
+        if self.rollups is not None and self.rollups.writer is not None:
+            writer = self.rollups.writer
+            closed = self.rollups.close(self.rollups.tiers[0], time.time())
+            writer.write(closed)
+            rows = len(closed)
+            await asyncio.to_thread(writer.flush)
+        await self.events.flush()
+        return {"rows": rows}
+
+    def metrics_live(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        host = self.rollups.host if self.rollups is not None else None
+        return {
+            "instances": self.rollups.recent() if self.rollups is not None else {},
+            "queue": self.router.queue_by_type(),
+            "host": None
+            if host is None
+            else {
+                "cpu_percent": host.cpu_percent,
+                "memory_used": host.mem_used,
+                "memory_total": host.mem_total,
+            },
+        }
 
     # -- reading ---------------------------------------------------------------------------
     def status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:

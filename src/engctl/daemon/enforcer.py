@@ -173,6 +173,7 @@ class Enforcer:
             return
         length = inst.failures.isolation_length(policy.failing)
         inst.failures.isolated(now)
+        inst.isolations_total += 1
         inst.stats.consecutive_errors = 0
         standing.isolated_until = now + length
         standing.isolation_reason = decision.reason
@@ -215,7 +216,22 @@ class Enforcer:
     ) -> None:
         try:
             passed, _ = await ping_probe(self.router.ping_sender(inst), ping_timeout)
-            if passed or inst.pid != pid:
+            if inst.pid != pid:
+                return
+            if passed:
+                # Alive, but are its slots held by requests it will never answer? When all
+                # are, nothing else can run there: restart it (nothing to drain for those).
+                stuck = self.router.stuck_requests(inst)
+                if stuck >= inst.spec.max_concurrency and not inst.restarting:
+                    self._drain_restart(
+                        inst,
+                        Decision(
+                            Action.DRAIN_RESTART,
+                            f"hang: all {stuck} of its slots are held by requests past their"
+                            " deadline (it answers ping, but not them)",
+                            data={"stuck_requests": stuck},
+                        ),
+                    )
                 return
             decision = hang_decision(request_id, timeout, ping_timeout)
             self._emit(inst, "instance.hung", decision.reason, **decision.data)
@@ -262,9 +278,14 @@ class Enforcer:
     async def _restart_when_drained(self, inst: Instance, reason: str) -> None:
         try:
             deadline = self.loop.time() + self.policy(inst).memory.drain_timeout
-            while inst.stats.in_flight > 0 and self.loop.time() < deadline:
+
+            def running() -> int:
+                # Requests past their deadline that it never answers need not be waited for.
+                return inst.stats.in_flight - self.router.stuck_requests(inst)
+
+            while running() > 0 and self.loop.time() < deadline:
                 await asyncio.sleep(0.05)
-            left = inst.stats.in_flight
+            left = running()
             if left:
                 self._emit(inst, "instance.drain_timeout", f"restarting with {left} in flight")
             await self.sup.restart_instance(inst, reason)
@@ -355,6 +376,7 @@ class Enforcer:
         if self._guard(inst, why):
             standing.unhealthy_isolated = True
             standing.health_reason = why
+            inst.isolations_total += 1
             self._emit(inst, "instance.isolated", f"isolated until healthy: {inst.health_reason}")
 
     def _start_slow(self, inst: Instance, now: float) -> None:
@@ -439,6 +461,7 @@ class Enforcer:
                 policy = self.policy(inst)
                 length = inst.failures.isolation_length(policy.failing)
                 inst.failures.isolated(now)
+                inst.isolations_total += 1
                 standing.isolated_until = now + length
                 standing.isolation_reason = f"still failing after isolation: {detail}"
                 self._emit(
@@ -467,14 +490,16 @@ class Enforcer:
             inst.slow.reset()
             inst.stats.consecutive_errors = 0
             self._guard_notes.pop(inst, None)
-            self._emit(inst, "instance.restored", f"restored by hand: {reason}")
+            self._emit(inst, "instance.restored", _by_hand("restored", reason))
         else:
+            if eligibility is Eligibility.ISOLATED and standing.manual is not eligibility:
+                inst.isolations_total += 1
             standing.manual = eligibility
             standing.manual_reason = reason
             standing.manual_since = time.time()
             kind = "instance.isolated" if eligibility is Eligibility.ISOLATED else "instance.drain"
             verb = "isolated" if eligibility is Eligibility.ISOLATED else "draining"
-            self._emit(inst, kind, f"{verb} by hand: {reason}")
+            self._emit(inst, kind, _by_hand(verb, reason))
         self.refresh(inst, announce=False)
 
     def apply_saved(self, inst: Instance, saved: dict[str, Any]) -> None:
@@ -484,3 +509,7 @@ class Enforcer:
             inst.standing.manual_reason = str(saved.get("reason", ""))
             inst.standing.manual_since = float(saved.get("since", 0.0))
             self.refresh(inst, announce=False)
+
+
+def _by_hand(verb: str, reason: str) -> str:
+    return f"{verb} by hand: {reason}" if reason else f"{verb} by hand"

@@ -27,6 +27,8 @@ from . import process
 from .api import Api
 from .enforcer import Enforcer
 from .events import EventLog
+from .history import HistoryWriter, Retention
+from .metrics import HostSample, MetricsServer, Rollups
 from .monitor import Monitor
 from .registry import Entry, Registry
 from .requests import Router
@@ -84,9 +86,11 @@ def setup_logging(paths: Paths, foreground: bool) -> None:
 class Daemon:
     """The running daemon: owns the server, supervisor, monitor and event log."""
 
-    def __init__(self, paths: Paths, config: DaemonConfig) -> None:
+    def __init__(self, paths: Paths, config: DaemonConfig, metrics_port: int | None = None) -> None:
         self.paths = paths
         self.config = config
+        self.metrics_port = config.metrics_port if metrics_port is None else metrics_port
+        self.rollups: Rollups | None = None
         self.stopping = asyncio.Event()
         self._signals = 0
         self.enforcer: Enforcer | None = None
@@ -113,11 +117,28 @@ class Daemon:
             for index, saved in entry.overrides.items():
                 if index < len(engine.instances):
                     enforcer.apply_saved(engine.instances[index], saved)
-        api = Api(paths, sup, registry, events, router, enforcer, self.stopping.set)
+        writer = None
+        if config.metrics:
+            writer = HistoryWriter(
+                paths.history_db,
+                Retention(
+                    config.history_fine_retention,
+                    config.history_retention,
+                    config.history_max_mb * 1024 * 1024,
+                ),
+            )
+        rollups = self.rollups = Rollups(sup, router, writer)
+        api = Api(paths, sup, registry, events, router, enforcer, self.stopping.set, rollups)
         server = Server(
             paths.socket, api.handlers(), config.max_frame_bytes, paths.daemon_log, outbox
         )
         await server.start()
+        metrics_server = None
+        if self.metrics_port:
+            metrics_server = MetricsServer(self.metrics_port, api.metrics_text)
+            await metrics_server.start()
+            log.info("serving Prometheus metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
+        roll_timer = loop.call_later(1.0, self._roll, loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         if not process.become_subreaper():
@@ -136,8 +157,13 @@ class Daemon:
         log.info("shutting down")
         events.emit("daemon.stopping", "shutdown requested")
         startup.cancel()
+        roll_timer.cancel()
+        if self._roll_handle is not None:
+            self._roll_handle.cancel()
         enforcer.close()
         router.close()
+        if metrics_server is not None:
+            await metrics_server.close()
         try:
             await self._sweep
         except Exception:
@@ -145,6 +171,9 @@ class Daemon:
         await server.close()
         await sup.shutdown(config.shutdown_timeout)
         monitor.stop()
+        if writer is not None:
+            writer.write(rollups.close_all())  # the buckets being filled are kept too
+            writer.close()
         events.emit("daemon.stopped", "all engines stopped")
         events.close()
         log.info("stopped")
@@ -170,13 +199,26 @@ class Daemon:
                 ]
                 await self.sup.start_engine(engine, "daemon started", wanted)
 
-    def _apply_samples(self, samples: dict[str, Sample]) -> None:
+    def _apply_samples(self, samples: dict[str, Sample], host: HostSample | None) -> None:
         for inst in self.sup.all_instances():
             s = samples.get(inst.id)
             if s is not None and s.pid == inst.pid:
                 inst.sample = s
         if self.enforcer is not None:
             self.enforcer.samples_taken(samples)
+        if self.rollups is not None:
+            self.rollups.sampled(host)
+
+    _roll_handle: asyncio.TimerHandle | None = None
+
+    def _roll(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the history buckets that are due (a cheap check, once a second)."""
+        self._roll_handle = loop.call_later(1.0, self._roll, loop)
+        if self.rollups is not None:
+            try:
+                self.rollups.due()
+            except Exception:
+                log.exception("cannot roll up metrics")
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
@@ -194,7 +236,12 @@ def _notify_ready(fd: int, message: str) -> None:
         os.close(fd)
 
 
-def run(home: str | None = None, ready_fd: int | None = None, foreground: bool = True) -> int:
+def run(
+    home: str | None = None,
+    ready_fd: int | None = None,
+    foreground: bool = True,
+    metrics_port: int | None = None,
+) -> int:
     """Run the daemon until it is asked to stop; returns the process exit code."""
     paths = resolve_paths(home)
     try:
@@ -208,7 +255,7 @@ def run(home: str | None = None, ready_fd: int | None = None, foreground: bool =
         return exc.exit_code
     setup_logging(paths, foreground)
     try:
-        asyncio.run(Daemon(paths, config).run(ready_fd))
+        asyncio.run(Daemon(paths, config, metrics_port).run(ready_fd))
     except EngctlError as exc:
         log.error("%s", exc.message)
         if ready_fd is not None:
@@ -230,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--home", help="engctl home (default: ENGCTL_HOME or platformdirs)")
     parser.add_argument("--ready-fd", type=int, help="write 'ok' or 'error: …' here when ready")
     parser.add_argument("--background", action="store_true", help="log to the file only")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)"
+    )
     args = parser.parse_args(argv)
     if args.background and os.fork() > 0:
         # The starter reaps this first process at once; the daemon (the fork) is adopted by
@@ -237,4 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(0)
     if args.home:
         os.environ["ENGCTL_HOME"] = str(Path(args.home).absolute())
-    sys.exit(run(args.home, args.ready_fd, foreground=not args.background))
+    sys.exit(
+        run(
+            args.home, args.ready_fd, foreground=not args.background, metrics_port=args.metrics_port
+        )
+    )

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import psutil
 
+from .metrics import HostSample
 from .supervisor import Sample
 
 log = logging.getLogger("engctl.monitor")
@@ -60,7 +61,7 @@ class Monitor:
         self,
         interval: float,
         loop: asyncio.AbstractEventLoop,
-        on_samples: Callable[[dict[str, Sample]], None],
+        on_samples: Callable[[dict[str, Sample], HostSample | None], None],
     ) -> None:
         self.interval = interval
         self.targets: dict[str, int] = {}
@@ -87,12 +88,12 @@ class Monitor:
         while not self._stop.wait(self.interval):
             try:
                 samples = self.sample_once()
+                host = sample_host()
             except Exception:  # never let the sampler die: log and try next tick
                 log.exception("sampling failed")
                 continue
-            if samples:
-                with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
-                    self._loop.call_soon_threadsafe(self._on_samples, samples)
+            with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
+                self._loop.call_soon_threadsafe(self._on_samples, samples, host)
 
     def _proc(self, pid: int) -> psutil.Process | None:
         p = self._procs.get(pid)
@@ -135,3 +136,22 @@ class Monitor:
         for stale in set(self._procs) - seen:
             del self._procs[stale]
         return out
+
+
+def sample_host() -> HostSample | None:
+    """CPU %, memory, and disk and network byte counters of the machine."""
+    try:
+        mem = psutil.virtual_memory()
+        disk = psutil.disk_io_counters()
+        net = psutil.net_io_counters()
+        return HostSample(
+            cpu_percent=psutil.cpu_percent(None),
+            mem_used=mem.total - mem.available,
+            mem_total=mem.total,
+            disk_read=disk.read_bytes if disk else 0,
+            disk_write=disk.write_bytes if disk else 0,
+            net_sent=net.bytes_sent if net else 0,
+            net_recv=net.bytes_recv if net else 0,
+        )
+    except (psutil.Error, OSError):
+        return None

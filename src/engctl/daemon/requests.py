@@ -384,6 +384,7 @@ class Router:
         self._explained: dict[str, Any] = {}
         self.deadlines = Deadlines(self.loop, self._timed_out)
         self.enforcer: PolicyHooks | None = None
+        self.record_latency = config.metrics  # the histograms behind report, metrics and top
         # Instance or oneshot-engine id -> its counters; rebuilt when the engines change.
         self._stats_by_id: dict[str, RequestStats] = {}
         self._selectors: dict[tuple[Any, ...], Selector] = {}
@@ -706,6 +707,8 @@ class Router:
             if ok:
                 stats.ok += 1
                 stats.consecutive_errors = 0
+                if self.record_latency:
+                    stats.hist.record_ms(latency_ms)
                 prev = stats.latency_ewma_ms
                 stats.latency_ewma_ms = (
                     latency_ms if prev is None else prev + EWMA_ALPHA * (latency_ms - prev)
@@ -737,6 +740,22 @@ class Router:
             else:
                 self._fail(req, error)
         self._drain_queue()
+
+    def stuck_requests(self, inst: Instance) -> int:
+        """Requests of `inst` already answered with a timeout that it has not answered."""
+        channel = self.channels.get(inst.id)
+        if channel is None:
+            return 0
+        return sum(1 for r in channel.pending.values() if r.future.done)
+
+    def queue_by_type(self) -> dict[str, int]:
+        """Requests waiting for a free instance, by the type they asked for ("" for none)."""
+        out: dict[str, int] = {}
+        for req in self.queue:
+            if not req.future.done:
+                t = req.selector.type or ""
+                out[t] = out.get(t, 0) + 1
+        return out
 
     def _blame(self, stats: RequestStats, cand_id: str, why: str) -> None:
         stats.consecutive_errors += 1
@@ -775,17 +794,26 @@ class Router:
     def _timed_out(self, req: Request) -> None:
         if req.future.done:
             return
-        where = f" on {req.instance}" if req.instance else " waiting in the queue"
-        if req.instance is None:
+        # Only an attempt in flight (req.cand) times out on its instance. A request waiting in
+        # the queue for a retry also names an instance (the one that failed it, already blamed
+        # for that failure): it must neither be charged a timeout nor keep its queue slot.
+        running = req.cand is not None
+        if running:
+            where = f" on {req.instance}"
+        elif req.instance and req.last_error is not None:
+            where = f" waiting in the queue for a retry (last error: {req.last_error.message})"
+        else:
+            where = " waiting in the queue"
+        if not running:
             # Free its slot now: max_queue bounds live waiters, not requests already answered.
             with contextlib.suppress(ValueError):
                 self.queue.remove(req)
-        stats = self._stats(req.instance) if req.instance else None
+        stats = self._stats(req.instance) if running and req.instance else None
         self._fail(req, RequestTimeoutError(f"request timed out after {req.timeout:g}s{where}"))
         if stats is not None and req.instance is not None:
             stats.timeouts += 1
             self._blame(stats, req.instance, f"timeout after {req.timeout:g}s")
-            if self.enforcer is not None and req.cand is not None:
+            if self.enforcer is not None:
                 # Still unanswered on its instance: the hang policy pings it.
                 self.enforcer.request_overdue(req.instance, req.id, req.timeout)
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from engctl.config import DaemonConfig
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
+from engctl.histogram import Histogram
 from engctl.models import EngineSpec
 from engctl.paths import Paths
 from engctl.policy_config import PolicySpec, effective_policy
@@ -78,6 +79,8 @@ class RequestStats:
     lost: int = 0  # in flight when the process died (the crash policy's business)
     consecutive_errors: int = 0  # reset by every success (the failing policy reads it)
     last_error: str = ""
+    # Latencies of successful requests since the daemon started (bounded: 256 buckets).
+    hist: Histogram = field(default_factory=Histogram)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +120,9 @@ class Instance:
         self.state = S.STOPPED
         self.state_reason = "registered"
         self.state_since = time.time()
+        self._state_mono = time.monotonic()
+        self._state_time: dict[str, float] = {}
+        self.isolations_total = 0  # by policy or by hand, since the daemon started
         self.health = Health.UNKNOWN
         self.eligibility = Eligibility.ACTIVE
         self.proc: ChildProcess | None = None
@@ -150,6 +156,20 @@ class Instance:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.alive else None
+
+    def state_seconds(self) -> dict[str, float]:
+        """Seconds spent in each state since the daemon started, the current one included."""
+        out = dict(self._state_time)
+        cur = self.state.value
+        out[cur] = out.get(cur, 0.0) + (time.monotonic() - self._state_mono)
+        return out
+
+    def _entered(self, old: InstanceState) -> None:
+        now = time.monotonic()
+        self._state_time[old.value] = self._state_time.get(old.value, 0.0) + (
+            now - self._state_mono
+        )
+        self._state_mono = now
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -266,6 +286,7 @@ class Supervisor:
         old = inst.state
         if not can_transition(old, new):
             raise RuntimeError(f"illegal transition {inst.id}: {old} -> {new} ({reason})")
+        inst._entered(old)
         inst.state = new
         inst.state_reason = reason
         inst.state_since = time.time()
@@ -533,7 +554,16 @@ class Supervisor:
             process.signal_group(proc.pgid, signal.SIGTERM)
 
         async def sweep() -> None:
-            adopted = await asyncio.to_thread(process.adopted_orphans, inst.id)
+            found = await asyncio.to_thread(process.adopted_orphans, inst.id)
+            # The scan runs in a thread: a successor spawned meanwhile (a restart) carries the
+            # same marker and may not have been registered yet when it was seen. Back on the
+            # loop it is: keep out every process of a live instance's group.
+            live = {
+                i.proc.pgid
+                for i in self.all_instances()
+                if i.proc is not None and i.proc is not proc and i.proc.alive
+            }
+            adopted = [(p, ct) for p, ct in found if process.pgid_of(p) not in live]
             process.signal_pids(adopted, signal.SIGTERM)
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline and (

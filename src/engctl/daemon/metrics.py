@@ -1,0 +1,616 @@
+"""Metrics: roll-ups into the history database and the Prometheus exposition.
+
+Nothing here is on the request path: requests only bump counters and a histogram held by the
+instance (`RequestStats`). Every 10 s and every 5 min, `Rollups` turns the difference since the
+last bucket into rows; every monitor sample adds CPU, RSS, queue and host readings to the
+buckets being filled. `snapshot` copies the same live figures for `prometheus_text`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engctl.histogram import Histogram
+from engctl.states import EngineMode
+
+from .history import COARSE_SECONDS, FINE_SECONDS, HistoryWriter
+from .supervisor import Instance, Supervisor
+
+if TYPE_CHECKING:
+    from .requests import Router
+
+log = logging.getLogger("engctl.metrics")
+
+
+@dataclass
+class HostSample:
+    """One reading of the machine: CPU, memory, and disk and network byte counters."""
+
+    cpu_percent: float = 0.0
+    mem_used: int = 0
+    mem_total: int = 0
+    disk_read: int = 0
+    disk_write: int = 0
+    net_sent: int = 0
+    net_recv: int = 0
+
+
+@dataclass
+class _Base:
+    """An instance's cumulative figures when its bucket started."""
+
+    requests: int
+    ok: int
+    errors: int
+    timeouts: int
+    lost: int
+    restarts: int
+    isolations: int
+    hist: Histogram
+    states: dict[str, float]
+
+
+@dataclass
+class _Gauge:
+    """Readings within one bucket: mean and max."""
+
+    total: float = 0.0
+    n: int = 0
+    peak: float = 0.0
+
+    def add(self, v: float) -> None:
+        self.total += v
+        self.n += 1
+        if v > self.peak:
+            self.peak = v
+
+    @property
+    def mean(self) -> float | None:
+        return None if self.n == 0 else self.total / self.n
+
+
+@dataclass
+class _Tier:
+    seconds: int
+    started: float
+    bases: dict[Instance, _Base] = field(default_factory=dict)
+    bases_before: dict[Instance, _Base] = field(default_factory=dict)
+    cpu: dict[Instance, _Gauge] = field(default_factory=dict)
+    rss: dict[Instance, _Gauge] = field(default_factory=dict)
+    # per type: samples taken, samples with requests waiting, the longest queue seen
+    queue: dict[str, list[int]] = field(default_factory=dict)
+    host_cpu: _Gauge = field(default_factory=_Gauge)
+    host_mem: _Gauge = field(default_factory=_Gauge)
+    host_base: HostSample | None = None
+
+
+_ZERO = _Base(0, 0, 0, 0, 0, 0, 0, Histogram(), {})
+
+
+def _base(inst: Instance) -> _Base:
+    st = inst.stats
+    return _Base(
+        st.requests,
+        st.ok,
+        st.errors,
+        st.timeouts,
+        st.lost,
+        inst.restarts,
+        inst.isolations_total,
+        st.hist.copy(),
+        inst.state_seconds(),
+    )
+
+
+class Rollups:
+    """Fills the 10 s and 5 min buckets and hands finished ones to the history writer."""
+
+    def __init__(
+        self,
+        sup: Supervisor,
+        router: Router,
+        writer: HistoryWriter | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sup = sup
+        self.router = router
+        self.writer = writer
+        self.clock = clock
+        now = clock()
+        self.tiers = [_Tier(FINE_SECONDS, now), _Tier(COARSE_SECONDS, now)]
+        self.host: HostSample | None = None
+        self.previous: dict[Instance, _Base] = {}
+        self.previous_started = now
+        for tier in self.tiers:
+            for inst in sup.all_instances():
+                tier.bases[inst] = _base(inst)
+
+    def _instances(self) -> list[Instance]:
+        return [
+            i
+            for e in self.sup.engines.values()
+            if e.spec.mode is not EngineMode.ONESHOT
+            for i in e.instances
+        ]
+
+    def sampled(self, host: HostSample | None) -> None:
+        """A monitor tick: add its readings to the buckets being filled."""
+        if host is not None:
+            self.host = host
+        waiting = self.router.queue_by_type()
+        types = {e.spec.type for e in self.sup.engines.values()}
+        for tier in self.tiers:
+            for inst in self._instances():
+                if inst.pid is None:
+                    continue
+                tier.cpu.setdefault(inst, _Gauge()).add(inst.sample.cpu_percent)
+                tier.rss.setdefault(inst, _Gauge()).add(float(inst.sample.rss_bytes))
+            for t in types:
+                q = tier.queue.setdefault(t, [0, 0, 0])
+                n = waiting.get(t, 0)
+                q[0] += 1
+                q[1] += 1 if n else 0
+                q[2] = max(q[2], n)
+            if host is not None:
+                tier.host_cpu.add(host.cpu_percent)
+                tier.host_mem.add(float(host.mem_used))
+                if tier.host_base is None:
+                    tier.host_base = host
+
+    def close_all(self, now: float | None = None) -> list[tuple[Any, ...]]:
+        """Rows of every bucket being filled (daemon shutdown: keep the partial ones)."""
+        now = self.clock() if now is None else now
+        return [row for tier in self.tiers for row in self.close(tier, now)]
+
+    def recent(self) -> dict[str, dict[str, Any]]:
+        """Per instance, figures since the last 10 s bucket closed (at least 5 s of them):
+        throughput, success rate and latency percentiles (`engctl top`)."""
+        tier = self.tiers[0]
+        now = self.clock()
+        out: dict[str, dict[str, Any]] = {}
+        for inst in self._instances():
+            base = tier.bases.get(inst) or _ZERO
+            prev = self.previous.get(inst)
+            # Right after a bucket closed its window is short: measure from the one before.
+            since = tier.started
+            if prev is not None and now - tier.started < 5.0:
+                base, since = prev, self.previous_started
+            cur = inst.stats
+            window = max(now - since, 1e-3)
+            hist = cur.hist.minus(base.hist)
+            done = (cur.ok - base.ok) + (cur.errors - base.errors) + (cur.timeouts - base.timeouts)
+            out[inst.id] = {
+                "window_s": round(window, 1),
+                "rps": round((cur.requests - base.requests) / window, 2),
+                "success_rate": round((cur.ok - base.ok) / done, 4) if done else None,
+                "p50_ms": _round(hist.percentile_ms(0.5)),
+                "p99_ms": _round(hist.percentile_ms(0.99)),
+            }
+        return out
+
+    def due(self, now: float | None = None) -> None:
+        """Close every bucket whose time has come (called every few seconds)."""
+        now = self.clock() if now is None else now
+        for tier in self.tiers:
+            if now - tier.started >= tier.seconds:
+                if self.writer is None:
+                    # `metrics = false`: nothing is kept, so no rows are built either.
+                    self.close(tier, now, rows_wanted=False)
+                    continue
+                self.writer.write(self.close(tier, now))
+
+    def close(self, tier: _Tier, now: float, rows_wanted: bool = True) -> list[tuple[Any, ...]]:
+        """The rows of a finished bucket (none if not `rows_wanted`); the next one starts now."""
+        seconds = now - tier.started
+        rows: list[tuple[Any, ...]] = []
+        live = self._instances()
+        for inst in live:
+            base = tier.bases.get(inst)
+            cur = _base(inst)
+            # A counter below its base was reset (instance slot re-created): count from 0.
+            if base is None or cur.requests < base.requests:
+                base = _ZERO
+            if not rows_wanted:
+                tier.bases_before[inst] = base
+                tier.bases[inst] = cur
+                continue
+            hist = cur.hist.minus(base.hist)
+            cpu = tier.cpu.get(inst)
+            rss = tier.rss.get(inst)
+            states = {
+                k: round(v - base.states.get(k, 0.0), 3)
+                for k, v in cur.states.items()
+                if v - base.states.get(k, 0.0) > 0.0005
+            }
+            rows.append(
+                (
+                    tier.seconds,
+                    now,
+                    seconds,
+                    "instance",
+                    inst.id,
+                    inst.spec.name,
+                    inst.spec.type,
+                    cur.requests - base.requests,
+                    cur.ok - base.ok,
+                    cur.errors - base.errors,
+                    cur.timeouts - base.timeouts,
+                    cur.lost - base.lost,
+                    hist.encode() if hist.count else None,
+                    None if cpu is None or cpu.mean is None else round(cpu.mean, 2),
+                    None if rss is None or rss.n == 0 else int(rss.peak),
+                    max(0, cur.restarts - base.restarts),
+                    max(0, cur.isolations - base.isolations),
+                    json.dumps(
+                        {
+                            "states": states,
+                            "state": inst.state.value,
+                            "health": inst.health.value,
+                            "eligibility": inst.eligibility.value,
+                            "weight": inst.spec.weight,
+                            "max_rss": inst.spec.limits.max_rss,
+                        }
+                    ),
+                )
+            )
+            tier.bases_before[inst] = base
+            tier.bases[inst] = cur
+        for gone in set(tier.bases) - set(live):
+            del tier.bases[gone]
+        for t, (samples, busy, peak) in tier.queue.items():
+            rows.append(
+                (
+                    tier.seconds,
+                    now,
+                    seconds,
+                    "type",
+                    t,
+                    None,
+                    t,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    None,
+                    None,
+                    None,
+                    0,
+                    0,
+                    json.dumps({"samples": samples, "queued_samples": busy, "queue_max": peak}),
+                )
+            )
+        host = self.host
+        if host is not None:
+            base_h = tier.host_base or host
+            rows.append(
+                (
+                    tier.seconds,
+                    now,
+                    seconds,
+                    "host",
+                    "host",
+                    None,
+                    None,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    None,
+                    None if tier.host_cpu.mean is None else round(tier.host_cpu.mean, 2),
+                    int(tier.host_mem.peak) if tier.host_mem.n else host.mem_used,
+                    0,
+                    0,
+                    json.dumps(
+                        {
+                            "mem_total": host.mem_total,
+                            "disk_read_bytes": max(0, host.disk_read - base_h.disk_read),
+                            "disk_write_bytes": max(0, host.disk_write - base_h.disk_write),
+                            "net_sent_bytes": max(0, host.net_sent - base_h.net_sent),
+                            "net_recv_bytes": max(0, host.net_recv - base_h.net_recv),
+                        }
+                    ),
+                )
+            )
+        if tier is self.tiers[0]:
+            self.previous = {i: b for i, b in tier.bases_before.items() if i in tier.bases}
+            self.previous_started = tier.started
+        tier.started = now
+        tier.cpu.clear()
+        tier.rss.clear()
+        tier.queue.clear()
+        tier.host_cpu = _Gauge()
+        tier.host_mem = _Gauge()
+        tier.host_base = host
+        return rows
+
+
+# -- Prometheus --------------------------------------------------------------------------
+# Bucket bounds of the exposed latency histogram: powers of two from 64 µs to ~67 s. They are
+# bucket edges of engctl.histogram, so the cumulative counts are exact, not interpolated.
+PROM_BOUNDS_US = [1 << k for k in range(6, 27)]
+
+
+@dataclass
+class _Member:
+    """What the exposition needs of one instance (or a oneshot engine), copied on the loop."""
+
+    labels: list[str]
+    ok: int
+    errors: int
+    timeouts: int
+    lost: int
+    in_flight: int
+    counts: list[int]
+    sum_us: int
+    live: bool = False  # an instance (not a oneshot engine)
+    running: bool = False
+    cpu: float = 0.0
+    rss: int = 0
+    restarts: int = 0
+    isolations: int = 0
+    states: dict[str, float] = field(default_factory=dict)
+    status: tuple[str, str, str] = ("", "", "")
+    weight: float = 0.0
+
+
+@dataclass
+class Snapshot:
+    """Every figure of the exposition as plain values: taken on the loop in about a
+    millisecond, rendered on a thread (prometheus-client needs tens of ms at 100 instances)."""
+
+    members: list[_Member]
+    queue: list[tuple[str, int]]
+    host: HostSample | None
+    protocol_errors: int
+
+
+def snapshot(sup: Supervisor, router: Router, host: HostSample | None) -> Snapshot:
+    """Copy the live figures (on the event loop)."""
+    members: list[_Member] = []
+    for engine in sup.engines.values():
+        spec = engine.spec
+        if spec.mode is EngineMode.ONESHOT:
+            st = engine.stats
+            members.append(
+                _Member(
+                    [spec.name, f"{spec.name}#oneshot", spec.type],
+                    st.ok,
+                    st.errors,
+                    st.timeouts,
+                    st.lost,
+                    st.in_flight,
+                    list(st.hist.counts),
+                    st.hist.sum_us,
+                )
+            )
+            continue
+        for inst in engine.instances:
+            st = inst.stats
+            members.append(
+                _Member(
+                    [spec.name, inst.id, spec.type],
+                    st.ok,
+                    st.errors,
+                    st.timeouts,
+                    st.lost,
+                    st.in_flight,
+                    list(st.hist.counts),
+                    st.hist.sum_us,
+                    live=True,
+                    running=inst.pid is not None,
+                    cpu=inst.sample.cpu_percent,
+                    rss=inst.sample.rss_bytes,
+                    restarts=inst.restarts,
+                    isolations=inst.isolations_total,
+                    states=inst.state_seconds(),
+                    status=(inst.state.value, inst.health.value, inst.eligibility.value),
+                    weight=inst.effective_weight,
+                )
+            )
+    waiting = router.queue_by_type()
+    queue = [(t, waiting.get(t, 0)) for t in sorted({e.spec.type for e in sup.engines.values()})]
+    return Snapshot(members, queue, host, router.protocol_errors)
+
+
+def prometheus_text(snap: Snapshot) -> bytes:
+    """The text exposition of a snapshot (prometheus-client); safe to run on a thread."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    labels = ["engine", "instance", "type"]
+    requests = CounterMetricFamily(
+        "engctl_requests", "Requests finished, by outcome.", labels=[*labels, "outcome"]
+    )
+    latency = HistogramMetricFamily(
+        "engctl_request_latency_seconds",
+        "Latency of successful requests (engctl's log-linear histogram, exact at these bounds).",
+        labels=labels,
+    )
+    in_flight = GaugeMetricFamily("engctl_in_flight", "Requests in flight.", labels=labels)
+    cpu = GaugeMetricFamily(
+        "engctl_instance_cpu_percent", "CPU % of the process tree.", labels=labels
+    )
+    rss = GaugeMetricFamily("engctl_instance_rss_bytes", "RSS of the process tree.", labels=labels)
+    restarts = CounterMetricFamily("engctl_instance_restarts", "Restarts.", labels=labels)
+    isolations = CounterMetricFamily(
+        "engctl_instance_isolations", "Times isolated (by policy or by hand).", labels=labels
+    )
+    state_seconds = CounterMetricFamily(
+        "engctl_instance_state_seconds",
+        "Seconds spent in each lifecycle state.",
+        labels=[*labels, "state"],
+    )
+    info = GaugeMetricFamily(
+        "engctl_instance_status",
+        "1 for the instance's current state, health and eligibility.",
+        labels=[*labels, "state", "health", "eligibility"],
+    )
+    weight = GaugeMetricFamily(
+        "engctl_instance_effective_weight", "Weight used by dispatch.", labels=labels
+    )
+    success = GaugeMetricFamily(
+        "engctl_instance_success_ratio",
+        "Share of finished requests that succeeded (since the daemon started).",
+        labels=labels,
+    )
+    queue = GaugeMetricFamily(
+        "engctl_queue_length", "Requests waiting for a free instance.", labels=["type"]
+    )
+    for m in snap.members:
+        lv = m.labels
+        for outcome, n in (
+            ("ok", m.ok),
+            ("error", m.errors),
+            ("timeout", m.timeouts),
+            ("lost", m.lost),
+        ):
+            requests.add_metric([*lv, outcome], n)
+        hist = Histogram.from_list(m.counts, m.sum_us)
+        buckets = [(_le(b), float(n)) for b, n in hist.cumulative_at(PROM_BOUNDS_US)]
+        buckets.append(("+Inf", float(hist.count)))
+        latency.add_metric(lv, buckets, m.sum_us / 1e6)
+        in_flight.add_metric(lv, m.in_flight)
+        finished = m.ok + m.errors + m.timeouts + m.lost
+        if finished:
+            success.add_metric(lv, m.ok / finished)
+        if not m.live:
+            continue
+        if m.running:
+            cpu.add_metric(lv, m.cpu)
+            rss.add_metric(lv, m.rss)
+        restarts.add_metric(lv, m.restarts)
+        isolations.add_metric(lv, m.isolations)
+        for state, secs in m.states.items():
+            state_seconds.add_metric([*lv, state], secs)
+        info.add_metric([*lv, *m.status], 1)
+        weight.add_metric(lv, m.weight)
+    for t, n in snap.queue:
+        queue.add_metric([t], n)
+    families: list[Any] = [
+        requests,
+        latency,
+        in_flight,
+        success,
+        cpu,
+        rss,
+        restarts,
+        isolations,
+        state_seconds,
+        info,
+        weight,
+        queue,
+    ]
+    host = snap.host
+    if host is not None:
+        for cls, name, doc, value in (
+            (GaugeMetricFamily, "engctl_host_cpu_percent", "Host CPU %.", host.cpu_percent),
+            (GaugeMetricFamily, "engctl_host_memory_used_bytes", "Memory used.", host.mem_used),
+            (GaugeMetricFamily, "engctl_host_memory_total_bytes", "Memory.", host.mem_total),
+            (
+                CounterMetricFamily,
+                "engctl_host_disk_read_bytes",
+                "Bytes read from disks.",
+                host.disk_read,
+            ),
+            (
+                CounterMetricFamily,
+                "engctl_host_disk_written_bytes",
+                "Bytes written to disks.",
+                host.disk_write,
+            ),
+            (
+                CounterMetricFamily,
+                "engctl_host_network_sent_bytes",
+                "Bytes sent on all interfaces.",
+                host.net_sent,
+            ),
+            (
+                CounterMetricFamily,
+                "engctl_host_network_received_bytes",
+                "Bytes received on all interfaces.",
+                host.net_recv,
+            ),
+        ):
+            families.append(cls(name, doc, value=value))
+    families.append(
+        CounterMetricFamily(
+            "engctl_protocol_errors",
+            "Worker protocol violations seen.",
+            value=snap.protocol_errors,
+        )
+    )
+
+    class _Collector:
+        def collect(self) -> list[Any]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    data: bytes = generate_latest(registry)
+    return data
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+class MetricsServer:
+    """GET /metrics on 127.0.0.1:PORT: the Prometheus scrape endpoint (off by default)."""
+
+    def __init__(self, port: int, render: Callable[[], Awaitable[bytes]]) -> None:
+        self.port = port
+        self.render = render
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readline()
+                while (await reader.readline()).strip():
+                    pass  # headers: nothing in them matters here
+                parts = request.decode("latin-1").split()
+                if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                    status, body, ctype = "405 Method Not Allowed", b"GET /metrics\n", "text/plain"
+                elif parts[1].split("?")[0] != "/metrics":
+                    status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
+                else:
+                    status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+                    body = await self.render()
+                head = (
+                    f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                ).encode()
+                writer.write(head if parts and parts[0] == "HEAD" else head + body)
+                await writer.drain()
+        except (TimeoutError, OSError):
+            pass
+        except Exception:
+            log.exception("cannot answer a /metrics request")
+        finally:
+            with contextlib.suppress(OSError):
+                writer.close()
+
+
+def _le(bound_us: int) -> str:
+    return repr(bound_us / 1e6)

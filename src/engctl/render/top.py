@@ -1,0 +1,114 @@
+"""The frame of `engctl top`: one row per instance with its live figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from engctl.render.format import eligibility, size
+
+STATE_STYLE = {
+    "ready": "green",
+    "busy": "yellow",
+    "warming": "cyan",
+    "starting": "cyan",
+    "stopping": "magenta",
+    "backoff": "red",
+    "fatal": "bold red",
+    "exited": "red",
+    "stopped": "dim",
+}
+HEALTH_STYLE = {
+    "healthy": "green",
+    "degraded": "yellow",
+    "unhealthy": "bold red",
+    "recovering": "cyan",
+    "unknown": "dim",
+}
+# Worst first when sorting by state: what needs attention is on top.
+STATE_RANK = {
+    "fatal": 0,
+    "backoff": 1,
+    "exited": 2,
+    "starting": 3,
+    "warming": 4,
+    "stopping": 5,
+    "busy": 6,
+    "ready": 7,
+    "stopped": 8,
+}
+
+
+def _num(v: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def top_view(
+    status: dict[str, Any], live: dict[str, Any], sort: str, width: int | None = None
+) -> RenderableType:
+    """Header (host, queue) and the instance table, sorted by `sort`."""
+    rows = []
+    for e in status["engines"]:
+        for i in e["instances"]:
+            m = live.get("instances", {}).get(i["id"], {})
+            rows.append((e, i, m))
+    keyers = {
+        "name": lambda r: (r[1]["id"],),
+        "rps": lambda r: (-(r[2].get("rps") or 0.0), r[1]["id"]),
+        "p99": lambda r: (-(r[2].get("p99_ms") or 0.0), r[1]["id"]),
+        "cpu": lambda r: (-(r[1].get("cpu_percent") or 0.0), r[1]["id"]),
+        "rss": lambda r: (-(r[1].get("rss_bytes") or 0), r[1]["id"]),
+        "state": lambda r: (STATE_RANK.get(r[1]["state"], 9), r[1]["id"]),
+    }
+    rows.sort(key=keyers.get(sort, keyers["name"]))
+    table = Table(box=None, pad_edge=False, header_style="bold", expand=False)
+    for col, just in (
+        ("INSTANCE", "left"),
+        ("STATE", "left"),
+        ("HEALTH", "left"),
+        ("DISPATCH", "left"),
+        ("IN", "right"),
+        ("RPS", "right"),
+        ("OK%", "right"),
+        ("P50ms", "right"),
+        ("P99ms", "right"),
+        ("CPU%", "right"),
+        ("RSS", "right"),
+        ("RESTARTS", "right"),
+    ):
+        table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for _e, i, m in rows:
+        req = i.get("requests", {})
+        ok = m.get("success_rate")
+        elig = eligibility(i)
+        table.add_row(
+            i["id"],
+            Text(i["state"], style=STATE_STYLE.get(i["state"], "")),
+            Text(i["health"], style=HEALTH_STYLE.get(i["health"], "")),
+            Text(elig, style="" if elig == "active" else "yellow"),
+            str(req.get("in_flight", 0)),
+            _num(m.get("rps")),
+            "-" if ok is None else f"{ok * 100:.1f}",
+            _num(m.get("p50_ms"), "{:.2f}"),
+            _num(m.get("p99_ms"), "{:.2f}"),
+            _num(i.get("cpu_percent")),
+            size(i.get("rss_bytes")),
+            str(i.get("restarts", 0)),
+        )
+    host = live.get("host") or {}
+    queue = live.get("queue") or {}
+    head = f"engctl top — {len(rows)} instances"
+    if host:
+        head += (
+            f" · host CPU {host.get('cpu_percent', 0):.0f}%"
+            f" · memory {size(host.get('memory_used'))}/{size(host.get('memory_total'))}"
+        )
+    waiting = sum(queue.values())
+    head += f" · queued {waiting}" if waiting else ""
+    keys = Text("q quit · sort 1 name 2 rps 3 p99 4 cpu 5 rss 6 state", style="dim")
+    if not rows:
+        return Group(Text(head, style="bold"), Text("no instances (try `engctl demo`)"), keys)
+    return Group(Text(head, style="bold"), table, keys)
