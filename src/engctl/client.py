@@ -150,6 +150,9 @@ class Client:
         self._daemon_info = msg.get("result") or {}
 
     def _read_frame(self) -> dict[str, Any]:
+        return protocol.parse_frame(self._read_line(), MAX_RESPONSE_BYTES)
+
+    def _read_line(self) -> bytes:
         buf = self._buf
         while True:
             nl = buf.find(b"\n", self._pos)
@@ -159,7 +162,7 @@ class Client:
                 if self._pos > 65536 and self._pos * 2 > len(buf):
                     del buf[: self._pos]  # compact now and then, not per line
                     self._pos = 0
-                return protocol.parse_frame(line, MAX_RESPONSE_BYTES)
+                return line
             if len(buf) - self._pos > MAX_RESPONSE_BYTES:
                 self.close()
                 raise ProtocolError(f"daemon response exceeds {MAX_RESPONSE_BYTES} bytes")
@@ -192,6 +195,27 @@ class Client:
         if "result" not in msg:
             raise ProtocolError(f"response without result: {protocol.preview(str(msg))}")
         return msg["result"]
+
+    def call_raw(self, method: str, **params: Any) -> bytes:
+        """Like `call`, but the result as the JSON text the daemon sent (not decoded): what
+        a command that prints the result as compact JSON passes straight through."""
+        req_id = self._send(method, params)
+        prefix = b'{"jsonrpc":"2.0","id":%d,"result":' % req_id
+        while True:
+            line = self._read_line()
+            if line.startswith(prefix) and line.endswith(b"}"):
+                return line[len(prefix) : -1]
+            msg = protocol.parse_frame(line, MAX_RESPONSE_BYTES)
+            if self._hello_id is not None and msg.get("id") == self._hello_id:
+                self._take_hello(msg)
+                continue
+            if msg.get("id") == req_id or ("id" in msg and msg["id"] is None and "error" in msg):
+                if "error" in msg:
+                    raise from_wire(msg["error"])
+                # Another layout than the daemon's own: encode the decoded result.
+                import json
+
+                return json.dumps(msg.get("result"), separators=(",", ":")).encode()
 
     def stream(self, method: str, **params: Any) -> tuple[Any, Iterator[dict[str, Any]]]:
         """Start a streaming call: (its result, an iterator of the notifications that follow)."""

@@ -23,9 +23,17 @@ def print_version() -> int:
 def status_json(names: list[str]) -> int:
     """`engctl status --json [NAMES]`: the status document on stdout."""
     from engctl.client import Client
-    from engctl.render.format import print_json
 
     with Client() as c:
+        if not sys.stdout.isatty():
+            # Compact JSON for a program: the daemon's text as it came, not decoded and
+            # encoded again (at 200 instances that was most of the command's own work).
+            raw = c.call_raw("status.get", names=names or None)
+            sys.stdout.flush()
+            sys.stdout.buffer.write(raw + b"\n")
+            return 0
+        from engctl.render.format import print_json
+
         print_json(c.status(names or None))
     return 0
 

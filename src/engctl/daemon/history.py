@@ -89,6 +89,9 @@ def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=10, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        # Appends and range deletes need few pages; SQLite's default cache (2 MiB) would be
+        # daemon RSS for nothing.
+        conn.execute("PRAGMA cache_size=-256")
     return conn
 
 
