@@ -233,7 +233,13 @@ def build_report(
     engine: str | None = None,
 ) -> dict[str, Any]:
     """The report object (schema in the README) from roll-up rows and actions."""
-    seconds = max(until - since, 1e-9)
+    rows = list(rows)
+    # Rates are over the time the history covers, not the whole period asked for (a daemon
+    # started five minutes ago has no hour of traffic to average over).
+    starts = [r["ts"] - r["seconds"] for r in rows]
+    covered_from = max(since, min(starts)) if starts else since
+    covered_to = min(until, max(r["ts"] for r in rows)) if rows else until
+    seconds = max(covered_to - covered_from, 1e-9) if rows else max(until - since, 1e-9)
     instances: dict[str, Figures] = {}
     meta: dict[str, tuple[str, str]] = {}
     types: dict[str, list[int]] = {}
@@ -318,7 +324,8 @@ def build_report(
         "period": {
             "since": since,
             "until": until,
-            "seconds": round(seconds, 3),
+            "seconds": round(until - since, 3),
+            "covered_seconds": round(seconds, 3) if rows else 0.0,
             "bucket_seconds": tier,
             "engine": engine,
         },

@@ -249,12 +249,16 @@ def test_totals_are_the_sums_of_the_rows(busy: list[dict[str, Any]]) -> None:
         3,
     )
     assert t["success_rate"] == round(45 / 54, 5)
-    assert t["throughput_rps"] == round(54 / 3600, 3)
+    covered = r["period"]["covered_seconds"]
+    # Rates are over the time the rows cover, not the whole hour asked for.
+    assert 0 < covered < 3600
+    assert t["throughput_rps"] == round(54 / covered, 3)
     assert (t["restarts"], t["isolations"]) == (1, 1)
     assert r["period"] == {
         "since": T0,
         "until": NOW,
         "seconds": 3600.0,
+        "covered_seconds": covered,
         "bucket_seconds": 10,
         "engine": None,
     }
@@ -295,7 +299,7 @@ def test_per_engine_and_instance_figures(busy: list[dict[str, Any]]) -> None:
     assert a0["weight"] == 3.0  # the last bucket's
     assert a0["max_rss"] is None
     assert (a1["restarts"], a1["isolations"], a1["rss_bytes_max"]) == (1, 1, 50 << 20)
-    assert a1["throughput_rps"] == round(15 / 3600, 3)
+    assert a1["throughput_rps"] == round(15 / r["period"]["covered_seconds"], 3)
     # an engine's figures are the sums of its instances'
     for key in ("requests", "ok", "errors", "timeouts", "lost", "restarts", "isolations"):
         assert a[key] == a0[key] + a1[key]
@@ -378,7 +382,8 @@ INSTANCE = {"id": str, **FIGURES, "cpu_percent_mean": OPT_NUM, "rss_bytes_max": 
             "state_seconds": dict, "weight": OPT_NUM, "max_rss": (int, type(None))}  # fmt: skip
 ENGINE = {"name": str, "type": str, **FIGURES, "instances": [INSTANCE]}
 SCHEMA_OF_REPORT: dict[str, Any] = {
-    "period": {"since": NUM, "until": NUM, "seconds": NUM, "bucket_seconds": int,
+    "period": {"since": NUM, "until": NUM, "seconds": NUM, "covered_seconds": NUM,
+               "bucket_seconds": int,
                "engine": (str, type(None))},
     "totals": FIGURES,
     "engines": [ENGINE],
@@ -606,7 +611,10 @@ def test_investigate_restarts_from_three(per_bucket: tuple[int, int], expected: 
     assert kinds(r) == ["investigate_restarts"]
     s = only(r, "investigate_restarts")
     assert s["target"] == "a#0"
-    assert s["evidence"] == {"restarts": sum(per_bucket), "period_seconds": 3600}
+    assert s["evidence"] == {
+        "restarts": sum(per_bucket),
+        "period_seconds": round(r["period"]["covered_seconds"]),
+    }
     assert "engctl events --engine a" in s["message"]
 
 

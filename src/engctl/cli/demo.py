@@ -125,4 +125,5 @@ def demo(
         out(f"skipped: {needs}; enable with: {EXAMPLES_INSTALL}")
     out("next:    engctl logs demo-clock -f    engctl events -f    engctl stop demo-web")
     out("         engctl exec --type echo --explain -- 42    engctl export > engines.toml")
+    out("         engctl top    engctl report --since 10m    engctl policy show demo-echo")
     out(f"         engctl unregister {' '.join(engines)}")

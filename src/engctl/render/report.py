@@ -42,11 +42,13 @@ def report_view(r: dict[str, Any]) -> RenderableType:
     p = r["period"]
     parts: list[RenderableType] = []
     scope = f" for engine {p['engine']}" if p.get("engine") else ""
+    part = p.get("covered_seconds", p["seconds"])
+    covered = f", history for {duration(part)} of it" if part < p["seconds"] - 10 else ""
     parts.append(
         Text.assemble(
             ("Report", "bold"),
             f"{scope}: {clock(p['since'])[:19]} → {clock(p['until'])[:19]}"
-            f" ({duration(p['seconds'])}, {p['bucket_seconds']} s buckets)",
+            f" ({duration(p['seconds'])}{covered}, {p['bucket_seconds']} s buckets)",
         )
     )
     t = r["totals"]
