@@ -6,6 +6,7 @@ import signal
 import statistics
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from engctl.client import Client
@@ -46,3 +47,21 @@ def exit_cleanly_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def source_state() -> str:
+    """The commit measured, `+dirty` when the working tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head or 'unknown'}{'+dirty' if dirty else ''}"

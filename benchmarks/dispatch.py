@@ -39,7 +39,7 @@ from types import ModuleType
 from typing import IO, Any
 
 import psutil
-from common import all_ready, exit_cleanly_on_sigterm, median_ms, wait_for
+from common import all_ready, exit_cleanly_on_sigterm, median_ms, source_state, wait_for
 
 from engctl.client import Client
 from engctl.daemon.dispatch import Candidate, CandidatePool, Selector
@@ -76,24 +76,6 @@ def latency_summary(samples_s: list[float]) -> dict[str, Any]:
 def cpu_s(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return t.user + t.system
-
-
-def source_state() -> str:
-    """The commit measured, `+dirty` when the working tree has changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head or 'unknown'}{'+dirty' if dirty else ''}"
 
 
 # -- 1. direct: the worker protocol over one echo worker's pipes ------------------------------

@@ -59,7 +59,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -69,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import all_ready, exit_cleanly_on_sigterm, wait_for
+from common import all_ready, exit_cleanly_on_sigterm, source_state, wait_for
 
 from engctl.client import Client
 from engctl.errors import DaemonUnreachableError, EngctlError
@@ -116,24 +115,6 @@ def engine_spec(policy: dict[str, Any]) -> dict[str, Any]:
         "limits": {"max_rss": f"{MAX_RSS // 2**20}MiB"},
         "policy": policy,
     }
-
-
-def source_state() -> str:
-    """The commit measured, `+dirty` when the working tree has changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head or 'unknown'}{'+dirty' if dirty else ''}"
 
 
 # -- load ------------------------------------------------------------------------------------

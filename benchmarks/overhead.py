@@ -53,7 +53,6 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import all_ready, exit_cleanly_on_sigterm, wait_for
+from common import all_ready, exit_cleanly_on_sigterm, source_state, wait_for
 
 from engctl.client import Client
 from engctl.config import DaemonConfig
@@ -112,24 +111,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def source_state() -> str:
-    """The commit measured, `+dirty` when the working tree has changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head or 'unknown'}{'+dirty' if dirty else ''}"
 
 
 def mib(n: float) -> float:

@@ -9,25 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from engctl.render.format import eligibility, size
+from engctl.render.tables import HEALTH_STYLE, STATE_STYLE
 
-STATE_STYLE = {
-    "ready": "green",
-    "busy": "yellow",
-    "warming": "cyan",
-    "starting": "cyan",
-    "stopping": "magenta",
-    "backoff": "red",
-    "fatal": "bold red",
-    "exited": "red",
-    "stopped": "dim",
-}
-HEALTH_STYLE = {
-    "healthy": "green",
-    "degraded": "yellow",
-    "unhealthy": "bold red",
-    "recovering": "cyan",
-    "unknown": "dim",
-}
 # Worst first when sorting by state: what needs attention is on top.
 STATE_RANK = {
     "fatal": 0,
