@@ -180,3 +180,34 @@ def test_report_without_any_history(home: Home) -> None:
     assert "0 requests" in r.stdout and "no history in this period" in r.stdout
     assert report_json(home)["totals"]["requests"] == 0
     no_daemon(home)
+
+
+def test_top_json_prints_one_frame(served: Home) -> None:
+    """`top --json`: the figures of one frame, sorted like the view, then exit."""
+    r = served.cli("top", "--json", "--sort", "rps")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"host", "queue", "instances"}
+    rows = doc["instances"]
+    assert sorted(i["id"] for i in rows) == ["e#0", "e#1", "z#0"]
+    assert set(rows[0]) == {
+        "id", "state", "health", "eligibility", "effective_weight", "in_flight", "rps",
+        "success_rate", "p50_ms", "p99_ms", "cpu_percent", "rss_bytes", "restarts",
+    }  # fmt: skip
+    rps = [i["rps"] or 0.0 for i in rows]
+    assert rps == sorted(rps, reverse=True)
+    assert all(i["state"] == "ready" for i in rows)
+
+
+def test_metrics_json_is_the_parsed_exposition(served: Home) -> None:
+    r = served.cli("metrics", "--json")
+    assert r.returncode == 0, r.stderr
+    families = {f["name"]: f for f in json.loads(r.stdout)["families"]}
+    assert families["engctl_requests"]["type"] == "counter"
+    ok = {
+        s["labels"]["instance"]: s["value"]
+        for s in families["engctl_requests"]["samples"]
+        if s["labels"].get("outcome") == "ok"
+    }
+    assert ok["e#0"] + ok["e#1"] == 30 and ok["z#0"] == 5
+    assert families["engctl_request_latency_seconds"]["type"] == "histogram"

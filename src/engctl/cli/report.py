@@ -24,9 +24,7 @@ def report(
             " (2026-11-22T10:00).",
         ),
     ] = "1h",
-    engine: Annotated[
-        str | None, typer.Option("--engine", "-e", help="Only this engine.")
-    ] = None,
+    engine: Annotated[str | None, typer.Option("--engine", "-e", help="Only this engine.")] = None,
     json: JsonFlag = False,
 ) -> None:
     """What happened in a period: figures, worst instances, policy actions, suggestions.
@@ -67,13 +65,33 @@ def report(
 
 
 @app.command()
-def metrics() -> None:
+def metrics(json: JsonFlag = False) -> None:
     """Print the Prometheus text exposition of every engine, instance and host figure.
 
     The daemon can also serve it: `engctl daemon run --metrics-port 9464`, or
     `metrics_port = 9464` under [daemon] in config.toml (127.0.0.1 only; off by default).
+    --json prints the same families parsed (by prometheus-client's own parser).
     """
     c = client()
     with c:
         text: Any = c.call("metrics.get")["text"]
-    sys.stdout.write(text)
+    if not json:
+        sys.stdout.write(text)
+        return
+    from prometheus_client.parser import text_string_to_metric_families
+
+    emit_json(
+        {
+            "families": [
+                {
+                    "name": f.name,
+                    "type": f.type,
+                    "help": f.documentation,
+                    "samples": [
+                        {"name": s.name, "labels": s.labels, "value": s.value} for s in f.samples
+                    ],
+                }
+                for f in text_string_to_metric_families(text)
+            ]
+        }
+    )

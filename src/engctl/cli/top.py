@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import client, console
+from engctl.cli.common import JsonFlag, client, console, emit_json
 
 SORT_KEYS = ("name", "rps", "p99", "cpu", "rss", "state")
 
@@ -56,16 +56,30 @@ def top(
     once: Annotated[
         bool, typer.Option("--once", help="Print one frame and exit (for scripts).")
     ] = False,
+    json: JsonFlag = False,
 ) -> None:
     """Live view of every instance: state, health, eligibility, requests/s, p50/p99, CPU, RSS.
 
     Sorted and colored by state and health; refreshes in place. Keys: q or Ctrl-C quits,
-    1-6 sort by name, rps, p99, cpu, rss, state.
+    1-6 sort by name, rps, p99, cpu, rss, state. --json prints one frame's figures and exits.
     """
     from engctl.errors import UsageError
 
     if sort not in SORT_KEYS:
         raise UsageError(f"--sort {sort!r}: expected one of {', '.join(SORT_KEYS)}")
+    if json:
+        from engctl.render.top import top_rows
+
+        with client() as c:
+            live = c.call("metrics.live")
+            emit_json(
+                {
+                    "host": live.get("host"),
+                    "queue": live.get("queue", {}),
+                    "instances": top_rows(c.status(), live, sort),
+                }
+            )
+        return
     # Ctrl-C is how a live view is left, even before its first refresh.
     with contextlib.suppress(KeyboardInterrupt):
         _run(interval, sort, once)

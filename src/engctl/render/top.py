@@ -29,10 +29,7 @@ def _num(v: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def top_view(
-    status: dict[str, Any], live: dict[str, Any], sort: str, width: int | None = None
-) -> RenderableType:
-    """Header (host, queue) and the instance table, sorted by `sort`."""
+def _joined(status: dict[str, Any], live: dict[str, Any], sort: str) -> list[tuple[Any, Any, Any]]:
     rows = []
     for e in status["engines"]:
         for i in e["instances"]:
@@ -47,6 +44,38 @@ def top_view(
         "state": lambda r: (STATE_RANK.get(r[1]["state"], 9), r[1]["id"]),
     }
     rows.sort(key=keyers.get(sort, keyers["name"]))
+    return rows
+
+
+def top_rows(status: dict[str, Any], live: dict[str, Any], sort: str) -> list[dict[str, Any]]:
+    """The figures of one frame as plain objects (`engctl top --json`)."""
+    out = []
+    for _e, i, m in _joined(status, live, sort):
+        out.append(
+            {
+                "id": i["id"],
+                "state": i["state"],
+                "health": i["health"],
+                "eligibility": i["eligibility"],
+                "effective_weight": i.get("effective_weight"),
+                "in_flight": i.get("requests", {}).get("in_flight", 0),
+                "rps": m.get("rps"),
+                "success_rate": m.get("success_rate"),
+                "p50_ms": m.get("p50_ms"),
+                "p99_ms": m.get("p99_ms"),
+                "cpu_percent": i.get("cpu_percent"),
+                "rss_bytes": i.get("rss_bytes"),
+                "restarts": i.get("restarts", 0),
+            }
+        )
+    return out
+
+
+def top_view(
+    status: dict[str, Any], live: dict[str, Any], sort: str, width: int | None = None
+) -> RenderableType:
+    """Header (host, queue) and the instance table, sorted by `sort`."""
+    rows = _joined(status, live, sort)
     table = Table(box=None, pad_edge=False, header_style="bold", expand=False)
     for col, just in (
         ("INSTANCE", "left"),
