@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import math
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -289,7 +288,12 @@ class CpuWatch:
 def peer_median(own_id: str, latencies: dict[str, float]) -> float | None:
     """The median latency of the other instances serving the same type."""
     others = [v for k, v in latencies.items() if k != own_id]
-    return statistics.median(others) if others else None
+    if not others:
+        return None
+    # Not statistics.median: that module pulls fractions and decimal into the daemon.
+    others.sort()
+    mid = len(others) // 2
+    return others[mid] if len(others) % 2 else (others[mid - 1] + others[mid]) / 2
 
 
 class SlowTracker:
