@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,32 @@ def source_state() -> str:
     except OSError:
         return "unknown"
     return f"{head or 'unknown'}{'+dirty' if dirty else ''}"
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """What a figure depends on: CPUs, Python, and the load other processes put on them."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+        # Other load on the machine skews the figures (every process shares the CPUs).
+        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+        **extra,
+    }
+
+
+def stop_daemon(home: str, daemon_pid: int | None) -> None:
+    """Stop the daemon of `home` (never autostarting one to do so); SIGKILL it if that fails."""
+    import psutil
+
+    try:
+        with Client(home, autostart=False) as stopper:
+            stopper.call("daemon.stop")
+        if daemon_pid is not None:
+            wait_for(lambda: not psutil.pid_exists(daemon_pid), 30)
+    except Exception as exc:  # report, but never leave the daemon behind
+        print(f"cleanup: {exc}", file=sys.stderr)
+        pid_file = Path(home, "state", "daemon.pid")
+        pid = pid_file.read_text().strip() if pid_file.exists() else ""
+        if pid.isdigit():
+            os.kill(int(pid), signal.SIGKILL)

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,15 @@ from types import ModuleType
 from typing import IO, Any
 
 import psutil
-from common import all_ready, exit_cleanly_on_sigterm, median_ms, source_state, wait_for
+from common import (
+    all_ready,
+    exit_cleanly_on_sigterm,
+    machine_info,
+    median_ms,
+    source_state,
+    stop_daemon,
+    wait_for,
+)
 
 from engctl.client import Client
 from engctl.daemon.dispatch import Candidate, CandidatePool, Selector
@@ -279,13 +286,7 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "benchmark": "dispatch",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "platform": sys.platform,
-            # Other load on the machine skews the figures (every process shares the CPUs).
-            "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine_info(),
         "source": source_state(),
         "counts": {
             "quick": args.quick,
@@ -366,17 +367,7 @@ def main() -> None:
         if direct is not None:
             direct.close()
         c.close()
-        try:  # never autostart a daemon just to stop it
-            with Client(home, autostart=False) as stopper:
-                stopper.call("daemon.stop")
-            if daemon_pid is not None:
-                wait_for(lambda: not psutil.pid_exists(daemon_pid), 30)
-        except Exception as exc:  # report, but never leave the daemon behind
-            print(f"cleanup: {exc}", file=sys.stderr)
-            pid_file = Path(home, "state", "daemon.pid")
-            pid = pid_file.read_text().strip() if pid_file.exists() else ""
-            if pid.isdigit():
-                os.kill(int(pid), signal.SIGKILL)
+        stop_daemon(home, daemon_pid)
         shutil.rmtree(home, ignore_errors=True)
 
     direct_lat, engctl_lat = latency_summary(d_lat), latency_summary(e_lat)

@@ -58,7 +58,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -68,7 +67,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import all_ready, exit_cleanly_on_sigterm, source_state, wait_for
+from common import (
+    all_ready,
+    exit_cleanly_on_sigterm,
+    machine_info,
+    source_state,
+    wait_for,
+)
+from common import (
+    stop_daemon as stop_home_daemon,
+)
 
 from engctl.client import Client
 from engctl.errors import DaemonUnreachableError, EngctlError
@@ -552,11 +560,7 @@ def main() -> None:
         daemon_cfg["default_strategy"] = args.strategy
     result: dict[str, Any] = {
         "benchmark": "faults",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine_info(),
         "source": source_state(),
     }
     t_start = time.perf_counter()
@@ -650,17 +654,7 @@ def targets(phases: dict[str, Any]) -> dict[str, Any]:
 def stop_daemon(c: Client, home: str, daemon_pid: int | None, worker_pids: set[int]) -> None:
     """Stop the daemon (never autostarting one to do so), then make sure nothing is left."""
     c.close()
-    try:
-        with Client(home, autostart=False) as stopper:
-            stopper.call("daemon.stop")
-        if daemon_pid is not None:
-            wait_for(lambda: not psutil.pid_exists(daemon_pid), 30)
-    except Exception as exc:  # report, but never leave the daemon behind
-        print(f"cleanup: {exc}", file=sys.stderr)
-        pid_file = Path(home, "state", "daemon.pid")
-        pid = pid_file.read_text().strip() if pid_file.exists() else ""
-        if pid.isdigit():
-            os.kill(int(pid), signal.SIGKILL)
+    stop_home_daemon(home, daemon_pid)
     # Every worker this run saw must be gone with the daemon; a survivor is reported (stderr)
     # and killed: it is one of ours (this script's worker, started by this run's daemon).
     for pid in sorted(worker_pids):

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import all_ready, exit_cleanly_on_sigterm, source_state, wait_for
+from common import all_ready, exit_cleanly_on_sigterm, machine_info, source_state, wait_for
 
 from engctl.client import Client
 from engctl.config import DaemonConfig
@@ -676,13 +676,7 @@ def main() -> None:
     }
     result: dict[str, Any] = {
         "benchmark": "overhead",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "platform": sys.platform,
-            "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-            "processes_at_start": len(psutil.pids()),
-        },
+        "machine": machine_info(processes_at_start=len(psutil.pids())),
         "source": source_state(),
         "settings": {
             "quick": q,

@@ -168,25 +168,31 @@ class Enforcer:
             return
         if inst.eligibility not in _IN_SERVICE:
             return
-        policy = self.policy(inst)
         if not self._guard(inst, decision.reason):
             return
-        length = inst.failures.isolation_length(policy.failing)
+        self._begin_isolation(inst, decision.reason, now, decision.data)
+        self.refresh(inst, announce=False)
+
+    def _begin_isolation(
+        self, inst: Instance, reason: str, now: float, data: dict[str, Any]
+    ) -> None:
+        """Isolate for base × n (capped); the next one will last longer."""
+        length = inst.failures.isolation_length(self.policy(inst).failing)
         inst.failures.isolated(now)
         inst.isolations_total += 1
         inst.stats.consecutive_errors = 0
+        standing = inst.standing
         standing.isolated_until = now + length
-        standing.isolation_reason = decision.reason
+        standing.isolation_reason = reason
         standing.slow_start_since = None
         self._emit(
             inst,
             "instance.isolated",
-            f"isolated for {length:g}s: {decision.reason}",
+            f"isolated for {length:g}s: {reason}",
             seconds=length,
             isolations=inst.failures.isolations,
-            **decision.data,
+            **data,
         )
-        self.refresh(inst, announce=False)
 
     # -- request observations (from the router) ----------------------------------------------
     def request_failed(self, inst_id: str) -> None:
@@ -458,19 +464,7 @@ class Enforcer:
                 ramp = f"; slow start over {slow:g}s" if slow > 0 else ""
                 self._emit(inst, "instance.returned", f"back in service: {detail}{ramp}")
             else:
-                policy = self.policy(inst)
-                length = inst.failures.isolation_length(policy.failing)
-                inst.failures.isolated(now)
-                inst.isolations_total += 1
-                standing.isolated_until = now + length
-                standing.isolation_reason = f"still failing after isolation: {detail}"
-                self._emit(
-                    inst,
-                    "instance.isolated",
-                    f"isolated for {length:g}s: still failing after isolation ({detail})",
-                    seconds=length,
-                    isolations=inst.failures.isolations,
-                )
+                self._begin_isolation(inst, f"still failing after isolation ({detail})", now, {})
             self.refresh(inst, announce=False)
         finally:
             self._returning.discard(inst)

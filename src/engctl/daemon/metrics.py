@@ -21,7 +21,7 @@ from engctl.histogram import Histogram
 from engctl.states import EngineMode
 
 from .history import COARSE_SECONDS, FINE_SECONDS, HistoryWriter
-from .supervisor import Instance, Supervisor
+from .supervisor import Instance, RequestStats, Supervisor
 
 if TYPE_CHECKING:
     from .requests import Router
@@ -373,49 +373,41 @@ class Snapshot:
     protocol_errors: int
 
 
+def _requests_of(labels: list[str], st: RequestStats) -> _Member:
+    return _Member(
+        labels,
+        st.ok,
+        st.errors,
+        st.timeouts,
+        st.lost,
+        st.in_flight,
+        list(st.hist.counts),
+        st.hist.sum_us,
+    )
+
+
 def snapshot(sup: Supervisor, router: Router, host: HostSample | None) -> Snapshot:
     """Copy the live figures (on the event loop)."""
     members: list[_Member] = []
     for engine in sup.engines.values():
         spec = engine.spec
         if spec.mode is EngineMode.ONESHOT:
-            st = engine.stats
             members.append(
-                _Member(
-                    [spec.name, f"{spec.name}#oneshot", spec.type],
-                    st.ok,
-                    st.errors,
-                    st.timeouts,
-                    st.lost,
-                    st.in_flight,
-                    list(st.hist.counts),
-                    st.hist.sum_us,
-                )
+                _requests_of([spec.name, f"{spec.name}#oneshot", spec.type], engine.stats)
             )
             continue
         for inst in engine.instances:
-            st = inst.stats
-            members.append(
-                _Member(
-                    [spec.name, inst.id, spec.type],
-                    st.ok,
-                    st.errors,
-                    st.timeouts,
-                    st.lost,
-                    st.in_flight,
-                    list(st.hist.counts),
-                    st.hist.sum_us,
-                    live=True,
-                    running=inst.pid is not None,
-                    cpu=inst.sample.cpu_percent,
-                    rss=inst.sample.rss_bytes,
-                    restarts=inst.restarts,
-                    isolations=inst.isolations_total,
-                    states=inst.state_seconds(),
-                    status=(inst.state.value, inst.health.value, inst.eligibility.value),
-                    weight=inst.effective_weight,
-                )
-            )
+            m = _requests_of([spec.name, inst.id, spec.type], inst.stats)
+            m.live = True
+            m.running = inst.pid is not None
+            m.cpu = inst.sample.cpu_percent
+            m.rss = inst.sample.rss_bytes
+            m.restarts = inst.restarts
+            m.isolations = inst.isolations_total
+            m.states = inst.state_seconds()
+            m.status = (inst.state.value, inst.health.value, inst.eligibility.value)
+            m.weight = inst.effective_weight
+            members.append(m)
     waiting = router.queue_by_type()
     queue = [(t, waiting.get(t, 0)) for t in sorted({e.spec.type for e in sup.engines.values()})]
     return Snapshot(members, queue, host, router.protocol_errors)
