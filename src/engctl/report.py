@@ -9,18 +9,17 @@ rows, so tests feed it rows with any timestamps they like.
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from engctl.errors import UsageError
 from engctl.histogram import Histogram
+from engctl.timespec import parse_since as parse_since  # the report's --since, re-exported
 
 FINE = 10
 COARSE = 300
@@ -46,22 +45,6 @@ POLICY_KINDS = (
     "instance.health",
     "policy.guard_rail",
 )
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_since(text: str, now: float) -> float:
-    """Epoch seconds from "90s", "10m", "1h", "7d", "2w" (ago) or an ISO date/time (local)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if m:
-        return now - float(m.group(1)) * _UNITS[m.group(2)]
-    try:
-        return datetime.fromisoformat(text.strip()).timestamp()
-    except ValueError:
-        raise UsageError(
-            f"--since {text!r}: expected a duration such as 10m, 1h, 7d or a date/time such"
-            " as 2026-11-22T10:00"
-        ) from None
 
 
 @dataclass

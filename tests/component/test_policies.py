@@ -748,7 +748,13 @@ def test_command_tcp_and_http_checks(fast: Home, http_port: int) -> None:
             "http_ok": f"http://127.0.0.1:{http_port}/ok",
             "http_bad": f"http:127.0.0.1:{http_port}/bad",
         }
-        health = {"interval": 0.2, "timeout": 1.0, "failure_threshold": 2, "success_threshold": 2}
+        health = {
+            "interval": 0.2,
+            "timeout": 1.0,
+            "failure_threshold": 2,
+            "success_threshold": 2,
+            "on_unhealthy": "isolate",  # this test watches the checks, not what follows
+        }
         with fast.client() as c:
             c.register(
                 {

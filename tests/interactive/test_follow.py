@@ -74,14 +74,18 @@ def test_logs_follow_shows_new_lines_and_stops_on_ctrl_c(
 def test_logs_follow_of_one_instance_prints_bare_lines(
     daemon: Home, term: list[pexpect.spawn]
 ) -> None:
-    """`logs NAME#0 -f --json` prints one JSON object per new line."""
+    """`logs NAME#0 -f --json` prints one JSON object per new line, its time and stream as
+    fields (issue 10.25)."""
     daemon.register(
         "chat", engine_cmd("chatty.py", "0.1"), mode="service", restart={"start_seconds": 0}
     )
     child = _spawn(daemon, term, "logs", "chat#0", "-f", "--json", "--lines", "0")
-    child.expect(r'\{"instance": "chat#0", "line": "[^"]*err (\d+)"\}')
+    child.expect(
+        r'\{"instance": "chat#0", "time": "[0-9T:.-]+Z", "stream": "stderr", "text": "err (\d+)",'
+        r' "line": "[^"]*err \d+"\}'
+    )
     n = int(child.match.group(1))
-    child.expect(rf'"line": "[^"]*err {n + 2}"')
+    child.expect(rf'"text": "err {n + 2}"')
     _interrupt(child)
 
 

@@ -3,6 +3,7 @@ them."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -141,15 +142,24 @@ def _width(table: Table) -> int:
 def engines_table(engines: list[dict[str, Any]]) -> Table:
     """`engctl list`: one row per registered engine."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("NAME", "TYPE", "MODE", "INSTANCES", "DESIRED", "COMMAND"):
+    columns = (
+        "NAME", "TYPE", "MODE", "INSTANCES", "DESIRED", "VERSION", "REGISTERED",
+        "CAPABILITIES", "LABELS", "COMMAND",
+    )  # fmt: skip
+    for col in columns:
         table.add_column(col, overflow="fold")
     for e in engines:
+        at = e.get("registered_at")
         table.add_row(
             e["name"],
             e["type"],
             e["mode"],
             str(e["instances"]),
             e["desired"],
+            e.get("version") or "-",
+            "-" if at is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(at)),
+            ",".join(e.get("capabilities") or []) or "-",
+            ",".join(f"{k}={v}" for k, v in sorted((e.get("labels") or {}).items())) or "-",
             " ".join(e["command"]),
         )
     return table
@@ -198,6 +208,7 @@ def _spec_defaults(mode: str) -> dict[str, dict[str, Any]]:
 
     health = asdict(HealthSpec())
     health["check"] = "ping" if mode == "worker" else None
+    health["on_unhealthy"] = "isolate" if mode == "worker" else "restart"
     restart = asdict(RestartSpec())
     restart["policy"] = str(restart["policy"])
     restart.update({f"backoff.{k}": v for k, v in restart.pop("backoff").items()})
