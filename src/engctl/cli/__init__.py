@@ -7,7 +7,6 @@ Never imports `engctl.daemon`; heavy modules (rich, the client) load inside the 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from engctl.errors import EXIT_FAILED, EXIT_USAGE, INVALID_PARAMS, EngctlError
@@ -51,15 +50,7 @@ def _run(args: list[str]) -> int:
 
     from engctl.cli.app import app, load_commands
 
-    if "_ENGCTL_COMPLETE" in os.environ:
-        # The scripts of `engctl completion` call back with this variable set; typer knows
-        # the shells only once its completion classes are registered (add_completion=False).
-        from typer._completion_classes import completion_init
-
-        completion_init()
-        load_commands([])
-    else:
-        load_commands(args)
+    load_commands(args)
     try:
         rv = app(args=args, prog_name="engctl", standalone_mode=False)
     except NoArgsIsHelpError as exc:

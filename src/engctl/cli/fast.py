@@ -41,6 +41,12 @@ def status_json(names: list[str], type: str | None = None, labels: list[str] | N
 
 def fast_command(args: list[str]) -> Callable[[], int] | None:
     """The typer-free implementation of `args`, when it is one of the plain forms."""
+    import os
+
+    if "_ENGCTL_COMPLETE" in os.environ:  # a shell's Tab: see engctl.cli.complete
+        from engctl.cli.complete import main as complete_main
+
+        return lambda: complete_main(args)
     if args in (["--version"], ["-V"]):
         return print_version
     if args[:1] == ["exec"]:
