@@ -122,3 +122,20 @@ def test_status_watch_refreshes_and_stops_on_ctrl_c(
     assert r.returncode == 0, r.stderr
     child.expect(r"late#0")
     _interrupt(child)
+
+
+def test_ctrl_c_of_a_command_that_is_not_a_live_view_exits_130(
+    daemon: Home, term: list[pexpect.spawn]
+) -> None:
+    """Ctrl-C while `exec` waits for its answer ends it with 130 (128 + SIGINT), quietly;
+    live views and follow modes end with 0, as Ctrl-C is how they are left (issue 10.25)."""
+    daemon.register("w", engine_cmd("slow.py", "30"), restart={"start_seconds": 0.1})
+    daemon.wait_state("w#0", "ready")
+    child = _spawn(daemon, term, "exec", "--engine", "w", "--", "1")
+    with daemon.client() as c:
+        c.wait_for(lambda st: st["engines"][0]["instances"][0]["requests"]["in_flight"] == 1)
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "Traceback" not in child.before
+    assert (child.signalstatus, child.exitstatus) == (None, 130)

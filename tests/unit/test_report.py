@@ -500,7 +500,7 @@ def test_raise_instances_sums_samples_over_buckets() -> None:
 
 
 def test_raise_instances_says_the_engines_instances_setting() -> None:
-    """"(now N)" is the engines' `instances` setting as last recorded, not the instances
+    """`(now N)` is the engines' `instances` setting as last recorded, not the instances
     that happened to have rows in the period (issue 10.7)."""
     rows = [
         inst_row("a#0", ok=100, latency=at_low(1024, 100), wanted=2),

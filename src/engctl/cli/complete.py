@@ -261,6 +261,7 @@ def render_table() -> str:
         "TYPE_CHECKING = False\n"
         "if TYPE_CHECKING:\n"
         "    from typing import Any\n\n"
+        "# fmt: off\n"
         f"TABLE: dict[str, Any] = {pprint.pformat(build_table(), width=99, sort_dicts=True)}\n"
     )
 

@@ -8,6 +8,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+# fmt: off
 TABLE: dict[str, Any] = {'commands': {'apply': {'options': {'--file': 'file',
                                     '--help': 'flag',
                                     '--json': 'flag',
