@@ -38,6 +38,7 @@ ELIGIBILITY_STYLE = {
     "downweighted": "yellow",
     "isolated": "bold red",
     "draining": "magenta",
+    "unavailable": "dim",
 }
 
 
