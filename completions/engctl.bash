@@ -1,9 +1,8 @@
+# bash completion for engctl (`engctl completion bash`): engctl answers itself, without
+# typer, with engine and instance names from its daemon when one runs (it never starts one).
 _engctl_completion() {
-    local IFS=$'
-'
-    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
-                   COMP_CWORD=$COMP_CWORD \
-                   _ENGCTL_COMPLETE=complete_bash $1 ) )
+    local IFS=$'\n'
+    COMPREPLY=( $(_ENGCTL_COMPLETE=bash "$1" "${COMP_WORDS[@]:1:COMP_CWORD}" 2>/dev/null) )
     return 0
 }
 

@@ -252,9 +252,14 @@ class Client:
         """Start engines or instances (`name` or `name#k`)."""
         return self.call("engine.start", targets=targets)  # type: ignore[no-any-return]
 
-    def stop(self, targets: list[str], wait: bool = True) -> dict[str, Any]:
-        """Stop engines or instances; with `wait`, return once they are stopped."""
-        return self.call("engine.stop", targets=targets, wait=wait)  # type: ignore[no-any-return]
+    def stop(
+        self, targets: list[str], wait: bool = True, no_dependents: bool = False
+    ) -> dict[str, Any]:
+        """Stop engines or instances (what depends on a stopped engine first, or refuse with
+        `no_dependents`); with `wait`, return once they are stopped."""
+        return self.call(  # type: ignore[no-any-return]
+            "engine.stop", targets=targets, wait=wait, no_dependents=no_dependents
+        )
 
     def restart(self, targets: list[str]) -> dict[str, Any]:
         """Stop then start engines or instances."""

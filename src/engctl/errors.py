@@ -4,7 +4,8 @@ Shared contract between CLI and daemon: stdlib only.
 
 Exit codes (documented in the README):
 0 ok · 1 failed · 2 usage or invalid input · 3 daemon unreachable or incompatible ·
-4 no eligible engine · 5 timeout · 6 busy · 7 not found
+4 no eligible engine · 5 timeout · 6 busy · 7 not found · 130 interrupted (Ctrl-C) ·
+141 stdout closed by its reader
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ EXIT_NO_ELIGIBLE = 4
 EXIT_TIMEOUT = 5
 EXIT_BUSY = 6
 EXIT_NOT_FOUND = 7
+# As a shell reports a command ended by a signal (128 + its number): Ctrl-C, and a reader
+# that went away (`engctl events | head -1`).
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 # JSON-RPC 2.0 reserved codes.
 PARSE_ERROR = -32700

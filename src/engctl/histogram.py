@@ -104,6 +104,17 @@ class Histogram:
                 return min((low + high - 1) / 2.0, float(self.max_us)) / 1000.0
         return self.max_us / 1000.0
 
+    def count_from_ms(self, ms: float) -> int:
+        """Observations at or above `ms`, each placed as `percentile_ms` places it (its
+        bucket's middle, never above the largest value seen)."""
+        total = 0
+        for idx, n in enumerate(self.counts):
+            if n:
+                low, high = bucket_bounds(idx)
+                if min((low + high - 1) / 2.0, float(self.max_us)) / 1000.0 >= ms:
+                    total += n
+        return total
+
     def mean_ms(self) -> float | None:
         return None if self.count == 0 else self.sum_us / self.count / 1000.0
 

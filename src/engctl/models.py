@@ -15,10 +15,23 @@ from typing import Any
 
 from engctl.errors import SpecError
 from engctl.policy_config import PolicyOverrides, overrides_to_toml, parse_policy_table
-from engctl.states import EngineMode, RestartPolicy
+from engctl.states import EngineMode, OnUnhealthy, RestartPolicy
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_INSTANCES = 1000
+# The type of an engine registered without one: no type at all, for the guard rail's groups.
+DEFAULT_TYPE = "generic"
+# `{index}` in a command, env value or health check is the instance's index (supervisord's
+# %(process_num)d, PM2's NODE_APP_INSTANCE); `{{index}}` is a literal `{index}`.
+_INDEX_RE = re.compile(r"\{\{index\}\}|\{index\}")
+
+
+def expand_index(text: str, index: int) -> str:
+    """`text` with `{index}` replaced by `index` (and `{{index}}` by a literal `{index}`)."""
+    if "{" not in text:
+        return text
+    return _INDEX_RE.sub(lambda m: "{index}" if m.group(0)[1] == "{" else str(index), text)
+
 
 _SIZE_UNITS = {
     "": 1,
@@ -215,6 +228,8 @@ class HealthSpec:
     failure_threshold: int = 3
     success_threshold: int = 2
     grace: float = 0.0
+    # What unhealthy does: isolate (the default for workers) or restart (for services).
+    on_unhealthy: OnUnhealthy = OnUnhealthy.ISOLATE
 
 
 @dataclass(frozen=True)
@@ -235,7 +250,7 @@ class EngineSpec:
 
     name: str
     command: tuple[str, ...]
-    type: str = "generic"
+    type: str = DEFAULT_TYPE
     mode: EngineMode = EngineMode.WORKER
     shell: bool = False
     instances: int = 1
@@ -252,6 +267,8 @@ class EngineSpec:
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     # Failure-policy settings this engine overrides (`[engines.NAME.policy]`).
     policy: PolicyOverrides = field(default_factory=dict)
+    # A free string shown by `list` (seed 000's EngineRegistration version).
+    version: str = ""
 
     @property
     def argv(self) -> list[str]:
@@ -259,6 +276,14 @@ class EngineSpec:
         if self.shell:
             return ["/bin/sh", "-c", " ".join(self.command)]
         return list(self.command)
+
+    def argv_for(self, index: int) -> list[str]:
+        """The argv of instance `index` (`{index}` expanded)."""
+        return [expand_index(a, index) for a in self.argv]
+
+    def env_for(self, index: int) -> dict[str, str]:
+        """The env of instance `index` (`{index}` expanded in the values)."""
+        return {k: expand_index(v, index) for k, v in self.env.items()}
 
     def changed_fields(self, other: EngineSpec) -> set[str]:
         """Top-level fields that differ between two specs of the same engine."""
@@ -296,7 +321,7 @@ class EngineSpec:
         spec = cls(
             name=name,
             command=command,
-            type=r.string("type", "generic") or "generic",
+            type=r.string("type", DEFAULT_TYPE) or DEFAULT_TYPE,
             mode=mode,
             shell=shell,
             instances=r.integer("instances", 1, 0, MAX_INSTANCES),
@@ -312,6 +337,7 @@ class EngineSpec:
             health=_health(r.table("health"), mode),
             limits=_limits(r.table("limits")),
             policy=_policy(r),
+            version=r.string("version", ""),
         )
         r.done()
         if name in spec.depends_on:
@@ -322,7 +348,8 @@ class EngineSpec:
         """The TOML/JSON form: command plus every key that differs from its default."""
         out: dict[str, Any] = {"command": list(self.command)}
         default = EngineSpec(name=self.name, command=self.command)
-        for key in ("type", "mode", "shell", "instances", "max_concurrency", "weight", "cwd"):
+        keys = ("type", "mode", "shell", "instances", "max_concurrency", "weight", "cwd", "version")
+        for key in keys:
             value = getattr(self, key)
             if value != getattr(default, key):
                 out[key] = value.value if isinstance(value, EngineMode) else value
@@ -360,7 +387,7 @@ def _diff(value: Any, default: Any, skip: Iterable[str] = ()) -> dict[str, Any]:
         v = getattr(value, f.name)
         if f.name in skip or v == getattr(default, f.name) or v is None:
             continue
-        out[f.name] = v.value if isinstance(v, RestartPolicy) else v
+        out[f.name] = v.value if isinstance(v, RestartPolicy | OnUnhealthy) else v
     return out
 
 
@@ -423,11 +450,15 @@ def _stop(r: _Reader) -> StopSpec:
     return spec
 
 
-_CHECK_RE = re.compile(r"^(ping|none|command:.+|http://.+|https://.+|http:.+|tcp:[^:]+:\d+)$")
+_CHECK_RE = re.compile(
+    r"^(ping|none|command:.+|http://.+|https://.+|http:.+|tcp:[^:]+:(\d|\{index\})+)$"
+)
 
 
 def _default_health(mode: EngineMode) -> HealthSpec:
-    return HealthSpec(check="ping" if mode is EngineMode.WORKER else None)
+    if mode is EngineMode.WORKER:
+        return HealthSpec(check="ping")
+    return HealthSpec(check=None, on_unhealthy=OnUnhealthy.RESTART)
 
 
 def _health(r: _Reader, mode: EngineMode) -> HealthSpec:
@@ -447,9 +478,20 @@ def _health(r: _Reader, mode: EngineMode) -> HealthSpec:
         failure_threshold=r.integer("failure_threshold", 3, 1, 1000),
         success_threshold=r.integer("success_threshold", 2, 1, 1000),
         grace=r.number("grace", 0.0, 0.0, 86400.0),
+        on_unhealthy=_on_unhealthy(r, default.on_unhealthy),
     )
     r.done()
     return spec
+
+
+def _on_unhealthy(r: _Reader, default: OnUnhealthy) -> OnUnhealthy:
+    text = r.string("on_unhealthy", default.value)
+    try:
+        return OnUnhealthy(text)
+    except ValueError:
+        raise SpecError(
+            f"{r.path('on_unhealthy')}: must be isolate or restart, got {text!r}"
+        ) from None
 
 
 def _policy(r: _Reader) -> PolicyOverrides:

@@ -9,26 +9,29 @@ rows, so tests feed it rows with any timestamps they like.
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from engctl.errors import UsageError
 from engctl.histogram import Histogram
+from engctl.timespec import parse_since as parse_since  # the report's --since, re-exported
 
 FINE = 10
 COARSE = 300
 # Thresholds of the suggestions (documented in the README).
 QUEUED_SHARE = 0.10  # requests waited in at least this share of samples
+MIN_QUEUE_SAMPLES = 30  # queue samples (about seconds) before a share is judged
+MIN_QUEUED = 3  # samples with requests waiting: one busy second is not a pattern
 P99_FACTOR = 3.0  # an instance's p99 this many times its peers' median
 MIN_REQUESTS = 20  # volume below which rates and percentiles are not judged
+MIN_SLOW = 5  # requests at or above the slow mark: one outlier is not a slow instance
 ERROR_RATE = 0.05
+MIN_FAILURES = 3  # failed requests: one failure in twenty is not a failing instance
 RESTARTS = 3
 UNUSED_SECONDS = 600.0  # instance-up time with no request before "remove" is suggested
 
@@ -47,22 +50,6 @@ POLICY_KINDS = (
     "policy.guard_rail",
 )
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_since(text: str, now: float) -> float:
-    """Epoch seconds from "90s", "10m", "1h", "7d", "2w" (ago) or an ISO date/time (local)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if m:
-        return now - float(m.group(1)) * _UNITS[m.group(2)]
-    try:
-        return datetime.fromisoformat(text.strip()).timestamp()
-    except ValueError:
-        raise UsageError(
-            f"--since {text!r}: expected a duration such as 10m, 1h, 7d or a date/time such"
-            " as 2026-11-22T10:00"
-        ) from None
-
 
 @dataclass
 class Figures:
@@ -80,7 +67,8 @@ class Figures:
     cpu_n: int = 0
     rss_max: int | None = None
     states: dict[str, float] = field(default_factory=dict)
-    last: dict[str, Any] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)  # the data of the latest row
+    last_ts: float = 0.0
     bad_cells: int = 0
 
     def add(self, row: sqlite3.Row | dict[str, Any]) -> None:
@@ -105,6 +93,7 @@ class Figures:
         for k, v in data.get("states", {}).items():
             self.states[k] = self.states.get(k, 0.0) + v
         self.last = data
+        self.last_ts = row["ts"]
 
     def merge(self, other: Figures) -> None:
         for name in ("requests", "ok", "errors", "timeouts", "lost", "restarts", "isolations"):
@@ -301,12 +290,17 @@ def build_report(
         )
     type_names = {t for _e, t in meta.values()} if engine is not None else set(types)
     type_out = []
+    configured = _configured_instances(instances, meta)
     for t in sorted(type_names | {t for _e, t in meta.values()}):
         samples, queued, peak = types.get(t, [0, 0, 0])
+        seen = sum(1 for _e, tt in meta.values() if tt == t)
+        setting = [n for (eng, tt), n in configured.items() if tt == t]
         type_out.append(
             {
                 "type": t,
-                "instances": sum(1 for _e, tt in meta.values() if tt == t),
+                # Its engines' `instances` setting as last recorded (instances seen in
+                # the period when the history predates that record).
+                "instances": sum(setting) if setting else seen,
                 "queued_share": round(queued / samples, 4) if samples else None,
                 "queue_max": peak,
                 "samples": samples,
@@ -341,6 +335,20 @@ def build_report(
 
 
 _IO = ("disk_read_bytes", "disk_write_bytes", "net_sent_bytes", "net_recv_bytes")
+
+
+def _configured_instances(
+    instances: dict[str, Figures], meta: dict[str, tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    """(engine, type) -> the engine's `instances` setting in its latest row that records it."""
+    latest: dict[tuple[str, str], tuple[float, int]] = {}
+    for inst_id, f in instances.items():
+        n = f.last.get("instances")
+        if isinstance(n, int) and not isinstance(n, bool):
+            key = meta[inst_id]
+            if key not in latest or f.last_ts > latest[key][0]:
+                latest[key] = (f.last_ts, n)
+    return {k: n for k, (_ts, n) in latest.items()}
 
 
 def _inst_key(inst_id: str) -> tuple[str, int]:
@@ -385,7 +393,12 @@ def suggest(
     out: list[dict[str, Any]] = []
     for tq in types:
         share = tq["queued_share"]
-        if share is not None and share >= QUEUED_SHARE and tq["samples"] >= 5:
+        if (
+            share is not None
+            and share >= QUEUED_SHARE
+            and tq["samples"] >= MIN_QUEUE_SAMPLES
+            and round(share * tq["samples"]) >= MIN_QUEUED
+        ):
             out.append(
                 {
                     "kind": "raise_instances",
@@ -414,7 +427,8 @@ def suggest(
             if not peers:
                 continue
             median = statistics.median(peers)
-            if median > 0 and p99 >= P99_FACTOR * median:
+            slow = instances[inst_id].hist.count_from_ms(P99_FACTOR * median)
+            if median > 0 and p99 >= P99_FACTOR * median and slow >= MIN_SLOW:
                 weight = instances[inst_id].last.get("weight")
                 out.append(
                     {
@@ -430,6 +444,8 @@ def suggest(
                             "peers_median_p99_ms": round(median, 3),
                             "ratio": round(p99 / median, 2),
                             "requests": instances[inst_id].requests,
+                            "slow_requests": slow,
+                            "weight": weight,
                         },
                     }
                 )
@@ -439,7 +455,12 @@ def suggest(
             memory.setdefault(a["engine"] or "?", []).append(a)
     for eng, acts in sorted(memory.items()):
         peak = max((a["data"].get("rss_bytes", 0) for a in acts), default=0)
-        limit = next((a["data"]["max_rss"] for a in acts if a["data"].get("max_rss")), None)
+        # The engine's own setting (recorded with its figures), else what the events said.
+        limit = next(
+            (f.last["max_rss"] for i, f in sorted(instances.items()) if meta[i][0] == eng
+             and f.last.get("max_rss")),
+            next((a["data"]["max_rss"] for a in acts if a["data"].get("max_rss")), None),
+        )  # fmt: skip
         leak = any("leak" in a["reason"] for a in acts)
         fix = "fix the leak" if leak else "fix what grows"
         raise_it = f"raise limits.max_rss (now {_mib(limit)})" if limit else "set limits.max_rss"
@@ -456,7 +477,12 @@ def suggest(
         )
     for inst_id, f in sorted(instances.items()):
         rate = f.error_rate
-        if rate is not None and f.ok + f.failed >= MIN_REQUESTS and rate >= ERROR_RATE:
+        if (
+            rate is not None
+            and f.ok + f.failed >= MIN_REQUESTS
+            and f.failed >= MIN_FAILURES
+            and rate >= ERROR_RATE
+        ):
             out.append(
                 {
                     "kind": "investigate_errors",

@@ -79,6 +79,16 @@ class Eligibility(StrEnum):
     DOWNWEIGHTED = "downweighted"
     ISOLATED = "isolated"
     DRAINING = "draining"
+    # No process that takes requests: stopped, starting, warming, stopping, backoff, exited or
+    # fatal (derived from the state; the reason says which and why).
+    UNAVAILABLE = "unavailable"
+
+
+class OnUnhealthy(StrEnum):
+    """What a failed health check (`failure_threshold` in a row) does to an instance."""
+
+    ISOLATE = "isolate"  # no dispatch until healthy again (the process keeps running)
+    RESTART = "restart"  # drain, then a graceful restart (Kubernetes' liveness probe)
 
 
 class EngineMode(StrEnum):

@@ -161,7 +161,7 @@ def test_metrics_get_parses_and_counts_requests(daemon: Home) -> None:
 
     req = fams["engctl_requests"]
     ok = samples(req, "_total", outcome="ok")
-    assert {s.labels["instance"] for s in ok} == ids
+    assert {s.labels["engine_instance"] for s in ok} == ids
     assert all(s.labels["engine"] == "e" and s.labels["type"] == "echo" for s in ok)
     assert sum(s.value for s in ok) == 60
     for outcome in ("error", "timeout", "lost"):
@@ -170,19 +170,19 @@ def test_metrics_get_parses_and_counts_requests(daemon: Home) -> None:
     lat = fams["engctl_request_latency_seconds"]
     assert sum(s.value for s in samples(lat, "_count")) == 60
     for inst in ids:
-        buckets = samples(lat, "_bucket", instance=inst)
+        buckets = samples(lat, "_bucket", engine_instance=inst)
         values = [s.value for s in buckets]
         assert values == sorted(values)  # cumulative
         assert buckets[-1].labels["le"] == "+Inf"
-        (count,) = samples(lat, "_count", instance=inst)
+        (count,) = samples(lat, "_count", engine_instance=inst)
         assert values[-1] == count.value
-        (total,) = samples(lat, "_sum", instance=inst)
+        (total,) = samples(lat, "_sum", engine_instance=inst)
         assert 0 < total.value < count.value * 1.0  # an echo answers in far under a second
 
     assert [s.value for s in fams["engctl_in_flight"].samples] == [0, 0]
     assert [s.value for s in fams["engctl_instance_success_ratio"].samples] == [1.0, 1.0]
     status = fams["engctl_instance_status"].samples
-    assert {s.labels["instance"]: s.labels["state"] for s in status} == {
+    assert {s.labels["engine_instance"]: s.labels["state"] for s in status} == {
         "e#0": "ready",
         "e#1": "ready",
     }
@@ -192,10 +192,13 @@ def test_metrics_get_parses_and_counts_requests(daemon: Home) -> None:
     ]
     assert all(s.value > 0 for s in fams["engctl_instance_rss_bytes"].samples)
     ready = samples(fams["engctl_instance_state_seconds"], "_total", state="ready")
-    assert {s.labels["instance"] for s in ready} == ids and all(s.value > 0 for s in ready)
+    assert {s.labels["engine_instance"] for s in ready} == ids and all(s.value > 0 for s in ready)
     assert [s.value for s in fams["engctl_instance_restarts"].samples] == [0, 0]
     assert fams["engctl_host_memory_total_bytes"].samples[0].value > 0
     assert fams["engctl_protocol_errors"].samples[0].value == 0
+    # No label Prometheus sets itself on a scrape (issue 10.23: it arrived as
+    # exported_instance).
+    assert not {k for f in fams.values() for s in f.samples for k in s.labels} & {"instance", "job"}
 
 
 def test_errors_and_actions_reach_metrics_and_report(daemon: Home) -> None:

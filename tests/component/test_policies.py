@@ -571,6 +571,43 @@ def test_guard_rail_keeps_half_of_the_type_in_service(fast: Home, flags: Path) -
     assert shown["sources"]["failing"]["error_rate"] == "default"
 
 
+def test_guard_rail_event_once_per_decision_and_untyped_engines_grouped_by_engine(
+    fast: Home, flags: Path
+) -> None:
+    """Two engines left at the default type are two guard-rail groups, not one `generic`
+    group: with both of a's instances failing, one is isolated and the other kept (50 % of
+    2); the guard rail says so once, not once per failed request (issue 10.26: 14 events in
+    under a second)."""
+    for k in (0, 1):
+        (flags / f"a#{k}.fail").touch()
+    spec = {
+        "command": engine_cmd("moody.py", str(flags), "0"),
+        "instances": 2,
+        "policy": {
+            "max_isolated_percent": 50,
+            "failing": {"consecutive_errors": 2, "min_requests": 1000, "isolation_base": 60},
+        },
+    }
+    workers(fast, a=spec, b=spec)
+
+    def guarded() -> list[dict[str, Any]]:
+        run(fast, 10, window=1, engine="a")
+        return events(fast, "policy.guard_rail")
+
+    [guard] = wait_until(guarded, timeout=15)
+    kept = guard["instance"]
+    out = [i["id"] for i in fast.instances("a") if i["eligibility"] == "isolated"]
+    assert len(out) == 1 and kept not in out
+    assert guard["reason"].endswith(
+        "1 of 2 instances of engine 'a' are already out (max_isolated_percent 50% allows 1)"
+    )
+    results = run(fast, 20, window=2, instance=kept)  # every one fails on the kept instance
+    assert not any(r["ok"] for r in results)
+    assert len(events(fast, "policy.guard_rail")) == 1
+    assert fast.instance(kept)["eligibility"] == "active"
+    assert all(i["eligibility"] == "active" for i in fast.instances("b"))
+
+
 def test_guard_rail_holds_for_unhealthy_instances_and_swaps_when_one_recovers(
     fast: Home, flags: Path
 ) -> None:
@@ -748,7 +785,13 @@ def test_command_tcp_and_http_checks(fast: Home, http_port: int) -> None:
             "http_ok": f"http://127.0.0.1:{http_port}/ok",
             "http_bad": f"http:127.0.0.1:{http_port}/bad",
         }
-        health = {"interval": 0.2, "timeout": 1.0, "failure_threshold": 2, "success_threshold": 2}
+        health = {
+            "interval": 0.2,
+            "timeout": 1.0,
+            "failure_threshold": 2,
+            "success_threshold": 2,
+            "on_unhealthy": "isolate",  # this test watches the checks, not what follows
+        }
         with fast.client() as c:
             c.register(
                 {

@@ -239,7 +239,7 @@ def test_stop_no_wait_returns_at_once_in_stopping(daemon: Home) -> None:
     r = daemon.cli("stop", "--no-wait", "--json", "i")
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"stopped": ["i#0"], "waited": False}
+    assert json.loads(r.stdout) == {"stopped": ["i#0"], "waited": False, "dependents": []}
     assert daemon.instance("i#0")["state"] == "stopping"
     assert elapsed < 2.0
     assert not gone(pid)

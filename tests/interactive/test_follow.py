@@ -74,14 +74,18 @@ def test_logs_follow_shows_new_lines_and_stops_on_ctrl_c(
 def test_logs_follow_of_one_instance_prints_bare_lines(
     daemon: Home, term: list[pexpect.spawn]
 ) -> None:
-    """`logs NAME#0 -f --json` prints one JSON object per new line."""
+    """`logs NAME#0 -f --json` prints one JSON object per new line, its time and stream as
+    fields (issue 10.25)."""
     daemon.register(
         "chat", engine_cmd("chatty.py", "0.1"), mode="service", restart={"start_seconds": 0}
     )
     child = _spawn(daemon, term, "logs", "chat#0", "-f", "--json", "--lines", "0")
-    child.expect(r'\{"instance": "chat#0", "line": "[^"]*err (\d+)"\}')
+    child.expect(
+        r'\{"instance": "chat#0", "time": "[0-9T:.-]+Z", "stream": "stderr", "text": "err (\d+)",'
+        r' "line": "[^"]*err \d+"\}'
+    )
     n = int(child.match.group(1))
-    child.expect(rf'"line": "[^"]*err {n + 2}"')
+    child.expect(rf'"text": "err {n + 2}"')
     _interrupt(child)
 
 
@@ -118,3 +122,20 @@ def test_status_watch_refreshes_and_stops_on_ctrl_c(
     assert r.returncode == 0, r.stderr
     child.expect(r"late#0")
     _interrupt(child)
+
+
+def test_ctrl_c_of_a_command_that_is_not_a_live_view_exits_130(
+    daemon: Home, term: list[pexpect.spawn]
+) -> None:
+    """Ctrl-C while `exec` waits for its answer ends it with 130 (128 + SIGINT), quietly;
+    live views and follow modes end with 0, as Ctrl-C is how they are left (issue 10.25)."""
+    daemon.register("w", engine_cmd("slow.py", "30"), restart={"start_seconds": 0.1})
+    daemon.wait_state("w#0", "ready")
+    child = _spawn(daemon, term, "exec", "--engine", "w", "--", "1")
+    with daemon.client() as c:
+        c.wait_for(lambda st: st["engines"][0]["instances"][0]["requests"]["in_flight"] == 1)
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "Traceback" not in child.before
+    assert (child.signalstatus, child.exitstatus) == (None, 130)

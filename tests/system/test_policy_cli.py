@@ -148,7 +148,8 @@ def test_manual_isolation_survives_a_daemon_restart(daemon: Home) -> None:
     inst = daemon.instance("e#0")
     assert (inst["eligibility"], inst["eligibility_reason"]) == ("isolated", "by hand: bad disk")
     _ok(daemon.cli("restore", "e#0"))
-    assert daemon.instance("e#0")["eligibility"] == "active"
+    # Active once its new process takes requests (unavailable while it starts).
+    wait_until(lambda: daemon.instance("e#0")["eligibility"] == "active", 15)
 
 
 # -- status --------------------------------------------------------------------------------

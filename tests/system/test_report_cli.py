@@ -147,7 +147,7 @@ def test_metrics_prints_the_exposition(served: Home) -> None:
     assert r.returncode == 0, r.stderr
     fams = {f.name: f for f in text_string_to_metric_families(r.stdout)}
     ok = {
-        s.labels["instance"]: s.value
+        s.labels["engine_instance"]: s.value
         for s in fams["engctl_requests"].samples
         if s.labels["outcome"] == "ok"
     }
@@ -205,7 +205,7 @@ def test_metrics_json_is_the_parsed_exposition(served: Home) -> None:
     families = {f["name"]: f for f in json.loads(r.stdout)["families"]}
     assert families["engctl_requests"]["type"] == "counter"
     ok = {
-        s["labels"]["instance"]: s["value"]
+        s["labels"]["engine_instance"]: s["value"]
         for s in families["engctl_requests"]["samples"]
         if s["labels"].get("outcome") == "ok"
     }

@@ -496,10 +496,25 @@ def test_least_loaded_prefers_lower_load_and_spreads_ties() -> None:
     assert set(ids(pick(idle, S.LEAST_LOADED) for _ in range(4))) == {"a#0", "a#1", "a#2", "a#3"}
 
 
-def test_least_loaded_prefers_higher_weight_on_equal_load() -> None:
-    """Between equal loads, the member of higher effective weight wins."""
+def test_least_loaded_shares_equal_loads_in_proportion_to_weight() -> None:
+    """Between equal loads the member of higher effective weight goes first, and idle picks
+    are shared 1:3:2 like the weights (earliest virtual deadline first), not piled on it."""
     pool = make_pool([cand("a#0", weight=1), cand("b#0", weight=3), cand("c#0", weight=2)])
-    assert ids(pick(pool, S.LEAST_LOADED) for _ in range(3)) == ["b#0"] * 3
+    assert ids([pick(pool, S.LEAST_LOADED)]) == ["b#0"]
+    got = Counter(ids(pick(pool, S.LEAST_LOADED) for _ in range(599)))
+    assert {k: round(v / 100) for k, v in got.items()} == {"a#0": 1, "b#0": 3, "c#0": 2}
+
+
+def test_least_loaded_counts_in_flight_per_unit_of_weight() -> None:
+    """Weighted least request (Envoy): 2 in flight at weight 1 is less load than 1 in flight
+    at weight 0.25 (issue 10.8: a downweighted member used to win on its raw count)."""
+    pool = make_pool(
+        [
+            cand("a#0", max_concurrency=8, in_flight=2),
+            cand("b#0", max_concurrency=8, in_flight=1, weight=1.0, effective_weight=0.25),
+        ]
+    )
+    assert ids([pick(pool, S.LEAST_LOADED)]) == ["a#0"]
 
 
 def test_least_loaded_uses_two_choices_at_scale() -> None:
@@ -733,6 +748,145 @@ def test_key_strategies_without_a_key_fall_back() -> None:
     """affinity and consistent_hash without a key behave like least_loaded."""
     pool = make_pool([cand("a#0", in_flight=1, max_concurrency=2), cand("b#0", max_concurrency=2)])
     assert ids([pick(pool, S.AFFINITY), pick(pool, S.CONSISTENT_HASH)]) == ["b#0", "b#0"]
+
+
+# --- downweighting acts under every strategy (issue 10.8) -----------------------------------
+
+SHARES = st.sampled_from([1.0, 1.0, 0.5, 0.25, 0.125])
+
+
+def downweighted_pool(shares: list[float], seed: int) -> CandidatePool:
+    """Members at configured weight 1, downweighted to `shares`, never full."""
+    return make_pool(
+        (
+            cand(f"e{k}#0", weight=1.0, effective_weight=w, max_concurrency=10**6)
+            for k, w in enumerate(shares)
+        ),
+        seed=seed,
+    )
+
+
+def picked_shares(picks: Iterable[Candidate | None]) -> Counter[str]:
+    return Counter(c.id for c in picks if c is not None)
+
+
+def assert_proportional(got: Counter[str], shares: list[float], tolerance: float) -> None:
+    """Each member's share of the picks is its share of the total weight, within `tolerance`
+    (absolute, on shares between 0 and 1)."""
+    n = sum(got.values())
+    total = sum(shares)
+    for k, w in enumerate(shares):
+        want = w / total
+        assert abs(got[f"e{k}#0"] / n - want) <= tolerance, (k, shares, got)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shares=st.lists(SHARES, min_size=2, max_size=12),
+    name=st.sampled_from([S.ROUND_ROBIN, S.WEIGHTED_ROUND_ROBIN, S.LEAST_LOADED]),
+)
+def test_deterministic_strategies_pick_in_proportion_to_effective_weight(
+    shares: list[float], name: StrategyName
+) -> None:
+    """round_robin (turns in proportion to effective over configured weight), smooth weighted
+    round robin and least_loaded (earliest deadline among equal loads) give each member its
+    share of the effective weight: a ×0.25 member no longer gets a full share."""
+    pool = downweighted_pool(shares, seed=1)
+    n = 400 * len(shares)
+    got = picked_shares(pick(pool, name) for _ in range(n))
+    assert_proportional(got, shares, tolerance=0.01)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shares=st.lists(SHARES, min_size=20, max_size=40), seed=st.integers(0, 1000))
+def test_random_strategies_pick_in_proportion_to_effective_weight(
+    shares: list[float], seed: int
+) -> None:
+    """weighted_random and least_loaded above 16 members (two choices drawn by weight) give
+    each member its share of the effective weight, statistically."""
+    for name in (S.WEIGHTED_RANDOM, S.LEAST_LOADED):
+        pool = downweighted_pool(shares, seed)
+        got = picked_shares(pick(pool, name) for _ in range(20_000))
+        assert_proportional(got, shares, tolerance=0.012)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shares=st.lists(SHARES, min_size=2, max_size=10), seed=st.integers(0, 1000))
+def test_least_loaded_under_load_keeps_in_flight_proportional_to_weight(
+    shares: list[float], seed: int
+) -> None:
+    """With requests held (each finishes after the next 20 × members picks), least_loaded
+    keeps every member's picks in proportion to its effective weight."""
+    pool = downweighted_pool(shares, seed)
+    held: list[Candidate] = []
+    picks: list[Candidate | None] = []
+    for _ in range(300 * len(shares)):
+        c = pick(pool, S.LEAST_LOADED)
+        assert c is not None
+        picks.append(c)
+        c.in_flight += 1
+        held.append(c)
+        if len(held) > 20 * len(shares):
+            held.pop(0).in_flight -= 1
+    assert_proportional(picked_shares(picks), shares, tolerance=0.03)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shares=st.lists(SHARES, min_size=2, max_size=10), seed=st.integers(0, 1000))
+def test_affinity_keys_follow_effective_weight(shares: list[float], seed: int) -> None:
+    """Keys homed while every member was at full weight: once some are downweighted, a home
+    keeps its keys' requests in proportion to its share and the rest overflow by weight, so
+    each member's share of the picks is its share of the effective weight."""
+    pool = downweighted_pool([1.0] * len(shares), seed)
+    keys = [f"user-{k}" for k in range(50 * len(shares))]
+    homes = Counter(ids(pick(pool, S.AFFINITY, key=k) for k in keys))
+    assert len(homes) == len(shares)  # least_loaded homed the keys evenly
+    for k, w in enumerate(shares):
+        pool.get(f"e{k}#0").effective_weight = w
+    got = picked_shares(pick(pool, S.AFFINITY, key=k) for _ in range(8) for k in keys)
+    assert_proportional(got, shares, tolerance=0.03)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 12),
+    share=st.sampled_from([0.5, 0.25, 0.125]),
+    victim=st.integers(0, 11),
+    seed=st.integers(0, 1000),
+)
+def test_consistent_hash_downweighted_instance_takes_its_share_of_its_keys(
+    n: int, share: float, victim: int, seed: int
+) -> None:
+    """A downweighted instance takes its share of the requests whose keys land on it (the
+    others go on to the next instance on the ring): its picks shrink by its share."""
+    pool = downweighted_pool([1.0] * n, seed)
+    keys = [f"key-{k}" for k in range(300 * n)]
+    target = f"e{victim % n}#0"
+
+    def share_of_target() -> float:
+        got = picked_shares(pick(pool, S.CONSISTENT_HASH, key=k) for k in keys)
+        return got[target] / len(keys)
+
+    full = share_of_target()
+    pool.get(target).effective_weight = share
+    assert abs(share_of_target() - full * share) <= 0.01
+
+
+def test_capability_score_leaves_a_downweighted_instance_the_least() -> None:
+    """The scored strategy multiplies by the effective weight: between otherwise equal
+    members, a downweighted one is picked only when the others are full."""
+    pool = downweighted_pool([1.0, 0.25, 1.0], seed=0)
+    assert "e1#0" not in ids(pick(pool, S.CAPABILITY) for _ in range(50))
+
+
+def test_round_robin_at_full_weight_is_plain_round_robin() -> None:
+    """Members at full weight (whatever their configured weights) take every turn in order,
+    as round robin always did; one at 0.25 takes one turn in four."""
+    pool = make_pool(cand(f"a#{k}", weight=1.0 + k, max_concurrency=8) for k in range(3))
+    assert ids(pick(pool, S.ROUND_ROBIN) for _ in range(6)) == ["a#0", "a#1", "a#2"] * 2
+    pool.get("a#1").effective_weight = 0.5  # configured 2: a quarter of its turns
+    got = Counter(ids(pick(pool, S.ROUND_ROBIN) for _ in range(90)))
+    assert got == {"a#0": 40, "a#1": 10, "a#2": 40}
 
 
 # --- explain --------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ def inst_row(
     max_rss: int | None = None,
     tier: int = 10,
     seconds: float | None = None,
+    wanted: int | None = None,
 ) -> dict[str, Any]:
     """A roll-up row of one instance, shaped like those Rollups.close writes."""
     if requests is None:
@@ -76,6 +77,8 @@ def inst_row(
         "weight": weight,
         "max_rss": max_rss,
     }
+    if wanted is not None:
+        data["instances"] = wanted
     row = {
         "tier": tier,
         "ts": ts,
@@ -460,12 +463,21 @@ def test_healthy_figures_suggest_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("samples", "queued", "expected"),
-    [(30, 3, True), (30, 2, False), (10, 1, True), (10, 10, True), (4, 4, False), (5, 1, True)],
+    [
+        (30, 3, True),
+        (30, 2, False),
+        (100, 10, True),
+        (100, 9, False),
+        (30, 30, True),
+        (29, 29, False),  # under the minimum sample (issue 10.7)
+        (20, 2, False),  # 10 %, but two busy seconds are not a pattern
+    ],
 )
 def test_raise_instances_when_requests_wait_ten_percent_of_samples(
     samples: int, queued: int, expected: bool
 ) -> None:
-    """A type whose requests waited in ≥ 10 % of ≥ 5 samples; evidence from the type rows."""
+    """A type whose requests waited in ≥ 10 % of ≥ 30 samples (≥ 3 of them); evidence from
+    the type rows."""
     rows = [*healthy()[:2], type_row("T", samples=samples, queued=queued, qmax=7)]
     r = build(rows)
     if not expected:
@@ -480,11 +492,24 @@ def test_raise_instances_when_requests_wait_ten_percent_of_samples(
 
 
 def test_raise_instances_sums_samples_over_buckets() -> None:
-    """2 of 10 samples in one bucket and 0 of 10 in the next is 10 %: still suggested."""
-    rows = [*healthy()[:2], type_row("T", T0 + 10, 10, 2, 3), type_row("T", T0 + 20, 10, 0, 0)]
+    """3 of 15 samples in one bucket and 0 of 15 in the next is 10 %: still suggested."""
+    rows = [*healthy()[:2], type_row("T", T0 + 10, 15, 3, 3), type_row("T", T0 + 20, 15, 0, 0)]
     assert only(build(rows), "raise_instances")["evidence"]["queued_share"] == 0.1
-    rows = [*healthy()[:2], type_row("T", T0 + 10, 10, 1, 3), type_row("T", T0 + 20, 11, 0, 0)]
+    rows = [*healthy()[:2], type_row("T", T0 + 10, 15, 3, 3), type_row("T", T0 + 20, 16, 0, 0)]
     assert build(rows)["suggestions"] == []
+
+
+def test_raise_instances_says_the_engines_instances_setting() -> None:
+    """`(now N)` is the engines' `instances` setting as last recorded, not the instances
+    that happened to have rows in the period (issue 10.7)."""
+    rows = [
+        inst_row("a#0", ok=100, latency=at_low(1024, 100), wanted=2),
+        inst_row("a#1", ok=100, latency=at_low(1024, 100), wanted=2),
+        inst_row("a#0", T0 + 20, ok=100, latency=at_low(1024, 100), wanted=4),
+        type_row("T", samples=30, queued=10),
+    ]
+    s = only(build(rows), "raise_instances")
+    assert s["evidence"]["instances"] == 4 and "(now 4)" in s["message"]
 
 
 def test_investigate_latency_when_p99_is_three_times_the_peers() -> None:
@@ -494,8 +519,20 @@ def test_investigate_latency_when_p99_is_three_times_the_peers() -> None:
     s = only(r, "investigate_latency")
     assert s["target"] == "a#1"
     assert s["evidence"] == {"p99_ms": 3.072, "peers_median_p99_ms": 1.024, "ratio": 3.0,
-                             "requests": 100}  # fmt: skip
+                             "requests": 100, "slow_requests": 100, "weight": 1.0}  # fmt: skip
     assert "3.0×" in s["message"] and "(now 1.0)" in s["message"]
+
+
+def test_one_slow_request_is_not_a_slow_instance() -> None:
+    """50 fast requests and one of 10 ms: its p99 is that one request, 10× the peers', but
+    a single outlier suggests nothing; five do (issue 10.7: it fired on 1 of 51)."""
+    one = Histogram.decode(at_low(1024, 50))
+    one.record_ms(10.0)
+    assert build(healthy(a_1={"ok": 51, "latency": one.encode()}))["suggestions"] == []
+    for _ in range(4):
+        one.record_ms(10.0)
+    r = build(healthy(a_1={"ok": 55, "latency": one.encode()}))
+    assert only(r, "investigate_latency")["evidence"]["slow_requests"] == 5
 
 
 @pytest.mark.parametrize(
@@ -521,7 +558,8 @@ def test_latency_is_compared_within_a_type_against_the_peers_median() -> None:
     r = build(rows)
     assert kinds(r) == ["investigate_latency"]
     assert only(r, "investigate_latency")["evidence"] == {
-        "p99_ms": 5.12, "peers_median_p99_ms": 1.536, "ratio": 3.33, "requests": 50}  # fmt: skip
+        "p99_ms": 5.12, "peers_median_p99_ms": 1.536, "ratio": 3.33, "requests": 50,
+        "slow_requests": 50, "weight": 1.0}  # fmt: skip
 
 
 MEMORY_REASON = "memory: RSS 300 MiB is above max_rss 256 MiB: draining, then a graceful restart"
@@ -552,6 +590,17 @@ def test_memory_leak_restarts_say_fix_the_leak() -> None:
     assert "fix the leak" in s["message"] and "set limits.max_rss" in s["message"]
 
 
+def test_memory_restarts_read_the_engines_max_rss() -> None:
+    """A leak drain's event need not carry the limit: the engine's own max_rss (recorded
+    with its figures) is the one the message names (issue 10.7: "set limits.max_rss" with
+    `max_rss: null` for an engine that had max_rss = 200MiB)."""
+    acts = [action("instance.draining", LEAK_REASON, rss_bytes=150 << 20, growth_bytes=1)]
+    rows = healthy(a_0={"max_rss": 200 << 20}, a_1={"max_rss": 200 << 20})
+    s = only(build(rows, acts), "memory_restarts")
+    assert s["evidence"]["max_rss"] == 200 << 20
+    assert "raise limits.max_rss (now 200 MiB)" in s["message"]
+
+
 @pytest.mark.parametrize(
     "act",
     [
@@ -571,10 +620,11 @@ def test_no_memory_suggestion_for_other_actions(act: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("ok", "errors", "timeouts", "lost", "expected"),
     [
-        (19, 1, 0, 0, True),  # 5 % of 20
-        (18, 0, 1, 1, True),  # timeouts and lost count as failures
-        (20, 1, 0, 0, False),  # 4.8 %
-        (18, 1, 0, 0, False),  # 5.3 %, but of 19 requests only
+        (57, 3, 0, 0, True),  # 5 % of 60
+        (17, 0, 1, 2, True),  # timeouts and lost count as failures
+        (58, 3, 0, 0, False),  # 4.9 %
+        (15, 3, 0, 0, False),  # 16.7 %, but of 18 requests only
+        (19, 1, 0, 0, False),  # 5 % of 20, but one failure (issue 10.7)
         (0, 0, 0, 0, False),
     ],
 )
@@ -659,7 +709,7 @@ def test_every_suggestion_at_once_each_with_evidence() -> None:
         a_0={"ok": 95, "errors": 5, "latency": at_low(1024, 95), "restarts": 3},
         a_1={"latency": at_low(4096, 100)},
     )
-    rows += [type_row("T", T0 + 20, samples=10, queued=10, qmax=3),
+    rows += [type_row("T", T0 + 20, samples=30, queued=30, qmax=3),
              inst_row("b#0", type="U", states={"ready": 3600.0})]  # fmt: skip
     acts = [action("instance.draining", MEMORY_REASON, rss_bytes=1, max_rss=1)]
     r = build(rows, acts)

@@ -10,7 +10,13 @@ import json
 import os
 import sys
 
-from engctl.errors import EXIT_FAILED, EXIT_USAGE, INVALID_PARAMS, EngctlError
+from engctl.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    INVALID_PARAMS,
+    EngctlError,
+)
 
 
 def _report(code: int, message: str, rpc_code: int, json_mode: bool) -> int:
@@ -27,15 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     json_mode = "--json" in args
     try:
         code = _run(args)
+        sys.stdout.flush()  # inside the boundary: a closed pipe shows up here too
     except EngctlError as exc:
         code = _report(exc.exit_code, exc.message, exc.rpc_code, json_mode)
     except KeyboardInterrupt:
-        code = 130
+        code = EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (`engctl events | head`): not an error of ours.
-        sys.stderr.close()
-        code = EXIT_FAILED
-    sys.stdout.flush()
+        # The reader went away (`engctl events | head -1`): stop quietly, as a command ended
+        # by SIGPIPE does. What is still buffered goes nowhere, so exiting cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     sys.exit(code)
 
 
@@ -48,20 +55,18 @@ def _run(args: list[str]) -> int:
 
     from typer import Abort
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer._click.utils import PacifyFlushWrapper
 
     from engctl.cli.app import app, load_commands
 
-    if "_ENGCTL_COMPLETE" in os.environ:
-        # The scripts of `engctl completion` call back with this variable set; typer knows
-        # the shells only once its completion classes are registered (add_completion=False).
-        from typer._completion_classes import completion_init
-
-        completion_init()
-        load_commands([])
-    else:
-        load_commands(args)
+    load_commands(args)
     try:
         rv = app(args=args, prog_name="engctl", standalone_mode=False)
+    except SystemExit:
+        # typer ends a broken pipe with exit 1, after wrapping stdout: make it ours (141).
+        if isinstance(sys.stdout, PacifyFlushWrapper):
+            raise BrokenPipeError from None
+        raise
     except NoArgsIsHelpError as exc:
         sys.stdout.write(exc.format_message() + "\n")
         return 0
@@ -75,5 +80,5 @@ def _run(args: list[str]) -> int:
             "--json" in args,
         )
     except Abort:
-        return 130
+        return EXIT_INTERRUPTED
     return rv if isinstance(rv, int) else 0

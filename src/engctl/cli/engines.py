@@ -145,14 +145,26 @@ def unregister(
 
 
 @app.command("list")
-def list_(json: JsonFlag = False) -> None:
-    """Registered engines and their specs (see `status` for processes)."""
-    result = client().call("engine.list")
+def list_(
+    names: Annotated[list[str] | None, typer.Argument(help="Engines (default: all).")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Only engines of this type.")] = None,
+    label: Annotated[
+        list[str],
+        typer.Option("--label", help="Only engines with this label, KEY=VALUE (repeatable: all)."),
+    ] = [],  # noqa: B006
+    json: JsonFlag = False,
+) -> None:
+    """Registered engines: type, mode, instances, version, registration time, capabilities,
+    labels and command (see `status` for processes)."""
+    from engctl.cli.status import NO_ENGINES, _labels
+
+    labels = _labels(label)
+    result = client().call("engine.list", names=names or None, type=type_, labels=labels or None)
     if json:
         emit_json(result)
         return
     if not result["engines"]:
-        out("no engines registered (try `engctl register` or `engctl demo`)")
+        out("no engine matches" if names or type_ or labels else NO_ENGINES)
         return
     from engctl.cli.common import console
     from engctl.render.tables import engines_table

@@ -20,26 +20,33 @@ def print_version() -> int:
     return 0
 
 
-def status_json(names: list[str]) -> int:
-    """`engctl status --json [NAMES]`: the status document on stdout."""
+def status_json(names: list[str], type: str | None = None, labels: list[str] | None = None) -> int:
+    """`engctl status --json [NAMES] [--type T] [--label K=V]…`: the status document."""
     from engctl.client import Client
 
+    params = {"names": names or None, "type": type, "labels": labels or None}
     with Client() as c:
         if not sys.stdout.isatty():
             # Compact JSON for a program: the daemon's text as it came, not decoded and
             # encoded again (at 200 instances that was most of the command's own work).
-            raw = c.call_raw("status.get", names=names or None)
+            raw = c.call_raw("status.get", **params)
             sys.stdout.flush()
             sys.stdout.buffer.write(raw + b"\n")
             return 0
         from engctl.render.format import print_json
 
-        print_json(c.status(names or None))
+        print_json(c.call("status.get", **params))
     return 0
 
 
 def fast_command(args: list[str]) -> Callable[[], int] | None:
     """The typer-free implementation of `args`, when it is one of the plain forms."""
+    import os
+
+    if "_ENGCTL_COMPLETE" in os.environ:  # a shell's Tab: see engctl.cli.complete
+        from engctl.cli.complete import main as complete_main
+
+        return lambda: complete_main(args)
     if args in (["--version"], ["-V"]):
         return print_version
     if args[:1] == ["exec"]:

@@ -33,15 +33,37 @@ def stop(
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Return at once instead of waiting for the exit.")
     ] = False,
+    no_dependents: Annotated[
+        bool,
+        typer.Option(
+            "--no-dependents",
+            help="Refuse (exit 2, naming them) when running engines depend on one to stop.",
+        ),
+    ] = False,
     json: JsonFlag = False,
 ) -> None:
-    """Stop engines or instances with their stop signal, then SIGKILL after the stop timeout."""
-    _report(json, client().stop(targets, wait=not no_wait), "stopped", "stopped")
+    """Stop engines or instances with their stop signal, then SIGKILL after the stop timeout.
+
+    What depends on a stopped engine (depends_on, directly or not) stops first, as systemd
+    does; --no-dependents refuses instead.
+    """
+    result = client().stop(targets, wait=not no_wait, no_dependents=no_dependents)
+    dependents = result.get("dependents") or []
+    if json or not dependents:
+        _report(json, result, "stopped", "stopped")
+        return
+    engines = ", ".join(t for t in targets if "#" not in t)
+    verb = "depends" if len(dependents) == 1 else "depend"
+    out(
+        f"stopped: {', '.join(result['stopped'])}"
+        f" ({', '.join(dependents)} {verb} on {engines}: stopped first)"
+    )
 
 
 @app.command()
 def restart(targets: Targets, json: JsonFlag = False) -> None:
-    """Stop, then start engines or instances."""
+    """Stop, then start engines or instances; each running instance drains first (takes no new
+    request and finishes those in flight, up to its stop timeout), so none is lost."""
     _report(json, client().restart(targets), "restarted", "restarted")
 
 
@@ -51,7 +73,7 @@ def scale(
     instances: Annotated[int, typer.Argument(min=0, max=1000, help="Wanted number of instances.")],
     json: JsonFlag = False,
 ) -> None:
-    """Set an engine's number of instances (the highest indices stop first)."""
+    """Set an engine's number of instances (the highest indices drain, then stop)."""
     result = client().scale(name, instances)
     if json:
         emit_json(result)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json as jsonlib
-import re
 import sys
 import time
 from typing import Annotated, Any
@@ -12,7 +11,6 @@ import typer
 
 from engctl.cli.app import app
 from engctl.cli.common import JsonFlag, client, emit_json, out
-from engctl.errors import UsageError
 
 Follow = Annotated[bool, typer.Option("--follow", "-f", help="Keep printing as it happens.")]
 
@@ -34,7 +32,7 @@ def logs(
     if not follow:
         result = c.call("logs.read", target=target, lines=lines)
         if json:
-            emit_json(result)
+            emit_json({"lines": [log_record(item) for item in result["lines"]]})
         else:
             many = "#" not in target
             for item in result["lines"]:
@@ -51,53 +49,57 @@ def logs(
         pass
 
 
+def log_record(item: dict[str, Any]) -> dict[str, Any]:
+    """A log line for `--json`: its UTC time, stream (stdout, stderr or engctl) and text as
+    fields, next to the line as written (`line`)."""
+    line = str(item["line"])
+    stamp, _, rest = line.partition(" ")
+    stream, sep, text = rest.partition(": ")
+    if not (sep and stamp.endswith("Z") and stream in ("stdout", "stderr", "engctl")):
+        stamp, stream, text = "", "", line  # not written by engctl (edited by hand?)
+    return {
+        "instance": item["instance"],
+        "time": stamp or None,
+        "stream": stream or None,
+        "text": text,
+        "line": line,
+    }
+
+
 def _print_log(item: dict[str, Any], many: bool, json: bool) -> None:
     if json:
-        _line(item)
+        _line(log_record(item))
     else:
         sys.stdout.write((f"{item['instance']} | {item['line']}" if many else item["line"]) + "\n")
         sys.stdout.flush()
 
 
-_SINCE_RE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
-
-
-def parse_since(value: str) -> float:
-    """Epoch seconds from `10m`, `2h`, `1d`, `30s` (ago) or an ISO 8601 local time."""
-    m = _SINCE_RE.match(value.strip())
-    if m:
-        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        return time.time() - float(m.group(1)) * mult
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        raise UsageError(
-            "--since expects 30s, 10m, 2h, 1d or an ISO time such as 2026-11-22T10:00,"
-            f" got {value!r}"
-        ) from None
-
-
 @app.command()
 def events(
     engine: Annotated[str | None, typer.Option("--engine", "-e", help="Only this engine.")] = None,
-    lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="How many past events.")] = 50,
-    since: Annotated[str | None, typer.Option(help="Only events after: 10m, 2h, ISO time.")] = None,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", min=0, help="How many past events (0: none).")
+    ] = 50,
+    since: Annotated[
+        str | None, typer.Option(help="Only events after: 90s, 10m, 2h, 7d, 2w or an ISO time.")
+    ] = None,
     follow: Follow = False,
     json: JsonFlag = False,
 ) -> None:
     """Every state change and action, with its reason (kept across daemon restarts)."""
     from engctl.render.format import event_line
+    from engctl.timespec import parse_since
 
-    since_ts = parse_since(since) if since else None  # a usage error starts no daemon
+    # The same parser as `report --since`; a usage error starts no daemon.
+    since_ts = parse_since(since, time.time()) if since else None
     c = client()
     notes = None
     if follow:
         # Subscribe (on a connection of its own) before reading the past, so that no event
         # falls between the two; the ones seen twice are skipped by id below.
         _, notes = client().stream("events.follow", engine=engine)
-    past = c.events(engine=engine, since=since_ts, limit=lines)
+    # -n 0: no past events (with -f: only what happens from now on).
+    past = c.events(engine=engine, since=since_ts, limit=lines) if lines else []
     if notes is None:
         if json:
             emit_json({"events": past})

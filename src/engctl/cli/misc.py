@@ -21,17 +21,17 @@ class Shell(StrEnum):
 
 def completion_script(shell: str) -> str:
     """The completion script for `shell` (the same text as in completions/)."""
-    from typer._completion_shared import get_completion_script
+    from engctl.cli.complete import SCRIPTS
 
-    return (
-        get_completion_script(prog_name="engctl", complete_var="_ENGCTL_COMPLETE", shell=shell)
-        + "\n"
-    )
+    return SCRIPTS[shell]
 
 
 @app.command()
 def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]) -> None:
     """Print a shell completion script (bash, zsh or fish).
+
+    It completes commands, options, option values (--mode, --strategy, --sort, --type, …)
+    and engine and instance names, asking the daemon only if it runs (never starting one).
 
     For example: engctl completion bash > ~/.local/share/bash-completion/completions/engctl
     """

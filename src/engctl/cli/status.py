@@ -3,8 +3,10 @@ last exit and, when it is not simply active, why."""
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -12,13 +14,22 @@ from engctl.cli.app import app
 from engctl.cli.common import JsonFlag, client, console, out
 from engctl.cli.fast import status_json
 
+TypeOpt = Annotated[str | None, typer.Option("--type", help="Only engines of this type.")]
+LabelOpt = Annotated[
+    list[str],
+    typer.Option("--label", help="Only engines with this label, KEY=VALUE (repeatable: all)."),
+]
+
 
 @app.command()
 def status(
     names: Annotated[list[str] | None, typer.Argument(help="Engines (default: all).")] = None,
+    type_: TypeOpt = None,
+    label: LabelOpt = [],  # noqa: B006
     json: JsonFlag = False,
     watch: Annotated[
-        bool, typer.Option("--watch", "-w", help="Refresh in place until Ctrl-C.")
+        bool,
+        typer.Option("--watch", "-w", help="Refresh in place until Ctrl-C (--json: NDJSON)."),
     ] = False,
     interval: Annotated[float, typer.Option(min=0.1, help="Refresh period for --watch.")] = 1.0,
 ) -> None:
@@ -26,21 +37,34 @@ def status(
 
     HEALTH: healthy, degraded, unhealthy, recovering or unknown (what the probes say).
 
-    ELIGIBILITY (may dispatch pick it?): active, downweighted W, isolated Ns left, draining.
+    ELIGIBILITY (may dispatch pick it?): active, downweighted W, isolated Ns left, draining,
+    unavailable (no process that takes requests: stopped, starting, fatal, …).
 
     REASON (or lines under a narrow table): why an instance is not simply active.
     """
-    if json:
-        status_json(names or [])
+    labels = _labels(label)
+    if json and not watch:
+        status_json(names or [], type_, labels)
         return
     c = client()
-    result = c.status(names or None)
+
+    def fetch() -> dict[str, Any]:
+        result: dict[str, Any] = c.call(
+            "status.get", names=names or None, type=type_, labels=labels or None
+        )
+        return result
+
+    if json:
+        _watch_json(fetch, interval)
+        return
     from engctl.render.tables import status_view
 
+    result = fetch()
     con = console()
     if not watch:
         if not result["engines"]:
-            out("no engines registered (try `engctl register` or `engctl demo`)")
+            filtered = names or type_ or labels
+            out("no engine matches" if filtered else NO_ENGINES)
             return
         con.print(status_view(result, con.width))
         return
@@ -50,6 +74,33 @@ def status(
         try:
             while True:
                 time.sleep(interval)
-                live.update(status_view(c.status(names or None), con.width), refresh=True)
+                live.update(status_view(fetch(), con.width), refresh=True)
         except KeyboardInterrupt:
             pass
+
+
+NO_ENGINES = "no engines registered (try `engctl register` or `engctl demo`)"
+
+
+def _labels(values: list[str]) -> list[str]:
+    """`--label` values, checked here: a malformed one starts no daemon."""
+    from engctl.errors import UsageError
+
+    for text in values:
+        key, sep, _ = text.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--label expects KEY=VALUE, got {text!r}")
+    return values
+
+
+def _watch_json(fetch: Callable[[], dict[str, Any]], interval: float) -> None:
+    """`status --watch --json`: one compact status document per line and refresh (NDJSON)."""
+    import json as jsonlib
+
+    try:
+        while True:
+            sys.stdout.write(jsonlib.dumps(fetch(), separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass

@@ -21,13 +21,15 @@ from engctl.errors import (
     IncompatibleDaemonError,
     InvalidParamsError,
     SpecError,
+    UsageError,
 )
 from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
 from engctl.paths import Paths
 from engctl.policy_config import effective_policy
-from engctl.states import DesiredState, Eligibility, EngineMode
+from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState
 
 from . import allow_ssl
+from .dispatch import parse_label
 from .enforcer import Enforcer
 from .events import Event, EventLog
 from .logs import read_tail
@@ -51,6 +53,13 @@ def _get(
     if not isinstance(value, kind):
         raise InvalidParamsError(f"parameter {key!r} has the wrong type: {value!r}")
     return value
+
+
+def _up(engine: Engine) -> bool:
+    """Whether an engine is wanted running or still has a process."""
+    return engine.desired is DesiredState.RUNNING or any(
+        i.state is not InstanceState.STOPPED for i in engine.instances
+    )
 
 
 def _str_list(params: dict[str, Any], key: str, default: Any = ...) -> list[str]:
@@ -257,23 +266,42 @@ class Api:
         await self._persist()
         return {"removed": removed}
 
+    def _chosen(self, params: dict[str, Any]) -> list[Engine]:
+        """The engines `names` (all when none; an unknown one is an error), narrowed to
+        `type` and to every `labels` pair (`k=v`), in name order."""
+        names = _str_list(params, "names", None)
+        type_ = _get(params, "type", str, None)
+        try:
+            labels = [parse_label(t) for t in _str_list(params, "labels", None) or []]
+        except UsageError as exc:
+            raise InvalidParamsError(exc.message) from None
+        engines = (
+            [self._engine(n) for n in dict.fromkeys(names)]
+            if names
+            else [self.sup.engines[n] for n in sorted(self.sup.engines)]
+        )
+        wanted = self.sup.index.find(type_, labels)
+        return engines if wanted is None else [e for e in engines if e.spec.name in wanted]
+
     def list_engines(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         out = []
-        for name in sorted(self.sup.engines):
-            e = self.sup.engines[name]
+        for e in self._chosen(params):
             s = e.spec
             out.append(
                 {
-                    "name": name,
+                    "name": s.name,
                     "type": s.type,
                     "mode": s.mode.value,
-                    "instances": s.instances,
+                    # As `status` counts them: a oneshot engine has no long-running instances.
+                    "instances": s.instances if s.mode.long_running else 0,
                     "desired": e.desired.value,
                     "command": list(s.command),
                     "capabilities": list(s.capabilities),
                     "labels": dict(s.labels),
                     "weight": s.weight,
                     "depends_on": list(s.depends_on),
+                    "version": s.version,
+                    "registered_at": e.registered_at,
                 }
             )
         return {"engines": out}
@@ -324,23 +352,59 @@ class Api:
 
     async def stop(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         wait = _get(params, "wait", bool, True)
+        refuse = _get(params, "no_dependents", bool, False)
         targets = self._targets(params)
+        whole = [engine for engine, insts in targets if insts is None]
+        names = {e.spec.name for e in whole}
+        # systemd's order: what depends on a stopping engine stops first (stopping one instance
+        # leaves the engine serving, so only whole engines count).
+        dependents = [e for e in self.sup.dependents(names) if _up(e)]
+        if dependents and refuse:
+            listed = ", ".join(repr(e.spec.name) for e in dependents)
+            raise UsageError(
+                f"not stopping {', '.join(sorted(names))}: {listed}"
+                f" {'depends' if len(dependents) == 1 else 'depend'} on it and"
+                f" {'is' if len(dependents) == 1 else 'are'} running (stop"
+                f" {'it' if len(dependents) == 1 else 'them'} first, or leave out"
+                " --no-dependents to stop them too)",
+                {"dependents": [e.spec.name for e in dependents]},
+            )
         for engine, insts in targets:
             if insts is None:
                 engine.desired = DesiredState.STOPPED
             else:
                 engine.stopped_instances.update(i.index for i in insts)
+        for engine in dependents:
+            engine.desired = DesiredState.STOPPED
         # The wish is durable before any signal is sent: a restarted daemon will not undo it.
         await self._persist()
+        for engine in whole:
+            mine = [e.spec.name for e in self.sup.dependents({engine.spec.name}) if e in dependents]
+            if mine:
+                verb = "it depends" if len(mine) == 1 else "they depend"
+                self.events.emit(
+                    "engine.stopping_dependents",
+                    f"stopping {', '.join(mine)} first: {verb} on {engine.spec.name}",
+                    engine=engine.spec.name,
+                    data={"dependents": mine},
+                )
+        stopped = await self.sup.stop_engines(
+            dependents + whole,
+            "stopped by user (dependents first)" if dependents else "stopped by user",
+            wait,
+        )
         results = await asyncio.gather(
             *(
-                self.sup.stop_instances(
-                    engine.instances if insts is None else insts, "stopped by user", wait
-                )
-                for engine, insts in targets
+                self.sup.stop_instances(insts, "stopped by user", wait)
+                for _engine, insts in targets
+                if insts is not None
             )
         )
-        return {"stopped": [i for r in results for i in r], "waited": wait}
+        return {
+            "stopped": stopped + [i for r in results for i in r],
+            "waited": wait,
+            "dependents": [e.spec.name for e in dependents],
+        }
 
     async def restart(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         targets = self._targets(params)
@@ -348,15 +412,15 @@ class Api:
         for engine, insts in targets:
             async with engine.lock:
                 chosen = engine.instances if insts is None else insts
-                await self.sup.stop_instances(chosen, "restart requested", wait=True)
                 if insts is None:
                     engine.stopped_instances.clear()
                 else:
                     if engine.desired is DesiredState.STOPPED:
                         engine.stopped_instances.update(i.index for i in engine.instances)
                     engine.stopped_instances.difference_update(i.index for i in insts)
-                restarted += await self.sup.start_engine(
-                    engine, "restarted by user", [i.index for i in chosen]
+                # Each running instance drains first: a restart loses no request.
+                restarted += await self.sup.restart_instances(
+                    engine, chosen, "restart requested by user"
                 )
         await self._persist()
         return {"restarted": restarted}
@@ -438,6 +502,7 @@ class Api:
                         "failure_threshold": spec.health.failure_threshold,
                         "success_threshold": spec.health.success_threshold,
                         "grace": spec.health.grace,
+                        "on_unhealthy": spec.health.on_unhealthy.value,
                     },
                     "limits": {
                         "max_rss": spec.limits.max_rss,
@@ -493,13 +558,7 @@ class Api:
 
     # -- reading ---------------------------------------------------------------------------
     def status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        names = _str_list(params, "names", None)
-        engines = (
-            [self._engine(n) for n in names]
-            if names
-            else [self.sup.engines[n] for n in sorted(self.sup.engines)]
-        )
-        return {"engines": [e.to_json() for e in engines]}
+        return {"engines": [e.to_json() for e in self._chosen(params)]}
 
     async def events_list(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         engine = _get(params, "engine", str, None)

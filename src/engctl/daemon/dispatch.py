@@ -146,6 +146,24 @@ def _check_weight(value: float, what: str) -> float:
     return value
 
 
+def _share(effective: float, configured: float) -> float:
+    """The share of its turns a member takes: effective over configured weight, at most 1."""
+    if configured <= 0 or effective >= configured:
+        return 1.0
+    return effective / configured
+
+
+def _take_turn(c: Candidate) -> bool:
+    """Whether a downweighted member takes the turn that came to it: each turn adds its share
+    to its credit, and it takes one whole credit's worth (a share of 0.25: every 4th turn)."""
+    credit = c._credit + c._share
+    if credit >= 1.0:
+        c._credit = credit - 1.0
+        return True
+    c._credit = credit
+    return False
+
+
 class Candidate:
     """A mutable view of one instance for selection.
 
@@ -157,20 +175,22 @@ class Candidate:
 
     __slots__ = (
         "_capabilities",
+        "_credit",
         "_effective_weight",
         "_eligible",
         "_engine",
         "_id",
         "_in_flight",
         "_labels",
-        "_last_pick",
         "_latency_ms",
         "_max",
         "_picked",
         "_pool",
         "_seq",
         "_sets",
+        "_share",
         "_type",
+        "_vt",
         "_weight",
         "ineligible_reason",
     )
@@ -214,7 +234,12 @@ class Candidate:
         self._pool: CandidatePool | None = None
         # The last plain Selection that picked this candidate (see CandidatePool.select).
         self._picked: Selection | None = None
-        self._last_pick = 0  # when least_loaded last picked it (its tie-break)
+        # Effective over configured weight (1.0 at full weight): round robin and the key
+        # strategies give a downweighted member turns in this proportion, counted in `_credit`.
+        self._share = _share(self._effective_weight, self._weight)
+        self._credit = 0.0
+        # least_loaded's virtual deadline (earliest first among equal loads); -1: not yet seen.
+        self._vt = -1.0
 
     def __repr__(self) -> str:
         state = "eligible" if self._eligible else f"ineligible: {self.ineligible_reason or '?'}"
@@ -256,6 +281,7 @@ class Candidate:
     @weight.setter
     def weight(self, value: float) -> None:
         self._weight = _check_weight(value, "weight")
+        self._share = _share(self._effective_weight, self._weight)
 
     @property
     def effective_weight(self) -> float:
@@ -267,6 +293,7 @@ class Candidate:
         value = _check_weight(value, "effective_weight")
         if value != self._effective_weight:
             self._effective_weight = value
+            self._share = _share(value, self._weight)
             for s in self._sets:
                 s._changed(self, Change.WEIGHT)
 
@@ -628,9 +655,19 @@ class _Cursor:
 
 
 class RoundRobin:
-    """Each free member in turn, skipping full ones; O(log n) via the set's free list."""
+    """Each free member in turn, skipping full ones; O(log n) via the set's free list.
+
+    A downweighted member takes its turns in proportion to its effective over configured
+    weight (0.25: one turn in four; the others pass to the next member), so the slow policy
+    acts here too; at full weight every member takes every turn, as plain round robin. When
+    `walk` turns pass without a taker (every member far below its weight), the one with the
+    most credit takes it.
+    """
 
     name: ClassVar[StrategyName] = StrategyName.ROUND_ROBIN
+
+    def __init__(self, *, walk: int = 64) -> None:
+        self.walk = walk
 
     def pick(self, candidates: CandidateSet, selector: Selector) -> Candidate | None:
         free_seqs = candidates._free_seqs
@@ -642,8 +679,26 @@ class RoundRobin:
         if i == len(free_seqs):
             i = 0
         c = candidates._free[i]
+        if c._share < 1.0:
+            c = self._turn_from(candidates._free, i)
         cur.last = c._seq
         return c
+
+    def _turn_from(self, free: Sequence[Candidate], i: int) -> Candidate:
+        """The first member from position `i` on that takes its turn."""
+        n = len(free)
+        c = best = free[i]
+        for _ in range(self.walk):
+            if c._share >= 1.0 or _take_turn(c):
+                return c
+            if c._credit > best._credit:
+                best = c
+            i += 1
+            if i == n:
+                i = 0
+            c = free[i]
+        best._credit -= 1.0
+        return best
 
     def describe(
         self, candidates: CandidateSet, selector: Selector, winner: Candidate | None
@@ -653,12 +708,13 @@ class RoundRobin:
         start = 0 if winner is None else members.index(winner)
         for k in range(len(members)):
             c = members[(start + k) % len(members)]
+            share = f", takes {c._share:.0%} of its turns" if c._share < 1.0 else ""
             if c._in_flight >= c._max:
                 notes[c._id] = f"rr: {_load_note(c)}, skipped"
             elif c is winner:
-                notes[c._id] = "rr cursor: this turn"
+                notes[c._id] = f"rr cursor: this turn{share}"
             else:
-                notes[c._id] = f"rr cursor: turn +{k}"
+                notes[c._id] = f"rr cursor: turn +{k}{share}"
         why = "nothing free" if winner is None else "next free member in rotation order"
         return Verdict(why, notes)
 
@@ -822,94 +878,123 @@ class SmoothWeightedRoundRobin:
         return Verdict(why, notes)
 
 
-class _LoadTrace:
-    __slots__ = ("sampled",)
-
-    def __init__(self, _: CandidateSet) -> None:
-        self.sampled: tuple[Candidate, ...] = ()
-
-    def added(self, candidate: Candidate) -> None:
-        pass
-
-    def removed(self, candidate: Candidate) -> None:
-        pass
-
-    def changed(self, candidate: Candidate, change: Change) -> None:
-        pass
+def _load_key(c: Candidate) -> float:
+    """In flight per unit of capacity and effective weight (Envoy's weighted least request:
+    active requests over weight); a member of weight 0 is last."""
+    w = c._effective_weight
+    return c._in_flight / (c._max * w) if w > 0 else math.inf
 
 
-_PICKS = itertools.count(1)
-
-
-def _load_key(c: Candidate) -> tuple[float, float]:
-    return (c._in_flight / c._max, -c._effective_weight)
+def _weighted_note(c: Candidate) -> str:
+    note = _load_note(c)
+    return note if c._effective_weight == 1.0 else f"{note}, weight {c._effective_weight:g}"
 
 
 class LeastLoaded:
-    """Fewest in flight relative to max_concurrency, then higher effective weight.
+    """Weighted least request: fewest in flight per unit of max_concurrency and effective
+    weight (Envoy's active requests over weight; seed 000's weighted least connections).
 
-    Small sets are scanned (ties go to the least recently picked, so an idle fleet is spread,
-    not piled on the first member). Above `sample_above` members, the power of two choices:
-    two distinct random free members, the less loaded wins; it keeps the maximum load low
-    without a scan.
+    Among equal loads (an idle fleet) the earliest virtual deadline wins, and a pick moves the
+    winner's deadline 1/weight on (earliest deadline first), so idle picks are shared in
+    proportion to effective weight: a member downweighted to 0.25 gets a quarter of a full
+    member's share, loaded or not. Small sets are scanned. Above `sample_above` members, the
+    power of two choices: two members drawn in proportion to effective weight, the less loaded
+    wins (the first drawn on a tie); it keeps the maximum load low without a scan.
     """
 
     name: ClassVar[StrategyName] = StrategyName.LEAST_LOADED
+    # The virtual time of the deadlines, shared by every instance of the strategy (the key
+    # strategies' fallbacks too): a candidate has one deadline, whichever object picks it.
+    _now: ClassVar[float] = 0.0
 
-    def __init__(self, rng: random.Random | None = None, *, sample_above: int = 16) -> None:
+    def __init__(
+        self, rng: random.Random | None = None, *, sample_above: int = 16, redraws: int = 8
+    ) -> None:
         self._rng = rng if rng is not None else random.Random()
         self.sample_above = sample_above
+        self.redraws = redraws
 
     def pick(self, candidates: CandidateSet, selector: Selector) -> Candidate | None:
         free = candidates._free
         n = len(free)
         if n == 0:
             return None
-        trace = candidates.attach(self, _LoadTrace)
+        state = candidates.attach(self, _LoadState)
         if len(candidates._members) <= self.sample_above:
-            # Ties go to the least recently picked: a rotor over the changing free list can
-            # skip one member again and again under regular load.
-            best = free[0]
-            best_key = _load_key(best)
-            for j in range(1, n):
-                c = free[j]
-                key = _load_key(c)
-                if key < best_key or (key == best_key and c._last_pick < best._last_pick):
-                    best, best_key = c, key
-            best._last_pick = next(_PICKS)
-            trace.sampled = ()
-            return best
+            return self._scan(free, state)
         if n == 1:
-            trace.sampled = (free[0],)
+            state.sampled = (free[0],)
             return free[0]
-        rng = self._rng
-        i = rng.randrange(n)
-        j = rng.randrange(n - 1)
-        if j >= i:
-            j += 1
-        a, b = free[i], free[j]
-        trace.sampled = (a, b)
+        if state.dirty:
+            state.rebuild(candidates)
+        a = b = None
+        total = state.total
+        # With most members full the draws would mostly land on them: then (and with nothing
+        # weighted) two free members at random; load decides there anyway.
+        if total > 0 and 2 * n >= len(candidates._members):
+            cum, owners, rnd = state.cum, state.owners, self._rng.random
+            last = len(cum) - 1
+            for _ in range(self.redraws):
+                i = bisect_right(cum, rnd() * total)
+                c = owners[i if i <= last else last]
+                if c._in_flight < c._max:
+                    if a is None:
+                        a = c
+                    elif c is not a:
+                        b = c
+                        break
+        if a is None or b is None:
+            rng = self._rng
+            i = rng.randrange(n)
+            j = rng.randrange(n - 1)
+            if j >= i:
+                j += 1
+            a, b = free[i], free[j]
+        state.sampled = (a, b)
         return a if _load_key(a) <= _load_key(b) else b
+
+    def _scan(self, free: Sequence[Candidate], state: _LoadState) -> Candidate:
+        now = LeastLoaded._now
+        best = free[0]
+        best_key = math.inf
+        best_vt = math.inf
+        for c in free:
+            w = c._effective_weight
+            key = c._in_flight / (c._max * w) if w > 0 else math.inf
+            vt = c._vt
+            if vt < 0.0:  # first seen: its first deadline is one step from now
+                vt = c._vt = now + (1.0 / w if w > 0 else 1.0)
+            if key < best_key or (key == best_key and vt < best_vt):
+                best, best_key, best_vt = c, key, vt
+        # Time moves to the winner's deadline (not back: a member that was full or away for a
+        # while is picked once, then rejoins the schedule without a burst of catch-up picks).
+        if best_vt > now:
+            now = LeastLoaded._now = best_vt
+        w = best._effective_weight
+        best._vt = now + (1.0 / w if w > 0 else 1.0)
+        state.sampled = ()
+        return best
 
     def describe(
         self, candidates: CandidateSet, selector: Selector, winner: Candidate | None
     ) -> Verdict:
-        trace = candidates.attach(self, _LoadTrace)
+        state = candidates.attach(self, _LoadState)
         # The trace belongs to this request's pick only if there was one.
-        sampled = {c._id for c in trace.sampled} if winner is not None else set()
+        sampled = {c._id for c in state.sampled} if winner is not None else set()
         notes = {}
         for c in candidates._members:
             extra = ", sampled" if c._id in sampled else ""
-            notes[c._id] = _load_note(c) + extra
+            notes[c._id] = _weighted_note(c) + extra
         if winner is None:
             why = "nothing free"
-        elif len(trace.sampled) == 2:
-            other = trace.sampled[1] if trace.sampled[0] is winner else trace.sampled[0]
+        elif len(state.sampled) == 2:
+            other = state.sampled[1] if state.sampled[0] is winner else state.sampled[0]
             why = (
-                f"power of two choices: {_load_note(winner)} beat {other._id} ({_load_note(other)})"
+                f"power of two choices: {_weighted_note(winner)} beat {other._id}"
+                f" ({_weighted_note(other)})"
             )
         else:
-            why = f"least loaded of {len(candidates._free)} free members ({_load_note(winner)})"
+            why = f"least loaded of {len(candidates._free)} free members ({_weighted_note(winner)})"
         return Verdict(why, notes)
 
 
@@ -929,6 +1014,17 @@ class _Cumulative(_WeightedState):
         self.cum = list(itertools.accumulate(c._effective_weight for c in self.owners))
         self.total = self.cum[-1] if self.cum else 0.0
         self.dirty = False
+
+
+class _LoadState(_Cumulative):
+    """least_loaded's state for a set: the weighted draw of the power of two choices, and the
+    members the last pick compared (for `--explain`)."""
+
+    __slots__ = ("sampled",)
+
+    def __init__(self, candidates: CandidateSet) -> None:
+        super().__init__(candidates)
+        self.sampled: tuple[Candidate, ...] = ()
 
 
 class WeightedRandom:
@@ -1243,7 +1339,10 @@ class Affinity:
     When the home is ineligible (or gone, or outside this selector's filters) the key moves to
     the fallback's pick and sticks there; when the home is merely full, that one request
     overflows to the fallback and the key stays home, since fullness passes in milliseconds.
-    Without a key it is the fallback (least loaded by default).
+    A downweighted home keeps its keys' requests in proportion to its effective over
+    configured weight (0.25: one in four); the others overflow the same way, and the key
+    stays home so it comes back in full when the weight does. Without a key it is the
+    fallback (least loaded by default).
     """
 
     name: ClassVar[StrategyName] = StrategyName.AFFINITY
@@ -1269,10 +1368,13 @@ class Affinity:
         home = candidates._by_id.get(home_id) if home_id is not None else None
         if home is not None:
             if home._in_flight < home._max:
-                self._trace = ("sticky", home_id)
-                self.homes.put(key, home._id)  # refresh, so a busy key never expires
-                return home
-            self._trace = ("overflow", home_id)
+                if home._share >= 1.0 or _take_turn(home):
+                    self._trace = ("sticky", home_id)
+                    self.homes.put(key, home._id)  # refresh, so a busy key never expires
+                    return home
+                self._trace = ("downweighted", home_id)
+            else:
+                self._trace = ("overflow", home_id)
             return self.fallback.pick(candidates, selector)
         c = self.fallback.pick(candidates, selector)
         if c is not None:
@@ -1295,6 +1397,13 @@ class Affinity:
             why = f"home of key {selector.key!r}"
         elif how == "overflow":
             why = f"home {home_id} is full; this request overflows to {self.fallback.name}"
+        elif how == "downweighted":
+            home = candidates._by_id.get(home_id or "")
+            share = f" (takes {home._share:.0%} of its keys' requests)" if home else ""
+            why = (
+                f"home {home_id} is downweighted{share}; this request overflows to"
+                f" {self.fallback.name}"
+            )
         elif how == "moved":
             why = f"home {home_id} is not eligible here; the key re-sticks to the new pick"
         elif how == "new":
@@ -1373,6 +1482,9 @@ class ConsistentHash:
     The key goes to the first point clockwise; an instance that is full or already holds
     ceil((1 + epsilon) × (in flight + 1) / members) requests is passed over for the next one,
     so one hot key cannot overload an instance. Only the keys of an instance that leaves move.
+    A downweighted instance's bound shrinks to its share (effective over configured weight),
+    and it takes that share of the requests whose keys land on it; the others go on to the
+    next point clockwise, as when it is full, and its keys stay its own.
     When `walk` points find nothing (near saturation), the key falls to a free member chosen by
     its hash. Without a key it is the fallback (least loaded by default).
     """
@@ -1428,10 +1540,19 @@ class ConsistentHash:
             i = 0
         bound = self.bound(candidates)
         self._trace = (owners[i], bound)
+        passed: Candidate | None = None
         for _ in range(min(size, self.walk)):
             c = owners[i]
             if c._in_flight < c._max and c._in_flight < bound:
-                return c
+                if c._share >= 1.0:
+                    return c
+                # Downweighted: a load bound shrunk to its share, and that share of the keys
+                # that land on it; the others go on to the next instance on the ring (a
+                # stable second choice), not to its own next point.
+                if c is not passed:
+                    if c._in_flight < math.ceil(bound * c._share) and _take_turn(c):
+                        return c
+                    passed = c
             i += 1
             if i == size:
                 i = 0
@@ -1448,8 +1569,11 @@ class ConsistentHash:
             if c is home:
                 parts.append(f"key {selector.key!r} hashes here")
             parts.append(_load_note(c))
-            if c._in_flight >= bound > 0:
-                parts.append(f"at load bound {bound}")
+            own = bound if c._share >= 1.0 else math.ceil(bound * c._share)
+            if c._share < 1.0:
+                parts.append(f"downweighted: takes {c._share:.0%} of its keys, load bound {own}")
+            if c._in_flight >= own > 0:
+                parts.append(f"at load bound {own}")
             notes[c._id] = ", ".join(parts)
         if winner is None:
             why = "nothing free"

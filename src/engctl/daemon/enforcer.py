@@ -17,8 +17,9 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from engctl.config import DaemonConfig
+from engctl.models import DEFAULT_TYPE, expand_index
 from engctl.policy_config import PolicySpec
-from engctl.states import Eligibility, EngineMode, Health, InstanceState
+from engctl.states import Eligibility, EngineMode, Health, InstanceState, OnUnhealthy
 
 from .events import EventLog
 from .health import ping_probe, probe_env, run_probe
@@ -41,6 +42,9 @@ S = InstanceState
 # Probes in flight at once, daemon-wide: a thousand instances must not fork a thousand checks.
 MAX_CONCURRENT_PROBES = 16
 _IN_SERVICE = (Eligibility.ACTIVE, Eligibility.DOWNWEIGHTED)
+# Taken out of service by a policy or a person: what the guard rail counts.
+_TAKEN_OUT = (Eligibility.ISOLATED, Eligibility.DRAINING)
+_DISPATCHABLE = (InstanceState.READY, InstanceState.BUSY)
 
 
 class Enforcer:
@@ -60,7 +64,7 @@ class Enforcer:
         self._probing: set[Instance] = set()
         self._hang_checks: set[Instance] = set()
         self._returning: set[Instance] = set()
-        self._guard_notes: dict[Instance, str] = {}
+        self._guard_notes: set[Instance] = set()  # kept in service by the guard rail now
         self._closed = False
         self._timer = self.loop.call_later(config.policy_interval, self._tick)
         router.enforcer = self
@@ -110,6 +114,10 @@ class Enforcer:
         elig, reason, weight, until = standing.resolve(
             now, inst.spec.weight, self.policy(inst).failing.slow_start
         )
+        if standing.manual is None and inst.state not in _DISPATCHABLE:
+            # Nothing to pick, whatever the policies think of it: say which state and why.
+            elig, weight, until = Eligibility.UNAVAILABLE, 0.0, None
+            reason = f"{inst.state.value}: {inst.state_reason}"
         probed = inst.health_check.state
         if not inst.state.has_process:
             health = Health.UNKNOWN
@@ -123,7 +131,8 @@ class Enforcer:
         inst.eligibility_reason = reason
         inst.effective_weight = weight
         inst.isolated_until = None if until is None else time.time() + (until - now)
-        if announce and elig is not old:
+        # To and from unavailable follows a state change, which is an event of its own.
+        if announce and elig is not old and Eligibility.UNAVAILABLE not in (elig, old):
             self._emit(
                 inst,
                 "instance.eligibility",
@@ -133,32 +142,43 @@ class Enforcer:
             )
         self.router.candidate_changed(inst)
 
-    def _serving(self, inst: Instance) -> list[Instance]:
-        t = inst.spec.type
-        return [
+    def _serving(self, inst: Instance) -> tuple[list[Instance], str]:
+        """The guard rail's group of `inst` and its name: the instances that serve its type,
+        or, for an engine left at the default type, its own engine's (`generic` is no type:
+        unrelated services must not count as one group)."""
+        spec = inst.spec
+        if spec.type == DEFAULT_TYPE:
+            engines = [inst.engine]
+            group = f"engine {spec.name!r}"
+        else:
+            engines = [e for e in self.sup.engines.values() if e.spec.type == spec.type]
+            group = f"type {spec.type!r}"
+        serving = [
             i
-            for e in self.sup.engines.values()
-            if e.spec.type == t and e.spec.mode is not EngineMode.ONESHOT
+            for e in engines
+            if e.spec.mode is not EngineMode.ONESHOT
             for i in e.instances
             if i.state.has_process or i.state is S.BACKOFF
         ]
+        return serving, group
 
     def _guard(self, inst: Instance, what: str) -> bool:
-        """The guard rail: may `inst` be taken out of service? Refusals are events (once)."""
-        serving = self._serving(inst)
-        isolated = sum(1 for i in serving if i is not inst and i.eligibility not in _IN_SERVICE)
+        """The guard rail: may `inst` be taken out of service? A refusal is an event when the
+        decision changes (not on every failed request while it holds)."""
+        serving, group = self._serving(inst)
+        isolated = sum(1 for i in serving if i is not inst and i.eligibility in _TAKEN_OUT)
         pct = self.policy(inst).max_isolated_percent
         allowed, cap = guard_rail(len(serving), isolated, pct)
         if allowed:
-            self._guard_notes.pop(inst, None)
+            self._guard_notes.discard(inst)
             return True
-        note = (
-            f"guard rail kept {inst.id} in service ({what}): {isolated} of {len(serving)}"
-            f" instances of type {inst.spec.type!r} are already out"
-            f" (max_isolated_percent {pct:g}% allows {cap})"
-        )
-        if self._guard_notes.get(inst) != what:
-            self._guard_notes[inst] = what
+        if inst not in self._guard_notes:
+            self._guard_notes.add(inst)
+            note = (
+                f"guard rail kept {inst.id} in service ({what}): {isolated} of {len(serving)}"
+                f" instances of {group} are already out"
+                f" (max_isolated_percent {pct:g}% allows {cap})"
+            )
             self._emit(inst, "policy.guard_rail", note, isolated=isolated, serving=len(serving))
         return False
 
@@ -228,7 +248,7 @@ class Enforcer:
                 # Alive, but are its slots held by requests it will never answer? When all
                 # are, nothing else can run there: restart it (nothing to drain for those).
                 stuck = self.router.stuck_requests(inst)
-                if stuck >= inst.spec.max_concurrency and not inst.restarting:
+                if stuck >= inst.spec.max_concurrency:
                     self._drain_restart(
                         inst,
                         Decision(
@@ -237,6 +257,7 @@ class Enforcer:
                             " deadline (it answers ping, but not them)",
                             data={"stuck_requests": stuck},
                         ),
+                        self.policy(inst).memory.drain_timeout,
                     )
                 return
             decision = hang_decision(request_id, timeout, ping_timeout)
@@ -253,7 +274,7 @@ class Enforcer:
             sample = samples.get(inst.id)
             if sample is None or sample.pid != inst.pid or not inst.state.is_running:
                 continue
-            if inst.restarting:
+            if inst.restarting or inst.draining:
                 continue
             policy = self.policy(inst)
             limits = inst.spec.limits
@@ -267,38 +288,24 @@ class Enforcer:
             if decision.action is Action.WARN:
                 self._emit(inst, "instance.cpu", decision.reason, **decision.data)
             else:
-                self._drain_restart(inst, decision)
+                self._drain_restart(inst, decision, policy.memory.drain_timeout)
 
-    def _drain_restart(self, inst: Instance, decision: Decision) -> None:
-        inst.restarting = True
-        inst.standing.draining_reason = f"draining to restart: {decision.reason}"
-        self._emit(
-            inst,
-            "instance.draining",
-            f"{decision.reason}: draining, then a graceful restart",
-            **decision.data,
-        )
-        self.refresh(inst, announce=False)
-        self._spawn(self._restart_when_drained(inst, decision.reason))
+    def _drain_restart(self, inst: Instance, decision: Decision, timeout: float | None) -> None:
+        """A graceful restart through the supervisor's drain (`drain_and_stop`): no new
+        requests, those in flight finish (up to `timeout`; None: the stop timeout)."""
+        if inst.restarting or inst.draining:
+            return
+        inst.restarting = True  # at once: the next sample must not ask a second time
 
-    async def _restart_when_drained(self, inst: Instance, reason: str) -> None:
-        try:
-            deadline = self.loop.time() + self.policy(inst).memory.drain_timeout
+        async def restart() -> None:
+            try:
+                await self.sup.restart_instance(
+                    inst, decision.reason, timeout=timeout, data=decision.data
+                )
+            finally:
+                inst.restarting = False
 
-            def running() -> int:
-                # Requests past their deadline that it never answers need not be waited for.
-                return inst.stats.in_flight - self.router.stuck_requests(inst)
-
-            while running() > 0 and self.loop.time() < deadline:
-                await asyncio.sleep(0.05)
-            left = running()
-            if left:
-                self._emit(inst, "instance.drain_timeout", f"restarting with {left} in flight")
-            await self.sup.restart_instance(inst, reason)
-        finally:
-            inst.restarting = False
-            inst.standing.draining_reason = ""
-            self.refresh(inst, announce=False)
+        self._spawn(restart())
 
     # -- health probes -------------------------------------------------------------------------
     def _arm_probe(self, inst: Instance, delay: float) -> None:
@@ -325,6 +332,7 @@ class Enforcer:
         if not check:
             alive = inst.proc is not None and inst.proc.alive
             return alive, "process alive" if alive else "process gone"
+        check = expand_index(check, inst.index)
         env = probe_env(spec, inst.id, inst.pid, self.sup.paths.daemon_id)
         async with self._sem:
             return await run_probe(
@@ -365,11 +373,16 @@ class Enforcer:
             to_health=change.new.value,
         )
         standing = inst.standing
-        if change.new is Health.UNHEALTHY:
+        if change.new is Health.UNHEALTHY and inst.spec.health.on_unhealthy is OnUnhealthy.RESTART:
+            # Kubernetes' liveness probe: a graceful restart (drained first), not isolation.
+            self._drain_restart(
+                inst, Decision(Action.DRAIN_RESTART, f"unhealthy: {change.reason}"), None
+            )
+        elif change.new is Health.UNHEALTHY:
             self._take_out_unhealthy(inst)
         elif change.new is Health.HEALTHY and standing.unhealthy_isolated:
             standing.unhealthy_isolated = False
-            self._guard_notes.pop(inst, None)
+            self._guard_notes.discard(inst)
             self._start_slow(inst, now)
             self._emit(inst, "instance.returned", f"healthy again: {change.reason}")
         self.refresh(inst, announce=False)
@@ -404,7 +417,10 @@ class Enforcer:
         running: list[Instance] = []
         for inst in self.sup.all_instances():
             if not inst.state.is_running:
-                if inst.eligibility is not Eligibility.ACTIVE or inst.health is not Health.UNKNOWN:
+                if (
+                    inst.eligibility is not Eligibility.UNAVAILABLE
+                    or inst.health is not Health.UNKNOWN
+                ):
                     self.refresh(inst)
                 continue
             running.append(inst)
@@ -423,8 +439,19 @@ class Enforcer:
             ):
                 self._returning.add(inst)
                 self._spawn(self._try_return(inst))
-            if inst.health_check.state is Health.UNHEALTHY and not standing.unhealthy_isolated:
+            unhealthy = inst.health_check.state is Health.UNHEALTHY
+            if (
+                unhealthy
+                and not standing.unhealthy_isolated
+                and inst.spec.health.on_unhealthy is OnUnhealthy.ISOLATE
+            ):
                 self._take_out_unhealthy(inst)  # the guard rail may allow it now
+            if (
+                decision is None
+                and not unhealthy
+                and stats.consecutive_errors < policy.failing.consecutive_errors
+            ):
+                self._guard_notes.discard(inst)  # nothing to take it out for any more
             if (
                 inst.eligibility in _IN_SERVICE
                 and stats.latency_ewma_ms is not None
@@ -483,7 +510,7 @@ class Enforcer:
             standing.slow_start_since = None
             inst.slow.reset()
             inst.stats.consecutive_errors = 0
-            self._guard_notes.pop(inst, None)
+            self._guard_notes.discard(inst)
             self._emit(inst, "instance.restored", _by_hand("restored", reason))
         else:
             if eligibility is Eligibility.ISOLATED and standing.manual is not eligibility:

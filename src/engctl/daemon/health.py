@@ -165,10 +165,12 @@ async def run_probe(
 def probe_env(
     spec: EngineSpec, instance_id: str, pid: int | None, daemon_id: str
 ) -> dict[str, str]:
-    """The environment of a command check: the engine's, plus which instance it checks."""
+    """The environment of a command check: the instance's, plus which instance it checks."""
+    index = int(instance_id.rpartition("#")[2])
     env = dict(os.environ)
-    env.update(spec.env)
+    env.update(spec.env_for(index))
     env[process.DAEMON_ID_ENV] = daemon_id
+    env[process.INSTANCE_INDEX_ENV] = str(index)
     env["ENGCTL_CHECK_INSTANCE"] = instance_id
     if pid is not None:
         env["ENGCTL_CHECK_PID"] = str(pid)

@@ -107,7 +107,7 @@ class Daemon:
         # Registered engines exist before the first client is answered: a status during
         # start-up lists them, and a registration then cannot save a registry without them.
         for entry in entries:
-            sup.add_engine(entry.spec, entry.desired, entry.stopped_instances)
+            sup.add_engine(entry.spec, entry.desired, entry.stopped_instances, entry.registered_at)
         outbox = Outbox(loop)
         router = Router(sup, config, paths, outbox)
         router.engines_changed()

@@ -256,6 +256,7 @@ class Rollups:
                             "eligibility": inst.eligibility.value,
                             "weight": inst.spec.weight,
                             "max_rss": inst.spec.limits.max_rss,
+                            "instances": inst.spec.instances,  # the setting, for report
                         }
                     ),
                 )
@@ -422,7 +423,9 @@ def prometheus_text(snap: Snapshot) -> bytes:
         HistogramMetricFamily,
     )
 
-    labels = ["engine", "instance", "type"]
+    # Not `instance`: Prometheus sets that label (and `job`) on every scraped sample itself,
+    # and renames a target's own to `exported_instance`.
+    labels = ["engine", "engine_instance", "type"]
     requests = CounterMetricFamily(
         "engctl_requests", "Requests finished, by outcome.", labels=[*labels, "outcome"]
     )

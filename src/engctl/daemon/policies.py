@@ -233,7 +233,12 @@ class MemoryWatch:
                 Action.DRAIN_RESTART,
                 f"memory leak: RSS grew {fmt_bytes(growth)} in {span:.0f}s"
                 f" ({fmt_bytes(rate)}/s, leak_rate {fmt_bytes(policy.leak_rate)}/s)",
-                data={"rss_bytes": rss, "growth_bytes": growth, "rate_bytes_s": round(rate)},
+                data={
+                    "rss_bytes": rss,
+                    "growth_bytes": growth,
+                    "rate_bytes_s": round(rate),
+                    "max_rss": max_rss,
+                },
             )
         return None
 

@@ -20,6 +20,7 @@ import psutil
 # Set in each engine's environment so a restarted daemon can find the old generation.
 DAEMON_ID_ENV = "ENGCTL_DAEMON_ID"
 INSTANCE_ENV = "ENGCTL_INSTANCE"
+INSTANCE_INDEX_ENV = "ENGCTL_INSTANCE_INDEX"  # the k of NAME#k (PM2's NODE_APP_INSTANCE)
 
 
 @dataclass(frozen=True)

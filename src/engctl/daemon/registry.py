@@ -30,6 +30,8 @@ class Entry:
     stopped_instances: set[int] = field(default_factory=set)
     # Manual isolate/drain per instance index: {"eligibility", "reason", "since"}.
     overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # When it was first registered (epoch seconds); kept across updates and daemon restarts.
+    registered_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -37,6 +39,8 @@ class Entry:
             "desired": self.desired.value,
             "stopped_instances": sorted(self.stopped_instances),
         }
+        if self.registered_at is not None:
+            out["registered_at"] = self.registered_at
         if self.overrides:
             out["overrides"] = {str(k): v for k, v in sorted(self.overrides.items())}
         return out
@@ -64,6 +68,7 @@ class Registry:
                     DesiredState(item.get("desired", "running")),
                     {int(i) for i in item.get("stopped_instances", [])},
                     {int(k): dict(v) for k, v in item.get("overrides", {}).items()},
+                    _registered_at(item.get("registered_at")),
                 )
                 for name, item in doc["engines"].items()
             ]
@@ -84,6 +89,13 @@ class Registry:
             }
             data = json.dumps(doc, indent=1).encode()
             await asyncio.to_thread(atomic_write, self.path, data)
+
+
+def _registered_at(value: Any) -> float | None:
+    """The saved registration time; None (unknown) when absent, as in older registries."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -73,6 +73,8 @@ class PolicyHooks(Protocol):
 
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None: ...
 
+    def refresh(self, inst: Instance, announce: bool = True) -> None: ...
+
 
 class _Wait:
     """`_place` result: the request waits in the queue."""
@@ -388,6 +390,8 @@ class Router:
         # Instance or oneshot-engine id -> its counters; rebuilt when the engines change.
         self._stats_by_id: dict[str, RequestStats] = {}
         self._selectors: dict[tuple[Any, ...], Selector] = {}
+        # Instances draining before a stop, and what waits for their last request.
+        self._drains: dict[str, tuple[Instance, asyncio.Future[None]]] = {}
         self._seq = 0
         self._id_prefix = f"r{os.getpid():x}-"
         sup.observer = self
@@ -418,6 +422,9 @@ class Router:
         return channel.last_read if channel is not None else 0.0
 
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
+        # The policies first: the eligibility they settle is the one the pool is given.
+        if self.enforcer is not None:
+            self.enforcer.state_changed(inst, old, new)
         if new is S.READY and inst.spec.mode is EngineMode.WORKER:
             self._admit(inst)
         else:
@@ -425,8 +432,38 @@ class Router:
                 self.pool.remove(inst.id)  # no new requests; those in flight may still finish
             if not new.has_process:
                 self._lose_pending(inst.id, f"{inst.id} {new.value}: {inst.state_reason}")
+        if inst.id in self._drains and new not in (S.READY, S.BUSY):
+            self._drained(inst.id)  # it stopped taking requests another way
+
+    # -- draining ----------------------------------------------------------------------
+    def drain(self, inst: Instance) -> asyncio.Future[None]:
+        """No new request for `inst` (its standing now says draining); the future is done
+        when none it runs is still awaited. Requests waiting in the queue pick again."""
         if self.enforcer is not None:
-            self.enforcer.state_changed(inst, old, new)
+            self.enforcer.refresh(inst, announce=False)
+        elif inst.id in self.pool:
+            self.pool.get(inst.id).eligible = False
+        fut: asyncio.Future[None] = self.loop.create_future()
+        old = self._drains.pop(inst.id, None)
+        if old is not None and not old[1].done():
+            old[1].set_result(None)
+        self._drains[inst.id] = (inst, fut)
+        self._check_drain(inst.id)
+        return fut
+
+    def _check_drain(self, inst_id: str) -> None:
+        entry = self._drains.get(inst_id)
+        if entry is None:
+            return
+        inst = entry[0]
+        # Requests already answered with a timeout that it never answers are not waited for.
+        if inst.stats.in_flight - self.stuck_requests(inst) <= 0:
+            self._drained(inst_id)
+
+    def _drained(self, inst_id: str) -> None:
+        entry = self._drains.pop(inst_id, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(None)
 
     def candidate_changed(self, inst: Instance) -> None:
         """The instance's eligibility or effective weight changed: tell the selection pool."""
@@ -614,7 +651,7 @@ class Router:
             if engine.desired.value != "running":
                 continue
             for inst in engine.instances:
-                if inst.state in _ON_ITS_WAY and (
+                if (inst.state in _ON_ITS_WAY or inst.restarting) and (
                     selector.instance is None or inst.id == selector.instance
                 ):
                     return True
@@ -726,6 +763,8 @@ class Router:
                 self._blame(stats, cand_id, error.message)
             else:
                 stats.lost += 1
+        if self._drains and cand_id in self._drains:
+            self._check_drain(cand_id)
         if req.future.done:
             self._drain_queue()
             return
@@ -816,6 +855,8 @@ class Router:
             if self.enforcer is not None:
                 # Still unanswered on its instance: the hang policy pings it.
                 self.enforcer.request_overdue(req.instance, req.id, req.timeout)
+            if req.instance in self._drains:
+                self._check_drain(req.instance)  # a drain does not wait for it any more
 
     def _raw_result(self, req: Request, raw: bytes) -> bytes:
         """The success object of `_result`, built as bytes around the worker's raw result."""
@@ -868,6 +909,8 @@ class Router:
 
     def close(self) -> None:
         """Fail everything still waiting (daemon shutdown)."""
+        for inst_id in list(self._drains):
+            self._drained(inst_id)
         for req in list(self.queue):
             self._fail(req, RequestFailedError("daemon shutting down"))
         self.queue.clear()

@@ -14,12 +14,12 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from engctl.config import DaemonConfig
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
 from engctl.histogram import Histogram
-from engctl.models import EngineSpec
+from engctl.models import EngineSpec, check_dependencies
 from engctl.paths import Paths
 from engctl.policy_config import PolicySpec, effective_policy
 from engctl.states import (
@@ -50,6 +50,7 @@ from .registry import Entry
 log = logging.getLogger("engctl.supervisor")
 
 S = InstanceState
+_K = TypeVar("_K")
 # How long `start` of a dependent waits for its dependencies to be ready.
 DEPENDENCY_WAIT = 30.0
 
@@ -109,6 +110,10 @@ class InstanceObserver(Protocol):
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
         """Called after every transition."""
 
+    def drain(self, inst: Instance) -> asyncio.Future[None]:
+        """Send `inst` no new request (its eligibility now says draining); the future is done
+        once no request it runs is still awaited (at once when it runs none)."""
+
 
 class Instance:
     """One process slot of an engine, `name#index`; survives restarts of its process."""
@@ -146,7 +151,10 @@ class Instance:
         self.effective_weight = engine.spec.weight
         self.eligibility_reason = ""
         self.isolated_until: float | None = None  # wall-clock time
-        self.restarting = False  # a policy restart (drain, then stop and start) is under way
+        # A drain is under way (then a stop); `restarting`: and a start after it, so requests
+        # for it wait instead of failing.
+        self.draining = False
+        self.restarting = False
         self.kill_cause = ""  # why the daemon killed the process (hang), for the exit record
 
     @property
@@ -179,6 +187,8 @@ class Instance:
     def to_json(self) -> dict[str, Any]:
         """The documented per-instance object of `status --json`."""
         running = self.proc is not None and self.proc.alive
+        # Until the monitor's first reading of this process its figures are unknown, not 0.
+        sampled = running and self.sample.pid == self.pid
         state = self.state
         # busy is derived from the in-flight count, not recorded as an event per request.
         if state is S.READY and self.stats.in_flight >= self.spec.max_concurrency:
@@ -201,10 +211,10 @@ class Instance:
             "uptime_s": round(time.monotonic() - self.proc.started_mono, 3)
             if running and self.proc
             else None,
-            "cpu_percent": round(self.sample.cpu_percent, 1) if running else None,
-            "rss_bytes": self.sample.rss_bytes if running else None,
-            "threads": self.sample.threads if running else None,
-            "fds": self.sample.fds if running else None,
+            "cpu_percent": round(self.sample.cpu_percent, 1) if sampled else None,
+            "rss_bytes": self.sample.rss_bytes if sampled else None,
+            "threads": self.sample.threads if sampled else None,
+            "fds": self.sample.fds if sampled else None,
             "last_exit": self.last_exit,
             "requests": self.stats.to_json(),
         }
@@ -213,9 +223,14 @@ class Instance:
 class Engine:
     """A registered engine's runtime side: its current spec and instances."""
 
-    def __init__(self, spec: EngineSpec, desired: DesiredState) -> None:
+    def __init__(
+        self, spec: EngineSpec, desired: DesiredState, registered_at: float | None = None
+    ) -> None:
         self.spec = spec
         self.desired = desired
+        # First registration (kept across updates and daemon restarts); unknown in a registry
+        # written before it was recorded: then the first daemon to load it records its time.
+        self.registered_at = time.time() if registered_at is None else registered_at
         # Indices stopped by hand: `start ENGINE` of the whole engine leaves them alone
         # only if they were named; persisted with the registry.
         self.stopped_instances: set[int] = set()
@@ -242,7 +257,9 @@ class Engine:
             for i in self.instances
             if i.standing.manual is not None
         }
-        return Entry(self.spec, self.desired, set(self.stopped_instances), overrides)
+        return Entry(
+            self.spec, self.desired, set(self.stopped_instances), overrides, self.registered_at
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -254,6 +271,47 @@ class Engine:
             "instances": [i.to_json() for i in self.instances],
             **({"requests": self.stats.to_json()} if self.spec.mode is EngineMode.ONESHOT else {}),
         }
+
+
+class EngineIndex:
+    """Engine names by type and by label (seed 003's registry indexes): `list` and `status`
+    filters look up instead of scanning the registry."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, set[str]] = {}
+        self._by_label: dict[tuple[str, str], set[str]] = {}
+
+    def add(self, spec: EngineSpec) -> None:
+        self._by_type.setdefault(spec.type, set()).add(spec.name)
+        for pair in spec.labels.items():
+            self._by_label.setdefault(pair, set()).add(spec.name)
+
+    def remove(self, spec: EngineSpec) -> None:
+        _discard(self._by_type, spec.type, spec.name)
+        for pair in spec.labels.items():
+            _discard(self._by_label, pair, spec.name)
+
+    def replace(self, old: EngineSpec, new: EngineSpec) -> None:
+        self.remove(old)
+        self.add(new)
+
+    def find(self, type: str | None, labels: list[tuple[str, str]]) -> set[str] | None:
+        """Names of the engines of `type` with every label in `labels`; None: no filter."""
+        found: set[str] | None = None
+        if type is not None:
+            found = set(self._by_type.get(type, ()))
+        for pair in labels:
+            names = self._by_label.get(pair, set())
+            found = set(names) if found is None else found & names
+        return found
+
+
+def _discard(index: dict[_K, set[str]], key: _K, name: str) -> None:
+    names = index.get(key)
+    if names is not None:
+        names.discard(name)
+        if not names:
+            del index[key]
 
 
 class Supervisor:
@@ -275,6 +333,7 @@ class Supervisor:
         self._on_targets_changed = on_targets_changed
         self._sweeps: set[asyncio.Task[None]] = set()
         self.observer: InstanceObserver | None = None
+        self.index = EngineIndex()
         self.closing = False
         # Closed until the processes of a killed predecessor are gone: they carry the same
         # marker, and the sweep must not take new instances for old ones.
@@ -372,12 +431,14 @@ class Supervisor:
         spec = inst.spec
         self.transition(inst, S.STARTING, reason)
         env = dict(os.environ)
-        env.update(spec.env)
+        env.update(spec.env_for(inst.index))
         env[process.DAEMON_ID_ENV] = self.paths.daemon_id
         env[process.INSTANCE_ENV] = inst.id
+        env[process.INSTANCE_INDEX_ENV] = str(inst.index)
+        argv = spec.argv_for(inst.index)
         try:
             proc = process.spawn(
-                spec.argv,
+                argv,
                 cwd=spec.cwd,
                 env=env,
                 pipe_stdin=spec.mode is EngineMode.WORKER,
@@ -394,6 +455,7 @@ class Supervisor:
         inst.sample = Sample()
         # A new process: what was measured of the old one says nothing about it.
         inst.health_check.reset(time.monotonic())
+        inst.health_reason = ""
         inst.memory.reset()
         inst.cpu = CpuWatch()
         inst.slow.reset()
@@ -401,7 +463,7 @@ class Supervisor:
         inst.stats.consecutive_errors = 0
         inst.standing.slow_multiplier = 1.0
         inst.standing.draining_reason = ""
-        inst.log.note(f"started pid {proc.pid}: {' '.join(spec.argv)}")
+        inst.log.note(f"started pid {proc.pid}: {' '.join(argv)}")
         self._attach_output(inst, proc)
         self._publish_targets()
         self.events.emit(
@@ -612,20 +674,108 @@ class Supervisor:
         inst.log.note(f"{reason}: SIGKILL to process group {proc.pgid}")
         process.kill_tree_now(proc.pgid, inst.sample.descendants)
 
-    async def restart_instance(self, inst: Instance, reason: str) -> None:
-        """A graceful restart a policy asked for: the stop policy, then a fresh process."""
+    # -- draining: stop without losing a request -------------------------------------------
+    async def drain_and_stop(
+        self,
+        inst: Instance,
+        reason: str,
+        *,
+        restart: bool = False,
+        timeout: float | None = None,
+        data: dict[str, Any] | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Stop `inst` without losing a request: dispatch sends it nothing new (eligibility
+        `draining`, requests waiting go elsewhere), those in flight finish (up to `timeout`,
+        by default its stop timeout), then its stop policy. Every replacement stops an
+        instance this way: restart, scale-down, policy restarts, unregister.
+
+        `restart` only words the events (the caller starts it again, and marks it
+        `restarting` meanwhile so requests for it wait instead of failing).
+        """
+        if inst.draining:
+            # Another drain of it is under way (a policy's and a person's): let it finish.
+            await self.wait_until(
+                lambda: not inst.draining, inst.spec.stop.timeout * 2 + 10.0, f"{inst.id} to drain"
+            )
+        then = "a graceful restart" if restart else "stop"
+        inst.draining = True
+        try:
+            if inst.state in (S.READY, S.BUSY) and self.observer is not None:
+                inst.standing.draining_reason = f"draining to {'restart' if restart else 'stop'}"
+                inst.standing.draining_reason += f": {reason}"
+                self._emit(inst, "instance.draining", f"{reason}: draining, then {then}", data)
+                drained = self.observer.drain(inst)
+                limit = inst.spec.stop.timeout if timeout is None else timeout
+                try:
+                    await asyncio.wait_for(drained, limit)
+                except TimeoutError:
+                    left = inst.stats.in_flight
+                    self._emit(
+                        inst,
+                        "instance.drain_timeout",
+                        f"{then} with {left} request(s) still in flight after {limit:g}s",
+                        {"in_flight": left},
+                    )
+            await self.stop_instance(inst, f"restart: {reason}" if restart else reason, wait)
+        finally:
+            inst.draining = False
+            inst.standing.draining_reason = ""
+            self._check_waiters()
+
+    async def drain_instances(
+        self, insts: list[Instance], reason: str, *, restart: bool = False, wait: bool = True
+    ) -> list[str]:
+        """Drain and stop several instances at once; returns the ids of those not stopped."""
+        active = [i for i in insts if i.state is not S.STOPPED]
+        await asyncio.gather(
+            *(self.drain_and_stop(i, reason, restart=restart, wait=wait) for i in active)
+        )
+        return [i.id for i in active]
+
+    async def restart_instance(
+        self,
+        inst: Instance,
+        reason: str,
+        *,
+        timeout: float | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """A graceful restart a policy asked for: drain, the stop policy, a fresh process."""
         async with inst.engine.lock:
-            if not inst.state.is_running:
+            if not inst.state.is_running or inst.removed:
                 return
-            await self.stop_instance(inst, f"restart: {reason}", wait=True)
-            if (
-                inst.state is S.STOPPED
-                and not inst.removed
-                and not self.closing
-                and inst.engine.desired is DesiredState.RUNNING
-            ):
-                inst.restarts += 1
-                self.start_instance(inst, f"restarted: {reason}")
+            inst.restarting = True
+            try:
+                await self.drain_and_stop(inst, reason, restart=True, timeout=timeout, data=data)
+                if (
+                    inst.state is S.STOPPED
+                    and not inst.removed
+                    and not self.closing
+                    and inst.engine.desired is DesiredState.RUNNING
+                ):
+                    inst.restarts += 1
+                    self.start_instance(inst, f"restarted: {reason}")
+            finally:
+                inst.restarting = False
+
+    async def restart_instances(
+        self, engine: Engine, insts: list[Instance], reason: str
+    ) -> list[str]:
+        """`engctl restart`: every running one drains and stops, then each starts again (the
+        stopped ones just start). Call with the engine's lock held."""
+        running = [i for i in insts if i.state is not S.STOPPED]
+        for inst in running:
+            inst.restarting = True
+        try:
+            await self.drain_instances(running, reason, restart=True)
+            return await self.start_engine(engine, reason, [i.index for i in insts])
+        finally:
+            for inst in running:
+                inst.restarting = False
+
+    def _emit(self, inst: Instance, kind: str, reason: str, data: dict[str, Any] | None) -> None:
+        self.events.emit(kind, reason, engine=inst.spec.name, instance=inst.id, data=data or None)
 
     def _kill_after_timeout(self, inst: Instance, proc: ChildProcess) -> None:
         inst.timer = None
@@ -643,11 +793,16 @@ class Supervisor:
 
     # -- engines ---------------------------------------------------------------------------
     def add_engine(
-        self, spec: EngineSpec, desired: DesiredState, stopped_instances: set[int]
+        self,
+        spec: EngineSpec,
+        desired: DesiredState,
+        stopped_instances: set[int],
+        registered_at: float | None = None,
     ) -> Engine:
         """Create the runtime side of a registered engine (instances stay stopped)."""
-        engine = Engine(spec, desired)
+        engine = Engine(spec, desired, registered_at)
         self.engines[spec.name] = engine
+        self.index.add(spec)
         engine.stopped_instances = set(stopped_instances)
         self._resize(engine)
         return engine
@@ -726,30 +881,38 @@ class Supervisor:
         old = engine.spec
         if spec.needs_restart(old):
             running = [i for i in engine.instances if i.state is not S.STOPPED]
-            await self.stop_instances(running, "spec changed: restarting", wait=True)
-            for inst in engine.instances:
-                inst.log.close()
-            engine.spec = spec
-            removed = self._resize(engine)
-            for inst in removed:
-                inst.removed = True
-            if engine.desired is DesiredState.RUNNING:
-                await self.start_engine(engine, "spec changed")
+            for inst in running:
+                inst.restarting = True
+            try:
+                await self.drain_instances(running, "spec changed", restart=True)
+                for inst in engine.instances:
+                    inst.log.close()
+                self.index.replace(engine.spec, spec)
+                engine.spec = spec
+                removed = self._resize(engine)
+                for inst in removed:
+                    inst.removed = True
+                if engine.desired is DesiredState.RUNNING:
+                    await self.start_engine(engine, "spec changed")
+            finally:
+                for inst in running:
+                    inst.restarting = False
             return "restarted"
+        self.index.replace(old, spec)
         engine.spec = spec
         if old.instances != spec.instances:
             return await self.scale_engine(engine, spec.instances)
         return "updated in place"
 
     async def scale_engine(self, engine: Engine, n: int) -> str:
-        """Grow or shrink to `n` instances (the highest indices go first)."""
+        """Grow or shrink to `n` instances (the highest indices drain, then stop)."""
         before = len(engine.instances)
         engine.spec = engine.spec.with_instances(n)
-        removed = self._resize(engine)
-        for inst in removed:
-            inst.removed = True
-        await self.stop_instances(removed, f"scaled to {n}", wait=True)
-        for inst in removed:
+        leaving = engine.instances[n:]
+        for inst in leaving:
+            inst.removed = True  # never restarted, whatever happens while it drains
+        await self.drain_instances(leaving, f"scaled to {n}")
+        for inst in self._resize(engine):
             inst.log.close()
         if engine.desired is DesiredState.RUNNING:
             await self.start_engine(engine, f"scaled to {n}")
@@ -758,23 +921,59 @@ class Supervisor:
         return f"scaled {before} -> {n}"
 
     async def remove_engine(self, engine: Engine) -> None:
-        """Stop every instance and forget the engine."""
+        """Drain and stop every instance and forget the engine."""
         engine.desired = DesiredState.STOPPED
         for inst in engine.instances:
             inst.removed = True
-        await self.stop_instances(engine.instances, "unregistered", wait=True)
+        await self.drain_instances(engine.instances, "unregistered")
         for inst in engine.instances:
             inst.log.close()
         self.engines.pop(engine.spec.name, None)
+        self.index.remove(engine.spec)
         self._publish_targets()
 
+    def dependents(self, names: set[str]) -> list[Engine]:
+        """Engines that depend on any of `names`, directly or through others (not those
+        named), dependents of dependents first."""
+        found: set[str] = set()
+        grew = True
+        while grew:
+            grew = False
+            for e in self.engines.values():
+                n = e.spec.name
+                if n not in found and n not in names and set(e.spec.depends_on) & (names | found):
+                    found.add(n)
+                    grew = True
+        order = check_dependencies({n: e.spec for n, e in self.engines.items()})
+        return [self.engines[n] for n in reversed(order) if n in found]
+
+    async def stop_engines(self, engines: list[Engine], reason: str, wait: bool) -> list[str]:
+        """Stop whole engines, each once those among them that depend on it have stopped
+        (systemd's order: dependents first; independent engines stop at the same time)."""
+        tasks: dict[str, asyncio.Task[list[str]]] = {}
+
+        async def stop_one(engine: Engine) -> list[str]:
+            before = [
+                tasks[e.spec.name]
+                for e in engines
+                if engine.spec.name in e.spec.depends_on and e.spec.name in tasks
+            ]
+            if before:
+                await asyncio.wait(before)
+            return await self.stop_instances(engine.instances, reason, wait)
+
+        for engine in engines:
+            tasks[engine.spec.name] = self.loop.create_task(stop_one(engine))
+        results = await asyncio.gather(*tasks.values())
+        return [i for r in results for i in r]
+
     async def shutdown(self, timeout: float) -> None:
-        """Stop everything with each engine's stop policy (daemon exit)."""
+        """Stop everything with each engine's stop policy, dependents first (daemon exit)."""
         self.closing = True
-        insts = [i for i in self.all_instances() if i.state is not S.STOPPED]
         try:
             await asyncio.wait_for(
-                self.stop_instances(insts, "daemon shutting down", True), timeout
+                self.stop_engines(list(self.engines.values()), "daemon shutting down", True),
+                timeout,
             )
         except (TimeoutError, RequestTimeoutError):
             self.kill_all()

@@ -3,6 +3,7 @@ them."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -37,81 +38,80 @@ ELIGIBILITY_STYLE = {
     "downweighted": "yellow",
     "isolated": "bold red",
     "draining": "magenta",
+    "unavailable": "dim",
 }
+
+
+# Columns a narrow terminal drops first (to keep every row on one line), least needed first;
+# `status --json` and a wider terminal have them all.
+_DROPPABLE = ("LAST EXIT", "PID", "RESTARTS", "UPTIME", "CPU%")
 
 
 def status_table(
     status: dict[str, Any],
     now: float | None = None,
     reason_column: bool = True,
-    compact: bool = False,
+    hidden: frozenset[str] = frozenset(),
 ) -> Table:
-    """One row per instance (or per engine without instances); with `reason_column`, a
-    REASON column when an instance is not simply active and healthy; `compact`: one space
-    between columns, for narrow terminals."""
+    """One row per instance (or per engine without instances), every cell on one line; with
+    `reason_column`, a REASON column when an instance is not simply active and healthy;
+    `hidden` columns are left out (narrow terminals)."""
     rows: list[tuple[dict[str, Any], dict[str, Any] | None]] = [
         (eng, inst) for eng in status["engines"] for inst in (eng["instances"] or [None])
     ]
     reasons = {id(inst): standing_reason(inst) for _, inst in rows if inst is not None}
     with_reason = reason_column and any(reasons.values())
-    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=compact)
-    # (header, justify, width it may wrap to or 0: never wraps)
-    columns: list[tuple[str, str, int]] = [
-        ("INSTANCE", "left", 0),
-        ("PID", "right", 0),
-        ("STATE", "left", 0),
-        ("HEALTH", "left", 0),
-        ("ELIGIBILITY", "left", 12),
-        ("UPTIME", "right", 0),
-        ("RESTARTS", "right", 0),
-        ("CPU%", "right", 0),
-        ("RSS", "right", 0),
-        ("LAST EXIT", "left", 5),
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    columns: list[tuple[str, str]] = [
+        ("INSTANCE", "left"),
+        ("PID", "right"),
+        ("STATE", "left"),
+        ("HEALTH", "left"),
+        ("ELIGIBILITY", "left"),
+        ("UPTIME", "right"),
+        ("RESTARTS", "right"),
+        ("CPU%", "right"),
+        ("RSS", "right"),
+        ("LAST EXIT", "left"),
     ]
     if with_reason:
-        columns.append(("REASON", "left", 12))
-    for col, justify, wraps in columns:
-        table.add_column(
-            col,
-            justify=justify,  # type: ignore[arg-type]
-            no_wrap=not wraps,
-            min_width=wraps or None,
-            # Narrow terminals: these wrap rather than push the last columns off the edge.
-            max_width=wraps + 1 if compact and wraps else None,
-            overflow="fold",
-        )
+        columns.append(("REASON", "left"))
+    shown = [c for c in columns if c[0] not in hidden]
+    for col, justify in shown:
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for eng, inst in rows:
         if inst is None:
             note = "oneshot" if eng["mode"] == "oneshot" else f"0 instances ({eng['desired']})"
-            table.add_row(eng["name"], "-", Text(note, style="dim"), *["-"] * (len(columns) - 3))
+            cells: dict[str, str | Text] = {"INSTANCE": eng["name"], "STATE": Text(note, "dim")}
+            table.add_row(*(cells.get(col, "-") for col, _ in shown))
             continue
         state = inst["state"]
         health = inst.get("health", "unknown")
         elig = inst.get("eligibility", "active")
         cpu = inst.get("cpu_percent")
-        cells: list[str | Text] = [
-            inst["id"],
-            str(inst["pid"]) if inst.get("pid") else "-",
-            Text(state, style=STATE_STYLE.get(state, "")),
-            Text(health, style=HEALTH_STYLE.get(health, "")),
-            Text(eligibility(inst, now), style=ELIGIBILITY_STYLE.get(elig, "")),
-            duration(inst.get("uptime_s")),
-            str(inst.get("restarts", 0)),
-            "-" if cpu is None else f"{cpu:.1f}",
-            size(inst.get("rss_bytes")),
-            last_exit(inst.get("last_exit")),
-        ]
-        if with_reason:
-            cells.append(reasons[id(inst)] or "-")
-        table.add_row(*cells)
+        cells = {
+            "INSTANCE": inst["id"],
+            "PID": str(inst["pid"]) if inst.get("pid") else "-",
+            "STATE": Text(state, style=STATE_STYLE.get(state, "")),
+            "HEALTH": Text(health, style=HEALTH_STYLE.get(health, "")),
+            "ELIGIBILITY": Text(eligibility(inst, now), style=ELIGIBILITY_STYLE.get(elig, "")),
+            "UPTIME": duration(inst.get("uptime_s")),
+            "RESTARTS": str(inst.get("restarts", 0)),
+            "CPU%": "-" if cpu is None else f"{cpu:.1f}",
+            "RSS": size(inst.get("rss_bytes")),
+            "LAST EXIT": last_exit(inst.get("last_exit")),
+            "REASON": reasons[id(inst)] or "-",
+        }
+        table.add_row(*(cells[col] for col, _ in shown))
     return table
 
 
 def status_view(status: dict[str, Any], width: int, now: float | None = None) -> RenderableType:
-    """The status table for a console `width` columns wide: reasons in a REASON column when
-    it fits, else as lines under the table (`echo#1  isolated: 5 consecutive errors …`)."""
+    """The status table for a console `width` columns wide, every row on one line: reasons
+    in a REASON column when it fits, else as lines under the table
+    (`echo#1  isolated: 5 consecutive errors …`); then the least needed columns go."""
     table = status_table(status, now)
-    if _width(table) <= width:
+    if natural_width(table) <= width:
         return table
     notes = Text()
     for eng in status["engines"]:
@@ -124,16 +124,23 @@ def status_view(status: dict[str, Any], width: int, now: float | None = None) ->
                 notes.append(f"\n{inst['id']}  ")
                 notes.append(what, style=ELIGIBILITY_STYLE.get(what) or HEALTH_STYLE.get(what, ""))
                 notes.append(f": {why}")
+    hidden: frozenset[str] = frozenset()
     table = status_table(status, now, reason_column=False)
-    if _width(table) > width:
-        table = status_table(status, now, reason_column=False, compact=True)
+    for col in _DROPPABLE:
+        if natural_width(table) <= width:
+            break
+        hidden |= {col}
+        table = status_table(status, now, reason_column=False, hidden=hidden)
+    if hidden:
+        left_out = ", ".join(c for c in _DROPPABLE if c in hidden)
+        notes.append(f"\n(too narrow for {left_out}: see --json)", "dim")
     return Group(table, notes) if notes else table
 
 
 _MEASURE = Console(width=100_000, color_system=None)
 
 
-def _width(table: Table) -> int:
+def natural_width(table: Table) -> int:
     """The width `table` takes when nothing limits it."""
     return Measurement.get(_MEASURE, _MEASURE.options, table).maximum
 
@@ -141,15 +148,24 @@ def _width(table: Table) -> int:
 def engines_table(engines: list[dict[str, Any]]) -> Table:
     """`engctl list`: one row per registered engine."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("NAME", "TYPE", "MODE", "INSTANCES", "DESIRED", "COMMAND"):
+    columns = (
+        "NAME", "TYPE", "MODE", "INSTANCES", "DESIRED", "VERSION", "REGISTERED",
+        "CAPABILITIES", "LABELS", "COMMAND",
+    )  # fmt: skip
+    for col in columns:
         table.add_column(col, overflow="fold")
     for e in engines:
+        at = e.get("registered_at")
         table.add_row(
             e["name"],
             e["type"],
             e["mode"],
             str(e["instances"]),
             e["desired"],
+            e.get("version") or "-",
+            "-" if at is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(at)),
+            ",".join(e.get("capabilities") or []) or "-",
+            ",".join(f"{k}={v}" for k, v in sorted((e.get("labels") or {}).items())) or "-",
             " ".join(e["command"]),
         )
     return table
@@ -198,6 +214,7 @@ def _spec_defaults(mode: str) -> dict[str, dict[str, Any]]:
 
     health = asdict(HealthSpec())
     health["check"] = "ping" if mode == "worker" else None
+    health["on_unhealthy"] = "isolate" if mode == "worker" else "restart"
     restart = asdict(RestartSpec())
     restart["policy"] = str(restart["policy"])
     restart.update({f"backoff.{k}": v for k, v in restart.pop("backoff").items()})

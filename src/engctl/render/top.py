@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engctl.render.format import eligibility, size
-from engctl.render.tables import HEALTH_STYLE, STATE_STYLE
+from engctl.render.tables import HEALTH_STYLE, STATE_STYLE, natural_width
 
 # Worst first when sorting by state: what needs attention is on top.
 STATE_RANK = {
@@ -71,45 +71,68 @@ def top_rows(status: dict[str, Any], live: dict[str, Any], sort: str) -> list[di
     return out
 
 
-def top_view(
-    status: dict[str, Any], live: dict[str, Any], sort: str, width: int | None = None
-) -> RenderableType:
-    """Header (host, queue) and the instance table, sorted by `sort`."""
-    rows = _joined(status, live, sort)
+# Columns a narrow terminal drops first, so every row stays on one line (`--json` has all).
+_DROPPABLE = ("RESTARTS", "P50ms", "IN", "OK%", "HEALTH")
+_COLUMNS = (
+    ("INSTANCE", "left"),
+    ("STATE", "left"),
+    ("HEALTH", "left"),
+    ("DISPATCH", "left"),
+    ("IN", "right"),
+    ("RPS", "right"),
+    ("OK%", "right"),
+    ("P50ms", "right"),
+    ("P99ms", "right"),
+    ("CPU%", "right"),
+    ("RSS", "right"),
+    ("RESTARTS", "right"),
+)
+
+
+def _table(rows: list[tuple[Any, Any, Any]], hidden: frozenset[str], now: float | None) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold", expand=False)
-    for col, just in (
-        ("INSTANCE", "left"),
-        ("STATE", "left"),
-        ("HEALTH", "left"),
-        ("DISPATCH", "left"),
-        ("IN", "right"),
-        ("RPS", "right"),
-        ("OK%", "right"),
-        ("P50ms", "right"),
-        ("P99ms", "right"),
-        ("CPU%", "right"),
-        ("RSS", "right"),
-        ("RESTARTS", "right"),
-    ):
+    shown = [c for c in _COLUMNS if c[0] not in hidden]
+    for col, just in shown:
         table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     for _e, i, m in rows:
         req = i.get("requests", {})
         ok = m.get("success_rate")
-        elig = eligibility(i)
-        table.add_row(
-            i["id"],
-            Text(i["state"], style=STATE_STYLE.get(i["state"], "")),
-            Text(i["health"], style=HEALTH_STYLE.get(i["health"], "")),
-            Text(elig, style="" if elig == "active" else "yellow"),
-            str(req.get("in_flight", 0)),
-            _num(m.get("rps")),
-            "-" if ok is None else f"{ok * 100:.1f}",
-            _num(m.get("p50_ms"), "{:.2f}"),
-            _num(m.get("p99_ms"), "{:.2f}"),
-            _num(i.get("cpu_percent")),
-            size(i.get("rss_bytes")),
-            str(i.get("restarts", 0)),
-        )
+        elig = eligibility(i, now)
+        cells = {
+            "INSTANCE": i["id"],
+            "STATE": Text(i["state"], style=STATE_STYLE.get(i["state"], "")),
+            "HEALTH": Text(i["health"], style=HEALTH_STYLE.get(i["health"], "")),
+            "DISPATCH": Text(elig, style="" if elig == "active" else "yellow"),
+            "IN": str(req.get("in_flight", 0)),
+            "RPS": _num(m.get("rps")),
+            "OK%": "-" if ok is None else f"{ok * 100:.1f}",
+            "P50ms": _num(m.get("p50_ms"), "{:.2f}"),
+            "P99ms": _num(m.get("p99_ms"), "{:.2f}"),
+            "CPU%": _num(i.get("cpu_percent")),
+            "RSS": size(i.get("rss_bytes")),
+            "RESTARTS": str(i.get("restarts", 0)),
+        }
+        table.add_row(*(cells[col] for col, _ in shown))
+    return table
+
+
+def top_view(
+    status: dict[str, Any],
+    live: dict[str, Any],
+    sort: str,
+    width: int | None = None,
+    now: float | None = None,
+) -> RenderableType:
+    """Header (host, queue) and the instance table, sorted by `sort`; in a console `width`
+    columns wide every row stays on one line (the least needed columns go first)."""
+    rows = _joined(status, live, sort)
+    hidden: frozenset[str] = frozenset()
+    table = _table(rows, hidden, now)
+    for col in _DROPPABLE:
+        if width is None or natural_width(table) <= width:
+            break
+        hidden |= {col}
+        table = _table(rows, hidden, now)
     host = live.get("host") or {}
     queue = live.get("queue") or {}
     head = f"engctl top — {len(rows)} instances"
