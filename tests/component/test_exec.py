@@ -20,11 +20,11 @@ from engctl.errors import (
     EXIT_NO_ELIGIBLE,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    InvalidParamsError,
     RequestFailedError,
     RequestTimeoutError,
-    UsageError,
 )
-from tests.conftest import Home, engine_cmd, wait_until
+from tests.conftest import PY, Home, engine_cmd, wait_until
 
 # Workers say `ready` at once; they count as started after 0.1 s.
 QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial": 0.05}}}
@@ -468,16 +468,47 @@ def test_batch_reports_failed_lines_and_goes_on(daemon: Home) -> None:
         assert failed["instance"] == "f#0" and failed["attempts"] == 1
 
 
-def test_batch_line_over_the_frame_limit_fails_instead_of_hanging(home: Home) -> None:
-    """A --batch line larger than the daemon's frame limit ends the batch with a clear error
-    (exit 1) instead of waiting forever for an answer that never comes."""
+def test_batch_line_over_the_frame_limit_is_one_failed_result_and_the_batch_goes_on(
+    home: Home,
+) -> None:
+    """A --batch line larger than the daemon's frame limit becomes one "ok": false result
+    naming the limit and the setting that raises it; the lines after it run (issue 10.18:
+    it ended the whole batch)."""
     home.start_daemon(max_frame_bytes=65536)
     workers(home, s={"command": engine_cmd("slow.py", "0"), "type": "T"})
     lines = "1\n" + "x" * 100_000 + "\n3\n"
-    r = home.cli("exec", "--type", "T", "--batch", "-j", "1", input=lines, timeout=10)
+    r = home.cli("exec", "--type", "T", "--batch", "-j", "2", input=lines, timeout=10)
     assert r.returncode == EXIT_FAILED, r.stderr
-    assert "exceeds the limit of 65536 bytes" in r.stderr
-    assert json.loads(r.stdout.splitlines()[0])["result"]["echo"] == 1
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["ok"] for o in out] == [True, False, True]
+    assert out[0]["result"]["echo"] == 1 and out[2]["result"]["echo"] == 3
+    message = out[1]["error"]["message"]
+    assert "limit of 65536 bytes" in message and "max_frame_bytes" in message
+    assert out[1]["attempts"] == 0 and out[1]["request_id"] is None
+
+
+def test_batch_bad_lines_are_failed_results_in_place(daemon: Home) -> None:
+    """Lines that cannot be sent (not UTF-8, not JSON with --json-input, nested too deeply)
+    are each one "ok": false result in their place, with a message naming the line; the
+    others run, and nothing prints a traceback."""
+    workers(daemon, s={"command": engine_cmd("slow.py", "0"), "type": "T"})
+    lines = b'1\n\xff\xfe\n{"a": 2}\nnot json\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n4\n"
+    r = subprocess.run(
+        [PY, "-m", "engctl", "exec", "--type", "T", "--batch", "--json-input"],
+        input=lines,
+        env=daemon.env,
+        capture_output=True,
+        timeout=20,
+    )
+    assert r.returncode == EXIT_FAILED, r.stderr
+    assert b"Traceback" not in r.stderr
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["ok"] for o in out] == [True, False, True, False, False, True]
+    assert out[1]["error"]["message"].startswith("stdin line 2 ")
+    assert "not UTF-8" in out[1]["error"]["message"]
+    assert "stdin line 4: " in out[3]["error"]["message"]
+    assert "nests too deeply" in out[4]["error"]["message"]
+    assert out[5]["result"]["echo"] == 4
 
 
 # -- --explain -----------------------------------------------------------------------------
@@ -528,12 +559,21 @@ def test_status_shows_request_observations_per_instance(daemon: Home) -> None:
 
 
 # -- Python API ----------------------------------------------------------------------------
-def test_zero_or_negative_timeout_is_refused(slow: Home) -> None:
-    """A timeout of 0 or less is a usage error, not a silent fallback to the default."""
+def test_zero_negative_or_nonfinite_timeout_and_retries_are_refused(slow: Home) -> None:
+    """A timeout of 0 or less, nan or inf, and retries that are negative or not a finite
+    integer are invalid params (exit 2), not a silent fallback nor a request that never
+    times out (issue 9.12)."""
     with slow.client() as c:
         for timeout in (0, -1):
-            with pytest.raises(UsageError, match="timeout must be positive"):
+            with pytest.raises(InvalidParamsError, match="timeout must be positive"):
                 c.exec(1, type="T", timeout=timeout)
+        for timeout in (float("nan"), float("inf")):
+            with pytest.raises(InvalidParamsError, match="timeout must be a finite number"):
+                c.exec(1, type="T", timeout=timeout)
+        for retries in (-1, float("inf"), 1.5):
+            with pytest.raises(InvalidParamsError, match="retries must be"):
+                c.call("request.exec", input=1, type="T", retries=retries)
+        assert c.exec(1, type="T")["ok"]
 
 
 def test_client_exec_and_exec_many(daemon: Home) -> None:

@@ -46,8 +46,9 @@ def _get(
             raise InvalidParamsError(f"missing parameter {key!r}")
         return default
     value = params[key]
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise InvalidParamsError(f"parameter {key!r} must be a number, got {value!r}")
+    if kind in (int, float, (int, float)):
+        # One numeric check for every edge: no bool, nan, inf (JSON's 1e999).
+        return protocol.number(f"parameter {key!r}", value, integer=kind is int)
     if not isinstance(value, kind):
         raise InvalidParamsError(f"parameter {key!r} has the wrong type: {value!r}")
     return value
@@ -133,7 +134,13 @@ class Api:
                 f"the daemon speaks protocol {protocol.PROTOCOL_VERSION} (engctl {__version__}),"
                 f" this client {theirs}: restart the daemon with `engctl daemon stop`"
             )
-        return {"protocol": protocol.PROTOCOL_VERSION, "version": __version__, "pid": os.getpid()}
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "version": __version__,
+            "pid": os.getpid(),
+            # What a client may send: a batch checks each request against it before sending.
+            "max_frame_bytes": self.sup.config.max_frame_bytes,
+        }
 
     def daemon_status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         with self._self_proc.oneshot():
