@@ -88,16 +88,19 @@ def number(
     zero if `positive`; else InvalidParamsError naming `name`. The one numeric check of
     parameters, for the daemon's and the CLI's edges alike (nan, inf, 1e999, true...)."""
     kind = "an integer" if integer else "a number"
+    shown = preview(repr(value), 40)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidParamsError(f"{name} must be {kind}, got {value!r}")
+        raise InvalidParamsError(f"{name} must be {kind}, got {shown}")
     if integer and not isinstance(value, int):
-        raise InvalidParamsError(f"{name} must be {kind}, got {value!r}")
+        raise InvalidParamsError(f"{name} must be {kind}, got {shown}")
     if value != value or value in (float("inf"), float("-inf")):
-        raise InvalidParamsError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidParamsError(f"{name} must be a finite number, got {shown}")
+    if not integer and isinstance(value, int) and not -(2**1023) < value < 2**1023:
+        raise InvalidParamsError(f"{name} must be a finite number, got {shown}")  # no float
     if positive and value <= 0:
-        raise InvalidParamsError(f"{name} must be positive, got {value!r}")
+        raise InvalidParamsError(f"{name} must be positive, got {shown}")
     if minimum is not None and value < minimum:
-        raise InvalidParamsError(f"{name} must be {minimum:g} or more, got {value!r}")
+        raise InvalidParamsError(f"{name} must be {minimum:g} or more, got {shown}")
     return value
 
 

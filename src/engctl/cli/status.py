@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, console, out
+from engctl.cli.common import JsonFlag, client, console, finite, out
 from engctl.cli.fast import status_json
 
 
@@ -20,7 +20,9 @@ def status(
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Refresh in place until Ctrl-C.")
     ] = False,
-    interval: Annotated[float, typer.Option(min=0.1, help="Refresh period for --watch.")] = 1.0,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Refresh period for --watch.", callback=finite)
+    ] = 1.0,
 ) -> None:
     """Show engines and their instances (table, or --json).
 

@@ -514,7 +514,12 @@ class Api:
             self._engine(engine)
         since = _get(params, "since", (int, float), None)
         limit = _get(params, "limit", int, 100)
-        events = await self.events.query(engine=engine, since=since, limit=max(1, limit))
+        # SQLite takes 64-bit integers: a larger limit means "all", a time is a float.
+        events = await self.events.query(
+            engine=engine,
+            since=None if since is None else float(since),
+            limit=min(max(1, limit), 1 << 62),
+        )
         return {"events": [e.to_json() for e in events]}
 
     def events_follow(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:

@@ -213,9 +213,10 @@ class Daemon:
             try:
                 await metrics_server.start()
             except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise DaemonUnreachableError(
-                    f"cannot serve metrics on 127.0.0.1:{self.metrics_port}:"
-                    f" {exc.strerror or exc} (choose another --metrics-port or metrics_port)"
+                    f"cannot serve metrics on 127.0.0.1:{self.metrics_port}: {reason}"
+                    " (choose another --metrics-port, or metrics_port in config.toml)"
                 ) from exc
             log.info("serving Prometheus metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
         await server.start()
@@ -341,7 +342,8 @@ def run(
     try:
         asyncio.run(Daemon(paths, config, metrics_port).run(ready_fd))
     except EngctlError as exc:
-        log.error("%s", exc.message)
+        if not foreground:  # in the foreground the line below is the one line on stderr
+            log.error("%s", exc.message)
         if ready_fd is not None:
             _notify_ready(ready_fd, f"error: {exc.message}")
         print(f"engctl daemon: {exc.message}", file=sys.stderr)

@@ -533,12 +533,16 @@ class Router:
                 params.get("key"),
                 params.get("strategy"),
             )
-        selector = self._selectors.get(key)
+        try:
+            selector = self._selectors.get(key)
+        except TypeError:  # unhashable: a list or an object where a string belongs
+            selector = key = None
         if selector is None:
-            selector = _selector(params)
+            selector = _selector(params)  # InvalidParamsError for values of the wrong type
             if len(self._selectors) >= 1024:
                 self._selectors.clear()  # bounded: many distinct keys (affinity) churn it
-            self._selectors[key] = selector
+            if key is not None:
+                self._selectors[key] = selector
         raw_timeout = params.get("timeout")
         timeout = (
             self.config.default_timeout
