@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -443,3 +445,56 @@ def test_other_uid_is_refused_by_peer_credentials(
     assert r.returncode == EXIT_UNREACHABLE, r.stderr
     assert json.loads(r.stderr)["error"]["code"] == PermissionDeniedError.rpc_code
     assert "permission denied" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- file descriptors -----------------------------------------------------------------------
+def test_spawn_out_of_file_descriptors_is_retried_not_fatal(home: Home) -> None:
+    """A restart that fails with EMFILE (the daemon out of fds) is retried with backoff and
+    counts as no failed start: the instance never goes fatal and comes back once fds are
+    free again (issue 9.6: it stayed fatal)."""
+    home.start_daemon()
+    quick = {"start_seconds": 0.1, "max_retries": 1, "backoff": {"initial": 0.1, "max": 0.3}}
+    home.register("w", engine_cmd("echo.py"), restart=quick)
+    pid = home.wait_state("w#0", "ready")["pid"]
+    daemon_pid = home.daemon_pid()
+    assert daemon_pid is not None
+    soft, hard = resource.prlimit(daemon_pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{daemon_pid}/fd"))
+    log = home.paths.instance_log("w", 0)
+    try:
+        # No new fd for the daemon: the pipes of a new process cannot be made.
+        resource.prlimit(daemon_pid, resource.RLIMIT_NOFILE, (in_use - 4, hard))
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: log.read_text().count("Too many open files") >= 4, 20)
+    finally:
+        resource.prlimit(daemon_pid, resource.RLIMIT_NOFILE, (soft, hard))
+    inst = home.wait_state("w#0", "ready", timeout=20)
+    assert inst["pid"] != pid
+    with home.client() as c:
+        events = c.events(engine="w", limit=1000)
+        assert c.exec(1, engine="w")["ok"]
+    assert "fatal" not in {e["to"] for e in events}
+    retried = [e for e in events if e["to"] == "backoff" and "Too many open files" in e["reason"]]
+    assert len(retried) >= 4 and "retrying in" in retried[0]["reason"]
+
+
+def test_daemon_raises_its_fd_limit_and_caps_connections_below_it(home: Home) -> None:
+    """The daemon runs with its soft open-file limit raised to the hard one, so the
+    connection cap stays far below it (fds are kept for engines)."""
+    home.start_daemon()
+    daemon_pid = home.daemon_pid()
+    assert daemon_pid is not None
+    soft, hard = resource.prlimit(daemon_pid, resource.RLIMIT_NOFILE)
+    assert soft == hard or hard == resource.RLIM_INFINITY
+    assert soft >= 2 * 1024
+
+
+def test_daemon_stderr_file_is_bounded(home: Home) -> None:
+    """A large `daemon.stderr` (where a background daemon's stray output goes) is rotated
+    when the daemon starts, keeping one backup (issue 9.6: it grew 62 MB in 40 s)."""
+    stderr = home.paths.runtime_dir / "daemon.stderr"
+    home.paths.runtime_dir.mkdir(parents=True, mode=0o700)
+    stderr.write_bytes(b"old noise\n" * 300_000)  # 3 MB
+    home.start_daemon()
+    wait_until(lambda: stderr.stat().st_size < 1 << 20)
+    assert stderr.with_name("daemon.stderr.1").stat().st_size == 3_000_000

@@ -5,6 +5,7 @@ oneshot runs, --batch, --explain, observations in status, and the Python client.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -541,6 +542,65 @@ def test_explain_says_why_nothing_qualified(slow: Home) -> None:
     assert r.returncode == EXIT_NO_ELIGIBLE
     assert "s#0" in r.stdout and "excluded by" in r.stdout
     assert "decision: " in r.stdout
+
+
+def test_explain_with_json_prints_one_json_document(slow: Home) -> None:
+    """--explain --json prints exactly one JSON document, the result object with its
+    "explain" key, and no text (issue 10.1); a failure is one document too, ok false."""
+    r = exec_cli(slow, "--type", "T", "--explain", "--json", "--", "1")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)  # the whole of stdout: one document
+    assert obj["ok"] and obj["result"]["echo"] == 1
+    assert obj["explain"]["winner"] == "s#0" and obj["explain"]["candidates"]
+    r = exec_cli(slow, "--type", "T", "--cap", "gpu", "--explain", "--json", "--", "1")
+    assert r.returncode == EXIT_NO_ELIGIBLE
+    obj = json.loads(r.stdout)
+    assert obj["ok"] is False and obj["error"]["code"] == json.loads(r.stderr)["error"]["code"]
+    assert obj["explain"]["candidates"][0]["excluded_by"]
+
+
+# -- limits --------------------------------------------------------------------------------
+def test_results_over_eight_mib_are_delivered(daemon: Home) -> None:
+    """A result of 9 MiB reaches the client whole (issue 9.8: over ~8 MiB the daemon closed
+    the connection), also to a client that reads it slowly. (Any size up to the worker line
+    limit goes the same way; larger ones are slow to read from the worker for now.)"""
+    workers(daemon, big={"command": engine_cmd("big.py"), "type": "big"})
+    size = 9 << 20
+    with daemon.client() as c:
+        assert len(c.exec(size, type="big")["result"]) == size
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(daemon.paths.socket))
+    conn.sendall(
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "request.exec",
+                "params": {"input": size, "type": "big"},
+            }
+        ).encode()
+        + b"\n"
+    )
+    got = bytearray()
+    while not got.endswith(b"\n"):
+        chunk = conn.recv(1 << 20)
+        assert chunk, "the daemon closed the connection"
+        got += chunk
+        time.sleep(0.01)  # ~100 MiB/s at most: a reader slower than the daemon
+    conn.close()
+    assert len(json.loads(got)["result"]["result"]) == size
+
+
+def test_client_accepts_every_result_the_daemon_can_send() -> None:
+    """The client's frame limit is above the largest frame the daemon sends: a worker's
+    longest reply line and a oneshot's longest output encoded as a JSON string."""
+    from engctl.client import MAX_RESPONSE_BYTES
+    from engctl.daemon.oneshot import MAX_STDOUT_BYTES
+    from engctl.daemon.requests import MAX_WORKER_LINE
+
+    envelope = 1 << 20  # the result object around it, an explanation
+    assert MAX_WORKER_LINE + envelope <= MAX_RESPONSE_BYTES
+    assert 6 * MAX_STDOUT_BYTES + envelope <= MAX_RESPONSE_BYTES  # \u0000 is 6 bytes
 
 
 # -- observations --------------------------------------------------------------------------
