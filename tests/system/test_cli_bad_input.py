@@ -23,8 +23,9 @@ FAILURE_CODES = {1, 2, 3, 4, 5, 6, 7}
 PARSE_ONLY = {("daemon", "stop"), ("daemon", "start"), ("daemon", "run"), ("demo",)}
 
 
-def _commands() -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(path, click command) of every leaf command of the typer app."""
+def _commands(groups: bool = False) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, click command) of every leaf command of the typer app (and of every group,
+    the root included, with `groups`)."""
     from typer.main import get_command
 
     from engctl.cli.app import app, load_commands
@@ -33,6 +34,8 @@ def _commands() -> Iterator[tuple[tuple[str, ...], Any]]:
 
     def walk(cmd: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]]:
         if hasattr(cmd, "commands"):
+            if groups:
+                yield path, cmd
             for name, sub in cmd.commands.items():
                 yield from walk(sub, (*path, name))
         else:
