@@ -93,6 +93,7 @@ class Client:
         self._sock = sock
         self._buf = bytearray()
         self._pos = 0
+        self._used_at = time.monotonic()
         # The hello travels with the first call and is checked when its answer is read:
         # one round trip less for every CLI command.
         self._hello_id = self._send(
@@ -139,16 +140,18 @@ class Client:
 
     def _drop_if_closed(self) -> None:
         """Forget a connection the daemon closed while it was unused (idle timeout)."""
-        assert self._sock is not None
+        import select
+
+        sock = self._sock
+        assert sock is not None
         if self._pos < len(self._buf):
             return  # unread frames: let the caller read them
         try:
-            peek = self._sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return  # open, nothing to read: the usual case
+            readable, _, _ = select.select([sock], [], [], 0)
+            # Readable with nothing to read is the end of the stream.
+            if readable and not sock.recv(1, _socket.MSG_PEEK):
+                self.close()
         except OSError:
-            peek = b""
-        if not peek:
             self.close()
 
     def _send_raw(self, data: bytes) -> None:
@@ -158,14 +161,22 @@ class Client:
         sock = self._sock
         assert sock is not None
         self._used_at = time.monotonic()
+        if self.timeout is not None:
+            # With a timeout, Python waits for the socket to be writable before each send,
+            # MSG_DONTWAIT or not: only a non-blocking socket sends what fits and returns.
+            sock.setblocking(False)
         try:
-            sent = sock.send(data, _socket.MSG_DONTWAIT)
+            try:
+                sent = sock.send(data, _socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
             if sent < len(data):
                 self._send_reading(memoryview(data)[sent:])
-        except BlockingIOError:
-            self._send_reading(memoryview(data))
         except OSError as exc:
             self._lost(exc)
+        finally:
+            if self.timeout is not None and self._sock is sock:
+                sock.settimeout(self.timeout)
 
     def _send_reading(self, rest: memoryview) -> None:
         import select

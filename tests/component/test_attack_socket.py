@@ -272,9 +272,10 @@ def test_client_that_leaves_large_output_unread_is_dropped(attacked: Home) -> No
     finally:
         flood.sock.close()
     assert "dropping a client that does not read its output" in _daemon_log(attacked)
-    with attacked.client() as c:
-        out = list(c.exec_many(["x" * 500_000] * 20, window=8, type="echo"))
-    assert all(o["ok"] and len(o["result"]["echo"]) == 500_000 for o in out)
+    for timeout in (None, 10.0):  # a Client with a timeout sends through another path
+        with attacked.client(timeout=timeout) as c:
+            out = list(c.exec_many(["x" * 500_000] * 20, window=8, type="echo"))
+        assert all(o["ok"] and len(o["result"]["echo"]) == 500_000 for o in out)
 
 
 def _daemon_log(home: Home) -> str:
@@ -346,10 +347,13 @@ def test_idle_connection_is_closed_but_followers_and_waiting_calls_are_not(
         assert msg["id"] == 2 and "result" in msg
 
 
-def test_client_reconnects_after_its_idle_connection_was_closed(attacked: Home) -> None:
+@pytest.mark.parametrize("timeout", [None, 10.0])
+def test_client_reconnects_after_its_idle_connection_was_closed(
+    attacked: Home, timeout: float | None
+) -> None:
     """A Client left unused past the idle timeout makes its next call on a new connection
     instead of failing with "the daemon closed the connection"."""
-    with attacked.client() as c:
+    with attacked.client(timeout=timeout) as c:
         c.status()
         first = c._sock
         wait_until(lambda: _peer_closed(c._sock), IDLE_TIMEOUT + 5)

@@ -209,7 +209,7 @@ def test_daemon_run_on_a_busy_metrics_port_fails_in_one_line_and_leaves_no_socke
         r = home.cli("daemon", "run", "--metrics-port", str(port), timeout=30)
     assert r.returncode == 3, r.stderr
     assert r.stderr.strip() == (
-        f"engctl daemon: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+        f"engctl daemon: cannot serve metrics on 127.0.0.1:{port}: address already in use"
         " (choose another --metrics-port, or metrics_port in config.toml)"
     )
     assert not home.paths.socket.exists()

@@ -213,7 +213,7 @@ class Daemon:
             try:
                 await metrics_server.start()
             except OSError as exc:
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
                 raise DaemonUnreachableError(
                     f"cannot serve metrics on 127.0.0.1:{self.metrics_port}: {reason}"
                     " (choose another --metrics-port, or metrics_port in config.toml)"
