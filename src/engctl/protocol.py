@@ -42,6 +42,8 @@ def dumps(obj: Any) -> bytes:
         return (_encoder.encode(obj) + "\n").encode()
     except UnicodeEncodeError as exc:
         raise _not_unicode(exc) from None
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def encode_value(value: Any) -> bytes:
@@ -57,6 +59,12 @@ def encode_value(value: Any) -> bytes:
         return _encoder.encode(value).encode()
     except UnicodeEncodeError as exc:
         raise _not_unicode(exc) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> InvalidParamsError:
+    return InvalidParamsError("value nests too deeply to be encoded (arrays or objects)")
 
 
 def _not_unicode(exc: UnicodeEncodeError) -> InvalidParamsError:
@@ -74,6 +82,8 @@ def check_unicode(obj: Any) -> None:
         _encoder.encode(obj).encode()
     except UnicodeEncodeError as exc:
         raise _not_unicode(exc) from None
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def number(

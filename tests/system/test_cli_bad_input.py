@@ -173,12 +173,13 @@ def test_every_command_fails_cleanly_on_bad_input(daemon: Home, bad_files: dict[
         (["register", "-f", "-"], b"[engines.a]\nx = " + b"[" * 5000, 2, "nested too deeply"),
         (["exec", "--type", "echo", "-"], b"\xff\xfe\x00", 2, "stdin is not UTF-8 text"),
         (["exec", "--type", "echo", "-"], b"[" * 100_000, 2, "nests too deeply"),
+        (["exec", "--type", "echo", "-"], b"[" * 990 + b"]" * 990, 2, "nests too deeply"),
         (["exec", "--type", "echo", "--timeout", "nan", "--", "1"], b"", 2, "finite number"),
         (["exec", "--type", "echo", "--", '"\\udc80"'], b"", 2, "lone surrogate"),
         (["status", "--watch", "--interval", "nan"], b"", 2, "finite number"),
     ],
     ids=["cmd-quote", "export-folder", "file-not-utf8", "file-deep", "exec-binary-stdin",
-         "exec-deep", "exec-timeout-nan", "exec-surrogate", "watch-nan"],
+         "exec-deep", "exec-deep-valid", "exec-timeout-nan", "exec-surrogate", "watch-nan"],
 )  # fmt: skip
 def test_bad_input_is_one_line_that_says_what_is_wrong(
     daemon: Home, args: list[str], stdin: bytes, code: int, message: str

@@ -298,3 +298,16 @@ def test_call_with_null_id_is_refused() -> None:
     with pytest.raises(ProtocolError, match="null is refused"):
         protocol.parse_request({"jsonrpc": "2.0", "id": None, "method": "status.get"})
     assert protocol.parse_request({"jsonrpc": "2.0", "method": "status.get"})[0] is None
+
+
+def test_value_too_deep_to_encode_is_invalid_params() -> None:
+    """A value nested deeper than the encoder's recursion allows is InvalidParamsError (a
+    payload the CLI parsed can still be too deep to send), not a RecursionError."""
+    from engctl.errors import InvalidParamsError
+
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    for encode in (protocol.dumps, protocol.encode_value, protocol.check_unicode):
+        with pytest.raises(InvalidParamsError, match="nests too deeply"):
+            encode(deep)
