@@ -141,10 +141,17 @@ def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
     On teardown every daemon and engine of this home is stopped; a test that leaves a
     process behind fails.
     """
-    path = Path(tempfile.mkdtemp(prefix="eh", dir="/tmp"))
-    monkeypatch.setenv("ENGCTL_HOME", str(path))
-    env = {**os.environ, "ENGCTL_HOME": str(path)}
-    h = Home(path, resolve_paths(path), env)
+    with private_home() as h:
+        monkeypatch.setenv("ENGCTL_HOME", str(h.path))
+        yield h
+
+
+@contextlib.contextmanager
+def private_home(prefix: str = "eh") -> Iterator[Home]:
+    """A fresh home under /tmp; on exit its processes are stopped (any left fail the test)
+    and it is removed. For fixtures of a wider scope than `home`."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    h = Home(path, resolve_paths(path), {**os.environ, "ENGCTL_HOME": str(path)})
     try:
         yield h
     finally:

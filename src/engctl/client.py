@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 
 from engctl import __version__, protocol
-from engctl.errors import DaemonUnreachableError, ProtocolError, from_wire
+from engctl.errors import DaemonUnreachableError, EngctlError, ProtocolError, from_wire
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
@@ -23,8 +23,13 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-# Results can be larger than the requests the daemon accepts.
+# Results can be larger than the requests the daemon accepts: the largest frame the daemon
+# sends (a worker's 64 MiB reply line, a oneshot's 16 MiB output as a JSON string, with the
+# result object around it) fits well under this (see "Limits" in the README).
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# A connection unused this long may have been closed by the daemon's idle timeout: it is
+# checked (one non-blocking peek) before the next call, and replaced if it was.
+IDLE_CHECK_SECONDS = 1.0
 # How long a starting daemon may take to say it is ready.
 START_TIMEOUT = 15.0
 
@@ -49,6 +54,7 @@ class Client:
         self._next_id = 1
         self._daemon_info: dict[str, Any] = {}
         self._hello_id: int | None = None
+        self._used_at = 0.0
 
     # -- connection ------------------------------------------------------------------------
     def _connect_once(self) -> _socket.socket:
@@ -87,6 +93,7 @@ class Client:
         self._sock = sock
         self._buf = bytearray()
         self._pos = 0
+        self._used_at = time.monotonic()
         # The hello travels with the first call and is checked when its answer is read:
         # one round trip less for every CLI command.
         self._hello_id = self._send(
@@ -103,6 +110,9 @@ class Client:
             msg = self._read_frame()  # nothing else is outstanding right after connect()
             if msg.get("id") == self._hello_id:
                 self._take_hello(msg)
+            elif msg.get("id") is None and "error" in msg:
+                self.close()  # refused (busy, other uid): the daemon closes the connection
+                raise from_wire(msg["error"])
         return self._daemon_info
 
     def close(self) -> None:
@@ -119,6 +129,8 @@ class Client:
         self.close()
 
     def _send(self, method: str, params: dict[str, Any]) -> int:
+        if self._sock is not None and time.monotonic() - self._used_at > IDLE_CHECK_SECONDS:
+            self._drop_if_closed()
         if self._sock is None:
             self.connect()
         req_id = self._next_id
@@ -126,13 +138,92 @@ class Client:
         self._send_raw(protocol.request(req_id, method, params))
         return req_id
 
-    def _send_raw(self, data: bytes) -> None:
-        assert self._sock is not None
+    def _drop_if_closed(self) -> None:
+        """Forget a connection the daemon closed while it was unused (idle timeout)."""
+        import select
+
+        sock = self._sock
+        assert sock is not None
+        if self._pos < len(self._buf):
+            return  # unread frames: let the caller read them
         try:
-            self._sock.sendall(data)
-        except OSError as exc:
+            readable, _, _ = select.select([sock], [], [], 0)
+            # Readable with nothing to read is the end of the stream.
+            if readable and not sock.recv(1, _socket.MSG_PEEK):
+                self.close()
+        except OSError:
             self.close()
-            raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
+
+    def _send_raw(self, data: bytes) -> None:
+        """Send `data` whole. What the daemon answers meanwhile is read into the buffer: it
+        stops reading a client that leaves its answers unread, so a large pipelined send
+        that did not read would wait for it forever."""
+        sock = self._sock
+        assert sock is not None
+        self._used_at = time.monotonic()
+        if self.timeout is not None:
+            # With a timeout, Python waits for the socket to be writable before each send,
+            # MSG_DONTWAIT or not: only a non-blocking socket sends what fits and returns.
+            sock.setblocking(False)
+        try:
+            try:
+                sent = sock.send(data, _socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                self._send_reading(memoryview(data)[sent:])
+        except OSError as exc:
+            self._lost(exc)
+        finally:
+            if self.timeout is not None and self._sock is sock:
+                sock.settimeout(self.timeout)
+
+    def _send_reading(self, rest: memoryview) -> None:
+        import select
+
+        sock = self._sock
+        assert sock is not None
+        try:
+            while rest:
+                readable, writable, _ = select.select([sock], [sock], [], self.timeout)
+                if not readable and not writable:
+                    raise DaemonUnreachableError(
+                        f"the daemon took no input within {self.timeout}s"
+                    )
+                if readable:
+                    chunk = sock.recv(262144)
+                    if not chunk:
+                        return  # closed: what it said before is in the buffer
+                    self._buf += chunk
+                if writable:
+                    try:
+                        sent = sock.send(rest, _socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        sent = 0
+                    rest = rest[sent:]
+        except OSError as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: OSError) -> None:
+        """A send failed: raise what the daemon said before it closed (busy, other uid),
+        else that the connection was lost."""
+        sock = self._sock
+        assert sock is not None
+        try:
+            while chunk := sock.recv(262144, _socket.MSG_DONTWAIT):
+                self._buf += chunk
+        except OSError:
+            pass
+        for line in bytes(self._buf[self._pos :]).splitlines():
+            try:
+                msg = protocol.parse_frame(line, MAX_RESPONSE_BYTES)
+            except ProtocolError:
+                continue
+            if msg.get("id") is None and isinstance(msg.get("error"), dict):
+                self.close()
+                raise from_wire(msg["error"]) from exc
+        self.close()
+        raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
 
     def _read(self) -> dict[str, Any]:
         """The next frame from the daemon (the hello's answer is checked and skipped)."""
@@ -179,6 +270,7 @@ class Client:
             if not chunk:
                 self.close()
                 raise DaemonUnreachableError("the daemon closed the connection (did it stop?)")
+            self._used_at = time.monotonic()
             buf += chunk
 
     def call(self, method: str, **params: Any) -> Any:
@@ -338,7 +430,9 @@ class Client:
         """Run many requests with up to `window` in flight on this connection.
 
         Yields one result object per input, in input order, reading `inputs` lazily; a failed
-        request yields an object with `"ok": false` and `"error": {"code", "message"}`.
+        request yields an object with `"ok": false` and `"error": {"code", "message"}`. So
+        does an input that cannot be sent (larger than the daemon's max_frame_bytes, not
+        encodable), and an input given as an EngctlError (one the caller could not read).
         """
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -347,8 +441,9 @@ class Client:
         tail = protocol.encode_value(params)[1:]  # `"type":"echo",...}`: without its `{`
         head = b'{"jsonrpc":"2.0","method":"request.exec","params":{"input":'
         sep = b"," if len(tail) > 1 else b""
-        if self._sock is None:
-            self.connect()
+        # A frame over the daemon's limit would be answered with an error that names no
+        # request: such an input is reported in its place instead of being sent.
+        limit = self.daemon_info.get("max_frame_bytes")
         order: collections.deque[int] = collections.deque()
         done: dict[int, dict[str, Any]] = {}
         source = iter(inputs)
@@ -363,11 +458,26 @@ class Client:
                     break
                 req_id = self._next_id
                 self._next_id += 1
-                frames.append(
-                    b"%s%s%s%s,\"id\":%d}\n"
-                    % (head, protocol.encode_value(value), sep, tail, req_id)
-                )
                 order.append(req_id)
+                try:
+                    if isinstance(value, EngctlError):
+                        raise value
+                    frame = b'%s%s%s%s,"id":%d}\n' % (
+                        head,
+                        protocol.encode_value(value),
+                        sep,
+                        tail,
+                        req_id,
+                    )
+                    if isinstance(limit, int) and len(frame) - 1 > limit:
+                        raise ProtocolError(
+                            f"request of {len(frame) - 1} bytes exceeds the daemon's limit of"
+                            f" {limit} bytes (max_frame_bytes in config.toml); not sent"
+                        )
+                except EngctlError as exc:
+                    done[req_id] = {"id": req_id, "error": exc.to_wire()}
+                    continue
+                frames.append(frame)
             if frames:
                 self._send_raw(b"".join(frames))  # one syscall for the whole refill
             if not order:

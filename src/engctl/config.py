@@ -23,6 +23,10 @@ class DaemonConfig:
     log_backups: int = 3
     events_retention: int = 100_000
     max_frame_bytes: int = 1024 * 1024
+    # Client connections served at once (at most half the open-file limit); more are refused.
+    max_connections: int = 1024
+    # Seconds after which a connection with no call in flight and no stream followed closes.
+    idle_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     default_strategy: str = "least_loaded"
     default_timeout: float = 30.0
@@ -46,12 +50,12 @@ class DaemonConfig:
     def load(cls, path: Path) -> DaemonConfig:
         """Read `[daemon]` from a TOML file; a missing file gives the defaults."""
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except FileNotFoundError:
             return cls()
         except OSError as exc:
             raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
-        doc = parse_toml(text, str(path))
+        doc = parse_toml(decode_text(data, str(path)), str(path))
         section = doc.get("daemon", {})
         if not isinstance(section, dict):
             raise SpecError(f"{path}: [daemon] must be a table")
@@ -123,12 +127,28 @@ def _capability_weights(table: Any, path: Path) -> tuple[float, float, float, fl
     return (t, c, lo, pe, af)
 
 
+def decode_text(data: bytes, source: str) -> str:
+    """A file's bytes as UTF-8 text (what TOML requires); else a SpecError naming the line."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError(
+            f"{source}: not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line},"
+            f" column {column}"
+        ) from None
+
+
 def parse_toml(text: str, source: str) -> dict[str, Any]:
     """Parse TOML; an error names the source with its line and column."""
     import tomllib  # only commands that read files pay for the parser
 
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise SpecError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         # tomllib puts "(at line L, column C)" at the end of its message, except for errors
         # found at the end of the input ("(at end of document)"): name that place too.

@@ -126,6 +126,12 @@ class IncompatibleDaemonError(DaemonUnreachableError):
     rpc_code = -32021
 
 
+class PermissionDeniedError(DaemonUnreachableError):
+    """The daemon refused this connection: it serves only its own uid."""
+
+    rpc_code = -32022
+
+
 class RequestFailedError(EngctlError):
     """A dispatched request failed on the engine."""
 

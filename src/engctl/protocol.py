@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from engctl.errors import EngctlError, ParseError, ProtocolError
+from engctl.errors import EngctlError, InvalidParamsError, ParseError, ProtocolError
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
@@ -38,7 +38,12 @@ _scan = _decoder.scan_once  # type: ignore[attr-defined]
 
 def dumps(obj: Any) -> bytes:
     """One frame: compact JSON and a newline."""
-    return (_encoder.encode(obj) + "\n").encode()
+    try:
+        return (_encoder.encode(obj) + "\n").encode()
+    except UnicodeEncodeError as exc:
+        raise _not_unicode(exc) from None
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def encode_value(value: Any) -> bytes:
@@ -48,9 +53,65 @@ def encode_value(value: Any) -> bytes:
     kind = type(value)
     if kind is int:
         return b"%d" % value
-    if kind is str:
-        return _encode_str(value).encode()
-    return _encoder.encode(value).encode()
+    try:
+        if kind is str:
+            return _encode_str(value).encode()
+        return _encoder.encode(value).encode()
+    except UnicodeEncodeError as exc:
+        raise _not_unicode(exc) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> InvalidParamsError:
+    return InvalidParamsError("value nests too deeply to be encoded (arrays or objects)")
+
+
+def _not_unicode(exc: UnicodeEncodeError) -> InvalidParamsError:
+    bad = exc.object[exc.start : exc.end]
+    return InvalidParamsError(
+        f"strings must be valid Unicode: {ascii(bad)[1:-1]} is a lone surrogate"
+        " (a \\ud800-\\udfff escape that is not half of a pair)"
+    )
+
+
+def check_unicode(obj: Any) -> None:
+    """Raise InvalidParamsError if a string in `obj` (key or value) holds a lone surrogate,
+    which JSON's \\u escapes can express but UTF-8 cannot."""
+    try:
+        _encoder.encode(obj).encode()
+    except UnicodeEncodeError as exc:
+        raise _not_unicode(exc) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    minimum: float | None = None,
+    positive: bool = False,
+) -> Any:
+    """`value` checked as a finite number (an int if `integer`), at least `minimum` and above
+    zero if `positive`; else InvalidParamsError naming `name`. The one numeric check of
+    parameters, for the daemon's and the CLI's edges alike (nan, inf, 1e999, true...)."""
+    kind = "an integer" if integer else "a number"
+    shown = preview(repr(value), 40)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidParamsError(f"{name} must be {kind}, got {shown}")
+    if integer and not isinstance(value, int):
+        raise InvalidParamsError(f"{name} must be {kind}, got {shown}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InvalidParamsError(f"{name} must be a finite number, got {shown}")
+    if not integer and isinstance(value, int) and not -(2**1023) < value < 2**1023:
+        raise InvalidParamsError(f"{name} must be a finite number, got {shown}")  # no float
+    if positive and value <= 0:
+        raise InvalidParamsError(f"{name} must be positive, got {shown}")
+    if minimum is not None and value < minimum:
+        raise InvalidParamsError(f"{name} must be {minimum:g} or more, got {shown}")
+    return value
 
 
 def loads(data: bytes) -> Any:
@@ -115,6 +176,12 @@ def parse_frame(line: bytes | str, limit: int = MAX_FRAME_BYTES) -> dict[str, An
 def parse_request(obj: dict[str, Any]) -> tuple[int | str | None, str, dict[str, Any]]:
     """Validate a decoded call: (id, method, params). Params must be an object if present."""
     req_id = obj.get("id")
+    if "id" in obj and req_id is None:
+        # JSON-RPC 2.0 discourages a null id: answers with id null are for requests whose id
+        # could not be read, so the caller could not tell its answer from such an error.
+        raise ProtocolError(
+            "id must be a string or an integer (null is refused); omit it for a notification"
+        )
     if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, int | str)):
         raise ProtocolError("id must be a string, an integer or absent")
     method = obj.get("method")

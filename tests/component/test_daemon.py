@@ -345,3 +345,65 @@ def test_client_daemon_info_answers_right_after_connect(daemon: Home) -> None:
         assert c.daemon_info["pid"] == daemon.daemon_pid()
         assert c.daemon_info["protocol"] == 1
         assert c.status()["engines"] == []  # the connection is still in step
+
+
+# -- parameters of every method --------------------------------------------------------------
+def _methods() -> list[str]:
+    """Every RPC method the daemon serves (read from Api.handlers, so new ones are covered)."""
+    import inspect
+    import re
+
+    from engctl.daemon.api import Api
+
+    return re.findall(r'"([a-z]+\.[a-z_]+)": self\.', inspect.getsource(Api.handlers))
+
+
+JUNK: list[Any] = [
+    None, True, -1, 0, 10**20, -(10**20), 1.5, 1e300, "", "x", "f#99", "f#x", "f#0",
+    [], [1], ["f"], ["f", 5], ["nosuch"], {}, {"a": 1}, {"f": 5}, {"f": []},
+    {"f": {"command": 5}}, {"f": {"command": ["x"], "instances": -1}},
+]  # fmt: skip
+PARAM_NAMES = [
+    "names", "targets", "name", "instances", "engine", "since", "limit", "target", "lines",
+    "input", "type", "timeout", "retries", "require", "prefer", "labels", "key", "strategy",
+    "engines", "start", "prune", "wait", "reason", "protocol", "client", "explain", "instance",
+]  # fmt: skip
+# Valid values of the usual parameters, so each junk value is seen past the first check.
+VALID = {
+    "names": ["f"], "targets": ["f#0"], "name": "f", "target": "f", "input": 1,
+    "type": "echo", "protocol": 1, "instances": 1, "engine": "f",
+}  # fmt: skip
+# Calls that would stop or replace what the others need, tried with one parameter only.
+DISRUPTIVE = {"engine.unregister", "engine.stop", "engine.restart", "engine.register",
+              "engine.apply", "daemon.stop"}  # fmt: skip
+
+
+def test_bad_params_of_every_method_are_errors_never_internal_errors(daemon: Home) -> None:
+    """Every method, given a wrong value for any parameter (alone, or among valid ones),
+    answers a result or an engctl error, never an internal error: parameter checks raise
+    InvalidParamsError explicitly (issue 10.27; issue 9.12's 1e999 and the like)."""
+    with daemon.client() as c:
+        c.register({"f": {"command": engine_cmd("echo.py"), "type": "echo", **QUICK}})
+    methods = _methods()
+    assert "request.exec" in methods and "engine.scale" in methods
+    internal = []
+    req_id = 0
+    with RawConn(daemon.paths.socket) as conn:
+        for method in methods:
+            if method == "daemon.stop":
+                continue
+            bases = [{}] if method in DISRUPTIVE else [{}, VALID]
+            for base in bases:
+                for name in PARAM_NAMES:
+                    for value in JUNK:
+                        req_id += 1
+                        frame = {"jsonrpc": "2.0", "id": req_id, "method": method}
+                        frame["params"] = {**base, name: value}
+                        conn.send(json.dumps(frame).encode() + b"\n")
+                        reply = conn.recv()
+                        while reply.get("id") != req_id:  # stream notifications
+                            reply = conn.recv()
+                        if reply.get("error", {}).get("code") == -32603:
+                            internal.append((method, name, value, reply["error"]["message"]))
+    assert not internal, internal[:5]
+    assert "internal error" not in daemon.paths.daemon_log.read_text()

@@ -5,6 +5,7 @@ oneshot runs, --batch, --explain, observations in status, and the Python client.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -20,11 +21,11 @@ from engctl.errors import (
     EXIT_NO_ELIGIBLE,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    InvalidParamsError,
     RequestFailedError,
     RequestTimeoutError,
-    UsageError,
 )
-from tests.conftest import Home, engine_cmd, wait_until
+from tests.conftest import PY, Home, engine_cmd, wait_until
 
 # Workers say `ready` at once; they count as started after 0.1 s.
 QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial": 0.05}}}
@@ -468,16 +469,47 @@ def test_batch_reports_failed_lines_and_goes_on(daemon: Home) -> None:
         assert failed["instance"] == "f#0" and failed["attempts"] == 1
 
 
-def test_batch_line_over_the_frame_limit_fails_instead_of_hanging(home: Home) -> None:
-    """A --batch line larger than the daemon's frame limit ends the batch with a clear error
-    (exit 1) instead of waiting forever for an answer that never comes."""
+def test_batch_line_over_the_frame_limit_is_one_failed_result_and_the_batch_goes_on(
+    home: Home,
+) -> None:
+    """A --batch line larger than the daemon's frame limit becomes one "ok": false result
+    naming the limit and the setting that raises it; the lines after it run (issue 10.18:
+    it ended the whole batch)."""
     home.start_daemon(max_frame_bytes=65536)
     workers(home, s={"command": engine_cmd("slow.py", "0"), "type": "T"})
     lines = "1\n" + "x" * 100_000 + "\n3\n"
-    r = home.cli("exec", "--type", "T", "--batch", "-j", "1", input=lines, timeout=10)
+    r = home.cli("exec", "--type", "T", "--batch", "-j", "2", input=lines, timeout=10)
     assert r.returncode == EXIT_FAILED, r.stderr
-    assert "exceeds the limit of 65536 bytes" in r.stderr
-    assert json.loads(r.stdout.splitlines()[0])["result"]["echo"] == 1
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["ok"] for o in out] == [True, False, True]
+    assert out[0]["result"]["echo"] == 1 and out[2]["result"]["echo"] == 3
+    message = out[1]["error"]["message"]
+    assert "limit of 65536 bytes" in message and "max_frame_bytes" in message
+    assert out[1]["attempts"] == 0 and out[1]["request_id"] is None
+
+
+def test_batch_bad_lines_are_failed_results_in_place(daemon: Home) -> None:
+    """Lines that cannot be sent (not UTF-8, not JSON with --json-input, nested too deeply)
+    are each one "ok": false result in their place, with a message naming the line; the
+    others run, and nothing prints a traceback."""
+    workers(daemon, s={"command": engine_cmd("slow.py", "0"), "type": "T"})
+    lines = b'1\n\xff\xfe\n{"a": 2}\nnot json\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n4\n"
+    r = subprocess.run(
+        [PY, "-m", "engctl", "exec", "--type", "T", "--batch", "--json-input"],
+        input=lines,
+        env=daemon.env,
+        capture_output=True,
+        timeout=20,
+    )
+    assert r.returncode == EXIT_FAILED, r.stderr
+    assert b"Traceback" not in r.stderr
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["ok"] for o in out] == [True, False, True, False, False, True]
+    assert out[1]["error"]["message"].startswith("stdin line 2 ")
+    assert "not UTF-8" in out[1]["error"]["message"]
+    assert "stdin line 4: " in out[3]["error"]["message"]
+    assert "nests too deeply" in out[4]["error"]["message"]
+    assert out[5]["result"]["echo"] == 4
 
 
 # -- --explain -----------------------------------------------------------------------------
@@ -512,6 +544,65 @@ def test_explain_says_why_nothing_qualified(slow: Home) -> None:
     assert "decision: " in r.stdout
 
 
+def test_explain_with_json_prints_one_json_document(slow: Home) -> None:
+    """--explain --json prints exactly one JSON document, the result object with its
+    "explain" key, and no text (issue 10.1); a failure is one document too, ok false."""
+    r = exec_cli(slow, "--type", "T", "--explain", "--json", "--", "1")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)  # the whole of stdout: one document
+    assert obj["ok"] and obj["result"]["echo"] == 1
+    assert obj["explain"]["winner"] == "s#0" and obj["explain"]["candidates"]
+    r = exec_cli(slow, "--type", "T", "--cap", "gpu", "--explain", "--json", "--", "1")
+    assert r.returncode == EXIT_NO_ELIGIBLE
+    obj = json.loads(r.stdout)
+    assert obj["ok"] is False and obj["error"]["code"] == json.loads(r.stderr)["error"]["code"]
+    assert obj["explain"]["candidates"][0]["excluded_by"]
+
+
+# -- limits --------------------------------------------------------------------------------
+def test_results_over_eight_mib_are_delivered(daemon: Home) -> None:
+    """A result of 9 MiB reaches the client whole (issue 9.8: over ~8 MiB the daemon closed
+    the connection), also to a client that reads it slowly. (Any size up to the worker line
+    limit goes the same way; larger ones are slow to read from the worker for now.)"""
+    workers(daemon, big={"command": engine_cmd("big.py"), "type": "big"})
+    size = 9 << 20
+    with daemon.client() as c:
+        assert len(c.exec(size, type="big")["result"]) == size
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(daemon.paths.socket))
+    conn.sendall(
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "request.exec",
+                "params": {"input": size, "type": "big"},
+            }
+        ).encode()
+        + b"\n"
+    )
+    got = bytearray()
+    while not got.endswith(b"\n"):
+        chunk = conn.recv(1 << 20)
+        assert chunk, "the daemon closed the connection"
+        got += chunk
+        time.sleep(0.01)  # ~100 MiB/s at most: a reader slower than the daemon
+    conn.close()
+    assert len(json.loads(got)["result"]["result"]) == size
+
+
+def test_client_accepts_every_result_the_daemon_can_send() -> None:
+    """The client's frame limit is above the largest frame the daemon sends: a worker's
+    longest reply line and a oneshot's longest output encoded as a JSON string."""
+    from engctl.client import MAX_RESPONSE_BYTES
+    from engctl.daemon.oneshot import MAX_STDOUT_BYTES
+    from engctl.daemon.requests import MAX_WORKER_LINE
+
+    envelope = 1 << 20  # the result object around it, an explanation
+    assert MAX_WORKER_LINE + envelope <= MAX_RESPONSE_BYTES
+    assert 6 * MAX_STDOUT_BYTES + envelope <= MAX_RESPONSE_BYTES  # \u0000 is 6 bytes
+
+
 # -- observations --------------------------------------------------------------------------
 def test_status_shows_request_observations_per_instance(daemon: Home) -> None:
     """After N requests, status --json shows each instance's requests, ok, errors and latency."""
@@ -528,12 +619,21 @@ def test_status_shows_request_observations_per_instance(daemon: Home) -> None:
 
 
 # -- Python API ----------------------------------------------------------------------------
-def test_zero_or_negative_timeout_is_refused(slow: Home) -> None:
-    """A timeout of 0 or less is a usage error, not a silent fallback to the default."""
+def test_zero_negative_or_nonfinite_timeout_and_retries_are_refused(slow: Home) -> None:
+    """A timeout of 0 or less, nan or inf, and retries that are negative or not a finite
+    integer are invalid params (exit 2), not a silent fallback nor a request that never
+    times out (issue 9.12)."""
     with slow.client() as c:
         for timeout in (0, -1):
-            with pytest.raises(UsageError, match="timeout must be positive"):
+            with pytest.raises(InvalidParamsError, match="timeout must be positive"):
                 c.exec(1, type="T", timeout=timeout)
+        for timeout in (float("nan"), float("inf")):
+            with pytest.raises(InvalidParamsError, match="timeout must be a finite number"):
+                c.exec(1, type="T", timeout=timeout)
+        for retries in (-1, float("inf"), 1.5):
+            with pytest.raises(InvalidParamsError, match="retries must be"):
+                c.call("request.exec", input=1, type="T", retries=retries)
+        assert c.exec(1, type="T")["ok"]
 
 
 def test_client_exec_and_exec_many(daemon: Home) -> None:

@@ -201,3 +201,43 @@ def test_capability_weights_are_checked(tmp_path: Path, body: str, message: str)
     f.write_text(f"[daemon.capability_weights]\n{body}\n")
     with pytest.raises(SpecError, match=message):
         DaemonConfig.load(f)
+
+
+def test_connection_settings_have_defaults_and_are_read(tmp_path: Path) -> None:
+    """max_connections and idle_timeout default to 1024 and 300 s and come from [daemon]."""
+    assert (DaemonConfig().max_connections, DaemonConfig().idle_timeout) == (1024, 300.0)
+    path = tmp_path / "config.toml"
+    path.write_text("[daemon]\nmax_connections = 64\nidle_timeout = 2.5\n")
+    config = DaemonConfig.load(path)
+    assert (config.max_connections, config.idle_timeout) == (64, 2.5)
+    path.write_text("[daemon]\nmax_connections = 0\n")
+    with pytest.raises(SpecError, match="max_connections: expected a positive number"):
+        DaemonConfig.load(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"[daemon]\nsample_interval = 1.0 # caf\xe9\n",
+         "not UTF-8 text: byte 0xe9 at line 2, column 28"),
+        (b"[daemon]\nx = " + b"[" * 5000, "nested too deeply"),
+    ],
+)  # fmt: skip
+def test_unreadable_config_is_a_spec_error_naming_the_place(
+    tmp_path: Path, data: bytes, message: str
+) -> None:
+    """A config.toml that is not UTF-8, or nests too deeply for the parser, is one SpecError
+    naming the file (and the line), not a traceback (issue 9.12)."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(data)
+    with pytest.raises(SpecError, match=message):
+        DaemonConfig.load(path)
+
+
+def test_connection_cap_keeps_half_the_fds_for_engines() -> None:
+    """The daemon serves max_connections, or half its fd limit if that is lower."""
+    from engctl.daemon.main import connection_cap
+
+    assert connection_cap(1024, 1 << 20) == 1024
+    assert connection_cap(1024, 1024) == 512
+    assert connection_cap(1024, 1) == 1

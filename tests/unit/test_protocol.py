@@ -241,3 +241,73 @@ def test_encode_value_is_the_compact_encoding(value: Any) -> None:
     """The int and str fast paths of encode_value give the same bytes as the encoder."""
     expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
     assert protocol.encode_value(value) == expected
+
+
+# -- the edge checks of issue 9.12 and 9.13 --------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "kw", "message"),
+    [
+        (float("nan"), {}, "must be a finite number"),
+        (float("inf"), {}, "must be a finite number"),
+        (float("-inf"), {}, "must be a finite number"),
+        (10**400, {}, "must be a finite number"),
+        (True, {}, "must be a number"),
+        ("3", {}, "must be a number"),
+        (None, {}, "must be a number"),
+        (2.5, {"integer": True}, "must be an integer"),
+        (float("inf"), {"integer": True}, "must be an integer"),
+        (0, {"positive": True}, "must be positive"),
+        (-1, {"minimum": 0}, "must be 0 or more"),
+    ],
+)
+def test_number_refuses_what_is_not_a_finite_number_in_bounds(
+    value: Any, kw: dict[str, Any], message: str
+) -> None:
+    """protocol.number, the one numeric check of both edges, refuses nan, inf, 1e999, bools,
+    strings and out-of-bound values with InvalidParamsError naming the parameter."""
+    from engctl.errors import InvalidParamsError
+
+    with pytest.raises(InvalidParamsError, match=f"^timeout {message}"):
+        protocol.number("timeout", value, **kw)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False, min_value=1e-9))
+def test_number_accepts_every_positive_finite_float(value: float) -> None:
+    assert protocol.number("timeout", value, positive=True) == value
+
+
+def test_lone_surrogates_are_invalid_params_when_encoded_or_checked() -> None:
+    """A string with a lone surrogate (valid JSON escape, not UTF-8) is InvalidParamsError
+    wherever it would be encoded, and check_unicode finds it in keys and values; a real pair
+    (an emoji written as two escapes) is fine."""
+    from engctl.errors import InvalidParamsError
+
+    for bad in ({"input": "\ud800"}, {"\udfff": 1}, ["a", ["\udc80"]]):
+        with pytest.raises(InvalidParamsError, match="lone surrogate"):
+            protocol.check_unicode(bad)
+        with pytest.raises(InvalidParamsError, match="lone surrogate"):
+            protocol.dumps(bad)
+    with pytest.raises(InvalidParamsError, match="lone surrogate"):
+        protocol.encode_value("\ud800")
+    protocol.check_unicode(json.loads('"\\ud83d\\ude00"'))
+
+
+def test_call_with_null_id_is_refused() -> None:
+    """`"id": null` is refused (JSON-RPC 2.0 discourages it: null answers unreadable ids);
+    a missing id is a notification and stays valid."""
+    with pytest.raises(ProtocolError, match="null is refused"):
+        protocol.parse_request({"jsonrpc": "2.0", "id": None, "method": "status.get"})
+    assert protocol.parse_request({"jsonrpc": "2.0", "method": "status.get"})[0] is None
+
+
+def test_value_too_deep_to_encode_is_invalid_params() -> None:
+    """A value nested deeper than the encoder's recursion allows is InvalidParamsError (a
+    payload the CLI parsed can still be too deep to send), not a RecursionError."""
+    from engctl.errors import InvalidParamsError
+
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    for encode in (protocol.dumps, protocol.encode_value, protocol.check_unicode):
+        with pytest.raises(InvalidParamsError, match="nests too deeply"):
+            encode(deep)

@@ -75,7 +75,8 @@ def _run(args: list[str]) -> int:
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         return _report(
             exc.exit_code if exc.exit_code else EXIT_USAGE,
-            exc.format_message() + hint,
+            # One line: click lays some messages out over several ("Choose from:\n\tbash,").
+            " ".join(exc.format_message().split()) + hint,
             INVALID_PARAMS,
             "--json" in args,
         )

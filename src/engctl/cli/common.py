@@ -51,3 +51,16 @@ def emit_json(obj: Any) -> None:
     from engctl.render.format import print_json
 
     print_json(obj)
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback: refuse nan and inf, which float options otherwise accept."""
+    from engctl.errors import InvalidParamsError
+    from engctl.protocol import number
+
+    if value is None:
+        return None
+    try:
+        return number("the value", value)  # type: ignore[no-any-return]
+    except InvalidParamsError as exc:
+        raise typer.BadParameter(exc.message.removeprefix("the value ")) from None

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, emit_json, out
+from engctl.cli.common import JsonFlag, client, emit_json, finite, out
 from engctl.errors import DaemonUnreachableError, RequestTimeoutError
 
 daemon_app = typer.Typer(
@@ -34,7 +34,10 @@ def start(json: JsonFlag = False) -> None:
 def stop(
     json: JsonFlag = False,
     timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for engines to stop and the daemon to exit.")
+        float,
+        typer.Option(
+            help="Seconds to wait for engines to stop and the daemon to exit.", callback=finite
+        ),
     ] = 60.0,
 ) -> None:
     """Stop every engine with its stop policy, then the daemon (a no-op when none runs)."""

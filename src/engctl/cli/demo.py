@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import client, console, out
+from engctl.cli.common import client, console, finite, out
 from engctl.errors import EngctlError
 
 # Optional example engines: name -> (type, module, the package its module needs).
@@ -83,7 +83,7 @@ DEMO_REQUESTS: dict[str, object] = {
 @app.command()
 def demo(
     timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the engines to be ready.")
+        float, typer.Option(help="Seconds to wait for the engines to be ready.", callback=finite)
     ] = 20.0,
 ) -> None:
     """Register the bundled example engines (echo, web, clock; wasm and onnx) and show status."""

@@ -21,17 +21,17 @@ FileOpt = Annotated[
 
 def read_engines_file(source: str) -> dict[str, dict[str, Any]]:
     """Parse and validate an engines file; errors name the file with line/column or field."""
-    from engctl.config import parse_toml
+    from engctl.config import decode_text, parse_toml
     from engctl.models import parse_engines_document
 
     if source == "-":
-        text, label = sys.stdin.read(), "<stdin>"
+        data, label = sys.stdin.buffer.read(), "<stdin>"
     else:
         try:
-            text, label = Path(source).read_text(), source
+            data, label = Path(source).read_bytes(), source
         except OSError as exc:
             raise UsageError(f"cannot read {source}: {exc.strerror}") from exc
-    doc = parse_toml(text, label)
+    doc = parse_toml(decode_text(data, label), label)
     try:
         parse_engines_document(doc)  # validate here for a message that names the file
     except SpecError as exc:
@@ -100,7 +100,10 @@ def register(
     else:
         if not name or not cmd:
             raise UsageError("give NAME and --cmd CMD, or -f FILE (see `engctl register --help`)")
-        table: dict[str, Any] = {"command": cmd if shell else shlex.split(cmd)}
+        try:
+            table: dict[str, Any] = {"command": cmd if shell else shlex.split(cmd)}
+        except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
+            raise UsageError(f"--cmd {cmd!r}: cannot split it like a shell: {exc}") from None
         for key, value in (
             ("type", type_),
             ("mode", mode),
@@ -191,7 +194,10 @@ def export(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as exc:
+            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
         out(f"wrote {len(result['engines'])} engines to {output}")
 
 

@@ -13,8 +13,8 @@ import json
 import sys
 from collections.abc import Iterator
 
-from engctl.errors import EXIT_FAILED, UsageError
-from engctl.protocol import STRATEGIES
+from engctl.errors import EXIT_FAILED, EngctlError, InvalidParamsError, UsageError
+from engctl.protocol import STRATEGIES, number
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
@@ -97,6 +97,12 @@ _OPTIONS: dict[str, tuple[str, object]] = {
     "-h": ("help", "flag"),
     "--help": ("help", "flag"),
 }
+# Bounds of the numeric options (checked by protocol.number, as the daemon checks them).
+_BOUNDS: dict[str, dict[str, Any]] = {
+    "timeout": {"positive": True},
+    "retries": {"minimum": 0},
+    "jobs": {"minimum": 1},
+}
 
 
 class ExecOptions:
@@ -161,10 +167,14 @@ def parse_args(args: list[str]) -> ExecOptions:
             setattr(opts, dest, value)
         else:
             try:
-                setattr(opts, dest, int(value) if kind is int else float(value))
+                parsed = int(value) if kind is int else float(value)
             except ValueError:
                 what = "an integer" if kind is int else "a number"
                 raise UsageError(f"option {name} expects {what}, got {value!r}") from None
+            try:
+                setattr(opts, dest, number(f"option {name}", parsed, **_BOUNDS.get(dest, {})))
+            except InvalidParamsError as exc:
+                raise UsageError(exc.message) from None
     if opts.strategy is not None and opts.strategy not in STRATEGIES:
         raise UsageError(
             f"unknown strategy {opts.strategy!r} (choose from {', '.join(STRATEGIES)})"
@@ -182,6 +192,8 @@ def parse_payload(text: str, json_input: bool) -> Any:
     """The value to send for a payload text (see the module doc)."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise UsageError("payload nests too deeply to be parsed (arrays or objects)") from None
     except ValueError as exc:
         if json_input:
             raise UsageError(
@@ -196,10 +208,6 @@ def main(args: list[str]) -> int:
     if opts.help:
         sys.stdout.write(f"{HELP}\n\n{USAGE}\n{EPILOG}")
         return 0
-    if opts.retries < 0:
-        raise UsageError("--retries must be 0 or more")
-    if opts.timeout is not None and opts.timeout <= 0:
-        raise UsageError("--timeout must be positive")
     if opts.strategy in ("affinity", "consistent_hash") and not opts.key:
         raise UsageError(f"--strategy {opts.strategy} needs --key (the stickiness key)")
     for label in opts.label:
@@ -222,8 +230,6 @@ def main(args: list[str]) -> int:
     if opts.batch:
         if opts.payload not in (None, "-"):
             raise UsageError("--batch reads payloads from stdin; give no payload argument")
-        if opts.jobs < 1:
-            raise UsageError("-j must be at least 1")
         failed = False
         with Client() as c:
             for obj in c.exec_many(_lines(opts.json_input), window=opts.jobs, **filters):
@@ -233,20 +239,25 @@ def main(args: list[str]) -> int:
         return EXIT_FAILED if failed else 0
     if opts.payload is None:
         raise UsageError("give a payload after `--`, or - to read it from stdin")
-    text = sys.stdin.read() if opts.payload == "-" else opts.payload
+    text = _decode(sys.stdin.buffer.read(), "stdin") if opts.payload == "-" else opts.payload
     value = parse_payload(text, opts.json_input)
     with Client() as c:
         try:
             obj = c.exec(value, explain=opts.explain, **filters)
-        except UsageError:
+        except EngctlError as exc:
+            explain = exc.data.get("explain")
+            if opts.explain and isinstance(explain, dict):
+                if opts.json:
+                    # stdout stays one JSON document: the failure with its explanation.
+                    error = {"code": exc.rpc_code, "message": exc.message}
+                    sys.stdout.write(
+                        json.dumps({"ok": False, "error": error, "explain": explain}) + "\n"
+                    )
+                else:
+                    _print_explain(explain)
             raise
-        except Exception as exc:
-            data = getattr(exc, "data", {}) or {}
-            if opts.explain and isinstance(data.get("explain"), dict):
-                _print_explain(data["explain"])
-            raise
-    if opts.explain and "explain" in obj:
-        _print_explain(obj["explain"])
+    if opts.explain and "explain" in obj and not opts.json:
+        _print_explain(obj["explain"])  # with --json it is the object's "explain" key
     if opts.json:
         sys.stdout.write(json.dumps(obj) + "\n")
     else:
@@ -255,15 +266,34 @@ def main(args: list[str]) -> int:
     return 0
 
 
+def _decode(data: bytes, source: str) -> str:
+    """Payload bytes as text; bytes that are not UTF-8 are a usage error naming the place."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{source} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
 def _lines(json_input: bool) -> Iterator[Any]:
-    """Payloads from stdin, one per non-empty line, read as they are consumed."""
-    for n, line in enumerate(sys.stdin, 1):
-        if not line.strip():
+    """Payloads from stdin, one per non-empty line, read as they are consumed.
+
+    A line that cannot be sent (not UTF-8, not JSON with --json-input, nested too deeply)
+    is yielded as its InvalidParamsError: the batch reports it in its place and goes on.
+    """
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        if not raw.strip():
             continue
         try:
-            yield parse_payload(line, json_input)
+            yield parse_payload(_decode(raw, f"stdin line {n}"), json_input)
         except UsageError as exc:
-            raise UsageError(f"stdin line {n}: {exc.message}") from exc
+            message = (
+                exc.message
+                if exc.message.startswith("stdin line")
+                else f"stdin line {n}: {exc.message}"
+            )
+            yield InvalidParamsError(message)
 
 
 def _print_explain(explain: dict[str, Any]) -> None:

@@ -66,10 +66,10 @@ def report(
 
 @app.command()
 def metrics(json: JsonFlag = False) -> None:
-    """Print the Prometheus text exposition of every engine, instance and host figure.
+    r"""Print the Prometheus text exposition of every engine, instance and host figure.
 
     The daemon can also serve it: `engctl daemon run --metrics-port 9464`, or
-    `metrics_port = 9464` under [daemon] in config.toml (127.0.0.1 only; off by default).
+    `metrics_port = 9464` under \[daemon] in config.toml (127.0.0.1 only; off by default).
     --json prints the same families parsed (by prometheus-client's own parser).
     """
     c = client()

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, console, out
+from engctl.cli.common import JsonFlag, client, console, finite, out
 from engctl.cli.fast import status_json
 
 TypeOpt = Annotated[str | None, typer.Option("--type", help="Only engines of this type.")]
@@ -31,7 +31,9 @@ def status(
         bool,
         typer.Option("--watch", "-w", help="Refresh in place until Ctrl-C (--json: NDJSON)."),
     ] = False,
-    interval: Annotated[float, typer.Option(min=0.1, help="Refresh period for --watch.")] = 1.0,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Refresh period for --watch.", callback=finite)
+    ] = 1.0,
 ) -> None:
     """Show engines and their instances (table, or --json).
 

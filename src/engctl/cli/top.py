@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, console, emit_json
+from engctl.cli.common import JsonFlag, client, console, emit_json, finite
 
 SORT_KEYS = ("name", "rps", "p99", "cpu", "rss", "state")
 
@@ -49,7 +49,9 @@ def _read_key(fd: int | None, timeout: float) -> str | None:
 
 @app.command()
 def top(
-    interval: Annotated[float, typer.Option(min=0.2, help="Refresh period in seconds.")] = 1.0,
+    interval: Annotated[
+        float, typer.Option(min=0.2, help="Refresh period in seconds.", callback=finite)
+    ] = 1.0,
     sort: Annotated[
         str, typer.Option(help=f"Sort by: {', '.join(SORT_KEYS)} (keys 1-6 switch it live).")
     ] = "name",

@@ -48,8 +48,9 @@ def _get(
             raise InvalidParamsError(f"missing parameter {key!r}")
         return default
     value = params[key]
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise InvalidParamsError(f"parameter {key!r} must be a number, got {value!r}")
+    if kind in (int, float, (int, float)):
+        # One numeric check for every edge: no bool, nan, inf (JSON's 1e999).
+        return protocol.number(f"parameter {key!r}", value, integer=kind is int)
     if not isinstance(value, kind):
         raise InvalidParamsError(f"parameter {key!r} has the wrong type: {value!r}")
     return value
@@ -142,7 +143,13 @@ class Api:
                 f"the daemon speaks protocol {protocol.PROTOCOL_VERSION} (engctl {__version__}),"
                 f" this client {theirs}: restart the daemon with `engctl daemon stop`"
             )
-        return {"protocol": protocol.PROTOCOL_VERSION, "version": __version__, "pid": os.getpid()}
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "version": __version__,
+            "pid": os.getpid(),
+            # What a client may send: a batch checks each request against it before sending.
+            "max_frame_bytes": self.sup.config.max_frame_bytes,
+        }
 
     def daemon_status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         with self._self_proc.oneshot():
@@ -566,7 +573,12 @@ class Api:
             self._engine(engine)
         since = _get(params, "since", (int, float), None)
         limit = _get(params, "limit", int, 100)
-        events = await self.events.query(engine=engine, since=since, limit=max(1, limit))
+        # SQLite takes 64-bit integers: a larger limit means "all", a time is a float.
+        events = await self.events.query(
+            engine=engine,
+            since=None if since is None else float(since),
+            limit=min(max(1, limit), 1 << 62),
+        )
         return {"events": [e.to_json() for e in events]}
 
     def events_follow(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -76,11 +77,78 @@ def setup_logging(paths: Paths, foreground: bool) -> None:
         paths.daemon_log, maxBytes=5 * 1024 * 1024, backupCount=2
     )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("engctl")
+    # The root logger, not only "engctl": asyncio's own errors (an accept that failed for
+    # lack of fds, a callback that raised) and warnings would otherwise go to stderr, which
+    # nothing rotates.
+    root = logging.getLogger()
     root.handlers[:] = [handler]
     if foreground:
         root.addHandler(logging.StreamHandler(sys.stderr))
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("engctl").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
+# The background daemon's stdout and stderr go to `daemon.stderr` (opened by the client that
+# starts it). Logging does not write there, but a C library or a crash might: past this size
+# the file is rotated (one backup kept).
+STDERR_MAX_BYTES = 1024 * 1024
+
+
+def bound_stderr(path: Path) -> None:
+    """Rotate `path` if it is this process's stderr and has grown past STDERR_MAX_BYTES."""
+    try:
+        st = os.fstat(2)
+        if st.st_size <= STDERR_MAX_BYTES:
+            return
+        try:
+            named = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+            return  # stderr is somewhere else (a terminal, systemd's journal): not ours
+        os.replace(path, path.with_name(path.name + ".1"))
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600
+        )
+    except OSError as exc:
+        log.warning("cannot rotate %s: %s", path, exc.strerror or exc)
+        return
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+# File descriptors never given to client connections: engines' pipes, pidfds, logs, the
+# databases. The connection cap is at most half the soft fd limit.
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in effect."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot be the soft one (the kernel caps it at fs.nr_open).
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft
+    return target
+
+
+def connection_cap(max_connections: int, fd_limit: int) -> int:
+    """The connections the daemon accepts: `max_connections`, keeping half the fds in reserve
+    for spawning engines (so a flood of clients can never make a restart fail)."""
+    cap = max(1, min(max_connections, fd_limit // 2))
+    if cap < max_connections:
+        log.warning(
+            "max_connections %d lowered to %d: the open-file limit is %d and half of it is"
+            " kept for engines (raise the hard limit, e.g. LimitNOFILE= in systemd)",
+            max_connections,
+            cap,
+            fd_limit,
+        )
+    return cap
 
 
 class Daemon:
@@ -130,14 +198,28 @@ class Daemon:
         rollups = self.rollups = Rollups(sup, router, writer)
         api = Api(paths, sup, registry, events, router, enforcer, self.stopping.set, rollups)
         server = Server(
-            paths.socket, api.handlers(), config.max_frame_bytes, paths.daemon_log, outbox
+            paths.socket,
+            api.handlers(),
+            config.max_frame_bytes,
+            paths.daemon_log,
+            outbox,
+            max_connections=connection_cap(config.max_connections, raise_fd_limit()),
+            idle_timeout=config.idle_timeout,
         )
-        await server.start()
         metrics_server = None
         if self.metrics_port:
+            # Before the socket exists: a port in use ends the start-up with nothing left over.
             metrics_server = MetricsServer(self.metrics_port, api.metrics_text)
-            await metrics_server.start()
+            try:
+                await metrics_server.start()
+            except OSError as exc:
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                raise DaemonUnreachableError(
+                    f"cannot serve metrics on 127.0.0.1:{self.metrics_port}: {reason}"
+                    " (choose another --metrics-port, or metrics_port in config.toml)"
+                ) from exc
             log.info("serving Prometheus metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
+        await server.start()
         roll_timer = loop.call_later(1.0, self._roll, loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -214,6 +296,7 @@ class Daemon:
     def _roll(self, loop: asyncio.AbstractEventLoop) -> None:
         """Close the history buckets that are due (a cheap check, once a second)."""
         self._roll_handle = loop.call_later(1.0, self._roll, loop)
+        bound_stderr(self.paths.runtime_dir / "daemon.stderr")
         if self.rollups is not None:
             try:
                 self.rollups.due()
@@ -254,10 +337,13 @@ def run(
         print(f"engctl daemon: {exc.message}", file=sys.stderr)
         return exc.exit_code
     setup_logging(paths, foreground)
+    if not foreground:
+        bound_stderr(paths.runtime_dir / "daemon.stderr")
     try:
         asyncio.run(Daemon(paths, config, metrics_port).run(ready_fd))
     except EngctlError as exc:
-        log.error("%s", exc.message)
+        if not foreground:  # in the foreground the line below is the one line on stderr
+            log.error("%s", exc.message)
         if ready_fd is not None:
             _notify_ready(ready_fd, f"error: {exc.message}")
         print(f"engctl daemon: {exc.message}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -45,7 +46,19 @@ class ExitStatus:
 
 
 class SpawnError(Exception):
-    """The process could not be started (command missing, not executable, bad cwd)."""
+    """The process could not be started (command missing, not executable, bad cwd).
+
+    `transient` when the cause is the daemon's resources, not the command (out of file
+    descriptors or processes): worth retrying, and no fault of the engine.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# errnos of a spawn that failed for lack of resources (fds, processes, memory).
+TRANSIENT_SPAWN_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
 
 class ChildProcess:
@@ -186,7 +199,9 @@ def spawn(
     except OSError as exc:
         detail = exc.strerror or str(exc)
         target = exc.filename or argv[0]
-        raise SpawnError(f"cannot start {target!r}: {detail}") from exc
+        raise SpawnError(
+            f"cannot start {target!r}: {detail}", transient=exc.errno in TRANSIENT_SPAWN_ERRNOS
+        ) from exc
     return ChildProcess(popen, loop, on_exit)
 
 

@@ -570,19 +570,28 @@ class Router:
                 params.get("key"),
                 params.get("strategy"),
             )
-        selector = self._selectors.get(key)
+        try:
+            selector = self._selectors.get(key)
+        except TypeError:  # unhashable: a list or an object where a string belongs
+            selector = key = None
         if selector is None:
-            selector = _selector(params)
+            selector = _selector(params)  # InvalidParamsError for values of the wrong type
             if len(self._selectors) >= 1024:
                 self._selectors.clear()  # bounded: many distinct keys (affinity) churn it
-            self._selectors[key] = selector
+            if key is not None:
+                self._selectors[key] = selector
         raw_timeout = params.get("timeout")
-        timeout = self.config.default_timeout if raw_timeout is None else float(raw_timeout)
-        if timeout <= 0:
-            raise UsageError(f"timeout must be positive, got {timeout:g}")
-        retries = int(params.get("retries") or 0)
-        if retries < 0:
-            raise UsageError(f"retries must be 0 or more, got {retries}")
+        timeout = (
+            self.config.default_timeout
+            if raw_timeout is None
+            else protocol.number("timeout", raw_timeout, positive=True)
+        )
+        raw_retries = params.get("retries")
+        retries = (
+            0
+            if raw_retries is None
+            else protocol.number("retries", raw_retries, integer=True, minimum=0)
+        )
         self._seq += 1
         fut = Reply()
         req = Request(

@@ -156,6 +156,7 @@ class Instance:
         self.draining = False
         self.restarting = False
         self.kill_cause = ""  # why the daemon killed the process (hang), for the exit record
+        self.spawn_retries = 0  # spawns in a row that failed for lack of fds or processes
 
     @property
     def spec(self) -> EngineSpec:
@@ -449,8 +450,12 @@ class Supervisor:
         except SpawnError as exc:
             inst.log.note(str(exc))
             inst.last_exit = {"code": None, "signal": None, "at": time.time(), "error": str(exc)}
+            if exc.transient:
+                self._retry_transient_spawn(inst, str(exc))
+                return
             self._after_unexpected_exit(inst, str(exc), quick=True, wants_restart=True)
             return
+        inst.spawn_retries = 0
         inst.proc = proc
         inst.sample = Sample()
         # A new process: what was measured of the old one says nothing about it.
@@ -586,6 +591,16 @@ class Supervisor:
             return
         self.transition(inst, S.BACKOFF, decision.reason, delay=decision.delay, **decision.data)
         inst.timer = self.loop.call_later(decision.delay, self._restart_after_backoff, inst)
+
+    def _retry_transient_spawn(self, inst: Instance, desc: str) -> None:
+        """A spawn that failed for lack of the daemon's resources (fds, processes): retry
+        with backoff, and count no failed start (the engine did nothing wrong)."""
+        backoff = inst.spec.restart.backoff
+        delay = min(backoff.max, max(backoff.initial, 0.1) * backoff.factor**inst.spawn_retries)
+        inst.spawn_retries = min(inst.spawn_retries + 1, 64)
+        # starting -> backoff: out of resources for now; not a crash
+        self.transition(inst, S.BACKOFF, f"{desc}; retrying in {delay:.2g}s", delay=delay)
+        inst.timer = self.loop.call_later(delay, self._restart_after_backoff, inst)
 
     def _retry_after_cooldown(self, inst: Instance) -> None:
         inst.timer = None
