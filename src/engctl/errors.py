@@ -121,6 +121,25 @@ class IncompatibleDaemonError(DaemonUnreachableError):
     rpc_code = -32021
 
 
+class DaemonNotRunningError(DaemonUnreachableError):
+    """No daemon runs for the home, and the command does not start one (client side only:
+    same code as its parent, so scripts see no difference)."""
+
+
+class UnsafePathError(EngctlError):
+    """A folder or file of the home that another user could control (or a symlink there)."""
+
+    rpc_code = -32022
+    exit_code = EXIT_UNREACHABLE
+
+
+class StorageError(EngctlError):
+    """A change the daemon could not make durable (e.g. no space left on device)."""
+
+    rpc_code = -32040
+    exit_code = EXIT_FAILED
+
+
 class RequestFailedError(EngctlError):
     """A dispatched request failed on the engine."""
 

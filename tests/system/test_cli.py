@@ -136,14 +136,14 @@ def test_daemon_not_startable_exits_3_with_the_reason(home: Home, where: str) ->
     target = _unstartable_home(home, where)
     env = {**home.env, "ENGCTL_HOME": str(target)}
     try:
-        r = _run(env, "status")
+        r = _run(env, "daemon", "start")
         assert r.returncode == EXIT_UNREACHABLE
         line = _one_error_line(r)
         assert line.startswith("engctl: error: cannot ")
         assert str(target) in line
         if where == "state":
             assert line.startswith("engctl: error: cannot start the daemon: cannot create")
-        err = _json_error(_run(env, "list", "--json"))
+        err = _json_error(_run(env, "start", "x", "--json"))
         assert err["code"] == DaemonUnreachableError.rpc_code
         assert str(target) in err["message"]
         assert _run(env, "daemon", "status").returncode == EXIT_UNREACHABLE
@@ -157,7 +157,7 @@ def test_daemon_not_startable_exits_3_with_the_reason(home: Home, where: str) ->
 def test_daemon_with_a_bad_config_file_exits_3_naming_it(home: Home) -> None:
     """A daemon that refuses its config.toml makes the CLI exit 3 with the daemon's reason."""
     home.paths.config_file.write_text("[daemon]\nsample_interval = 1.0\nbogus_setting = 2\n")
-    r = home.cli("status")
+    r = home.cli("daemon", "start")
     assert r.returncode == EXIT_UNREACHABLE
     line = _one_error_line(r)
     assert "cannot start the daemon" in line

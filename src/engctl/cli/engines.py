@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, emit_json, out
+from engctl.cli.common import JsonFlag, client, emit_json, out, warn
 from engctl.errors import SpecError, UsageError
 
 FileOpt = Annotated[
@@ -125,7 +125,7 @@ def register(
 
         EngineSpec.from_dict(name, table, where=name)  # flag errors before any daemon start
         engines = {name: table}
-    result = client().register(engines, start=not no_start)
+    result = client(autostart=True).register(engines, start=not no_start)
     if json:
         emit_json(result)
     else:
@@ -137,7 +137,7 @@ def unregister(
     names: Annotated[list[str], typer.Argument(help="Engine names.")], json: JsonFlag = False
 ) -> None:
     """Stop engines (whole process trees) and remove them from the registry."""
-    result = client().unregister(names)
+    result = client(autostart=True).unregister(names)
     if json:
         emit_json(result)
     else:
@@ -147,10 +147,12 @@ def unregister(
 @app.command("list")
 def list_(json: JsonFlag = False) -> None:
     """Registered engines and their specs (see `status` for processes)."""
-    result = client().call("engine.list")
+    c = client()
+    result = c.call("engine.list")
     if json:
         emit_json(result)
         return
+    warn(c.daemon_info.get("warnings", []))
     if not result["engines"]:
         out("no engines registered (try `engctl register` or `engctl demo`)")
         return
@@ -195,7 +197,7 @@ def apply(
     if file is None:
         raise UsageError("apply needs -f FILE (or -f - for stdin)")
     engines = read_engines_file(file)  # a bad file starts no daemon
-    result = client().apply(engines, prune=prune)
+    result = client(autostart=True).apply(engines, prune=prune)
     if json:
         emit_json(result)
     else:

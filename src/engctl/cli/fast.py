@@ -24,7 +24,7 @@ def status_json(names: list[str]) -> int:
     """`engctl status --json [NAMES]`: the status document on stdout."""
     from engctl.client import Client
 
-    with Client() as c:
+    with Client(autostart=False) as c:
         if not sys.stdout.isatty():
             # Compact JSON for a program: the daemon's text as it came, not decoded and
             # encoded again (at 200 instances that was most of the command's own work).

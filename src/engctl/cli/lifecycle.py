@@ -24,7 +24,7 @@ def _report(json: bool, result: dict[str, object], key: str, verb: str) -> None:
 @app.command()
 def start(targets: Targets, json: JsonFlag = False) -> None:
     """Start engines or instances (dependencies first)."""
-    _report(json, client().start(targets), "started", "started")
+    _report(json, client(autostart=True).start(targets), "started", "started")
 
 
 @app.command()
@@ -36,13 +36,13 @@ def stop(
     json: JsonFlag = False,
 ) -> None:
     """Stop engines or instances with their stop signal, then SIGKILL after the stop timeout."""
-    _report(json, client().stop(targets, wait=not no_wait), "stopped", "stopped")
+    _report(json, client(autostart=True).stop(targets, wait=not no_wait), "stopped", "stopped")
 
 
 @app.command()
 def restart(targets: Targets, json: JsonFlag = False) -> None:
     """Stop, then start engines or instances."""
-    _report(json, client().restart(targets), "restarted", "restarted")
+    _report(json, client(autostart=True).restart(targets), "restarted", "restarted")
 
 
 @app.command()
@@ -52,7 +52,7 @@ def scale(
     json: JsonFlag = False,
 ) -> None:
     """Set an engine's number of instances (the highest indices stop first)."""
-    result = client().scale(name, instances)
+    result = client(autostart=True).scale(name, instances)
     if json:
         emit_json(result)
     else:

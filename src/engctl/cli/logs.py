@@ -12,7 +12,7 @@ import typer
 
 from engctl.cli.app import app
 from engctl.cli.common import JsonFlag, client, emit_json, out
-from engctl.errors import UsageError
+from engctl.errors import DaemonNotRunningError, UsageError
 
 Follow = Annotated[bool, typer.Option("--follow", "-f", help="Keep printing as it happens.")]
 
@@ -29,10 +29,22 @@ def logs(
     follow: Follow = False,
     json: JsonFlag = False,
 ) -> None:
-    """Print an instance's log (stderr, and stdout of services), each line timestamped."""
-    c = client()
+    """Print an instance's log (stderr, and stdout of services), each line timestamped.
+
+    With no daemon running, the log files are read directly (-f needs the daemon).
+    """
+    try:
+        c = client()
+    except DaemonNotRunningError:
+        if follow:
+            raise
+        c = None
     if not follow:
-        result = c.call("logs.read", target=target, lines=lines)
+        result = (
+            c.call("logs.read", target=target, lines=lines)
+            if c is not None
+            else {"lines": _logs_from_files(target, lines)}
+        )
         if json:
             emit_json(result)
         else:
@@ -41,6 +53,7 @@ def logs(
                 out(f"{item['instance']} | {item['line']}" if many else item["line"])
         return
     many = "#" not in target
+    assert c is not None
     first, notes = c.stream("logs.follow", target=target, lines=lines)
     try:
         for item in first["lines"]:
@@ -49,6 +62,27 @@ def logs(
             _print_log(note["params"], many, json)
     except KeyboardInterrupt:
         pass
+
+
+def _logs_from_files(target: str, lines: int) -> list[dict[str, str]]:
+    """What `logs.read` answers, from the log files of a home whose daemon is stopped."""
+    from engctl import trust
+    from engctl.errors import EngineNotFoundError
+    from engctl.homefiles import log_sources, tail_logs
+    from engctl.models import parse_instance_ref
+    from engctl.paths import resolve_paths
+
+    paths = resolve_paths()
+    name, index = parse_instance_ref(target)
+    log_dir = str(paths.log_dir)
+    trust.check_folder(log_dir, dict(paths.roots()).get(log_dir, False))
+    sources = log_sources(paths.log_dir, name, index)
+    if not sources:
+        raise EngineNotFoundError(
+            f"no log files of {target} in {log_dir} (and no daemon is running for"
+            f" {paths.where} to ask)"
+        )
+    return tail_logs(sources, lines)
 
 
 def _print_log(item: dict[str, Any], many: bool, json: bool) -> None:
@@ -87,11 +121,20 @@ def events(
     follow: Follow = False,
     json: JsonFlag = False,
 ) -> None:
-    """Every state change and action, with its reason (kept across daemon restarts)."""
+    """Every state change and action, with its reason (kept across daemon restarts).
+
+    With no daemon running, the event log is read directly (-f needs the daemon).
+    """
     from engctl.render.format import event_line
 
     since_ts = parse_since(since) if since else None  # a usage error starts no daemon
-    c = client()
+    try:
+        c = client()
+    except DaemonNotRunningError:
+        if follow:
+            raise
+        _print_events(_events_from_file(engine, since_ts, lines), json)
+        return
     notes = None
     if follow:
         # Subscribe (on a connection of its own) before reading the past, so that no event
@@ -99,11 +142,7 @@ def events(
         _, notes = client().stream("events.follow", engine=engine)
     past = c.events(engine=engine, since=since_ts, limit=lines)
     if notes is None:
-        if json:
-            emit_json({"events": past})
-        else:
-            for ev in past:
-                out(event_line(ev))
+        _print_events(past, json)
         return
     last_id = past[-1]["id"] if past else 0
     try:
@@ -116,6 +155,30 @@ def events(
             _line(ev) if json else _flush(event_line(ev))
     except KeyboardInterrupt:
         pass
+
+
+def _print_events(past: list[dict[str, Any]], json: bool) -> None:
+    from engctl.render.format import event_line
+
+    if json:
+        emit_json({"events": past})
+    else:
+        for ev in past:
+            out(event_line(ev))
+
+
+def _events_from_file(
+    engine: str | None, since: float | None, lines: int
+) -> list[dict[str, Any]]:
+    """What `events.list` answers, from the event log of a home whose daemon is stopped."""
+    from engctl import trust
+    from engctl.homefiles import read_events
+    from engctl.paths import resolve_paths
+
+    paths = resolve_paths()
+    state = str(paths.state_dir)
+    trust.check_folder(state, dict(paths.roots()).get(state, False))
+    return read_events(paths.events_db, engine, since, lines)
 
 
 def _flush(text: str) -> None:

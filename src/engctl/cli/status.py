@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, console, out
+from engctl.cli.common import JsonFlag, client, console, out, warn
 from engctl.cli.fast import status_json
 
 
@@ -35,6 +35,7 @@ def status(
         return
     c = client()
     result = c.status(names or None)
+    warn(c.daemon_info.get("warnings", []))
     from engctl.render.tables import status_view
 
     con = console()
