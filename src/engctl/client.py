@@ -62,7 +62,9 @@ class Client:
             )
         # Never through a symlink, never in a folder another user controls (engctl.trust).
         runtime = path.rpartition("/")[0]
-        trust.check_folder(runtime, dict(self.paths.roots()).get(runtime, False))
+        for folder, root in self.paths.roots():  # the runtime folder and the ones holding it
+            if runtime == folder or runtime.startswith(folder + "/"):
+                trust.check_folder(folder, root)
         trust.check_path(path, "socket")
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:

@@ -158,15 +158,14 @@ class EventLog:
             try:
                 for r in resets[:1]:
                     self.db.reset(r.reason)
+                if batch:
+                    prune = written + len(batch) >= 1000
+                    if self.db.run(functools.partial(self._insert, batch=batch, prune=prune)):
+                        written = 0 if prune else written + len(batch)
             except Exception:  # the writer thread must outlive anything the disk does
-                log.exception("cannot set %s aside", self.path)
-            finally:
-                for r in resets:
-                    r.done.set()
-            if batch:
-                prune = written + len(batch) >= 1000
-                if self.db.run(functools.partial(self._insert, batch=batch, prune=prune)):
-                    written = 0 if prune else written + len(batch)
+                log.exception("cannot write %d events", len(batch))
+            for r in resets:
+                r.done.set()
             for b in barriers:
                 b.set()
             if stop:

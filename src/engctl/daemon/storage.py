@@ -128,23 +128,34 @@ class WriteHealth:
         )
 
     def succeeded(self, target: str) -> None:
-        """A write of `target` worked: if it had been failing, say that it is back."""
+        """A write of `target` worked: if it had been failing, say that it is back.
+
+        Space is back for every target on the same file system too: one that is written
+        rarely (the registry) would otherwise look full until its next write.
+        """
         if target not in self.failing:
             return
         with self._lock:
             f = self.failing.pop(target, None)
-        if f is None:
-            return
-        took = time.time() - f.since
-        reason = (
-            f"{target} writable again: {f.count} write(s) failed over {took:.1f}s ({f.error})"
-        )
-        log.warning("%s", reason)
-        self._say(
-            "daemon.write_recovered",
-            reason,
-            {"target": target, "failed": f.count, "error": f.error, "seconds": round(took, 3)},
-        )
+            if f is None:
+                return
+            back = [(target, f)]
+            if f.disk_full:
+                device = _device(f.path)
+                for other, g in list(self.failing.items()):
+                    if g.disk_full and device is not None and _device(g.path) == device:
+                        back.append((other, self.failing.pop(other)))
+        for name, g in back:
+            took = time.time() - g.since
+            reason = (
+                f"{name} writable again: {g.count} write(s) failed over {took:.1f}s ({g.error})"
+            )
+            log.warning("%s", reason)
+            self._say(
+                "daemon.write_recovered",
+                reason,
+                {"target": name, "failed": g.count, "error": g.error, "seconds": round(took, 3)},
+            )
 
     @property
     def disk_full(self) -> bool:
@@ -158,6 +169,14 @@ class WriteHealth:
         if self._notify is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown)
                 self._notify(kind, reason, data)
+
+
+def _device(path: str) -> int | None:
+    """The file system a file is on (through its folder: the file may be gone)."""
+    try:
+        return os.stat(os.path.dirname(path) or ".").st_dev
+    except OSError:
+        return None
 
 
 def aside_name(path: Path, label: str) -> Path:
