@@ -61,10 +61,7 @@ class Client:
                 " ENGCTL_HOME"
             )
         # Never through a symlink, never in a folder another user controls (engctl.trust).
-        runtime = path.rpartition("/")[0]
-        for folder, root in self.paths.roots():  # the runtime folder and the ones holding it
-            if runtime == folder or runtime.startswith(folder + "/"):
-                trust.check_folder(folder, root)
+        trust.check_folders(self.paths.roots(), path.rpartition("/")[0])
         trust.check_path(path, "socket")
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:

@@ -105,6 +105,13 @@ def check_folder(path: str, root: bool = False) -> bool:
     return True
 
 
+def check_folders(roots: list[tuple[str, bool]], folder: str) -> None:
+    """Check `folder` and the folders of a home that hold it (`Paths.roots()`)."""
+    for path, root in roots:
+        if folder == path or folder.startswith(path + "/"):
+            check_folder(path, root)
+
+
 def ensure_folder(path: str, private: bool = False, root: bool = False) -> None:
     """Create a folder of a home if missing (0700), then check it; `private` makes it 0700."""
     try:

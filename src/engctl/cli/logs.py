@@ -75,7 +75,7 @@ def _logs_from_files(target: str, lines: int) -> list[dict[str, str]]:
     paths = resolve_paths()
     name, index = parse_instance_ref(target)
     log_dir = str(paths.log_dir)
-    trust.check_folder(log_dir, dict(paths.roots()).get(log_dir, False))
+    trust.check_folders(paths.roots(), log_dir)
     sources = log_sources(paths.log_dir, name, index)
     if not sources:
         raise EngineNotFoundError(
@@ -176,8 +176,7 @@ def _events_from_file(
     from engctl.paths import resolve_paths
 
     paths = resolve_paths()
-    state = str(paths.state_dir)
-    trust.check_folder(state, dict(paths.roots()).get(state, False))
+    trust.check_folders(paths.roots(), str(paths.state_dir))
     return read_events(paths.events_db, engine, since, lines)
 
 

@@ -55,6 +55,9 @@ def report(
                         f"unknown engine {engine!r} (known: {', '.join(sorted(known)) or 'none'})"
                     )
             c.call("metrics.flush")
+    from engctl import trust
+
+    trust.check_folders(paths.roots(), str(paths.state_dir))
     result = make_report(paths.history_db, paths.events_db, start, time.time(), engine)
     if json:
         emit_json(result)
