@@ -122,8 +122,9 @@ class IncompatibleDaemonError(DaemonUnreachableError):
 
 
 class DaemonNotRunningError(DaemonUnreachableError):
-    """No daemon runs for the home, and the command does not start one (client side only:
-    same code as its parent, so scripts see no difference)."""
+    """No daemon runs for the home, and the command does not start one."""
+
+    rpc_code = -32023
 
 
 class UnsafePathError(EngctlError):

@@ -15,6 +15,7 @@ from engctl.errors import (
     EXIT_NOT_FOUND,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    DaemonNotRunningError,
     DaemonUnreachableError,
     EngineNotFoundError,
     InstanceNotFoundError,
@@ -60,7 +61,7 @@ def test_daemon_status_without_daemon_exits_3_and_starts_none(home: Home) -> Non
     assert "no daemon is running" in line
     assert "engctl daemon start" in line
     err = _json_error(home.cli("daemon", "status", "--json"))
-    assert err["code"] == DaemonUnreachableError.rpc_code
+    assert err["code"] == DaemonNotRunningError.rpc_code
     assert home.daemon_pid() is None
     assert daemon_processes(home) == []
 
