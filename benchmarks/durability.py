@@ -13,9 +13,9 @@ One temporary ENGCTL_HOME, N rounds (default 50; 5 with --quick). Each round:
    none of an instance not wanted or not a child of the new daemon (`orphans`).
 3. Load: K client threads (default 4) register new engines (a service, `sleep`, 1 instance)
    one after the other, and after each unregister one of their earlier ones half of the time,
-   always when they hold more than 6 (each thread takes over a share of the engines left by
-   earlier rounds, so the fleet stays bounded); one thread sends `exec` requests to a
-   2-instance echo worker all along (the exec load).
+   and as many as they hold beyond 6 (in one call; each thread takes over a share of the
+   engines left by earlier rounds, so the fleet stays bounded); one thread sends `exec`
+   requests to a 2-instance echo worker all along (the exec load).
 4. After a random 0.05-0.8 s (uniform, seeded) a killer sends SIGKILL to the daemon; the
    clients see the connection drop and stop. Both SQLite files (events, history) are then
    opened as the next daemon would and must pass `PRAGMA integrity_check`.
@@ -99,19 +99,21 @@ def register_loop(
                 ledger.registered.add(name)
                 ledger.acked_registrations += 1
             mine.append(name)
-            if len(mine) > HELD or (len(mine) > 1 and rng.random() < 0.5):
-                gone = mine.pop(rng.randrange(len(mine) - 1))
+            drop = max(len(mine) - HELD, 1 if len(mine) > 1 and rng.random() < 0.5 else 0)
+            if drop:
+                gone = rng.sample(mine[:-1], drop)  # never the one just registered
+                mine[:] = [n for n in mine if n not in gone]
                 try:
-                    c.unregister([gone])
+                    c.unregister(gone)
                 except EngctlError:
                     with ledger.lock:
-                        ledger.registered.discard(gone)
-                        ledger.uncertain.add(gone)
+                        ledger.registered.difference_update(gone)
+                        ledger.uncertain.update(gone)
                     return
                 with ledger.lock:
-                    ledger.registered.discard(gone)
-                    ledger.unregistered.add(gone)
-                    ledger.acked_unregistrations += 1
+                    ledger.registered.difference_update(gone)
+                    ledger.unregistered.update(gone)
+                    ledger.acked_unregistrations += len(gone)
 
 
 def exec_loop(home: str, ledger: Ledger) -> None:
