@@ -103,23 +103,16 @@ def test_home_owned_by_another_uid_is_refused(home: Home) -> None:
     assert f"{home.path} is owned by uid {NOBODY}" in line
 
 
-def test_daemon_pid_symlink_is_not_followed(home: Home) -> None:
-    """A state/daemon.pid symlink stops the daemon from starting; its target is untouched."""
+@pytest.mark.parametrize("file", ["daemon_lock", "start_lock"], ids=["daemon.pid", "start.lock"])
+def test_pid_and_lock_symlinks_are_not_followed(home: Home, file: str) -> None:
+    """A state/daemon.pid (daemon) or run/start.lock (CLI) symlink is refused; the file it
+    points to is untouched."""
     _folders(home)
     target = _precious(home.path / "target")
-    home.paths.daemon_lock.symlink_to(target)
+    link: Path = getattr(home.paths, file)
+    link.symlink_to(target)
     line = _refused(home, "daemon", "start")
-    assert f"{home.paths.daemon_lock} is a symlink" in line
-    assert target.read_text() == PRECIOUS
-
-
-def test_start_lock_symlink_is_not_followed(home: Home) -> None:
-    """The CLI never creates or writes run/start.lock through a symlink."""
-    _folders(home)
-    target = _precious(home.path / "target")
-    home.paths.start_lock.symlink_to(target)
-    line = _refused(home, "daemon", "start")
-    assert f"{home.paths.start_lock} is a symlink" in line
+    assert f"{link} is a symlink" in line
     assert target.read_text() == PRECIOUS
 
 
