@@ -14,8 +14,14 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
-from engctl import __version__, protocol
-from engctl.errors import DaemonUnreachableError, EngctlError, ProtocolError, from_wire
+from engctl import __version__, protocol, trust
+from engctl.errors import (
+    DaemonNotRunningError,
+    DaemonUnreachableError,
+    EngctlError,
+    ProtocolError,
+    from_wire,
+)
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
@@ -43,10 +49,12 @@ class Client:
         *,
         autostart: bool = True,
         timeout: float | None = None,
+        daemon_args: tuple[str, ...] = (),
     ) -> None:
         self.home = str(home) if home else os.environ.get("ENGCTL_HOME") or None
         self.paths = resolve_paths(self.home)
         self.autostart = autostart
+        self.daemon_args = daemon_args  # for a daemon this client starts (--reset-registry)
         self.timeout = timeout
         self._sock: _socket.socket | None = None
         self._buf = bytearray()
@@ -64,6 +72,9 @@ class Client:
                 f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes: use a shorter"
                 " ENGCTL_HOME"
             )
+        # Never through a symlink, never in a folder another user controls (engctl.trust).
+        trust.check_folders(self.paths.roots(), path.rpartition("/")[0])
+        trust.check_path(path, "socket")
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.connect(path)
@@ -81,11 +92,11 @@ class Client:
             sock = self._connect_once()
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if not self.autostart:
-                raise DaemonUnreachableError(
-                    f"no daemon is running (socket {self.paths.socket_file}):"
-                    " start one with `engctl daemon start`"
+                raise DaemonNotRunningError(
+                    f"no daemon is running for {self.paths.where}"
+                    " (start one with `engctl daemon start`)"
                 ) from exc
-            sock = start_daemon(self.paths, self.home, self._connect_once)
+            sock = start_daemon(self.paths, self.home, self._connect_once, self.daemon_args)
         except OSError as exc:
             raise DaemonUnreachableError(
                 f"cannot connect to {self.paths.socket_file}: {exc.strerror or exc}"
@@ -560,13 +571,18 @@ def result_object(msg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def start_daemon(paths: Paths, home: str | None, connect: Any) -> _socket.socket:
+def start_daemon(
+    paths: Paths, home: str | None, connect: Any, daemon_args: tuple[str, ...] = ()
+) -> _socket.socket:
     """Start a background daemon (one, even when callers race) and return a connection to it."""
     import fcntl
 
     try:
-        paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock_fd = os.open(paths.start_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        runtime = str(paths.runtime_dir)
+        for folder, root in paths.roots():  # the runtime folder and the ones that hold it
+            if runtime == folder or runtime.startswith(folder + "/"):
+                trust.ensure_folder(folder, private=folder == runtime, root=root)
+        lock_fd = trust.open_file(str(paths.start_lock), os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         raise DaemonUnreachableError(
             f"cannot start the daemon: {paths.runtime_dir}: {exc.strerror or exc}"
@@ -577,13 +593,13 @@ def start_daemon(paths: Paths, home: str | None, connect: Any) -> _socket.socket
         try:
             return connect()  # type: ignore[no-any-return]
         except (FileNotFoundError, ConnectionRefusedError):
-            _spawn_and_wait(paths, home)
+            _spawn_and_wait(paths, home, daemon_args)
         return connect()  # type: ignore[no-any-return]
     finally:
         os.close(lock_fd)
 
 
-def _spawn_and_wait(paths: Paths, home: str | None) -> None:
+def _spawn_and_wait(paths: Paths, home: str | None, daemon_args: tuple[str, ...] = ()) -> None:
     import subprocess
     import sys
 
@@ -592,7 +608,9 @@ def _spawn_and_wait(paths: Paths, home: str | None) -> None:
     argv = [sys.executable, "-m", "engctl.daemon", "--ready-fd", str(write_fd), "--background"]
     if home:
         argv += ["--home", home]
-    with open(err_path, "ab") as err:
+    argv += daemon_args
+    err_fd = trust.open_file(str(err_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with open(err_fd, "ab") as err:
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -644,8 +662,11 @@ def _close_quietly(closable: Any) -> None:
 
 
 def _tail(path: Path) -> str:
+    from engctl.errors import EngctlError
+
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
+        text = trust.read_file(str(path)).decode(errors="replace")
+    except (OSError, EngctlError):
         return ""
+    lines = text.strip().splitlines()
     return lines[-1] if lines else ""

@@ -9,9 +9,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from engctl import trust
 from engctl.errors import SpecError
-from engctl.policy_config import PolicyOverrides, parse_policy_table
+from engctl.policy_config import PolicyOverrides, overrides_to_toml, parse_policy_table
 from engctl.protocol import STRATEGIES
+
+# Settings `engctl daemon reload` cannot change in a running daemon: the socket's frame
+# limit, and whether histograms, history and the /metrics port exist at all. The others
+# apply at once (policies, dispatch defaults, sampling, log sizes, retention).
+RESTART_SETTINGS = frozenset({"max_frame_bytes", "metrics", "metrics_port"})
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,18 @@ class DaemonConfig:
 
     @classmethod
     def load(cls, path: Path) -> DaemonConfig:
-        """Read `[daemon]` from a TOML file; a missing file gives the defaults."""
+        """Read `[daemon]` from a TOML file; a missing file gives the defaults.
+
+        The file may be a symlink (into a dotfiles repository, say), but what it is must be
+        ours and writable by nobody else (`engctl.trust`).
+        """
         try:
+            trust.check_followed(str(path))
             data = path.read_bytes()
         except FileNotFoundError:
             return cls()
+        except IsADirectoryError:
+            raise SpecError(f"{path}: cannot read: is a folder") from None
         except OSError as exc:
             raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
         doc = parse_toml(decode_text(data, str(path)), str(path))
@@ -106,6 +119,19 @@ class DaemonConfig:
 
 
 CAPABILITY_FACTORS = ("type", "capability", "load", "performance", "affinity")
+
+
+def config_table(config: DaemonConfig) -> dict[str, Any]:
+    """The settings as the `[daemon]` table of config.toml (what tomli-w can write back)."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name == "capability_weights":
+            value = dict(zip(CAPABILITY_FACTORS, value, strict=True))
+        elif f.name == "policy":
+            value = overrides_to_toml(value)
+        out[f.name] = value
+    return out
 
 
 def _capability_weights(table: Any, path: Path) -> tuple[float, float, float, float, float]:

@@ -132,6 +132,26 @@ class PermissionDeniedError(DaemonUnreachableError):
     rpc_code = -32022
 
 
+class DaemonNotRunningError(DaemonUnreachableError):
+    """No daemon runs for the home, and the command does not start one."""
+
+    rpc_code = -32023
+
+
+class UnsafePathError(EngctlError):
+    """A folder or file of the home that another user could control (or a symlink there)."""
+
+    rpc_code = -32024
+    exit_code = EXIT_UNREACHABLE
+
+
+class StorageError(EngctlError):
+    """A change the daemon could not make durable (e.g. no space left on device)."""
+
+    rpc_code = -32040
+    exit_code = EXIT_FAILED
+
+
 class RequestFailedError(EngctlError):
     """A dispatched request failed on the engine."""
 

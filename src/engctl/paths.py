@@ -21,7 +21,7 @@ MAX_SOCKET_PATH = 107
 class Paths:
     """The folders of one engctl home (as Path objects; `socket_file` as a plain string)."""
 
-    __slots__ = ("_config", "_log", "_runtime", "_state")
+    __slots__ = ("_config", "_log", "_runtime", "_state", "home")
 
     def __init__(
         self,
@@ -29,11 +29,14 @@ class Paths:
         state_dir: str | os.PathLike[str],
         log_dir: str | os.PathLike[str],
         config_file: str | os.PathLike[str],
+        home: str | None = None,
     ) -> None:
         self._runtime = os.fspath(runtime_dir)
         self._state = os.fspath(state_dir)
         self._log = os.fspath(log_dir)
         self._config = os.fspath(config_file)
+        # The one folder holding the others (ENGCTL_HOME), or None for the platform folders.
+        self.home = home
 
     def _key(self) -> tuple[str, str, str, str]:
         return (self._runtime, self._state, self._log, self._config)
@@ -113,6 +116,20 @@ class Paths:
     def instance_log(self, engine: str, index: int) -> Path:
         return self.log_dir / f"{engine}.{index}.log"
 
+    @property
+    def where(self) -> str:
+        """How messages name this home: ENGCTL_HOME, or the runtime folder of the user's."""
+        return self.home or self._runtime
+
+    def roots(self) -> list[tuple[str, bool]]:
+        """The folders to check before use, outermost first, with whether each is a root
+        (the home itself or a platform folder: it may be a symlink of ours)."""
+        if self.home is not None:
+            inner = [(self._runtime, False), (self._state, False), (self._log, False)]
+            return [(self.home, True), *inner]
+        inside = self._state + os.sep
+        return [(d, not d.startswith(inside)) for d in (self._state, self._runtime, self._log)]
+
 
 def _path(text: str) -> Path:
     from pathlib import Path
@@ -127,13 +144,43 @@ def resolve_paths(home: str | os.PathLike[str] | None = None) -> Paths:
         root = os.path.abspath(os.path.expanduser(os.fspath(home)))
         join = os.path.join
         return Paths(
-            join(root, "run"), join(root, "state"), join(root, "logs"), join(root, "config.toml")
+            join(root, "run"),
+            join(root, "state"),
+            join(root, "logs"),
+            join(root, "config.toml"),
+            home=root,
         )
+    import warnings
+
     import platformdirs
 
-    return Paths(
-        runtime_dir=platformdirs.user_runtime_dir("engctl"),
-        state_dir=platformdirs.user_state_dir("engctl"),
-        log_dir=platformdirs.user_log_dir("engctl"),
-        config_file=os.path.join(platformdirs.user_config_dir("engctl"), "config.toml"),
-    )
+    with warnings.catch_warnings():
+        # A library's warning never reaches the user (it would name a site-packages path).
+        warnings.simplefilter("ignore")
+        state = platformdirs.user_state_dir("engctl")
+        return Paths(
+            runtime_dir=_runtime_dir(state),
+            state_dir=state,
+            log_dir=platformdirs.user_log_dir("engctl"),
+            config_file=os.path.join(platformdirs.user_config_dir("engctl"), "config.toml"),
+        )
+
+
+def _runtime_dir(state_dir: str) -> str:
+    """`$XDG_RUNTIME_DIR/engctl` when that folder is private to us, else `STATE/run`.
+
+    platformdirs would fall back to `/tmp/runtime-UID` with a warning; the state folder is
+    ours already, and no other user can take its name first.
+    """
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg):
+        try:
+            st = os.stat(xdg)
+        except OSError:
+            st = None
+        import stat
+
+        private = st is not None and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+        if private and st is not None and stat.S_ISDIR(st.st_mode):
+            return os.path.join(xdg, "engctl")
+    return os.path.join(state_dir, "run")

@@ -132,7 +132,10 @@ class Figures:
 
 
 def _connect(path: Path) -> sqlite3.Connection | None:
-    if not path.exists():
+    from engctl import trust
+
+    # Never through a symlink, never a file another user could have written.
+    if not trust.check_path(str(path)):
         return None
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     conn.row_factory = sqlite3.Row

@@ -29,6 +29,7 @@ from engctl.errors import (
     PARSE_ERROR,
     BusyError,
     PermissionDeniedError,
+    from_wire,
 )
 from tests.conftest import Home, engine_cmd, private_home, wait_until
 from tests.daemon_support import RawConn
@@ -434,21 +435,43 @@ def test_other_uid_is_refused_by_peer_credentials(
     attacked: Home, nobody_python: tuple[str, dict[str, str]]
 ) -> None:
     """With the socket opened up by hand, another uid still gets "permission denied" from
-    the daemon's SO_PEERCRED check, and the CLI exits 3 (issue 9.13: it exited 1)."""
+    the daemon's SO_PEERCRED check, an error the CLI maps to exit 3 (issue 9.13: it exited 1).
+
+    A raw socket speaks for the other uid: engctl's own client would already refuse the
+    world-writable socket (the trust check), before the daemon's check is reached.
+    """
+    python, env = nobody_python
+    speak = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "s.sendall(b'{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"session.hello\",'\n"
+        "          b'\"params\":{\"protocol\":1}}\\n')\n"
+        "print(s.makefile('rb').readline().decode())\n"
+    )
     folders = [attacked.path, attacked.paths.runtime_dir]
     modes = [p.stat().st_mode & 0o777 for p in folders]
     try:
         for p in folders:
             p.chmod(0o755)
         attacked.paths.socket.chmod(0o666)
-        r = _cli_as_nobody(nobody_python, attacked, "status", "--json")
+        r = subprocess.run(
+            [python, "-c", speak, str(attacked.paths.socket)],
+            user=NOBODY,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     finally:
         attacked.paths.socket.chmod(0o600)
         for p, mode in zip(folders, modes, strict=True):
             p.chmod(mode)
-    assert r.returncode == EXIT_UNREACHABLE, r.stderr
-    assert json.loads(r.stderr)["error"]["code"] == PermissionDeniedError.rpc_code
-    assert "permission denied" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 0, r.stderr
+    error = json.loads(r.stdout)["error"]
+    assert error["code"] == PermissionDeniedError.rpc_code
+    assert "permission denied" in error["message"]
+    assert from_wire(error).exit_code == EXIT_UNREACHABLE
 
 
 # -- file descriptors -----------------------------------------------------------------------

@@ -248,7 +248,7 @@ def test_dependency_cycle_is_refused_with_its_path(daemon: Home) -> None:
 
 
 def test_registry_survives_a_graceful_restart(daemon: Home) -> None:
-    """After `daemon stop` the next CLI call brings every engine back with its wishes."""
+    """After `daemon stop` the next daemon brings every engine back with its wishes."""
     _register(daemon, "run", instances=2)
     _register(daemon, "off")
     _pids(daemon, "run", 2)
@@ -257,7 +257,7 @@ def test_registry_survives_a_graceful_restart(daemon: Home) -> None:
         exported = c.call("engine.export")
     r = daemon.cli("daemon", "stop")
     assert r.returncode == 0, r.stderr
-    r = daemon.cli("status", "--json")
+    r = daemon.cli("daemon", "start")
     assert r.returncode == 0, r.stderr
     wait_until(lambda: daemon.instance("run#0")["state"] == "ready", 20)
     st = {e["name"]: e for e in daemon.status()["engines"]}

@@ -15,6 +15,7 @@ from engctl.errors import (
     EXIT_NOT_FOUND,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    DaemonNotRunningError,
     DaemonUnreachableError,
     EngineNotFoundError,
     InstanceNotFoundError,
@@ -60,7 +61,7 @@ def test_daemon_status_without_daemon_exits_3_and_starts_none(home: Home) -> Non
     assert "no daemon is running" in line
     assert "engctl daemon start" in line
     err = _json_error(home.cli("daemon", "status", "--json"))
-    assert err["code"] == DaemonUnreachableError.rpc_code
+    assert err["code"] == DaemonNotRunningError.rpc_code
     assert home.daemon_pid() is None
     assert daemon_processes(home) == []
 
@@ -136,14 +137,14 @@ def test_daemon_not_startable_exits_3_with_the_reason(home: Home, where: str) ->
     target = _unstartable_home(home, where)
     env = {**home.env, "ENGCTL_HOME": str(target)}
     try:
-        r = _run(env, "status")
+        r = _run(env, "daemon", "start")
         assert r.returncode == EXIT_UNREACHABLE
         line = _one_error_line(r)
         assert line.startswith("engctl: error: cannot ")
         assert str(target) in line
         if where == "state":
             assert line.startswith("engctl: error: cannot start the daemon: cannot create")
-        err = _json_error(_run(env, "list", "--json"))
+        err = _json_error(_run(env, "start", "x", "--json"))
         assert err["code"] == DaemonUnreachableError.rpc_code
         assert str(target) in err["message"]
         assert _run(env, "daemon", "status").returncode == EXIT_UNREACHABLE
@@ -157,7 +158,7 @@ def test_daemon_not_startable_exits_3_with_the_reason(home: Home, where: str) ->
 def test_daemon_with_a_bad_config_file_exits_3_naming_it(home: Home) -> None:
     """A daemon that refuses its config.toml makes the CLI exit 3 with the daemon's reason."""
     home.paths.config_file.write_text("[daemon]\nsample_interval = 1.0\nbogus_setting = 2\n")
-    r = home.cli("status")
+    r = home.cli("daemon", "start")
     assert r.returncode == EXIT_UNREACHABLE
     line = _one_error_line(r)
     assert "cannot start the daemon" in line

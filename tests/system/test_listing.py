@@ -91,6 +91,7 @@ def test_version_and_registration_time_survive_updates_and_daemon_restarts(home:
     assert (again["version"], again["registered_at"]) == ("2.2.0", web["registered_at"])
     assert home.cli("daemon", "stop").returncode == 0
     wait_until(lambda: home.daemon_pid() is None, 20)
+    assert home.cli("daemon", "start").returncode == 0  # read commands start none
     after = {e["name"]: e for e in _json(home, "list")["engines"]}["web"]
     assert after["registered_at"] == web["registered_at"]
     exported = home.cli("export", "web").stdout

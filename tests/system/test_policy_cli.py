@@ -142,7 +142,8 @@ def test_manual_isolation_survives_a_daemon_restart(daemon: Home) -> None:
     _echo(daemon, instances=1)
     _ok(daemon.cli("isolate", "e#0", "--reason", "bad disk"))
     assert _ok(daemon.cli("daemon", "stop")).startswith("daemon stopped")
-    out = _ok(daemon.cli("status"))  # starts a new daemon
+    _ok(daemon.cli("daemon", "start"))
+    out = _ok(daemon.cli("status"))
     row = _row(out, "e#0")
     assert "isolated" in row and "by hand: bad disk" in row
     inst = daemon.instance("e#0")

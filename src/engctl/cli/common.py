@@ -17,8 +17,9 @@ JsonFlag = Annotated[
 ]
 
 
-def client(autostart: bool = True) -> Client:
-    """A connected client; starts the daemon on first use unless `autostart` is False."""
+def client(autostart: bool = False) -> Client:
+    """A connected client. Only commands that change or run something pass `autostart`: a
+    read command never starts a stopped daemon (which would restart the whole fleet)."""
     from engctl.client import Client
 
     c = Client(autostart=autostart)
@@ -45,6 +46,12 @@ def console(stderr: bool = False) -> Console:
 
 def out(text: str) -> None:
     sys.stdout.write(text + "\n")
+
+
+def warn(lines: list[str]) -> None:
+    """Warnings the daemon has for the user (an unreadable registry entry, a full disk)."""
+    for line in lines:
+        sys.stderr.write(f"engctl: warning: {line}\n")
 
 
 def emit_json(obj: Any) -> None:

@@ -10,8 +10,12 @@ from typing import Annotated
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, emit_json, finite, out
-from engctl.errors import DaemonUnreachableError, RequestTimeoutError
+from engctl.cli.common import JsonFlag, client, emit_json, finite, out, warn
+from engctl.errors import (
+    DaemonNotRunningError,
+    RequestTimeoutError,
+    UsageError,
+)
 
 daemon_app = typer.Typer(
     help="Start, stop and inspect the background daemon.", no_args_is_help=True
@@ -19,15 +23,42 @@ daemon_app = typer.Typer(
 app.add_typer(daemon_app, name="daemon")
 
 
+ResetRegistry = Annotated[
+    bool,
+    typer.Option(
+        "--reset-registry",
+        help="Start with no engines: move an unreadable registry.json aside (never deleted).",
+    ),
+]
+
+
 @daemon_app.command("start")
-def start(json: JsonFlag = False) -> None:
+def start(json: JsonFlag = False, reset_registry: ResetRegistry = False) -> None:
     """Start the daemon in the background (a no-op when it runs already)."""
-    c = client(autostart=True)
+    if reset_registry:
+        from engctl.client import Client
+
+        try:
+            running = client()
+        except DaemonNotRunningError:
+            pass
+        else:
+            pid = running.daemon_info.get("pid")
+            running.close()
+            raise UsageError(
+                f"a daemon runs already (pid {pid}): --reset-registry applies when one starts"
+                " (stop it first with `engctl daemon stop`)"
+            )
+        c = Client(autostart=True, daemon_args=("--reset-registry",))
+        c.connect()
+    else:
+        c = client(autostart=True)
     info = c.call("daemon.status")
     if json:
         emit_json(info)
-    else:
-        out(f"daemon running: pid {info['pid']}, socket {info['socket']}")
+        return
+    out(f"daemon running: pid {info['pid']}, socket {info['socket']}")
+    warn(info.get("warnings", []))
 
 
 @daemon_app.command("stop")
@@ -43,7 +74,7 @@ def stop(
     """Stop every engine with its stop policy, then the daemon (a no-op when none runs)."""
     try:
         c = client(autostart=False)
-    except DaemonUnreachableError:
+    except DaemonNotRunningError:
         if json:
             emit_json({"stopped": False, "running": False})
         else:
@@ -104,10 +135,36 @@ def status(json: JsonFlag = False) -> None:
     out(f"  socket     {info['socket']}")
     out(f"  state      {info['state_dir']}")
     out(f"  logs       {info['log_dir']}")
+    if info.get("disk_full"):
+        out("  disk       full: log, event and history writes are failing (counted)")
+    warn(info.get("warnings", []))
+
+
+@daemon_app.command("reload")
+def reload(json: JsonFlag = False) -> None:
+    """Re-read config.toml and apply what can change while the daemon runs.
+
+    Says which changed settings need a daemon restart; a file with an error changes nothing.
+    """
+    result = client().call("daemon.reload")
+    if json:
+        emit_json(result)
+        return
+    if not result["changed"]:
+        out("config.toml re-read: no setting changed")
+        return
+    if result["applied"]:
+        out(f"applied: {', '.join(result['applied'])}")
+    if result["restart_needed"]:
+        out(
+            f"need a daemon restart: {', '.join(result['restart_needed'])}"
+            " (`engctl daemon stop`, then any command)"
+        )
 
 
 @daemon_app.command("run")
 def run(
+    reset_registry: ResetRegistry = False,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -123,5 +180,7 @@ def run(
     argv = [sys.executable, "-m", "engctl.daemon"]
     if metrics_port is not None:
         argv += ["--metrics-port", str(metrics_port)]
+    if reset_registry:
+        argv.append("--reset-registry")
     # exec keeps the CLI from importing daemon code and gives the daemon the pid systemd sees.
     os.execv(sys.executable, argv)

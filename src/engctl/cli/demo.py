@@ -87,7 +87,7 @@ def demo(
     ] = 20.0,
 ) -> None:
     """Register the bundled example engines (echo, web, clock; wasm and onnx) and show status."""
-    c = client()
+    c = client(autostart=True)
     result = c.register(demo_engines())
     for r in result["engines"]:
         out(f"{r['action']:9} {r['name']}")

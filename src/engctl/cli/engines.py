@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, emit_json, out
+from engctl.cli.common import JsonFlag, client, emit_json, out, warn
 from engctl.errors import SpecError, UsageError
 
 FileOpt = Annotated[
@@ -128,7 +128,7 @@ def register(
 
         EngineSpec.from_dict(name, table, where=name)  # flag errors before any daemon start
         engines = {name: table}
-    result = client().register(engines, start=not no_start)
+    result = client(autostart=True).register(engines, start=not no_start)
     if json:
         emit_json(result)
     else:
@@ -140,7 +140,7 @@ def unregister(
     names: Annotated[list[str], typer.Argument(help="Engine names.")], json: JsonFlag = False
 ) -> None:
     """Stop engines (whole process trees) and remove them from the registry."""
-    result = client().unregister(names)
+    result = client(autostart=True).unregister(names)
     if json:
         emit_json(result)
     else:
@@ -162,10 +162,12 @@ def list_(
     from engctl.cli.status import NO_ENGINES, _labels
 
     labels = _labels(label)
-    result = client().call("engine.list", names=names or None, type=type_, labels=labels or None)
+    c = client()
+    result = c.call("engine.list", names=names or None, type=type_, labels=labels or None)
     if json:
         emit_json(result)
         return
+    warn(c.daemon_info.get("warnings", []))
     if not result["engines"]:
         out("no engine matches" if names or type_ or labels else NO_ENGINES)
         return
@@ -213,7 +215,7 @@ def apply(
     if file is None:
         raise UsageError("apply needs -f FILE (or -f - for stdin)")
     engines = read_engines_file(file)  # a bad file starts no daemon
-    result = client().apply(engines, prune=prune)
+    result = client(autostart=True).apply(engines, prune=prune)
     if json:
         emit_json(result)
     else:

@@ -25,7 +25,7 @@ def status_json(names: list[str], type: str | None = None, labels: list[str] | N
     from engctl.client import Client
 
     params = {"names": names or None, "type": type, "labels": labels or None}
-    with Client() as c:
+    with Client(autostart=False) as c:
         if not sys.stdout.isatty():
             # Compact JSON for a program: the daemon's text as it came, not decoded and
             # encoded again (at 200 instances that was most of the command's own work).

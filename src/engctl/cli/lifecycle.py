@@ -24,7 +24,7 @@ def _report(json: bool, result: dict[str, object], key: str, verb: str) -> None:
 @app.command()
 def start(targets: Targets, json: JsonFlag = False) -> None:
     """Start engines or instances (dependencies first)."""
-    _report(json, client().start(targets), "started", "started")
+    _report(json, client(autostart=True).start(targets), "started", "started")
 
 
 @app.command()
@@ -47,7 +47,7 @@ def stop(
     What depends on a stopped engine (depends_on, directly or not) stops first, as systemd
     does; --no-dependents refuses instead.
     """
-    result = client().stop(targets, wait=not no_wait, no_dependents=no_dependents)
+    result = client(autostart=True).stop(targets, wait=not no_wait, no_dependents=no_dependents)
     dependents = result.get("dependents") or []
     if json or not dependents:
         _report(json, result, "stopped", "stopped")
@@ -64,7 +64,7 @@ def stop(
 def restart(targets: Targets, json: JsonFlag = False) -> None:
     """Stop, then start engines or instances; each running instance drains first (takes no new
     request and finishes those in flight, up to its stop timeout), so none is lost."""
-    _report(json, client().restart(targets), "restarted", "restarted")
+    _report(json, client(autostart=True).restart(targets), "restarted", "restarted")
 
 
 @app.command()
@@ -74,7 +74,7 @@ def scale(
     json: JsonFlag = False,
 ) -> None:
     """Set an engine's number of instances (the highest indices drain, then stop)."""
-    result = client().scale(name, instances)
+    result = client(autostart=True).scale(name, instances)
     if json:
         emit_json(result)
     else:

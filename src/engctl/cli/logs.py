@@ -11,6 +11,7 @@ import typer
 
 from engctl.cli.app import app
 from engctl.cli.common import JsonFlag, client, emit_json, out
+from engctl.errors import DaemonNotRunningError
 
 Follow = Annotated[bool, typer.Option("--follow", "-f", help="Keep printing as it happens.")]
 
@@ -27,10 +28,22 @@ def logs(
     follow: Follow = False,
     json: JsonFlag = False,
 ) -> None:
-    """Print an instance's log (stderr, and stdout of services), each line timestamped."""
-    c = client()
+    """Print an instance's log (stderr, and stdout of services), each line timestamped.
+
+    With no daemon running, the log files are read directly (-f needs the daemon).
+    """
+    try:
+        c = client()
+    except DaemonNotRunningError:
+        if follow:
+            raise
+        c = None
     if not follow:
-        result = c.call("logs.read", target=target, lines=lines)
+        result = (
+            c.call("logs.read", target=target, lines=lines)
+            if c is not None
+            else {"lines": _logs_from_files(target, lines)}
+        )
         if json:
             emit_json({"lines": [log_record(item) for item in result["lines"]]})
         else:
@@ -39,6 +52,7 @@ def logs(
                 out(f"{item['instance']} | {item['line']}" if many else item["line"])
         return
     many = "#" not in target
+    assert c is not None
     first, notes = c.stream("logs.follow", target=target, lines=lines)
     try:
         for item in first["lines"]:
@@ -66,6 +80,27 @@ def log_record(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _logs_from_files(target: str, lines: int) -> list[dict[str, str]]:
+    """What `logs.read` answers, from the log files of a home whose daemon is stopped."""
+    from engctl import trust
+    from engctl.errors import EngineNotFoundError
+    from engctl.homefiles import log_sources, tail_logs
+    from engctl.models import parse_instance_ref
+    from engctl.paths import resolve_paths
+
+    paths = resolve_paths()
+    name, index = parse_instance_ref(target)
+    log_dir = str(paths.log_dir)
+    trust.check_folders(paths.roots(), log_dir)
+    sources = log_sources(paths.log_dir, name, index)
+    if not sources:
+        raise EngineNotFoundError(
+            f"no log files of {target} in {log_dir} (and no daemon is running for"
+            f" {paths.where} to ask)"
+        )
+    return tail_logs(sources, lines)
+
+
 def _print_log(item: dict[str, Any], many: bool, json: bool) -> None:
     if json:
         _line(log_record(item))
@@ -86,13 +121,22 @@ def events(
     follow: Follow = False,
     json: JsonFlag = False,
 ) -> None:
-    """Every state change and action, with its reason (kept across daemon restarts)."""
+    """Every state change and action, with its reason (kept across daemon restarts).
+
+    With no daemon running, the event log is read directly (-f needs the daemon).
+    """
     from engctl.render.format import event_line
     from engctl.timespec import parse_since
 
     # The same parser as `report --since`; a usage error starts no daemon.
     since_ts = parse_since(since, time.time()) if since else None
-    c = client()
+    try:
+        c = client()
+    except DaemonNotRunningError:
+        if follow:
+            raise
+        _print_events(_events_from_file(engine, since_ts, lines), json)
+        return
     notes = None
     if follow:
         # Subscribe (on a connection of its own) before reading the past, so that no event
@@ -101,11 +145,7 @@ def events(
     # -n 0: no past events (with -f: only what happens from now on).
     past = c.events(engine=engine, since=since_ts, limit=lines) if lines else []
     if notes is None:
-        if json:
-            emit_json({"events": past})
-        else:
-            for ev in past:
-                out(event_line(ev))
+        _print_events(past, json)
         return
     last_id = past[-1]["id"] if past else 0
     try:
@@ -118,6 +158,29 @@ def events(
             _line(ev) if json else _flush(event_line(ev))
     except KeyboardInterrupt:
         pass
+
+
+def _print_events(past: list[dict[str, Any]], json: bool) -> None:
+    from engctl.render.format import event_line
+
+    if json:
+        emit_json({"events": past})
+    else:
+        for ev in past:
+            out(event_line(ev))
+
+
+def _events_from_file(
+    engine: str | None, since: float | None, lines: int
+) -> list[dict[str, Any]]:
+    """What `events.list` answers, from the event log of a home whose daemon is stopped."""
+    from engctl import trust
+    from engctl.homefiles import read_events
+    from engctl.paths import resolve_paths
+
+    paths = resolve_paths()
+    trust.check_folders(paths.roots(), str(paths.state_dir))
+    return read_events(paths.events_db, engine, since, lines)
 
 
 def _flush(text: str) -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, emit_json, out
+from engctl.cli.common import JsonFlag, client, emit_json
 
 
 class Shell(StrEnum):
@@ -40,39 +39,122 @@ def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")
 
 @app.command()
 def config(json: JsonFlag = False) -> None:
-    """Show where engctl keeps its files and the daemon settings in effect (from config.toml)."""
-    from dataclasses import asdict
+    """Show where engctl keeps its files and the daemon settings in effect, as valid TOML.
 
-    from engctl.config import DaemonConfig
+    With a daemon running: the settings it runs with (asked over its socket), each one that
+    config.toml changes marked with a comment (`engctl daemon reload` applies it, or a
+    restart). With none: what config.toml gives (the defaults where it says nothing).
+    """
+    from engctl.config import DaemonConfig, config_table
+    from engctl.errors import DaemonNotRunningError, SpecError
     from engctl.paths import resolve_paths
-    from engctl.policy_config import overrides_to_toml
 
     paths = resolve_paths()
-    loaded = DaemonConfig.load(paths.config_file)
-    settings = asdict(loaded)
-    settings["policy"] = overrides_to_toml(loaded.policy)  # as written in [daemon.policy]
+    file_error = None
+    in_file: dict[str, Any] | None = None
+    try:
+        in_file = config_table(DaemonConfig.load(paths.config_file))
+    except SpecError as exc:
+        file_error = exc.message
+    running: dict[str, Any] | None = None
+    pid = None
+    restart_needed: list[str] = []
+    try:
+        with client() as c:
+            answer = c.call("daemon.config")
+        running, pid = answer["settings"], answer["pid"]
+        restart_needed = answer.get("restart_needed", [])
+    except DaemonNotRunningError:
+        if in_file is None:
+            assert file_error is not None
+            raise SpecError(file_error) from None  # nothing runs and the file is broken
+    settings = running if running is not None else in_file
+    assert settings is not None
+    differs = _differences(in_file, running) if in_file is not None and running else {}
     info = {
-        "home": os.environ.get("ENGCTL_HOME"),
+        "home": paths.home,
         "socket": str(paths.socket),
         "state_dir": str(paths.state_dir),
         "log_dir": str(paths.log_dir),
         "config_file": str(paths.config_file),
         "config_file_exists": paths.config_file.exists(),
+        "source": "daemon" if running is not None else "file",
+        "daemon_pid": pid,
         "daemon": settings,
+        "file_differs": {k: v for k, (_, v) in sorted(differs.items())},
+        "file_error": file_error,
+        "restart_needed": restart_needed,
     }
     if json:
         emit_json(info)
         return
-    for key in ("home", "socket", "state_dir", "log_dir", "config_file"):
-        out(f"{key:12} {info[key] or '-'}")
-    out("[daemon]")
-    for key, value in settings.items():
-        if key != "policy":
-            out(f"  {key} = {value}")
-    for key, value in settings["policy"].items():
+    sys.stdout.write(_config_text(info, differs))
+
+
+Flat = dict[str, Any]
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> Flat:
+    out: Flat = {}
+    for key, value in table.items():
         if isinstance(value, dict):
-            for sub, v in value.items():
-                out(f"  policy.{key}.{sub} = {v}")
+            out.update(_flatten(value, f"{prefix}{key}."))
         else:
-            out(f"  policy.{key} = {value}")
-    out("(`engctl policy show` lists every policy setting in effect per engine)")
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(in_file: dict[str, Any], running: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted setting -> (running value, config.toml's value), where the two differ (None for
+    a value one side does not set)."""
+    a, b = _flatten(running), _flatten(in_file)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _config_text(info: dict[str, Any], differs: dict[str, tuple[Any, Any]]) -> str:
+    """The settings as a config.toml (valid TOML), folders and differences as comments."""
+    import tomli_w
+
+    from engctl.config import RESTART_SETTINGS
+
+    lines = [f"# {key:12} {info[key] or '-'}" for key in ("home", "socket", "state_dir", "log_dir")]
+    exists = "" if info["config_file_exists"] else " (no such file: the defaults apply)"
+    lines.append(f"# {'config_file':12} {info['config_file']}{exists}")
+    if info["source"] == "daemon":
+        lines.append(f"# The settings the daemon (pid {info['daemon_pid']}) runs with.")
+    else:
+        lines.append("# No daemon is running: the settings config.toml gives.")
+    if info["file_error"]:
+        lines.append(f"# config.toml has an error, nothing of it applies: {info['file_error']}")
+    table = tomli_w.dumps({"daemon": info["daemon"]}).splitlines()
+    section = ""
+    for line in table:
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].removeprefix("daemon").removeprefix(".")
+            section = f"{section}." if section else ""
+        elif " = " in line:
+            key = section + line.split(" = ", 1)[0]
+            if key in differs:
+                line += _file_says(differs[key][1], key.split(".")[0] in RESTART_SETTINGS)
+        lines.append(line)
+    only_in_file = [k for k, (now, _) in differs.items() if now is None]
+    if only_in_file:
+        lines.append("")
+        lines.append("# config.toml also sets (not in effect until `engctl daemon reload`):")
+        lines += [f"#   {k} = {_toml_value(differs[k][1])}" for k in only_in_file]
+    lines.append("# (`engctl policy show` lists every policy setting in effect per engine)")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"v": value})[4:].strip()
+
+
+def _file_says(value: Any, restart: bool) -> str:
+    if value is None:
+        return "  # not in config.toml: the default applies after `engctl daemon reload`"
+    text = _toml_value(value)
+    how = "a daemon restart" if restart else "`engctl daemon reload`"
+    return f"  # config.toml says {text}: {how} applies it"

@@ -42,7 +42,7 @@ def isolate(targets: Targets, reason: Reason = None, json: JsonFlag = False) -> 
 
     Wins over the failure policies until `engctl restore`; survives a daemon restart.
     """
-    _report(json, client().call("instance.isolate", targets=targets, reason=reason))
+    _report(json, client(autostart=True).call("instance.isolate", targets=targets, reason=reason))
 
 
 @app.command()
@@ -53,7 +53,7 @@ def drain(targets: Targets, reason: Reason = None, json: JsonFlag = False) -> No
 
     Wins over the failure policies until `engctl restore`; survives a daemon restart.
     """
-    _report(json, client().call("instance.drain", targets=targets, reason=reason))
+    _report(json, client(autostart=True).call("instance.drain", targets=targets, reason=reason))
 
 
 @app.command()
@@ -64,4 +64,5 @@ def restore(targets: Targets, reason: Reason = None, json: JsonFlag = False) -> 
 
     The policies apply again from now on: an instance still failing its checks goes again.
     """
-    _report(json, client().call("instance.restore", targets=targets, reason=reason), True)
+    result = client(autostart=True).call("instance.restore", targets=targets, reason=reason)
+    _report(json, result, True)

@@ -35,7 +35,7 @@ def report(
     Reads the history database directly (the daemon need not run); when the daemon runs, the
     bucket being filled is written first, so the report reaches up to now.
     """
-    from engctl.errors import DaemonUnreachableError, EngineNotFoundError
+    from engctl.errors import DaemonNotRunningError, EngineNotFoundError
     from engctl.paths import resolve_paths
     from engctl.report import make_report, parse_since
 
@@ -44,7 +44,7 @@ def report(
     paths = resolve_paths()
     try:
         c = client(autostart=False)
-    except DaemonUnreachableError:
+    except DaemonNotRunningError:
         pass
     else:
         with c:
@@ -55,6 +55,9 @@ def report(
                         f"unknown engine {engine!r} (known: {', '.join(sorted(known)) or 'none'})"
                     )
             c.call("metrics.flush")
+    from engctl import trust
+
+    trust.check_folders(paths.roots(), str(paths.state_dir))
     result = make_report(paths.history_db, paths.events_db, start, time.time(), engine)
     if json:
         emit_json(result)

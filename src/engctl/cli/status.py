@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, console, finite, out
+from engctl.cli.common import JsonFlag, client, console, finite, out, warn
 from engctl.cli.fast import status_json
 
 TypeOpt = Annotated[str | None, typer.Option("--type", help="Only engines of this type.")]
@@ -62,6 +62,7 @@ def status(
     from engctl.render.tables import status_view
 
     result = fetch()
+    warn(c.daemon_info.get("warnings", []))
     con = console()
     if not watch:
         if not result["engines"]:

@@ -7,11 +7,12 @@ Parameters are checked here (wrong types raise InvalidParamsError); behaviour li
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -21,8 +22,10 @@ from engctl.errors import (
     IncompatibleDaemonError,
     InvalidParamsError,
     SpecError,
+    StorageError,
     UsageError,
 )
+from engctl.homefiles import tail_logs
 from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
 from engctl.paths import Paths
 from engctl.policy_config import effective_policy
@@ -32,9 +35,8 @@ from . import allow_ssl
 from .dispatch import parse_label
 from .enforcer import Enforcer
 from .events import Event, EventLog
-from .logs import read_tail
 from .metrics import Rollups, prometheus_text, snapshot
-from .registry import Registry
+from .registry import Entry, Registry
 from .requests import Router
 from .server import Connection, Handler, Reply
 from .supervisor import Engine, Instance, Supervisor
@@ -70,8 +72,19 @@ def _str_list(params: dict[str, Any], key: str, default: Any = ...) -> list[str]
     return value  # type: ignore[no-any-return]
 
 
+class DaemonControl(Protocol):
+    """What the daemon itself answers: its settings, and re-reading them."""
+
+    def config_info(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
 class Api:
     """Binds RPC method names to the daemon's parts."""
+
+    # Set by the daemon: `daemon.config` and `daemon.reload` go to it.
+    control: DaemonControl | None = None
 
     def __init__(
         self,
@@ -101,6 +114,8 @@ class Api:
             "session.hello": self.hello,
             "daemon.status": self.daemon_status,
             "daemon.stop": self.daemon_stop,
+            "daemon.config": self.daemon_config,
+            "daemon.reload": self.daemon_reload,
             "engine.register": self.register,
             "engine.apply": self.apply,
             "engine.unregister": self.unregister,
@@ -149,9 +164,41 @@ class Api:
             "pid": os.getpid(),
             # What a client may send: a batch checks each request against it before sending.
             "max_frame_bytes": self.sup.config.max_frame_bytes,
+            "warnings": self._warnings(),
         }
 
+    def _warnings(self, resets: bool = False) -> list[str]:
+        """What a user should know about the state files, one line each (the CLI shows them)."""
+        out = [
+            f"registry entry {s['name']!r} skipped ({s['error']}): not running; the entry is"
+            " kept in registry.json (fix it there with the daemon stopped, or register the"
+            " engine again)"
+            for s in self.registry.skipped_json()
+        ]
+        health = self.sup.write_health
+        if health is not None:
+            for target, f in health.to_json().items():
+                where = f" ({f['path']})" if f["path"] else ""
+                out.append(
+                    f"cannot write {target}{where}: {f['error']} ({f['count']} failed writes"
+                    f" in {time.time() - f['since']:.0f}s); supervision goes on"
+                )
+        if resets:
+            out += [
+                f"{r['path']} could not be used ({r['error']}): moved to {r['moved_to']}"
+                for r in self._database_resets()
+            ]
+        return out
+
+    def _database_resets(self) -> list[dict[str, Any]]:
+        writer = self.rollups.writer if self.rollups is not None else None
+        resets = list(self.events.db.resets)
+        if writer is not None:
+            resets += writer.db.resets
+        return sorted(resets, key=lambda r: float(r["at"]))
+
     def daemon_status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        health = self.sup.write_health
         with self._self_proc.oneshot():
             rss = self._self_proc.memory_info().rss
             cpu = self._self_proc.cpu_times()
@@ -170,7 +217,22 @@ class Api:
             "instances_running": sum(1 for i in insts if i.state.is_running),
             "rss_bytes": rss,
             "cpu_seconds": round(cpu.user + cpu.system, 3),
+            "disk_full": health.disk_full if health is not None else False,
+            "write_errors": health.to_json() if health is not None else {},
+            "registry_skipped": self.registry.skipped_json(),
+            "databases_reset": self._database_resets(),
+            "warnings": self._warnings(resets=True),
         }
+
+    def daemon_config(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        if self.control is None:
+            raise InvalidParamsError("this daemon does not report its settings")
+        return {"pid": os.getpid(), **self.control.config_info()}
+
+    async def daemon_reload(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        if self.control is None:
+            raise InvalidParamsError("this daemon cannot reload its settings")
+        return await self.control.reload()
 
     def daemon_stop(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         # Answer first; the shutdown starts on the next loop turn.
@@ -196,39 +258,48 @@ class Api:
         order = check_dependencies(after)  # unknown dependency or cycle: nothing is applied
         results: list[dict[str, Any]] = []
         removed: list[str] = []
-        if prune:
-            for name in self._removal_order(set(self.sup.engines) - set(incoming)):
+        removals = self._removal_order(set(self.sup.engines) - set(incoming)) if prune else []
+        desired = DesiredState.RUNNING if start else DesiredState.STOPPED
+        # Durable before anything changes: a registration the disk refuses leaves nothing
+        # behind (StorageError), and an acknowledged one survives kill -9.
+        staged: dict[str, Entry | None] = dict.fromkeys(removals)
+        for name, spec in incoming.items():
+            current = self.sup.engines.get(name)
+            if current is None:
+                staged[name] = Entry(spec, desired)
+            elif current.spec != spec:
+                staged[name] = dataclasses.replace(current.to_entry(), spec=spec)
+        to_start: list[Engine] = []
+        async with self.registry.staged(staged):
+            for name in removals:
                 await self._unregister_one(name)
                 removed.append(name)
-        to_start: list[Engine] = []
-        for name in order:
-            spec = incoming.get(name)
-            if spec is None:
-                continue
-            engine = self.sup.engines.get(name)
-            if engine is None:
-                engine = self.sup.add_engine(
-                    spec, DesiredState.RUNNING if start else DesiredState.STOPPED, set()
-                )
-                self.events.emit("engine.registered", "registered", engine=name)
-                results.append({"name": name, "action": "created", "detail": "registered"})
-                if start:
-                    to_start.append(engine)
-            elif engine.spec == spec:
-                results.append({"name": name, "action": "unchanged", "detail": "same spec"})
-            else:
-                changed = sorted(spec.changed_fields(engine.spec))
-                async with engine.lock:
-                    detail = await self.sup.update_engine(engine, spec)
-                self.events.emit(
-                    "engine.updated",
-                    f"changed {', '.join(changed)}: {detail}",
-                    engine=name,
-                )
-                results.append(
-                    {"name": name, "action": "updated", "detail": detail, "changed": changed}
-                )
-        await self._persist()
+            for name in order:
+                if name not in incoming:
+                    continue
+                spec = incoming[name]
+                engine = self.sup.engines.get(name)
+                if engine is None:
+                    engine = self.sup.add_engine(spec, desired, set())
+                    self.events.emit("engine.registered", "registered", engine=name)
+                    results.append({"name": name, "action": "created", "detail": "registered"})
+                    if start:
+                        to_start.append(engine)
+                elif engine.spec == spec:
+                    results.append({"name": name, "action": "unchanged", "detail": "same spec"})
+                else:
+                    changed = sorted(spec.changed_fields(engine.spec))
+                    async with engine.lock:
+                        detail = await self.sup.update_engine(engine, spec)
+                    self.events.emit(
+                        "engine.updated",
+                        f"changed {', '.join(changed)}: {detail}",
+                        engine=name,
+                    )
+                    results.append(
+                        {"name": name, "action": "updated", "detail": detail, "changed": changed}
+                    )
+            self.router.engines_changed()
         for engine in to_start:
             # Dependencies first: `order` is topological.
             await self.sup.start_engine(engine, "registered")
@@ -267,10 +338,12 @@ class Api:
     async def unregister(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         names = _str_list(params, "names")
         removed = []
-        for name in self._removal_order(set(names)):
-            await self._unregister_one(name)
-            removed.append(name)
-        await self._persist()
+        order = self._removal_order(set(names))
+        async with self.registry.staged(dict.fromkeys(order)):
+            for name in order:
+                await self._unregister_one(name)
+                removed.append(name)
+            self.router.engines_changed()
         return {"removed": removed}
 
     def _chosen(self, params: dict[str, Any]) -> list[Engine]:
@@ -376,6 +449,10 @@ class Api:
                 " --no-dependents to stop them too)",
                 {"dependents": [e.spec.name for e in dependents]},
             )
+        before = [
+            (engine, engine.desired, set(engine.stopped_instances))
+            for engine in [e for e, _ in targets] + dependents
+        ]
         for engine, insts in targets:
             if insts is None:
                 engine.desired = DesiredState.STOPPED
@@ -384,7 +461,12 @@ class Api:
         for engine in dependents:
             engine.desired = DesiredState.STOPPED
         # The wish is durable before any signal is sent: a restarted daemon will not undo it.
-        await self._persist()
+        try:
+            await self._persist()
+        except StorageError:
+            for engine, desired, stopped_set in before:  # not durable: nothing is stopped
+                engine.desired, engine.stopped_instances = desired, stopped_set
+            raise
         for engine in whole:
             mine = [e.spec.name for e in self.sup.dependents({engine.spec.name}) if e in dependents]
             if mine:
@@ -600,14 +682,12 @@ class Api:
         return engine.instances if idx is None else [self.sup.instance(engine, idx)]
 
     def _tail(self, insts: list[Instance], lines: int) -> list[dict[str, str]]:
-        out: list[dict[str, str]] = []
+        sources = []
         for inst in insts:
             path = inst.log.path
             files = [path.with_name(f"{path.name}.{i}") for i in range(inst.log.backups, 0, -1)]
-            out += [{"instance": inst.id, "line": ln} for ln in read_tail([*files, path], lines)]
-        # Lines start with an ISO timestamp, so text order is time order across instances.
-        out.sort(key=lambda d: d["line"][:24])
-        return out[-lines:] if lines else []
+            sources.append((inst.id, [*files, path]))
+        return tail_logs(sources, lines)
 
     async def logs_read(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         insts = self._log_targets(_get(params, "target", str))

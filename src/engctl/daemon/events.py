@@ -1,12 +1,14 @@
 """The event log: every state change and action, with its reason; kept in SQLite (WAL).
 
 Inserts go through one writer thread, so the event loop never waits on the disk; queries
-run in a worker thread on their own connection (WAL readers never block the writer).
+run in a worker thread on their own connection (WAL readers never block the writer). The file
+is best-effort (`storage`): a failed write is counted, a corrupt file moved aside.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import queue
@@ -17,6 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from engctl.errors import EngctlError
+from engctl.homefiles import select_events
+
+from .storage import Database, Notify, WriteHealth, is_corruption
 
 log = logging.getLogger("engctl.events")
 
@@ -68,27 +75,39 @@ class Event:
 Subscriber = Callable[[Event], None]
 
 
+class _Reset:
+    """Asks the writer thread to set a corrupt file aside (a reader found it malformed)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.done = threading.Event()
+
+
 class EventLog:
     """Emits events to live subscribers at once and to SQLite through a writer thread."""
 
-    def __init__(self, path: Path, retention: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        retention: int,
+        health: WriteHealth | None = None,
+        on_reset: Notify | None = None,
+    ) -> None:
         self.path = path
         self.retention = retention
         self.subscribers: set[Subscriber] = set()
-        self._queue: queue.SimpleQueue[Event | threading.Event | None] = queue.SimpleQueue()
-        conn = self._connect()
-        conn.executescript(_SCHEMA)
-        row = conn.execute("SELECT MAX(id) FROM events").fetchone()
-        conn.close()
-        self._next_id = (row[0] or 0) + 1
+        self._queue: queue.SimpleQueue[Event | threading.Event | _Reset | None] = (
+            queue.SimpleQueue()
+        )
+        self.db = Database(path, "events", _connect, _SCHEMA, health, on_reset)
+        # Written by the writer thread only, from here on.
+        found: list[int] = []
+        if not self.db.run(lambda conn: found.append(_max_id(conn))):
+            # The file cannot be opened now: ids that no earlier event can have used.
+            found.append(int(time.time() * 1000))
+        self._next_id = found[0]
         self._thread = threading.Thread(target=self._writer, name="engctl-events", daemon=True)
         self._thread.start()
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
 
     def emit(
         self,
@@ -116,58 +135,63 @@ class EventLog:
         return ev
 
     def _writer(self) -> None:
-        conn = self._connect()
         written = 0
         while True:
             item = self._queue.get()
             batch: list[Event] = []
             barriers: list[threading.Event] = []
+            resets: list[_Reset] = []
             stop = False
             while True:
                 if item is None:
                     stop = True
                 elif isinstance(item, threading.Event):
                     barriers.append(item)
+                elif isinstance(item, _Reset):
+                    resets.append(item)
                 else:
                     batch.append(item)
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if batch:
-                try:
-                    with conn:
-                        conn.executemany(
-                            "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
-                            [
-                                (
-                                    e.id,
-                                    e.at,
-                                    e.kind,
-                                    e.engine,
-                                    e.instance,
-                                    e.from_state,
-                                    e.to_state,
-                                    e.reason,
-                                    json.dumps(e.data) if e.data else None,
-                                )
-                                for e in batch
-                            ],
-                        )
-                        written += len(batch)
-                        if written >= 1000:
-                            written = 0
-                            conn.execute(
-                                "DELETE FROM events WHERE id <= ?",
-                                (batch[-1].id - self.retention,),
-                            )
-                except sqlite3.Error:
-                    log.exception("cannot write %d events", len(batch))
+            try:
+                for r in resets[:1]:
+                    self.db.reset(r.reason)
+                if batch:
+                    prune = written + len(batch) >= 1000
+                    if self.db.run(functools.partial(self._insert, batch=batch, prune=prune)):
+                        written = 0 if prune else written + len(batch)
+            except Exception:  # the writer thread must outlive anything the disk does
+                log.exception("cannot write %d events", len(batch))
+            for r in resets:
+                r.done.set()
             for b in barriers:
                 b.set()
             if stop:
-                conn.close()
+                self.db.close()
                 return
+
+    def _insert(self, conn: sqlite3.Connection, batch: list[Event], prune: bool) -> None:
+        conn.executemany(
+            "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    e.id,
+                    e.at,
+                    e.kind,
+                    e.engine,
+                    e.instance,
+                    e.from_state,
+                    e.to_state,
+                    e.reason,
+                    json.dumps(e.data) if e.data else None,
+                )
+                for e in batch
+            ],
+        )
+        if prune:
+            conn.execute("DELETE FROM events WHERE id <= ?", (batch[-1].id - self.retention,))
 
     async def flush(self) -> None:
         """Wait until every event emitted so far is on disk."""
@@ -180,32 +204,49 @@ class EventLog:
     ) -> list[Event]:
         """The newest `limit` events (oldest first), optionally for one engine or after a time."""
         await self.flush()
-        return await asyncio.to_thread(self._query, engine, since, limit)
+        try:
+            return await asyncio.to_thread(self._query, engine, since, limit)
+        except sqlite3.Error as exc:
+            if not is_corruption(exc):
+                raise EngctlError(f"cannot read the event log {self.path}: {exc}") from exc
+            # Malformed under a reader: the writer sets it aside, the query runs on the
+            # fresh file (and the reset is an event in it).
+            reset = _Reset(str(exc))
+            self._queue.put(reset)
+            await asyncio.to_thread(reset.done.wait, 10)
+            await self.flush()
+        try:
+            return await asyncio.to_thread(self._query, engine, since, limit)
+        except sqlite3.Error as exc:
+            raise EngctlError(f"cannot read the event log {self.path}: {exc}") from exc
 
     def _query(self, engine: str | None, since: float | None, limit: int) -> list[Event]:
-        sql = "SELECT * FROM events WHERE 1=1"
-        args: list[Any] = []
-        if engine:
-            sql += " AND engine = ?"
-            args.append(engine)
-        if since is not None:
-            sql += " AND at >= ?"
-            args.append(since)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
-        conn = self._connect()
+        conn = _connect(self.path)
         try:
-            rows = conn.execute(sql, args).fetchall()
+            rows = select_events(conn, engine, since, limit)
         finally:
             conn.close()
         return [
             Event(
                 r[0], r[1], r[2], r[7], r[3], r[4], r[5], r[6], json.loads(r[8]) if r[8] else None
             )
-            for r in reversed(rows)
+            for r in rows
         ]
 
     def close(self) -> None:
         """Write what is queued and stop the writer thread."""
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=10, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def _max_id(conn: sqlite3.Connection) -> int:
+    """The id the next event gets."""
+    row = conn.execute("SELECT MAX(id) FROM events").fetchone()
+    return int(row[0] or 0) + 1

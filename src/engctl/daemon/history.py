@@ -5,11 +5,13 @@ Two tiers of buckets: 10-second rows kept for `history_fine_retention` (default 
 is about 50 MiB idle and 130-190 MiB busy (the latency histograms dominate), under the
 `history_max_mb` bound (256 MiB) that drops the oldest rows first. Each roll-up is one
 transaction: `kill -9` loses at most the bucket being written, never the database. Readers
-(`engctl report`) open their own connection; in WAL mode they never block the writer.
+(`engctl report`) open their own connection; in WAL mode they never block the writer. The
+file is best-effort (`storage`): a failed write is counted, a corrupt file moved aside.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import sqlite3
@@ -19,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .storage import Database, Notify, WriteHealth
 
 log = logging.getLogger("engctl.history")
 
@@ -72,6 +76,10 @@ COLUMNS = (
 _INSERT = f"INSERT INTO rollup ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
+def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(_INSERT, rows)
+
+
 @dataclass(frozen=True)
 class Retention:
     """How long each tier is kept, and the size the file may reach."""
@@ -99,7 +107,12 @@ class HistoryWriter:
     """Takes batches of roll-up rows on the event loop and writes them on its own thread."""
 
     def __init__(
-        self, path: Path, retention: Retention, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        retention: Retention,
+        clock: Callable[[], float] = time.time,
+        health: WriteHealth | None = None,
+        on_reset: Notify | None = None,
     ) -> None:
         self.path = path
         self.retention = retention
@@ -107,9 +120,10 @@ class HistoryWriter:
         self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | threading.Event | None] = (
             queue.SimpleQueue()
         )
-        conn = connect(path)
-        conn.executescript(SCHEMA)
-        conn.close()
+        # Opened here so the file exists (and a corrupt one is set aside) before the first
+        # bucket; used by the writer thread from then on.
+        self.db = Database(path, "history", connect, SCHEMA, health, on_reset)
+        self.db.run(lambda conn: None)
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="engctl-history", daemon=True)
         self._thread.start()
@@ -130,26 +144,26 @@ class HistoryWriter:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        conn = connect(self.path)
         last_prune = 0.0
         while True:
             item = self._queue.get()
             if item is None:
-                conn.close()
+                self.db.close()
                 return
             if isinstance(item, threading.Event):
                 item.set()
                 continue
+            rows = item
             try:
-                with conn:
-                    conn.executemany(_INSERT, item)
-                self.written += len(item)
+                if not self.db.run(functools.partial(_insert, rows=rows)):
+                    continue  # counted in the write health; the bucket is lost
+                self.written += len(rows)
                 now = self.clock()
                 if now - last_prune >= 60.0 or now < last_prune:
                     last_prune = now
-                    self.prune(conn, now)
-            except sqlite3.Error:
-                log.exception("cannot write %d history rows", len(item))
+                    self.db.run(functools.partial(self.prune, now=now))
+            except Exception:  # the writer thread must outlive anything the disk does
+                log.exception("cannot write %d history rows", len(rows))
 
     def prune(self, conn: sqlite3.Connection, now: float) -> None:
         """Drop rows past their tier's retention, then the oldest ones if over the size."""

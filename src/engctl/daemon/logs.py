@@ -1,7 +1,9 @@
 """Per-instance log files: every line timestamped, rotated by size, with live followers.
 
 Writes are buffered appends (page cache, bounded by the line cap) so they stay on the event loop;
-nothing here fsyncs. Reading a tail is done off the loop by the caller.
+nothing here fsyncs. Writes are best-effort: a failure (a full disk, a symlink in place of the
+file) is counted in the write health and never stops the caller, which is usually handling a
+state change. Reading a tail is done off the loop by the caller.
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from engctl import trust
+from engctl.errors import UnsafePathError
+from engctl.homefiles import read_tail
+
+from .storage import WriteHealth
+
+__all__ = ["MAX_LINE_BYTES", "InstanceLog", "read_tail", "timestamp"]
 
 # A process that writes without newlines still gets its output logged, in pieces this long.
 MAX_LINE_BYTES = 8192
@@ -28,10 +38,13 @@ def timestamp(now: float | None = None) -> str:
 class InstanceLog:
     """The log file of one instance (`NAME.K.log`, rotated to `.1` … `.N`)."""
 
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+    def __init__(
+        self, path: Path, max_bytes: int, backups: int, health: WriteHealth | None = None
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
+        self.health = health if health is not None else WriteHealth()
         self.followers: set[Follower] = set()
         self._partial: dict[str, bytes] = {}
         self._file: IO[bytes] | None = None
@@ -39,11 +52,12 @@ class InstanceLog:
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = trust.open_file(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             # Unbuffered: each feed() is one write of whole lines, readers see them at once,
             # and hundreds of idle instances hold no buffers.
-            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
-            self._size = self._file.tell()
+            self._file = os.fdopen(fd, "ab", buffering=0)
+            self._size = self._file.seek(0, os.SEEK_END)
         return self._file
 
     def feed(self, stream: str, data: bytes) -> None:
@@ -78,9 +92,15 @@ class InstanceLog:
     def _write_lines(self, stream: str, lines: list[bytes]) -> None:
         prefix = f"{timestamp()} {stream}: ".encode()
         out = b"".join(prefix + line.rstrip(b"\r") + b"\n" for line in lines)
-        f = self._open()
-        f.write(out)
-        self._size += len(out)
+        try:
+            self._open().write(out)
+        except (OSError, UnsafePathError) as exc:
+            # Lost for the file, not for the followers below; the next write tries again.
+            self.close()
+            self.health.failed("logs", _as_os_error(exc), self.path)
+        else:
+            self._size += len(out)
+            self.health.succeeded("logs")
         if self.followers:
             text = out.decode(errors="replace")
             for line in text.splitlines():
@@ -91,50 +111,24 @@ class InstanceLog:
 
     def _rotate(self) -> None:
         self.close()
-        for i in range(self.backups, 0, -1):
-            src = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(src, self.path.with_name(f"{self.path.name}.{i}"))
-        if self.backups == 0:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        try:
+            for i in range(self.backups, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{i}"))
+            if self.backups == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+        except OSError as exc:
+            self.health.failed("logs", exc, self.path)
         self._size = 0
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                f.close()
 
 
-def read_tail(paths: list[Path], lines: int) -> list[str]:
-    """The last `lines` lines over the given files (oldest first), reading from the end."""
-    if lines <= 0:
-        return []
-    chunks: list[list[str]] = []
-    have = 0
-    # Newest file first; older (rotated) files are read only while lines are still missing.
-    for path in reversed(paths):
-        try:
-            f = open(path, "rb")  # noqa: SIM115
-        except FileNotFoundError:  # rotated away since it was listed
-            continue
-        with f:
-            size = f.seek(0, 2)
-            # Read ~ lines × 512 bytes from the end, enough for typical lines; grow the window
-            # while it holds too few whole lines, or a gap would open before older files.
-            window = (lines - have) * 512
-            while True:
-                start = max(0, size - window)
-                f.seek(start)
-                text = f.read(size - start).decode(errors="replace").splitlines()
-                if start > 0 and text:
-                    text = text[1:]  # first line is cut
-                if start == 0 or len(text) >= lines - have:
-                    break
-                window *= 4
-        text = text[-(lines - have) :]
-        chunks.append(text)
-        have += len(text)
-        if have >= lines:
-            break
-    return [line for chunk in reversed(chunks) for line in chunk]
+def _as_os_error(exc: OSError | UnsafePathError) -> OSError:
+    return exc if isinstance(exc, OSError) else OSError(0, exc.message)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
+import io
 import logging
 import logging.handlers
 import os
@@ -16,9 +18,10 @@ import resource
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-from engctl import __version__
-from engctl.config import DaemonConfig
+from engctl import __version__, trust
+from engctl.config import RESTART_SETTINGS, DaemonConfig, config_table
 from engctl.errors import DaemonUnreachableError, EngctlError
 from engctl.models import check_dependencies
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
@@ -26,6 +29,7 @@ from engctl.states import DesiredState
 
 from . import process
 from .api import Api
+from .dispatch import Capability, CapabilityWeights, StrategyName
 from .enforcer import Enforcer
 from .events import EventLog
 from .history import HistoryWriter, Retention
@@ -34,31 +38,29 @@ from .monitor import Monitor
 from .registry import Entry, Registry
 from .requests import Router
 from .server import Outbox, Server
+from .storage import WriteHealth
 from .supervisor import Sample, Supervisor
 
 log = logging.getLogger("engctl.daemon")
 
 
 def prepare_folders(paths: Paths) -> None:
-    """Create the home's folders; the socket folder is private (0700)."""
+    """Create the home's folders and check that only we control them (`engctl.trust`); the
+    socket folder is private (0700)."""
     if len(str(paths.socket).encode()) > MAX_SOCKET_PATH:
         raise DaemonUnreachableError(
             f"socket path {paths.socket} is longer than {MAX_SOCKET_PATH} bytes"
             " (AF_UNIX limit): use a shorter ENGCTL_HOME"
         )
-    for d in (paths.runtime_dir, paths.state_dir, paths.log_dir):
-        try:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise DaemonUnreachableError(f"cannot create {d}: {exc.strerror}") from exc
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise DaemonUnreachableError(f"folder {d} is not writable")
-    os.chmod(paths.runtime_dir, 0o700)
+    for folder, root in paths.roots():
+        trust.ensure_folder(folder, private=folder == str(paths.runtime_dir), root=root)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise DaemonUnreachableError(f"folder {folder} is not writable")
 
 
 def acquire_daemon_lock(paths: Paths) -> int:
     """Hold an exclusive lock for the daemon's lifetime: at most one daemon per home."""
-    fd = os.open(paths.daemon_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = trust.open_file(str(paths.daemon_lock), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -72,10 +74,32 @@ def acquire_daemon_lock(paths: Paths) -> int:
     return fd
 
 
-def setup_logging(paths: Paths, foreground: bool) -> None:
-    handler = logging.handlers.RotatingFileHandler(
-        paths.daemon_log, maxBytes=5 * 1024 * 1024, backupCount=2
-    )
+class LogFile(logging.handlers.RotatingFileHandler):
+    """The daemon's own log: never opened through a symlink; a failed write (a full disk) is
+    counted in the write health instead of printing a traceback to stderr."""
+
+    health: WriteHealth | None = None
+    _failed = False
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = trust.open_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)
+        if not self._failed and self.health is not None:
+            self.health.succeeded("daemon.log")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+        exc = sys.exc_info()[1]
+        if self.health is not None and isinstance(exc, OSError):
+            self.health.failed("daemon.log", exc, self.baseFilename)
+
+
+def setup_logging(paths: Paths, foreground: bool) -> LogFile:
+    handler = LogFile(paths.daemon_log, maxBytes=5 * 1024 * 1024, backupCount=2)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # The root logger, not only "engctl": asyncio's own errors (an accept that failed for
     # lack of fds, a callback that raised) and warnings would otherwise go to stderr, which
@@ -86,7 +110,10 @@ def setup_logging(paths: Paths, foreground: bool) -> None:
         root.addHandler(logging.StreamHandler(sys.stderr))
     root.setLevel(logging.WARNING)
     logging.getLogger("engctl").setLevel(logging.INFO)
+    # Library warnings go to the log, never to a terminal or daemon.stderr.
     logging.captureWarnings(True)
+    logging.getLogger("py.warnings").handlers[:] = [handler]
+    return handler
 
 
 # The background daemon's stdout and stderr go to `daemon.stderr` (opened by the client that
@@ -154,30 +181,74 @@ def connection_cap(max_connections: int, fd_limit: int) -> int:
 class Daemon:
     """The running daemon: owns the server, supervisor, monitor and event log."""
 
-    def __init__(self, paths: Paths, config: DaemonConfig, metrics_port: int | None = None) -> None:
+    def __init__(
+        self,
+        paths: Paths,
+        config: DaemonConfig,
+        metrics_port: int | None = None,
+        reset_registry: bool = False,
+        health: WriteHealth | None = None,
+    ) -> None:
         self.paths = paths
         self.config = config
         self.metrics_port = config.metrics_port if metrics_port is None else metrics_port
+        self.reset_registry = reset_registry
+        self.health = health if health is not None else WriteHealth()
         self.rollups: Rollups | None = None
         self.stopping = asyncio.Event()
         self._signals = 0
         self.enforcer: Enforcer | None = None
+        self.events: EventLog | None = None
+        self.writer: HistoryWriter | None = None
+
+    def _notify(self, kind: str, reason: str, data: dict[str, Any]) -> None:
+        """Emit an event from any thread (the storage layer reports through this)."""
+        self.loop.call_soon_threadsafe(self._emit, kind, reason, data)
+
+    def _emit(self, kind: str, reason: str, data: dict[str, Any]) -> None:
+        if self.events is not None:
+            self.events.emit(kind, reason, data=data)
 
     async def run(self, ready: int | None) -> None:
         paths, config = self.paths, self.config
-        loop = asyncio.get_running_loop()
-        events = EventLog(paths.events_db, config.events_retention)
-        monitor = Monitor(config.sample_interval, loop, self._apply_samples)
-        sup = Supervisor(paths, config, events, monitor.set_targets)
-        self.sup = sup
-        registry = Registry(paths.registry, lambda: [e.to_entry() for e in sup.engines.values()])
+        loop = self.loop = asyncio.get_running_loop()
+        health = self.health
+        # The registry first: a daemon that cannot read it refuses to start, changing nothing.
+        registry = Registry(
+            paths.registry, lambda: [e.to_entry() for e in sup.engines.values()], health
+        )
+        moved = registry.reset() if self.reset_registry else None
         entries = registry.load()
+        health.attach(self._notify)
+        events = self.events = EventLog(
+            paths.events_db, config.events_retention, health, self._notify
+        )
+        if moved is not None:
+            log.warning("--reset-registry: %s moved to %s", paths.registry, moved)
+            events.emit(
+                "daemon.registry_reset",
+                f"--reset-registry: {paths.registry.name} moved to {moved.name};"
+                " starting with no engines",
+                data={"path": str(paths.registry), "moved_to": str(moved)},
+            )
+        for bad in registry.skipped_json():
+            log.warning("registry entry %r skipped: %s", bad["name"], bad["error"])
+            events.emit(
+                "registry.entry_skipped",
+                f"cannot read its registry entry ({bad['error']}): not started; the entry is"
+                " kept in registry.json",
+                engine=bad["name"],
+            )
+        monitor = self.monitor = Monitor(config.sample_interval, loop, self._apply_samples)
+        sup = Supervisor(paths, config, events, monitor.set_targets)
+        sup.write_health = health
+        self.sup = sup
         # Registered engines exist before the first client is answered: a status during
         # start-up lists them, and a registration then cannot save a registry without them.
         for entry in entries:
             sup.add_engine(entry.spec, entry.desired, entry.stopped_instances, entry.registered_at)
         outbox = Outbox(loop)
-        router = Router(sup, config, paths, outbox)
+        router = self.router = Router(sup, config, paths, outbox)
         router.engines_changed()
         enforcer = self.enforcer = Enforcer(sup, router, config, events)
         for entry in entries:
@@ -187,16 +258,12 @@ class Daemon:
                     enforcer.apply_saved(engine.instances[index], saved)
         writer = None
         if config.metrics:
-            writer = HistoryWriter(
-                paths.history_db,
-                Retention(
-                    config.history_fine_retention,
-                    config.history_retention,
-                    config.history_max_mb * 1024 * 1024,
-                ),
+            writer = self.writer = HistoryWriter(
+                paths.history_db, _retention(config), health=health, on_reset=self._notify
             )
         rollups = self.rollups = Rollups(sup, router, writer)
         api = Api(paths, sup, registry, events, router, enforcer, self.stopping.set, rollups)
+        api.control = self
         server = Server(
             paths.socket,
             api.handlers(),
@@ -260,6 +327,64 @@ class Daemon:
         events.close()
         log.info("stopped")
 
+    # -- settings ------------------------------------------------------------------------
+    def config_info(self) -> dict[str, Any]:
+        """`daemon.config`: the settings the daemon runs with, as config.toml's `[daemon]`."""
+        running = dataclasses.replace(self.config, metrics_port=self.metrics_port)
+        return {
+            "config_file": str(self.paths.config_file),
+            "settings": config_table(running),
+            "restart_needed": sorted(self.restart_needed),
+        }
+
+    restart_needed: frozenset[str] = frozenset()
+
+    async def reload(self) -> dict[str, Any]:
+        """`daemon.reload`: re-read config.toml and apply what can change while running.
+
+        A file with an error changes nothing (SpecError with its line and column).
+        """
+        new = await asyncio.to_thread(DaemonConfig.load, self.paths.config_file)
+        old = self.config
+        names = [f.name for f in dataclasses.fields(DaemonConfig)]
+        changed = [n for n in names if getattr(new, n) != getattr(old, n)]
+        later = [n for n in changed if n in RESTART_SETTINGS]
+        applied = [n for n in changed if n not in RESTART_SETTINGS]
+        # Settings that need a restart keep their running value until then.
+        self.apply_config(dataclasses.replace(new, **{n: getattr(old, n) for n in later}))
+        self.restart_needed = frozenset(later)
+        reason = "config.toml re-read: " + (
+            f"applied {', '.join(applied)}" if applied else "nothing to apply"
+        )
+        if later:
+            reason += f"; {', '.join(later)} take effect after `engctl daemon stop` and a start"
+        log.info("%s", reason)
+        if self.events is not None:
+            self.events.emit(
+                "daemon.reloaded", reason, data={"applied": applied, "restart_needed": later}
+            )
+        return {"changed": changed, "applied": applied, "restart_needed": later}
+
+    def apply_config(self, cfg: DaemonConfig) -> None:
+        """Make `cfg` the running settings: every part that keeps one is told."""
+        old, self.config = self.config, cfg
+        self.sup.config = cfg
+        self.router.config = cfg
+        self.router.pool.default_strategy = StrategyName(cfg.default_strategy)
+        if cfg.capability_weights != old.capability_weights:
+            weights = CapabilityWeights(*cfg.capability_weights)
+            self.router.pool.strategies[StrategyName.CAPABILITY] = Capability(weights)
+        if self.enforcer is not None:
+            self.enforcer.config = cfg  # its next look comes policy_interval later
+        if self.events is not None:
+            self.events.retention = cfg.events_retention
+        self.monitor.interval = cfg.sample_interval
+        for inst in self.sup.all_instances():
+            inst.log.max_bytes = cfg.log_max_bytes
+            inst.log.backups = cfg.log_backups
+        if self.writer is not None:
+            self.writer.retention = _retention(cfg)
+
     async def _start_engines(self, entries: list[Entry]) -> None:
         try:
             found = await asyncio.shield(self._sweep)
@@ -313,6 +438,14 @@ class Daemon:
             self.sup.kill_all()
 
 
+def _retention(config: DaemonConfig) -> Retention:
+    return Retention(
+        config.history_fine_retention,
+        config.history_retention,
+        config.history_max_mb * 1024 * 1024,
+    )
+
+
 def _notify_ready(fd: int, message: str) -> None:
     with contextlib.suppress(OSError):
         os.write(fd, (message + "\n").encode())
@@ -324,23 +457,29 @@ def run(
     ready_fd: int | None = None,
     foreground: bool = True,
     metrics_port: int | None = None,
+    reset_registry: bool = False,
 ) -> int:
     """Run the daemon until it is asked to stop; returns the process exit code."""
     paths = resolve_paths(home)
+    lock_fd = None
+    health = WriteHealth()
     try:
         prepare_folders(paths)
         lock_fd = acquire_daemon_lock(paths)
         config = DaemonConfig.load(paths.config_file)
+        setup_logging(paths, foreground).health = health
     except EngctlError as exc:
+        if lock_fd is not None:
+            os.close(lock_fd)
         if ready_fd is not None:
             _notify_ready(ready_fd, f"error: {exc.message}")
         print(f"engctl daemon: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    setup_logging(paths, foreground)
     if not foreground:
         bound_stderr(paths.runtime_dir / "daemon.stderr")
     try:
-        asyncio.run(Daemon(paths, config, metrics_port).run(ready_fd))
+        daemon = Daemon(paths, config, metrics_port, reset_registry, health)
+        asyncio.run(daemon.run(ready_fd))
     except EngctlError as exc:
         if not foreground:  # in the foreground the line below is the one line on stderr
             log.error("%s", exc.message)
@@ -366,6 +505,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)"
     )
+    parser.add_argument(
+        "--reset-registry",
+        action="store_true",
+        help="move registry.json aside (never deleted) and start with no engines",
+    )
     args = parser.parse_args(argv)
     if args.background and os.fork() > 0:
         # The starter reaps this first process at once; the daemon (the fork) is adopted by
@@ -375,6 +519,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["ENGCTL_HOME"] = str(Path(args.home).absolute())
     sys.exit(
         run(
-            args.home, args.ready_fd, foreground=not args.background, metrics_port=args.metrics_port
+            args.home,
+            args.ready_fd,
+            foreground=not args.background,
+            metrics_port=args.metrics_port,
+            reset_registry=args.reset_registry,
         )
     )

@@ -46,6 +46,7 @@ from .policies import (
 )
 from .process import ChildProcess, ExitStatus, SpawnError
 from .registry import Entry
+from .storage import WriteHealth
 
 log = logging.getLogger("engctl.supervisor")
 
@@ -317,6 +318,9 @@ def _discard(index: dict[_K, set[str]], key: _K, name: str) -> None:
 
 class Supervisor:
     """Owns every engine's instances and their processes."""
+
+    # Counts failed log writes; set by the daemon (a full disk never stops supervision).
+    write_health: WriteHealth | None = None
 
     def __init__(
         self,
@@ -831,6 +835,7 @@ class Supervisor:
                 self.paths.instance_log(engine.spec.name, idx),
                 self.config.log_max_bytes,
                 self.config.log_backups,
+                self.write_health,
             )
             engine.instances.append(Instance(engine, idx, log_file))
         extra = engine.instances[want:]
