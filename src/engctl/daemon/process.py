@@ -44,7 +44,8 @@ class ExitStatus:
 
 
 class SpawnError(Exception):
-    """The process could not be started (command missing, not executable, bad cwd)."""
+    """The process could not be started (command missing, not executable, bad cwd, a value
+    the kernel cannot take, no file descriptors left)."""
 
 
 class ChildProcess:
@@ -170,7 +171,10 @@ def spawn(
     loop: asyncio.AbstractEventLoop,
     on_exit: Callable[[ChildProcess, ExitStatus], None],
 ) -> ChildProcess:
-    """Start `argv` as the leader of a new session; stderr is always a pipe to the daemon."""
+    """Start `argv` as the leader of a new session; stderr is always a pipe to the daemon.
+
+    Every way this can fail raises SpawnError, and then no process is left running.
+    """
     try:
         popen = subprocess.Popen(
             argv,
@@ -186,7 +190,18 @@ def spawn(
         detail = exc.strerror or str(exc)
         target = exc.filename or argv[0]
         raise SpawnError(f"cannot start {target!r}: {detail}") from exc
-    return ChildProcess(popen, loop, on_exit)
+    except (ValueError, TypeError, subprocess.SubprocessError) as exc:
+        # e.g. "embedded null byte": refused before any fork, so nothing runs.
+        raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
+    try:
+        return ChildProcess(popen, loop, on_exit)
+    except OSError as exc:  # no pidfd (EMFILE): a process nobody watches must not live on
+        signal_group(popen.pid, signal.SIGKILL)
+        popen.wait()
+        for pipe in (popen.stdin, popen.stdout, popen.stderr):
+            if pipe is not None:
+                pipe.close()
+        raise SpawnError(f"cannot watch {argv[0]!r} (pid {popen.pid}): {exc.strerror}") from exc
 
 
 def kill_tree_now(pgid: int, extra_pids: Iterable[tuple[int, float]] = ()) -> None:

@@ -82,7 +82,10 @@ def status_table(
         )
     for eng, inst in rows:
         if inst is None:
-            note = "oneshot" if eng["mode"] == "oneshot" else f"0 instances ({eng['desired']})"
+            if eng["mode"] == "oneshot":
+                note = f"oneshot, up to {eng.get('max_concurrency', 1)} runs at once"
+            else:
+                note = f"0 instances ({eng['desired']})"
             table.add_row(eng["name"], "-", Text(note, style="dim"), *["-"] * (len(columns) - 3))
             continue
         state = inst["state"]
@@ -141,7 +144,8 @@ def _width(table: Table) -> int:
 def engines_table(engines: list[dict[str, Any]]) -> Table:
     """`engctl list`: one row per registered engine."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("NAME", "TYPE", "MODE", "INSTANCES", "DESIRED", "COMMAND"):
+    # CONCURRENCY: requests at once per instance; for a oneshot engine, runs at once.
+    for col in ("NAME", "TYPE", "MODE", "INSTANCES", "CONCURRENCY", "DESIRED", "COMMAND"):
         table.add_column(col, overflow="fold")
     for e in engines:
         table.add_row(
@@ -149,6 +153,7 @@ def engines_table(engines: list[dict[str, Any]]) -> Table:
             e["type"],
             e["mode"],
             str(e["instances"]),
+            str(e.get("max_concurrency", 1)),
             e["desired"],
             " ".join(e["command"]),
         )
