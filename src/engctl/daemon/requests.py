@@ -716,7 +716,7 @@ class Router:
                 if selector.instance not in (None, inst.id) or (tried and inst.id in tried):
                     continue
                 views.append(self._view(engine, inst, running))
-        return standby(views, services)
+        return standby(views, services, whole=selector.instance is None and not tried)
 
     def _view(self, engine: Engine, inst: Instance, running: bool) -> InstanceView:
         """One instance for `standby`: where it is headed, in plain values."""
@@ -734,7 +734,9 @@ class Router:
             # stopping to restart, ready but without its protocol pipe (being replaced), or
             # not started yet by a daemon that is still starting its engines
             return InstanceView(inst.id, name, "restarting" if pending else "stopping")
-        return InstanceView(inst.id, name, state.value, inst.state_reason)
+        # Why it is fatal or exited matters; a stopped one was stopped (its exit says how).
+        why = "" if state is S.STOPPED else inst.state_reason
+        return InstanceView(inst.id, name, state.value, why)
 
     def _dispatch(self, req: Request, cand: Candidate) -> None:
         req.attempts += 1
@@ -946,7 +948,7 @@ class Router:
         elif req.instance and req.last_error is not None:
             where = f" waiting in the queue for a retry (last error: {req.last_error.message})"
         elif req.waiting_for:
-            where = f" waiting for {req.waiting_for}"
+            where = f" waiting in the queue: {req.waiting_for}"
         else:
             where = " waiting in the queue"
         if not running:
@@ -1054,18 +1056,19 @@ class Standby:
 _COMING = ("starting", "restarting")
 
 
-def standby(views: list[InstanceView], services: list[str]) -> Standby | None:
+def standby(views: list[InstanceView], services: list[str], whole: bool = True) -> Standby | None:
     """Decide for a request that no ready instance can take: wait for instances that are on
     their way, fail at once saying why the matching engines are down (or take no requests),
     or None when nothing registered matches (or some match and serve: the filters' own
-    diagnosis says more). Pure: plain values in, a decision out."""
+    diagnosis says more). `whole`: `views` holds every instance of their engines (no
+    instance was pinned or left out). Pure: plain values in, a decision out."""
     coming = [v for v in views if v.state in _COMING]
     if coming:
-        return Standby(wait=_describe(coming, views, _coming_phrase))
+        return Standby(wait=_describe(coming, views, _coming_phrase, whole))
     if any(v.state == "ready" for v in views):
         return None
     if views:
-        return Standby(error=_describe(views, views, _down_phrase))
+        return Standby(error=_describe(views, views, _down_phrase, whole))
     if services:
         if len(services) == 1:
             return Standby(error=f"{services[0]} is a service engine: it takes no requests")
@@ -1091,18 +1094,17 @@ def _describe(
     chosen: list[InstanceView],
     views: list[InstanceView],
     phrase: Callable[[list[InstanceView]], str],
+    whole: bool,
 ) -> str:
-    """ "all instances of X are P" when `chosen` is all of one engine and one phrase fits
-    them, else each instance with its own phrase."""
+    """Say "all instances of X are P" when `chosen` is every instance of one engine (`whole`:
+    `views` holds them all) in one state, else each instance with its own phrase."""
     engines = {v.engine for v in chosen}
-    if len(engines) == 1:
+    if len(engines) == 1 and whole:
         name = next(iter(engines))
         every = [v for v in views if v.engine == name]
         if len(every) == len(chosen) and len({v.state for v in chosen}) == 1:
             if len(chosen) == 1 and chosen[0].id == name:
                 return f"{name} is {phrase(chosen)}"  # a oneshot engine, or 0 instances
-            if len(chosen) == 1:
-                return f"{chosen[0].id} is {phrase(chosen)}"
             return f"all instances of {name} are {phrase(chosen)}"
     return "; ".join(f"{v.id} is {phrase([v])}" for v in chosen)
 
