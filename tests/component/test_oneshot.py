@@ -23,7 +23,7 @@ def test_oneshot_runs_up_to_max_concurrency_at_once_and_says_so(
     results: list[object] = []
 
     def run() -> None:
-        with daemon.client() as c:
+        with daemon.client(timeout=60) as c:
             results.append(c.exec("x", type="P", timeout=20)["result"])
 
     threads = [threading.Thread(target=run) for _ in range(3)]
@@ -38,7 +38,7 @@ def test_oneshot_runs_up_to_max_concurrency_at_once_and_says_so(
     engines = {e["name"]: e for e in daemon.status()["engines"]}
     assert engines["par"]["max_concurrency"] == 3
     assert engines["one"]["max_concurrency"] == 1
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         listed = {e["name"]: e for e in c.call("engine.list")["engines"]}
     assert (listed["par"]["max_concurrency"], listed["one"]["max_concurrency"]) == (3, 1)
     r = daemon.cli("status")
@@ -50,7 +50,7 @@ def test_oneshot_stderr_goes_to_the_engine_log(daemon: Home) -> None:
     """The stderr of every run goes to NAME.oneshot.log, read by `engctl logs NAME`, with
     engctl's own lines on each run's start and exit."""
     daemon.register("bad", engine_cmd("oneshot_upper.py", "7"), mode="oneshot", type="U")
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         for _ in range(2):
             assert c.exec_many(["x"], type="U").__next__()["ok"] is False
     log = daemon.paths.log_dir / "bad.oneshot.log"
@@ -69,7 +69,7 @@ def test_oneshot_requests_show_in_report_top_and_metrics(daemon: Home) -> None:
     """A oneshot engine's requests are figures like an instance's (`NAME#oneshot`): in the
     history report, in `top --json` and in the Prometheus exposition."""
     daemon.register("up", engine_cmd("oneshot_upper.py"), mode="oneshot", type="U")
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         assert all(r["ok"] for r in c.exec_many(["a", "b", "c"], type="U"))
     r = daemon.cli("top", "--json")
     assert r.returncode == 0, r.stderr
@@ -77,7 +77,7 @@ def test_oneshot_requests_show_in_report_top_and_metrics(daemon: Home) -> None:
     assert row["id"] == "up#oneshot" and row["state"] == "oneshot"
     assert row["success_rate"] == 1.0 and row["in_flight"] == 0
 
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         c.call("metrics.flush")
     r = daemon.cli("report", "--json")
     assert r.returncode == 0, r.stderr

@@ -47,7 +47,10 @@ def test_a_retry_never_leaves_the_pinned_instance(daemon: Home) -> None:
     never answered by another instance (of this engine, or of another engine and type)."""
     wire_engines(daemon, kva={"type": "A"}, kvb={"type": "B", "instances": 2})
     for _ in range(3):
-        with daemon.client() as c, pytest.raises(RequestFailedError, match="kvb#0: nope") as info:
+        with (
+            daemon.client(timeout=60) as c,
+            pytest.raises(RequestFailedError, match="kvb#0: nope") as info,
+        ):
             c.exec({"raw": ERROR_REPLY}, instance="kvb#0", retries=2, timeout=5)
         assert info.value.data["attempts"] == 1
         assert info.value.data["instance"] == "kvb#0"
@@ -66,7 +69,7 @@ def test_a_retry_keeps_the_type_capability_and_label_filters(daemon: Home) -> No
         no_cap={"type": "T", "labels": {"tier": "gold"}},
         no_label={"type": "T", "capabilities": ["gpu"]},
     )
-    with daemon.client() as c, pytest.raises(RequestFailedError, match="bad#0: nope"):
+    with daemon.client(timeout=60) as c, pytest.raises(RequestFailedError, match="bad#0: nope"):
         c.exec({"raw": ERROR_REPLY}, type="T", require=["gpu"], labels=["tier=gold"], retries=3)
     for name in ("other_type#0", "no_cap#0", "no_label#0"):
         assert daemon.instance(name)["requests"]["requests"] == 0
@@ -84,7 +87,7 @@ def test_requests_right_after_a_daemon_restart_wait_for_their_engines(daemon: Ho
 
     def one() -> None:
         try:
-            with daemon.client() as c:  # the first one starts the new daemon
+            with daemon.client(timeout=60) as c:  # the first one starts the new daemon
                 results.append(c.exec("hi", type="W", timeout=15))
         except Exception as exc:
             results.append(exc)
@@ -109,14 +112,14 @@ def test_a_request_waits_for_a_restarting_engine_and_says_so_on_timeout(daemon: 
     )
     os.kill(daemon.instance("slow#0")["pid"], signal.SIGKILL)
     daemon.wait_state("slow#0", "backoff")
-    with daemon.client() as c, pytest.raises(RequestTimeoutError) as info:
+    with daemon.client(timeout=60) as c, pytest.raises(RequestTimeoutError) as info:
         c.exec(1, type="slow", timeout=0.3)
     message = info.value.message
     assert message.startswith(
         "request timed out after 0.3s waiting in the queue: all instances of slow are restarting"
         " (next start in "
     ), message
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         assert c.exec(2, type="slow", timeout=15)["result"] == {"echo": 2}
 
 
@@ -127,7 +130,10 @@ def test_a_service_engine_is_named_as_taking_no_requests(daemon: Home) -> None:
     r = daemon.cli("exec", "--engine", "svc", "--", "1")
     assert r.returncode == EXIT_NO_ELIGIBLE, r.stderr
     assert r.stderr.strip() == "engctl: error: svc is a service engine: it takes no requests"
-    with daemon.client() as c, pytest.raises(NoEligibleEngineError, match="it takes no requests"):
+    with (
+        daemon.client(timeout=60) as c,
+        pytest.raises(NoEligibleEngineError, match="it takes no requests"),
+    ):
         c.exec(1, type="web")
 
 
@@ -142,7 +148,7 @@ def test_a_fatal_engine_fails_requests_at_once_saying_why(daemon: Home) -> None:
         restart={"start_seconds": 0.5, "max_retries": 2, "backoff": {"initial": 0.3}},
     )
     t0 = time.monotonic()
-    with daemon.client() as c, pytest.raises(NoEligibleEngineError) as info:
+    with daemon.client(timeout=60) as c, pytest.raises(NoEligibleEngineError) as info:
         c.exec(1, type="X", timeout=30)  # waits while it restarts, fails when it is fatal
     assert time.monotonic() - t0 < 20
     assert info.value.message.startswith("all instances of bad are fatal: gave up after 3 failed")
@@ -157,7 +163,7 @@ def test_a_stopped_engine_says_it_is_stopped(daemon: Home) -> None:
     """Issue 10.17: an engine stopped by hand is named as stopped (exit 4, at once)."""
     wire_engines(daemon, w={"type": "W"})
     assert daemon.cli("stop", "w").returncode == 0
-    with daemon.client() as c, pytest.raises(NoEligibleEngineError) as info:
+    with daemon.client(timeout=60) as c, pytest.raises(NoEligibleEngineError) as info:
         c.exec(1, type="W", timeout=5)
     assert info.value.message == "all instances of w are stopped"
 
@@ -168,7 +174,7 @@ def test_outcomes_sum_to_requests_in_status_metrics_and_report(daemon: Home) -> 
     (it counted as timeout and lost), and a crash mid-request, every instance's requests are
     exactly the sum of its outcomes in status, in `metrics --json` and in the report."""
     wire_engines(daemon, mix={"type": "M"})
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         for i in range(3):
             c.exec(i, type="M", timeout=5)
         for _ in range(2):
@@ -179,10 +185,10 @@ def test_outcomes_sum_to_requests_in_status_metrics_and_report(daemon: Home) -> 
     pid = daemon.instance("mix#0")["pid"]
     os.kill(pid, signal.SIGKILL)  # the timed-out request is still in flight on it
     wait_until(lambda: (i := daemon.instance("mix#0"))["state"] == "ready" and i["pid"] != pid)
-    with daemon.client() as c, pytest.raises(RequestFailedError, match="request lost"):
+    with daemon.client(timeout=60) as c, pytest.raises(RequestFailedError, match="request lost"):
         c.exec({"exit": 3}, type="M", timeout=5)
     daemon.wait_state("mix#0", "ready")
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         c.exec("last", type="M", timeout=5)
 
     req = daemon.instance("mix#0")["requests"]
@@ -199,7 +205,7 @@ def test_outcomes_sum_to_requests_in_status_metrics_and_report(daemon: Home) -> 
             counted[sample["labels"]["outcome"]] = sample["value"]
     assert counted == {"ok": 4, "error": 2, "timeout": 1, "lost": 1}
 
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         c.call("metrics.flush")
     r = daemon.cli("report", "--json", "--engine", "mix")
     assert r.returncode == 0, r.stderr

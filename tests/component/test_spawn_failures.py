@@ -39,11 +39,11 @@ def test_register_refuses_nul_and_bad_env_names_and_saves_nothing(
     """Issue 9.2: a NUL byte in command, env or cwd, or '=' in an env name, is one SpecError
     naming the field (exit 2 on the CLI); the engine is neither registered nor saved, and the
     daemon serves on (stop works)."""
-    with daemon.client() as c, pytest.raises(SpecError) as info:
+    with daemon.client(timeout=60) as c, pytest.raises(SpecError) as info:
         c.register({"bad": spec})
     assert info.value.message.startswith(f"{field}: ")
     assert info.value.exit_code == EXIT_USAGE
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         assert c.call("engine.list")["engines"] == []
     saved = daemon.paths.registry
     assert not saved.exists() or "bad" not in json.loads(saved.read_text()).get("engines", {})
@@ -80,7 +80,7 @@ def test_engines_after_one_that_cannot_start_still_start_after_a_daemon_restart(
 ) -> None:
     """Issue 9.2: at daemon start an engine whose start fails (its command cannot be run)
     ends in backoff/fatal with the reason, and the engines after it start all the same."""
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         c.register(
             {
                 "a-broken": {"command": ["/nonexistent/engctl-test"], **QUICK},
@@ -103,12 +103,12 @@ def test_a_nul_in_a_oneshot_argv_payload_is_a_request_error_that_frees_its_slot(
     (`{input}`) fails that request (exit 2, one line), and the engine's only slot is free
     again: the next request is served."""
     daemon.register("args", engine_cmd("oneshot_args.py", "--in={input}"), mode="oneshot", type="A")
-    with daemon.client() as c, pytest.raises(UsageError, match="holds a NUL byte"):
+    with daemon.client(timeout=60) as c, pytest.raises(UsageError, match="holds a NUL byte"):
         c.exec("a\0b", type="A", timeout=5)
     r = daemon.cli("exec", "--type", "A", "--timeout", "5", "--", '"x\\u0000y"')
     assert r.returncode == EXIT_USAGE, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "NUL byte" in r.stderr
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         assert c.exec("fine", type="A", timeout=5)["result"] == {"args": ["--in=fine"]}
     wait_until(lambda: daemon.status()["engines"][0]["requests"]["in_flight"] == 0)
 
@@ -125,7 +125,7 @@ def test_stop_and_unregister_work_for_an_engine_that_never_got_a_process(daemon:
     assert daemon.cli("stop", "nope").returncode == 0
     assert daemon.instance("nope#0")["state"] == "stopped"
     assert daemon.cli("start", "nope").returncode == 0
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         c.register({"nope": {"command": [PY, "-c", "pass"]}})
     assert daemon.cli("unregister", "nope").returncode == 0
     r = daemon.cli("daemon", "stop")

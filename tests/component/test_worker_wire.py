@@ -57,7 +57,7 @@ def test_a_32mib_line_is_read_in_bounded_time_and_the_daemon_stays_responsive(
     done = threading.Event()
 
     def poll() -> None:
-        with daemon.client() as c:
+        with daemon.client(timeout=60) as c:
             while not done.is_set():
                 t = time.perf_counter()
                 c.status()
@@ -67,7 +67,10 @@ def test_a_32mib_line_is_read_in_bounded_time_and_the_daemon_stays_responsive(
     poller.start()
     try:
         t0 = time.monotonic()
-        with daemon.client() as c, pytest.raises(RequestFailedError, match=r"\(not JSON\): xxx"):
+        with (
+            daemon.client(timeout=60) as c,
+            pytest.raises(RequestFailedError, match=r"\(not JSON\): xxx"),
+        ):
             c.exec({"garbage": 32 * MiB}, type="W", timeout=60)
         elapsed = time.monotonic() - t0
     finally:
@@ -75,7 +78,7 @@ def test_a_32mib_line_is_read_in_bounded_time_and_the_daemon_stays_responsive(
         poller.join(30)
     assert elapsed < 3.0, f"a 32 MiB line took {elapsed:.2f}s"
     assert latencies and max(latencies) < 0.5, f"status took up to {max(latencies):.2f}s"
-    with daemon.client() as c:  # the same worker serves on
+    with daemon.client(timeout=60) as c:  # the same worker serves on
         assert c.exec("next", type="W", timeout=10)["result"] == {"echo": "next"}
 
 
@@ -92,11 +95,11 @@ def test_a_line_over_the_limit_fails_its_requests_at_once_and_is_not_buffered(
     rss_before = psutil.Process(pid).memory_info().rss
     size = MAX_WORKER_LINE + 40 * MiB
     t0 = time.monotonic()
-    with daemon.client() as c, pytest.raises(RequestFailedError) as info:
+    with daemon.client(timeout=60) as c, pytest.raises(RequestFailedError) as info:
         c.exec({"garbage": size}, type="W", timeout=60)
     assert time.monotonic() - t0 < 5.0
     assert f"a line longer than the limit of {MAX_WORKER_LINE} bytes" in info.value.message
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         assert c.exec("after", type="W", timeout=10)["result"] == {"echo": "after"}
     grown = psutil.Process(pid).memory_info().rss - rss_before
     assert grown < size, f"the daemon grew by {grown / MiB:.0f} MiB for a {size / MiB:.0f} MiB line"
@@ -111,11 +114,11 @@ def test_deeply_nested_json_from_a_worker_is_a_protocol_error(daemon: Home) -> N
     as a protocol error (not at its deadline), logs no traceback, and the worker serves on."""
     wire(daemon)
     t0 = time.monotonic()
-    with daemon.client() as c, pytest.raises(RequestFailedError) as info:
+    with daemon.client(timeout=60) as c, pytest.raises(RequestFailedError) as info:
         c.exec({"nested": 200_000}, type="W", timeout=30)
     assert time.monotonic() - t0 < 5.0
     assert "broke the worker protocol (JSON nested too deeply)" in info.value.message
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         assert c.exec(2, type="W", timeout=10)["result"] == {"echo": 2}
     log = daemon_log(daemon)
     assert "RecursionError" not in log and "Traceback" not in log
@@ -128,7 +131,7 @@ def test_deeply_nested_oneshot_output_is_text_and_frees_its_slot(daemon: Home) -
     daemon.register(
         "deep", [PY, "-c", f"import sys; sys.stdout.write({deep})"], mode="oneshot", type="D"
     )
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         for _ in range(2):
             out = c.exec("x", type="D", timeout=10)
             assert out["result"] == "[" * 200_000 + "]" * 200_000
@@ -153,7 +156,7 @@ def test_a_reply_with_repeated_keys_gives_what_json_decodes(
     """Issue 10.4: duplicate or extra keys after the result never leak into it; with and
     without --explain (the decoded path) the caller gets the same object."""
     wire(daemon)
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         plain = c.exec({"raw": raw}, type="W", timeout=10)
         explained = c.exec({"raw": raw}, type="W", timeout=10, explain=True)
     assert plain["result"] == expected
@@ -168,7 +171,10 @@ def test_a_worker_that_closes_its_stdout_is_restarted(daemon: Home) -> None:
     wire(daemon)
     pid = daemon.instance("w#0")["pid"]
     t0 = time.monotonic()
-    with daemon.client() as c, pytest.raises(RequestFailedError, match="closed its stdout"):
+    with (
+        daemon.client(timeout=60) as c,
+        pytest.raises(RequestFailedError, match="closed its stdout"),
+    ):
         c.exec({"close_stdout": True}, type="W", timeout=30)
     assert time.monotonic() - t0 < 5.0
     wait_until(lambda: gone(pid), timeout=10)
@@ -180,7 +186,7 @@ def test_a_worker_that_closes_its_stdout_is_restarted(daemon: Home) -> None:
     inst = daemon.wait_state("w#0", "ready")
     assert inst["pid"] != pid and inst["restarts"] == 1
     assert inst["last_exit"]["cause"] == "no protocol pipe"
-    with daemon.client() as c:
+    with daemon.client(timeout=60) as c:
         assert c.exec(3, type="W", timeout=10)["result"] == {"echo": 3}
     assert inst["requests"]["lost"] == 1 and inst["requests"]["requests"] == 1
 
