@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any
@@ -21,7 +20,7 @@ from engctl.errors import (
     RequestTimeoutError,
 )
 from tests.conftest import Home, engine_cmd, wait_until
-from tests.daemon_support import kill9_daemon
+from tests.daemon_support import kill9_daemon, socket_closed
 
 QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial": 0.05}}}
 ERROR_REPLY = '{"jsonrpc":"2.0","id":%ID%,"error":{"code":1,"message":"nope"}}'
@@ -36,16 +35,6 @@ def wire_engines(home: Home, **engines: dict[str, Any]) -> None:
     for name, spec in engines.items():
         for k in range(spec.get("instances", 1)):
             home.wait_state(f"{name}#{k}", "ready")
-
-
-def refused(home: Home) -> bool:
-    """Whether nothing listens on the home's socket any more."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(home.paths.socket))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return True
-    return False
 
 
 def outcomes(requests: dict[str, int]) -> int:
@@ -96,7 +85,7 @@ def test_requests_right_after_a_daemon_restart_wait_for_their_engines(daemon: Ho
     kill9_daemon(daemon)
     # Its threads may still hold the listening socket a moment after the leader is a zombie
     # (a connection then is reset: the client's business, not this test's).
-    wait_until(lambda: refused(daemon))
+    wait_until(lambda: socket_closed(daemon))
     results: list[Any] = []
 
     def one() -> None:

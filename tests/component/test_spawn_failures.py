@@ -13,7 +13,7 @@ import pytest
 from engctl.daemon import process
 from engctl.errors import EXIT_USAGE, SpecError, UsageError
 from tests.conftest import PY, Home, engine_cmd, wait_until
-from tests.daemon_support import kill9_daemon
+from tests.daemon_support import kill9_daemon, socket_closed
 
 QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial": 0.05}}}
 
@@ -89,6 +89,7 @@ def test_engines_after_one_that_cannot_start_still_start_after_a_daemon_restart(
         )
     daemon.wait_state("b-fine#0", "ready")
     kill9_daemon(daemon)
+    wait_until(lambda: socket_closed(daemon))
     daemon.start_daemon()
     daemon.wait_state("b-fine#0", "ready")
     broken = daemon.wait_state("a-broken#0", "backoff", "fatal")
