@@ -75,6 +75,17 @@ def kill9_daemon(home: Home) -> int:
     return pid
 
 
+def socket_closed(home: Home) -> bool:
+    """Whether nothing listens on the home's socket: a killed daemon's threads may hold it a
+    moment after its leader is a zombie (a connection then is reset)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(home.paths.socket))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+    return False
+
+
 def daemon_processes(home: Home, engctl_home: Path | None = None) -> list[psutil.Process]:
     """Live daemon processes of this home (or of another ENGCTL_HOME)."""
     want = str(engctl_home or home.path)

@@ -64,24 +64,23 @@ def tail_logs(sources: list[tuple[str, list[Path]]], lines: int) -> list[dict[st
 
 
 def log_sources(log_dir: Path, engine: str, index: int | None) -> list[tuple[str, list[Path]]]:
-    """The log files found for an engine (all its instances) or one instance, without the
-    daemon: `NAME.K.log` and its rotated `NAME.K.log.N`, oldest first."""
-    pattern = re.compile(rf"^{re.escape(engine)}\.(\d+)\.log(?:\.(\d+))?$")
-    found: dict[int, list[tuple[int, Path]]] = {}
+    """The log files found for an engine (all its instances, or its oneshot runs) or one
+    instance, without the daemon: `NAME.K.log` (`NAME.oneshot.log`) and its rotated
+    `NAME.K.log.N`, oldest first."""
+    pattern = re.compile(rf"^{re.escape(engine)}\.(\d+|oneshot)\.log(?:\.(\d+))?$")
+    found: dict[str, list[tuple[int, Path]]] = {}
     try:
         names = os.listdir(log_dir)
     except FileNotFoundError:
         names = []
     for name in names:
         m = pattern.match(name)
-        if m is None or (index is not None and int(m.group(1)) != index):
+        if m is None or (index is not None and m.group(1) != str(index)):
             continue
         # The current file is generation 0; a higher rotation number is older.
-        found.setdefault(int(m.group(1)), []).append((int(m.group(2) or 0), log_dir / name))
-    return [
-        (f"{engine}#{k}", [p for _, p in sorted(files, reverse=True)])
-        for k, files in sorted(found.items())
-    ]
+        found.setdefault(m.group(1), []).append((int(m.group(2) or 0), log_dir / name))
+    order = sorted(found, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0))
+    return [(f"{engine}#{k}", [p for _, p in sorted(found[k], reverse=True)]) for k in order]
 
 
 def select_events(

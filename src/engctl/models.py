@@ -160,7 +160,9 @@ class _Reader:
             raise SpecError(f"{self.path(key)}: expected a list of non-empty strings, got {v!r}")
         return tuple(v)
 
-    def str_map(self, key: str) -> dict[str, str]:
+    def str_map(self, key: str, *, environment: bool = False) -> dict[str, str]:
+        """A table of strings; with `environment`, one that execve can take (names without
+        '=' or NUL, values without NUL)."""
         v = self.raw(key)
         if v is None:
             return {}
@@ -170,8 +172,23 @@ class _Reader:
         for k, val in v.items():
             if not isinstance(val, str | int | float) or isinstance(val, bool):
                 raise SpecError(f"{self.path(key)}.{k}: expected a string, got {val!r}")
-            out[str(k)] = str(val)
+            name, text = str(k), str(val)
+            if environment:
+                if not name or "=" in name or "\0" in name:
+                    raise SpecError(
+                        f"{self.path(key)}: bad variable name {name!r} (an environment name is"
+                        " not empty and holds no '=' and no NUL byte)"
+                    )
+                _no_nul(text, f"{self.path(key)}.{name}")
+            out[name] = text
         return out
+
+    def exec_string(self, key: str) -> str | None:
+        """An optional non-empty string that goes to the kernel (a path): no NUL byte."""
+        v = self.opt_string(key)
+        if v is not None:
+            _no_nul(v, self.path(key))
+        return v
 
     def table(self, key: str) -> _Reader:
         v = self.raw(key)
@@ -181,6 +198,13 @@ class _Reader:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
             raise SpecError(f"{self.path(unknown[0])}: unknown key {unknown[0]!r}")
+
+
+def _no_nul(text: str, where: str) -> None:
+    """Refuse a NUL byte in what becomes an argv, an environment or a path (C strings end at
+    NUL: the kernel cannot take it, and a spawn would fail every time)."""
+    if "\0" in text:
+        raise SpecError(f"{where}: holds a NUL byte, which a command, environment or path cannot")
 
 
 @dataclass(frozen=True)
@@ -261,6 +285,12 @@ class EngineSpec:
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     depends_on: tuple[str, ...] = ()
+    # Workers: seconds warming up (after start_seconds) without an answer to ping or a
+    # `ready` before the start counts as failed.
+    start_timeout: float = 60.0
+    # Workers: seconds a request may go unanswered before the hang policy pings the instance
+    # (and kills it if the ping goes unanswered too). A caller's deadline never judges it.
+    hang_timeout: float = 60.0
     restart: RestartSpec = field(default_factory=RestartSpec)
     stop: StopSpec = field(default_factory=StopSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
@@ -329,9 +359,11 @@ class EngineSpec:
             capabilities=r.str_list("capabilities"),
             labels=r.str_map("labels"),
             weight=r.number("weight", 1.0, 0.0, 1000.0, open_lo=True),
-            cwd=r.opt_string("cwd"),
-            env=r.str_map("env"),
+            cwd=r.exec_string("cwd"),
+            env=r.str_map("env", environment=True),
             depends_on=r.str_list("depends_on"),
+            start_timeout=r.number("start_timeout", 60.0, 0.0, 86400.0, open_lo=True),
+            hang_timeout=r.number("hang_timeout", 60.0, 0.0, 86400.0, open_lo=True),
             restart=_restart(r.table("restart")),
             stop=_stop(r.table("stop")),
             health=_health(r.table("health"), mode),
@@ -348,8 +380,18 @@ class EngineSpec:
         """The TOML/JSON form: command plus every key that differs from its default."""
         out: dict[str, Any] = {"command": list(self.command)}
         default = EngineSpec(name=self.name, command=self.command)
-        keys = ("type", "mode", "shell", "instances", "max_concurrency", "weight", "cwd", "version")
-        for key in keys:
+        for key in (
+            "type",
+            "mode",
+            "shell",
+            "instances",
+            "max_concurrency",
+            "weight",
+            "cwd",
+            "version",
+            "start_timeout",
+            "hang_timeout",
+        ):
             value = getattr(self, key)
             if value != getattr(default, key):
                 out[key] = value.value if isinstance(value, EngineMode) else value
@@ -411,6 +453,8 @@ def _command(r: _Reader, shell: bool) -> tuple[str, ...]:
         raise SpecError(f"{where}: expected a list of strings or a string, got {raw!r}")
     if not argv or not argv[0].strip():
         raise SpecError(f"{where}: empty command")
+    for i, arg in enumerate(argv):
+        _no_nul(arg, where if isinstance(raw, str) else f"{where}[{i}]")
     return argv
 
 
@@ -469,6 +513,8 @@ def _health(r: _Reader, mode: EngineMode) -> HealthSpec:
             f'{r.path("check")}: expected ping, none, "command:<argv>", "http:<url>" or'
             f' "tcp:<host:port>", got {check!r}'
         )
+    if check is not None:
+        _no_nul(check, r.path("check"))
     if check == "ping" and mode is not EngineMode.WORKER:
         raise SpecError(f'{r.path("check")}: ping needs mode = "worker" (this engine is {mode})')
     spec = HealthSpec(

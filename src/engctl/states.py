@@ -120,6 +120,16 @@ class RestartPolicy(StrEnum):
         return exit_code != 0
 
 
+class RequestOutcome(StrEnum):
+    """How one attempt of a request on an instance ended: exactly one per attempt, so an
+    instance's `requests` is always the sum of its outcomes (status, history, Prometheus)."""
+
+    OK = "ok"
+    ERROR = "error"  # an error answer, protocol garbage, or a oneshot that failed
+    TIMEOUT = "timeout"  # the caller's deadline passed first; a late answer is discarded
+    LOST = "lost"  # its process died or stopped (or closed its stdout) with it in flight
+
+
 class DesiredState(StrEnum):
     """What the user asked an engine to be; survives daemon restarts."""
 

@@ -593,14 +593,13 @@ def test_results_over_eight_mib_are_delivered(daemon: Home) -> None:
 
 def test_client_accepts_every_result_the_daemon_can_send() -> None:
     """The client's frame limit is above the largest frame the daemon sends: a worker's
-    longest reply line and a oneshot's longest output encoded as a JSON string."""
+    longest reply line, and a oneshot's longest output encoded as a JSON string."""
     from engctl.client import MAX_RESPONSE_BYTES
-    from engctl.daemon.oneshot import MAX_STDOUT_BYTES
-    from engctl.daemon.requests import MAX_WORKER_LINE
+    from engctl.daemon.output import MAX_ONESHOT_OUTPUT, MAX_WORKER_LINE
 
     envelope = 1 << 20  # the result object around it, an explanation
     assert MAX_WORKER_LINE + envelope <= MAX_RESPONSE_BYTES
-    assert 6 * MAX_STDOUT_BYTES + envelope <= MAX_RESPONSE_BYTES  # \u0000 is 6 bytes
+    assert 6 * MAX_ONESHOT_OUTPUT + envelope <= MAX_RESPONSE_BYTES  # \u0000 is 6 bytes
 
 
 # -- observations --------------------------------------------------------------------------

@@ -252,14 +252,16 @@ def test_worker_that_stops_answering_pings_is_isolated_then_readmitted(
 
 # -- hang ----------------------------------------------------------------------------------
 def test_hung_worker_is_killed_and_restarted(fast: Home) -> None:
-    """A request past its deadline on a worker that does not answer ping either: the hang
-    policy kills the process group; the instance restarts and serves the next requests."""
+    """A request unanswered for the engine's hang_timeout on a worker that does not answer
+    ping either: the hang policy kills the process group; the instance restarts and serves
+    the next requests."""
     pidfile = fast.path / "child.pid"
     workers(
         fast,
         h={
             "command": engine_cmd("stuck.py", str(pidfile)),
             "type": "H",
+            "hang_timeout": 1.0,
             "policy": {"hang": {"ping_timeout": 0.3}},
         },
     )
@@ -270,9 +272,8 @@ def test_hung_worker_is_killed_and_restarted(fast: Home) -> None:
         c.exec("hang", type="H", timeout=0.5)
     [hung] = wait_until(lambda: events(fast, "instance.hung", "h#0"), timeout=5)
     assert hung["reason"].startswith("hang: request ")
-    assert hung["reason"].endswith(
-        "passed its 0.5s deadline and the instance did not answer ping within 0.3s"
-    )
+    assert "(hang_timeout 1s) and no answer to ping within 0.3s" in hung["reason"]
+    assert hung["data"]["unanswered_seconds"] >= 1.0
     wait_until(lambda: gone(pid) and gone(child), timeout=5)  # the whole process group
     inst = wait_until(lambda: (i := fast.instance("h#0"))["last_exit"] and i)
     assert inst["last_exit"]["signal"] == "SIGKILL"
@@ -285,6 +286,36 @@ def test_hung_worker_is_killed_and_restarted(fast: Home) -> None:
             assert obj["result"]["echo"] == value
             assert obj["result"]["pid"] not in (pid, None)
     assert fast.instance("h#0")["restarts"] == 1
+
+
+def test_caller_timeout_does_not_get_a_busy_sync_worker_killed(fast: Home) -> None:
+    """Issue 10.6: a 1.5 s request sent with a 0.3 s timeout to a synchronous worker (which
+    cannot answer ping while busy) times out for its caller, but the worker is not judged:
+    its slot stays busy until the late answer (discarded), nothing more is sent to it
+    meanwhile, and the same process serves the next request."""
+    workers(
+        fast,
+        sync={
+            "command": engine_cmd("sync_slow.py"),
+            "type": "S",
+            "policy": {"hang": {"ping_timeout": 0.2}},
+        },
+    )
+    pid = fast.instance("sync#0")["pid"]
+    with fast.client() as c, pytest.raises(RequestTimeoutError, match=r"after 0\.3s on sync#0"):
+        c.exec({"sleep": 1.5}, type="S", timeout=0.3)
+    assert fast.instance("sync#0")["requests"]["in_flight"] == 1  # the slot stays held
+    with fast.client() as c, pytest.raises(RequestTimeoutError, match="waiting in the queue"):
+        c.exec({"sleep": 0}, type="S", timeout=0.3)  # not sent to the busy slot
+    wait_until(lambda: fast.instance("sync#0")["requests"]["in_flight"] == 0, timeout=5)
+    with fast.client() as c:
+        obj = c.exec({"sleep": 0}, type="S", timeout=5)
+    assert obj["result"]["pid"] == pid
+    inst = fast.instance("sync#0")
+    assert inst["pid"] == pid and inst["restarts"] == 0
+    assert inst["requests"]["timeouts"] == 1 and inst["requests"]["ok"] == 1
+    assert inst["requests"]["consecutive_errors"] == 0
+    assert not events(fast, "instance.hung", "sync#0")
 
 
 # -- memory --------------------------------------------------------------------------------

@@ -475,8 +475,14 @@ def test_worker_stdout_garbage_is_logged_as_protocol_errors(daemon: Home) -> Non
     assert outs and all(
         re.search(r" engctl: protocol error \(not JSON\): out \d+$", ln) for ln in outs
     )
-    # It never answers the warm-up ping, so it is never offered requests.
-    assert daemon.wait_state("w#0", "warming")["requests"]["errors"] >= 1
+    # It never answers the warm-up ping, so it is never offered requests; what it printed
+    # shows in its state reason while it warms up (issue 10.10).
+    inst = daemon.wait_state("w#0", "warming")
+    assert inst["requests"]["protocol_errors"] >= 1
+    assert inst["requests"]["errors"] == inst["requests"]["requests"] == 0
+    assert re.search(
+        r"\(last: protocol error on stdout \(not JSON\): out \d+\)$", inst["state_reason"]
+    )
 
 
 def test_log_rotation_keeps_backups(home: Home) -> None:

@@ -69,9 +69,10 @@ def test_list_and_status_filter_by_names_type_and_labels(home: Home) -> None:
     text = home.cli("status", "--type", "nope")
     assert text.returncode == 0 and text.stdout == "no engine matches\n"
     table = home.cli("list", "--label", "team=a").stdout.splitlines()
-    assert table[0].split() == ["NAME", "TYPE", "MODE", "INSTANCES", "DESIRED", "VERSION",
-                                "REGISTERED", "CAPABILITIES", "LABELS", "COMMAND"]  # fmt: skip
-    assert table[1].split()[:6] == ["web", "http", "service", "1", "stopped", "2.1.0"]
+    assert table[0].split() == ["NAME", "TYPE", "MODE", "INSTANCES", "CONCURRENCY", "DESIRED",
+                                "VERSION", "REGISTERED", "CAPABILITIES", "LABELS",
+                                "COMMAND"]  # fmt: skip
+    assert table[1].split()[:7] == ["web", "http", "service", "1", "1", "stopped", "2.1.0"]
     assert "tls" in table[1] and "team=a,tier=gold" in table[1]
 
 

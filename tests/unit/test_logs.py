@@ -195,3 +195,19 @@ def test_read_tail_of_long_lines_has_no_gaps(tmp_path: Path) -> None:
     assert [t.split()[0:2] for t in tail] == [["old", "8"], ["old", "9"]] + [
         ["new", str(i)] for i in range(10)
     ]
+
+
+def test_offline_log_sources_include_oneshot_runs(tmp_path: Path) -> None:
+    """Without a daemon, `logs NAME` finds the instances' files and the oneshot runs' file
+    (NAME.oneshot.log), rotated ones oldest first; `NAME#K` only that instance's."""
+    from engctl.homefiles import log_sources
+
+    for name in ("w.0.log", "w.0.log.1", "w.1.log", "w.oneshot.log", "w.oneshot.log.2", "x.0.log"):
+        (tmp_path / name).write_text("")
+    found = log_sources(tmp_path, "w", None)
+    assert [(i, [p.name for p in files]) for i, files in found] == [
+        ("w#0", ["w.0.log.1", "w.0.log"]),
+        ("w#1", ["w.1.log"]),
+        ("w#oneshot", ["w.oneshot.log.2", "w.oneshot.log"]),
+    ]
+    assert [i for i, _ in log_sources(tmp_path, "w", 1)] == ["w#1"]

@@ -23,7 +23,8 @@ from engctl.daemon.policies import (
     SlowTracker,
     Standing,
     guard_rail,
-    hang_decision,
+    hang_suspected,
+    hang_verdict,
     peer_median,
     slow_start_factor,
 )
@@ -363,13 +364,34 @@ def test_crash_reset_gives_a_fresh_budget() -> None:
     assert (d.action, d.delay, d.data["attempt"]) == (Action.RESTART, 0.5, 1)
 
 
-def test_hang_decision_kills_and_names_request_deadline_and_ping() -> None:
-    d = hang_decision("r-42", 30.0, 2.0)
-    assert d.action is Action.KILL
+def test_hang_is_suspected_only_past_hang_timeout() -> None:
+    """Issue 10.6: only a request unanswered for the engine's hang_timeout gets the instance
+    pinged; how short its caller's deadline was plays no part."""
+    assert not hang_suspected([], 60.0)
+    assert not hang_suspected([("r-1", 3.0), ("r-2", 59.9)], 60.0)
+    assert hang_suspected([("r-1", 3.0), ("r-2", 60.0)], 60.0)
+
+
+def test_hang_verdict_kills_when_the_ping_goes_unanswered_too() -> None:
+    """Issue 10.6: an overdue request and no answer to ping: kill, naming the request, how
+    long it waited, hang_timeout and the ping timeout."""
+    d = hang_verdict([("r-41", 12.0), ("r-42", 61.25)], 60.0, 2.0, False, 4)
+    assert d is not None and d.action is Action.KILL
     assert d.reason == (
-        "hang: request r-42 passed its 30s deadline and the instance did not answer ping within 2s"
+        "hang: request r-42 unanswered for 61.2s (hang_timeout 60s) and no answer to ping within 2s"
     )
-    assert d.data == {"request_id": "r-42"}
+    assert d.data == {"request_id": "r-42", "unanswered_seconds": 61.25}
+
+
+def test_hang_verdict_spares_a_busy_worker_that_answers_ping() -> None:
+    """Issue 10.6: a worker that answers ping with a free slot left is busy, not hung; with
+    every slot held by overdue requests nothing else can run there: drain and restart."""
+    assert hang_verdict([("r-1", 70.0)], 60.0, 2.0, True, 2) is None
+    assert hang_verdict([("r-1", 5.0)], 60.0, 2.0, False, 1) is None  # nothing overdue
+    d = hang_verdict([("r-1", 70.0), ("r-2", 65.0)], 60.0, 2.0, True, 2)
+    assert d is not None and d.action is Action.DRAIN_RESTART
+    assert d.reason.startswith("hang: all 2 of its slots are held by requests unanswered for")
+    assert d.data == {"stuck_requests": 2}
 
 
 # --- memory ---------------------------------------------------------------------------------

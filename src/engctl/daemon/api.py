@@ -35,6 +35,7 @@ from . import allow_ssl
 from .dispatch import parse_label
 from .enforcer import Enforcer
 from .events import Event, EventLog
+from .logs import InstanceLog
 from .metrics import Rollups, prometheus_text, snapshot
 from .registry import Entry, Registry
 from .requests import Router
@@ -374,6 +375,7 @@ class Api:
                     "mode": s.mode.value,
                     # As `status` counts them: a oneshot engine has no long-running instances.
                     "instances": s.instances if s.mode.long_running else 0,
+                    "max_concurrency": s.max_concurrency,
                     "desired": e.desired.value,
                     "command": list(s.command),
                     "capabilities": list(s.capabilities),
@@ -676,17 +678,22 @@ class Api:
         conn.on_close.append(lambda: self.events.subscribers.discard(push))
         return {"following": True}
 
-    def _log_targets(self, ref: str) -> list[Instance]:
-        name, idx = parse_instance_ref(ref)
+    def _log_targets(self, ref: str) -> list[tuple[str, InstanceLog]]:
+        """(id, log) of each log a NAME or NAME#K names; a oneshot engine (NAME, or
+        NAME#oneshot as in reports) has one log for all its runs."""
+        name, idx = parse_instance_ref(ref.removesuffix("#oneshot"))
         engine = self._engine(name)
-        return engine.instances if idx is None else [self.sup.instance(engine, idx)]
+        if engine.oneshot_log is not None and idx is None:
+            return [(f"{name}#oneshot", engine.oneshot_log)]
+        insts = engine.instances if idx is None else [self.sup.instance(engine, idx)]
+        return [(i.id, i.log) for i in insts]
 
-    def _tail(self, insts: list[Instance], lines: int) -> list[dict[str, str]]:
+    def _tail(self, targets: list[tuple[str, InstanceLog]], lines: int) -> list[dict[str, str]]:
         sources = []
-        for inst in insts:
-            path = inst.log.path
-            files = [path.with_name(f"{path.name}.{i}") for i in range(inst.log.backups, 0, -1)]
-            sources.append((inst.id, [*files, path]))
+        for inst_id, inst_log in targets:
+            path = inst_log.path
+            files = [path.with_name(f"{path.name}.{i}") for i in range(inst_log.backups, 0, -1)]
+            sources.append((inst_id, [*files, path]))
         return tail_logs(sources, lines)
 
     async def logs_read(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -701,17 +708,17 @@ class Api:
         # the tail and the subscription.
         tail = self._tail(insts, lines)
         removers = []
-        for inst in insts:
+        for inst_id, inst_log in insts:
 
-            def push(line: str, inst_id: str = inst.id) -> None:
+            def push(line: str, inst_id: str = inst_id) -> None:
                 conn.write(protocol.notification("log", {"instance": inst_id, "line": line}))
 
-            inst.log.followers.add(push)
-            removers.append((inst, push))
+            inst_log.followers.add(push)
+            removers.append((inst_log, push))
 
         def unsubscribe() -> None:
-            for inst, push in removers:
-                inst.log.followers.discard(push)
+            for inst_log, push in removers:
+                inst_log.followers.discard(push)
 
         conn.on_close.append(unsubscribe)
         return {"lines": tail}

@@ -28,7 +28,8 @@ from .policies import (
     Decision,
     HealthChange,
     guard_rail,
-    hang_decision,
+    hang_suspected,
+    hang_verdict,
     peer_median,
 )
 from .supervisor import Instance, Sample, Supervisor
@@ -216,7 +217,7 @@ class Enforcer:
 
     # -- request observations (from the router) ----------------------------------------------
     def request_failed(self, inst_id: str) -> None:
-        """An attempt on `inst_id` failed or timed out (not lost to a dying process)."""
+        """An attempt on `inst_id` failed (not lost to a dying process, not timed out)."""
         inst = self.sup.find_instance(inst_id)
         if inst is None:
             return
@@ -226,43 +227,43 @@ class Enforcer:
         if decision is not None:
             self._isolate(inst, decision, self.loop.time())
 
-    def request_overdue(self, inst_id: str, request_id: str, timeout: float) -> None:
-        """A request passed its deadline on `inst_id`: is the instance hung?"""
-        inst = self.sup.find_instance(inst_id)
-        if inst is None or inst in self._hang_checks or not inst.state.is_running:
+    def _watch_hang(self, inst: Instance) -> None:
+        """The hang policy, each tick: a request unanswered for the engine's hang_timeout
+        gets the instance pinged. A caller's deadline plays no part (a busy synchronous
+        worker cannot answer ping, and a short --timeout must not get it killed)."""
+        if inst in self._hang_checks or inst.restarting or inst.proc is None:
             return
         hang = self.policy(inst).hang
-        if not hang.enabled or inst.spec.mode is not EngineMode.WORKER or inst.proc is None:
+        if not hang.enabled or inst.spec.mode is not EngineMode.WORKER:
+            return
+        if not hang_suspected(self.router.unanswered_ages(inst), inst.spec.hang_timeout):
             return
         self._hang_checks.add(inst)
-        self._spawn(self._check_hang(inst, inst.proc.pid, request_id, timeout, hang.ping_timeout))
+        self._spawn(self._check_hang(inst, inst.proc.pid, hang.ping_timeout))
 
-    async def _check_hang(
-        self, inst: Instance, pid: int, request_id: str, timeout: float, ping_timeout: float
-    ) -> None:
+    async def _check_hang(self, inst: Instance, pid: int, ping_timeout: float) -> None:
         try:
+            heard = self.router.channel_last_read(inst)
             passed, _ = await ping_probe(self.router.ping_sender(inst), ping_timeout)
-            if inst.pid != pid:
+            if inst.pid != pid or not inst.state.is_running:
                 return
-            if passed:
-                # Alive, but are its slots held by requests it will never answer? When all
-                # are, nothing else can run there: restart it (nothing to drain for those).
-                stuck = self.router.stuck_requests(inst)
-                if stuck >= inst.spec.max_concurrency:
-                    self._drain_restart(
-                        inst,
-                        Decision(
-                            Action.DRAIN_RESTART,
-                            f"hang: all {stuck} of its slots are held by requests past their"
-                            " deadline (it answers ping, but not them)",
-                            data={"stuck_requests": stuck},
-                        ),
-                        self.policy(inst).memory.drain_timeout,
-                    )
+            # Answers to other requests while the ping waited: alive, if busy.
+            alive = passed or self.router.channel_last_read(inst) > heard
+            decision = hang_verdict(
+                self.router.unanswered_ages(inst),
+                inst.spec.hang_timeout,
+                ping_timeout,
+                alive,
+                inst.spec.max_concurrency,
+            )
+            if decision is None:
                 return
-            decision = hang_decision(request_id, timeout, ping_timeout)
-            self._emit(inst, "instance.hung", decision.reason, **decision.data)
-            self.sup.kill_hung(inst, decision.reason)
+            if decision.action is Action.KILL:
+                self._emit(inst, "instance.hung", decision.reason, **decision.data)
+                self.sup.kill_hung(inst, decision.reason)
+            elif not inst.restarting:
+                # Nothing to drain for those requests: their callers gave up already.
+                self._drain_restart(inst, decision, self.policy(inst).memory.drain_timeout)
         finally:
             self._hang_checks.discard(inst)
 
@@ -424,12 +425,12 @@ class Enforcer:
                     self.refresh(inst)
                 continue
             running.append(inst)
+            self._watch_hang(inst)
             policy = self.policy(inst)
             stats = inst.stats
             standing = inst.standing
-            decision = inst.failures.on_tick(
-                now, stats.ok, stats.errors + stats.timeouts, policy.failing
-            )
+            # Timeouts are the callers' deadlines, not failures of the worker: not counted.
+            decision = inst.failures.on_tick(now, stats.ok, stats.errors, policy.failing)
             if decision is not None:
                 self._isolate(inst, decision, now)
             if (

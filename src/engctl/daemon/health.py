@@ -22,6 +22,8 @@ from .oneshot import OneshotRun
 ProbeResult = tuple[bool, str]
 # Pings a worker: `ping(on_answer)` sends one and calls on_answer() when it is answered.
 PingSender = Callable[[Callable[[], None]], None]
+# A check command's output is not read, only its exit code: a bound for its stdout.
+MAX_PROBE_OUTPUT = 16 * 1024 * 1024
 
 
 async def ping_probe(send: PingSender | None, timeout: float) -> ProbeResult:
@@ -62,7 +64,7 @@ async def command_probe(
 
     # A oneshot run is exactly this: spawn, collect, kill the group at the deadline.
     check_spec = replace(spec, command=argv, shell=False)
-    OneshotRun(check_spec, "", env, loop, timeout, done)
+    OneshotRun(check_spec, "", env, loop, done, max_stdout=MAX_PROBE_OUTPUT, timeout=timeout)
     return await fut
 
 

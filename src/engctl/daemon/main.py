@@ -404,7 +404,12 @@ class Daemon:
                 wanted = [
                     i.index for i in engine.instances if i.index not in engine.stopped_instances
                 ]
-                await self.sup.start_engine(engine, "daemon started", wanted)
+                try:
+                    await self.sup.start_engine(engine, "daemon started", wanted)
+                except Exception as exc:
+                    # One engine that cannot start must not keep the ones after it down.
+                    log.exception("cannot start engine %s", name)
+                    self.sup.events.emit("engine.start_failed", f"{exc}", engine=name)
 
     def _apply_samples(self, samples: dict[str, Sample], host: HostSample | None) -> None:
         for inst in self.sup.all_instances():

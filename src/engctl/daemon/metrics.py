@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engctl.histogram import Histogram
-from engctl.states import EngineMode
+from engctl.states import EngineMode, RequestOutcome
 
 from .history import COARSE_SECONDS, FINE_SECONDS, HistoryWriter
-from .supervisor import Instance, RequestStats, Supervisor
+from .supervisor import Engine, Instance, RequestStats, Supervisor
 
 if TYPE_CHECKING:
     from .requests import Router
@@ -76,14 +76,18 @@ class _Gauge:
         return None if self.n == 0 else self.total / self.n
 
 
+# What has request figures of its own: an instance, or a oneshot engine (no instances).
+Member = Instance | Engine
+
+
 @dataclass
 class _Tier:
     seconds: int
     started: float
-    bases: dict[Instance, _Base] = field(default_factory=dict)
-    bases_before: dict[Instance, _Base] = field(default_factory=dict)
-    cpu: dict[Instance, _Gauge] = field(default_factory=dict)
-    rss: dict[Instance, _Gauge] = field(default_factory=dict)
+    bases: dict[Member, _Base] = field(default_factory=dict)
+    bases_before: dict[Member, _Base] = field(default_factory=dict)
+    cpu: dict[Member, _Gauge] = field(default_factory=dict)
+    rss: dict[Member, _Gauge] = field(default_factory=dict)
     # per type: samples taken, samples with requests waiting, the longest queue seen
     queue: dict[str, list[int]] = field(default_factory=dict)
     host_cpu: _Gauge = field(default_factory=_Gauge)
@@ -94,19 +98,40 @@ class _Tier:
 _ZERO = _Base(0, 0, 0, 0, 0, 0, 0, Histogram(), {})
 
 
-def _base(inst: Instance) -> _Base:
-    st = inst.stats
+def _base(member: Member) -> _Base:
+    st = member.stats
+    if isinstance(member, Engine):  # a oneshot engine: requests only
+        return _Base(st.requests, st.ok, st.errors, st.timeouts, st.lost, 0, 0, st.hist.copy(), {})
     return _Base(
         st.requests,
         st.ok,
         st.errors,
         st.timeouts,
         st.lost,
-        inst.restarts,
-        inst.isolations_total,
+        member.restarts,
+        member.isolations_total,
         st.hist.copy(),
-        inst.state_seconds(),
+        member.state_seconds(),
     )
+
+
+def member_id(member: Member) -> str:
+    """`name#k` for an instance, `name#oneshot` for a oneshot engine's runs."""
+    return f"{member.spec.name}#oneshot" if isinstance(member, Engine) else member.id
+
+
+def _row_data(member: Member) -> dict[str, Any]:
+    spec = member.spec
+    if isinstance(member, Engine):
+        return {"mode": "oneshot", "max_concurrency": spec.max_concurrency, "weight": spec.weight}
+    return {
+        "state": member.state.value,
+        "health": member.health.value,
+        "eligibility": member.eligibility.value,
+        "weight": spec.weight,
+        "max_rss": spec.limits.max_rss,
+        "instances": spec.instances,  # the setting, for report
+    }
 
 
 class Rollups:
@@ -126,11 +151,11 @@ class Rollups:
         now = clock()
         self.tiers = [_Tier(FINE_SECONDS, now), _Tier(COARSE_SECONDS, now)]
         self.host: HostSample | None = None
-        self.previous: dict[Instance, _Base] = {}
+        self.previous: dict[Member, _Base] = {}
         self.previous_started = now
         for tier in self.tiers:
-            for inst in sup.all_instances():
-                tier.bases[inst] = _base(inst)
+            for member in self._members():
+                tier.bases[member] = _base(member)
 
     def _instances(self) -> list[Instance]:
         return [
@@ -139,6 +164,16 @@ class Rollups:
             if e.spec.mode is not EngineMode.ONESHOT
             for i in e.instances
         ]
+
+    def _members(self) -> list[Member]:
+        """Every instance, and every oneshot engine (its runs' figures are its own)."""
+        out: list[Member] = []
+        for e in self.sup.engines.values():
+            if e.spec.mode is EngineMode.ONESHOT:
+                out.append(e)
+            else:
+                out.extend(e.instances)
+        return out
 
     def sampled(self, host: HostSample | None) -> None:
         """A monitor tick: add its readings to the buckets being filled."""
@@ -175,7 +210,7 @@ class Rollups:
         tier = self.tiers[0]
         now = self.clock()
         out: dict[str, dict[str, Any]] = {}
-        for inst in self._instances():
+        for inst in self._members():
             base = tier.bases.get(inst) or _ZERO
             prev = self.previous.get(inst)
             # Right after a bucket closed its window is short: measure from the one before.
@@ -185,10 +220,10 @@ class Rollups:
             cur = inst.stats
             window = max(now - since, 1e-3)
             hist = cur.hist.minus(base.hist)
-            done = (cur.ok - base.ok) + (cur.errors - base.errors) + (cur.timeouts - base.timeouts)
-            out[inst.id] = {
+            done = cur.requests - base.requests  # every outcome: requests is their sum
+            out[member_id(inst)] = {
                 "window_s": round(window, 1),
-                "rps": round((cur.requests - base.requests) / window, 2),
+                "rps": round(done / window, 2),
                 "success_rate": round((cur.ok - base.ok) / done, 4) if done else None,
                 "p50_ms": _round(hist.percentile_ms(0.5)),
                 "p99_ms": _round(hist.percentile_ms(0.99)),
@@ -210,7 +245,7 @@ class Rollups:
         """The rows of a finished bucket (none if not `rows_wanted`); the next one starts now."""
         seconds = now - tier.started
         rows: list[tuple[Any, ...]] = []
-        live = self._instances()
+        live = self._members()
         for inst in live:
             base = tier.bases.get(inst)
             cur = _base(inst)
@@ -235,7 +270,7 @@ class Rollups:
                     now,
                     seconds,
                     "instance",
-                    inst.id,
+                    member_id(inst),
                     inst.spec.name,
                     inst.spec.type,
                     cur.requests - base.requests,
@@ -248,17 +283,7 @@ class Rollups:
                     None if rss is None or rss.n == 0 else int(rss.peak),
                     max(0, cur.restarts - base.restarts),
                     max(0, cur.isolations - base.isolations),
-                    json.dumps(
-                        {
-                            "states": states,
-                            "state": inst.state.value,
-                            "health": inst.health.value,
-                            "eligibility": inst.eligibility.value,
-                            "weight": inst.spec.weight,
-                            "max_rss": inst.spec.limits.max_rss,
-                            "instances": inst.spec.instances,  # the setting, for report
-                        }
-                    ),
+                    json.dumps({"states": states, **_row_data(inst)}),
                 )
             )
             tier.bases_before[inst] = base
@@ -361,6 +386,15 @@ class _Member:
     states: dict[str, float] = field(default_factory=dict)
     status: tuple[str, str, str] = ("", "", "")
     weight: float = 0.0
+
+    def count(self, outcome: RequestOutcome) -> int:
+        """Attempts that ended with `outcome`."""
+        return {
+            RequestOutcome.OK: self.ok,
+            RequestOutcome.ERROR: self.errors,
+            RequestOutcome.TIMEOUT: self.timeouts,
+            RequestOutcome.LOST: self.lost,
+        }[outcome]
 
 
 @dataclass
@@ -466,19 +500,14 @@ def prometheus_text(snap: Snapshot) -> bytes:
     )
     for m in snap.members:
         lv = m.labels
-        for outcome, n in (
-            ("ok", m.ok),
-            ("error", m.errors),
-            ("timeout", m.timeouts),
-            ("lost", m.lost),
-        ):
-            requests.add_metric([*lv, outcome], n)
+        for outcome in RequestOutcome:  # one per attempt: their sum is the requests
+            requests.add_metric([*lv, outcome.value], m.count(outcome))
         hist = Histogram.from_list(m.counts, m.sum_us)
         buckets = [(_le(b), float(n)) for b, n in hist.cumulative_at(PROM_BOUNDS_US)]
         buckets.append(("+Inf", float(hist.count)))
         latency.add_metric(lv, buckets, m.sum_us / 1e6)
         in_flight.add_metric(lv, m.in_flight)
-        finished = m.ok + m.errors + m.timeouts + m.lost
+        finished = sum(m.count(o) for o in RequestOutcome)
         if finished:
             success.add_metric(lv, m.ok / finished)
         if not m.live:

@@ -2,44 +2,52 @@
 
 Payload on stdin (or substituted for `{input}` in the argv), stdout is the result (JSON when it
 parses, else text), exit code 0 is success; a failure carries the exit code and the tail of
-stderr. The whole process group is killed at the deadline. Mechanism only: the caller decides
-what a failure means.
+stderr, and stderr goes to the engine's log. The caller kills the whole process group at the
+deadline (`kill`). Mechanism only: the caller decides what a failure means.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 from engctl.models import EngineSpec
 
-from . import process
+from . import output, process
+from .logs import MAX_LINE_BYTES, InstanceLog
 from .process import ChildProcess, ExitStatus, SpawnError
 
 PLACEHOLDER = "{input}"
-# Output beyond this is a failure, not a reason to grow the daemon without bound.
-MAX_STDOUT_BYTES = 16 * 1024 * 1024
 STDERR_TAIL_BYTES = 2048
 
 Done = Callable[[bool, Any, str], None]
 
 
 def decode_output(data: bytes) -> Any:
-    """A oneshot's stdout as JSON when it is, else as text without the final newline."""
-    text = data.decode(errors="replace")
+    """A oneshot's stdout as JSON when it parses (`output.decode`), else as text without the
+    final newline: text is a valid result here, so no parse failure is an error."""
     try:
-        return json.loads(text)
-    except ValueError:
-        return text.removesuffix("\n")
+        return output.decode(data)
+    except output.OutputError:
+        return data.decode(errors="replace").removesuffix("\n")
+
+
+def uses_argv(spec: EngineSpec) -> bool:
+    """Whether the payload replaces `{input}` in the argv (else it goes to stdin)."""
+    return any(PLACEHOLDER in a for a in spec.argv)
 
 
 class OneshotRun:
-    """One spawned process for one request; calls `done(ok, result_or_none, error_message)`."""
+    """One spawned process for one request; calls `done(ok, result_or_none, error_message)`.
+
+    `payload` must not hold a NUL byte when the argv takes it (the caller checks: an argv
+    cannot carry one). stdout past `max_stdout` bytes fails the run; stderr goes to `log`.
+    With `timeout`, the run kills itself and fails then; without, the caller `kill`s it.
+    """
 
     def __init__(
         self,
@@ -47,17 +55,26 @@ class OneshotRun:
         payload: str,
         env: dict[str, str],
         loop: asyncio.AbstractEventLoop,
-        timeout: float,
         done: Done,
+        *,
+        max_stdout: int,
+        timeout: float | None = None,
+        log: InstanceLog | None = None,
+        label: str = "",
     ) -> None:
         self._loop = loop
         self._done_cb: Done | None = done
         self._stdout = bytearray()
         self._stderr = bytearray()
+        self._max_stdout = max_stdout
+        self._log = log
+        self._log_partial = b""
         self._open_pipes = 0
         self._status: ExitStatus | None = None
+        self._started = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
         argv = spec.argv
-        use_argv = any(PLACEHOLDER in a for a in argv)
+        use_argv = uses_argv(spec)
         if use_argv:
             argv = [a.replace(PLACEHOLDER, payload) for a in argv]
         try:
@@ -72,8 +89,10 @@ class OneshotRun:
             )
         except SpawnError as exc:
             self.proc = None
+            self._note(f"{label}: {exc}")
             loop.call_soon(self._finish, False, None, str(exc))
             return
+        self._note(f"{label}: started pid {self.proc.pid}")
         popen = self.proc.popen
         for pipe, buf in ((popen.stdout, self._stdout), (popen.stderr, self._stderr)):
             assert pipe is not None
@@ -86,7 +105,8 @@ class OneshotRun:
             fd = popen.stdin.fileno()
             os.set_blocking(fd, False)
             self._write_stdin()
-        self._timer = loop.call_later(timeout, self._timeout, timeout)
+        if timeout is not None:
+            self._timer = loop.call_later(timeout, self._timeout, timeout)
 
     def _write_stdin(self) -> None:
         assert self.proc is not None
@@ -118,23 +138,49 @@ class OneshotRun:
             return
         if data:
             buf += data
-            if buf is self._stderr and len(buf) > STDERR_TAIL_BYTES * 2:
-                del buf[:-STDERR_TAIL_BYTES]
-            if len(self._stdout) > MAX_STDOUT_BYTES and self.proc is not None:
+            if buf is self._stderr:
+                self._log_stderr(data)
+                if len(buf) > STDERR_TAIL_BYTES * 2:
+                    del buf[:-STDERR_TAIL_BYTES]
+            elif len(buf) > self._max_stdout and self.proc is not None:
                 process.signal_group(self.proc.pgid, signal.SIGKILL)
             return
         self._loop.remove_reader(fd)
+        if buf is self._stderr and self._log_partial:
+            self._log_stderr(b"\n")  # the last line, unterminated
         pipe.close()
         self._open_pipes -= 1
         self._maybe_finish()
+
+    def _log_stderr(self, data: bytes) -> None:
+        """Whole lines of stderr to the engine's log: runs at once share the file, so a
+        run's unfinished line waits here rather than in the log's per-stream buffer."""
+        if self._log is None:
+            return
+        data = self._log_partial + data
+        cut = data.rfind(b"\n") + 1
+        whole, rest = data[:cut], data[cut:]
+        if len(rest) > MAX_LINE_BYTES:  # a line without an end: logged in pieces
+            whole, rest = data + b"\n", b""
+        self._log_partial = rest
+        if whole:
+            self._log.feed("stderr", whole)
+
+    def _note(self, text: str) -> None:
+        if self._log is not None:
+            self._log.note(text)
 
     def _exited(self, proc: ChildProcess, status: ExitStatus) -> None:
         self._status = status
         # Anything the command left behind in its group goes with it.
         process.signal_group(proc.pgid, signal.SIGKILL)
+        self._note(
+            f"pid {proc.pid} {status.describe()} after {time.monotonic() - self._started:.2f}s"
+        )
         self._maybe_finish()
 
     def _timeout(self, timeout: float) -> None:
+        self._timer = None
         if self.proc is not None:
             process.signal_group(self.proc.pgid, signal.SIGKILL)
         self._finish(False, None, f"timed out after {timeout:g}s; killed the process group")
@@ -142,10 +188,9 @@ class OneshotRun:
     def _maybe_finish(self) -> None:
         if self._status is None or self._open_pipes > 0:
             return
-        self._timer.cancel()
         status = self._status
-        if len(self._stdout) > MAX_STDOUT_BYTES:
-            self._finish(False, None, f"output exceeds {MAX_STDOUT_BYTES} bytes")
+        if len(self._stdout) > self._max_stdout:
+            self._finish(False, None, f"output exceeds the limit of {self._max_stdout} bytes")
         elif status.code == 0:
             self._finish(True, decode_output(bytes(self._stdout)), "")
         else:
@@ -154,14 +199,17 @@ class OneshotRun:
 
     def _finish(self, ok: bool, result: Any, error: str) -> None:
         cb, self._done_cb = self._done_cb, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if cb is not None:
-            with contextlib.suppress(Exception):
-                self._timer.cancel()
             cb(ok, result, error)
 
     def kill(self) -> None:
-        """Kill the process group now, without calling `done` (daemon shutdown)."""
+        """Kill the process group now, without calling `done` (deadline, daemon shutdown)."""
         self._done_cb = None
-        if self.proc is not None:
+        if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+        if self.proc is not None and self.proc.alive:
             process.signal_group(self.proc.pgid, signal.SIGKILL)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -184,14 +184,45 @@ class CrashTracker:
         )
 
 
-def hang_decision(request_id: str, timeout: float, ping_timeout: float) -> Decision:
-    """A request outlived its deadline and the instance did not answer ping in time."""
-    return Decision(
-        Action.KILL,
-        f"hang: request {request_id} passed its {timeout:g}s deadline and the instance did not"
-        f" answer ping within {ping_timeout:g}s",
-        data={"request_id": request_id},
-    )
+def hang_suspected(unanswered: Sequence[tuple[str, float]], hang_timeout: float) -> bool:
+    """Whether a request has gone unanswered for `hang_timeout` seconds: then the instance
+    is pinged (`hang_verdict` judges the answer). `unanswered` is (request id, age) of the
+    requests in flight on it; a caller's own deadline plays no part."""
+    return any(age >= hang_timeout for _id, age in unanswered)
+
+
+def hang_verdict(
+    unanswered: Sequence[tuple[str, float]],
+    hang_timeout: float,
+    ping_timeout: float,
+    ping_answered: bool,
+    max_concurrency: int,
+) -> Decision | None:
+    """Judge an instance with requests unanswered for `hang_timeout` after a ping.
+
+    No answer to the ping either: hung (KILL, the exit is then a crash). It answers, but
+    every one of its slots is held by such a request (an async worker stuck on them): nothing
+    else can ever run there (DRAIN_RESTART). Otherwise it is busy, not hung: None.
+    """
+    overdue = [(rid, age) for rid, age in unanswered if age >= hang_timeout]
+    if not overdue:
+        return None
+    if not ping_answered:
+        rid, age = max(overdue, key=lambda x: x[1])
+        return Decision(
+            Action.KILL,
+            f"hang: request {rid} unanswered for {age:.1f}s (hang_timeout {hang_timeout:g}s)"
+            f" and no answer to ping within {ping_timeout:g}s",
+            data={"request_id": rid, "unanswered_seconds": round(age, 3)},
+        )
+    if len(overdue) >= max_concurrency:
+        return Decision(
+            Action.DRAIN_RESTART,
+            f"hang: all {len(overdue)} of its slots are held by requests unanswered for over"
+            f" {hang_timeout:g}s (hang_timeout; it answers ping, but not them)",
+            data={"stuck_requests": len(overdue)},
+        )
+    return None
 
 
 # -- memory and CPU --------------------------------------------------------------------------

@@ -184,7 +184,10 @@ def spawn(
     loop: asyncio.AbstractEventLoop,
     on_exit: Callable[[ChildProcess, ExitStatus], None],
 ) -> ChildProcess:
-    """Start `argv` as the leader of a new session; stderr is always a pipe to the daemon."""
+    """Start `argv` as the leader of a new session; stderr is always a pipe to the daemon.
+
+    Every way this can fail raises SpawnError, and then no process is left running.
+    """
     try:
         popen = subprocess.Popen(
             argv,
@@ -202,7 +205,21 @@ def spawn(
         raise SpawnError(
             f"cannot start {target!r}: {detail}", transient=exc.errno in TRANSIENT_SPAWN_ERRNOS
         ) from exc
-    return ChildProcess(popen, loop, on_exit)
+    except (ValueError, TypeError, subprocess.SubprocessError) as exc:
+        # e.g. "embedded null byte": refused before any fork, so nothing runs.
+        raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
+    try:
+        return ChildProcess(popen, loop, on_exit)
+    except OSError as exc:  # no pidfd (EMFILE): a process nobody watches must not live on
+        signal_group(popen.pid, signal.SIGKILL)
+        popen.wait()
+        for pipe in (popen.stdin, popen.stdout, popen.stderr):
+            if pipe is not None:
+                pipe.close()
+        raise SpawnError(
+            f"cannot watch {argv[0]!r} (pid {popen.pid}): {exc.strerror}",
+            transient=exc.errno in TRANSIENT_SPAWN_ERRNOS,
+        ) from exc
 
 
 def kill_tree_now(pgid: int, extra_pids: Iterable[tuple[int, float]] = ()) -> None:

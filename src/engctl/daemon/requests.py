@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engctl import protocol
@@ -26,15 +27,16 @@ from engctl.errors import (
     BusyError,
     EngctlError,
     InvalidParamsError,
+    NoEligibleEngineError,
     RequestFailedError,
     RequestTimeoutError,
     UsageError,
 )
 from engctl.models import EngineSpec
 from engctl.paths import Paths
-from engctl.states import Eligibility, EngineMode, InstanceState
+from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState, RequestOutcome
 
-from . import process
+from . import output, process
 from .dispatch import (
     Candidate,
     CandidatePool,
@@ -44,10 +46,11 @@ from .dispatch import (
     StrategyName,
     default_strategies,
 )
-from .oneshot import OneshotRun
+from .oneshot import OneshotRun, uses_argv
+from .output import MAX_WORKER_LINE
 from .process import ChildProcess
 from .server import Outbox, RawJSON, Reply
-from .supervisor import Instance, RequestStats, Supervisor
+from .supervisor import Engine, Instance, RequestStats, Supervisor
 
 log = logging.getLogger("engctl.requests")
 
@@ -55,21 +58,18 @@ S = InstanceState
 EWMA_ALPHA = 0.2
 # Protocol garbage is logged with at most this many bytes of the offending line.
 PREVIEW_BYTES = 200
-# A worker line longer than this is a protocol error (and a guard for the daemon's memory).
-MAX_WORKER_LINE = 64 * 1024 * 1024
 # On each completion, this many waiting requests are tried against the freed capacity.
 QUEUE_SCAN = 8
+# How long a worker whose protocol pipe closed may take to exit before it counts as a
+# process that lives on without it (a crash closes the pipes a moment before the exit).
+CHANNEL_GRACE = 0.25
 _KEYED = (StrategyName.AFFINITY, StrategyName.CONSISTENT_HASH)
-# States from which an instance becomes dispatchable without anyone asking.
-_ON_ITS_WAY = frozenset({S.STARTING, S.WARMING, S.BACKOFF})
 
 
 class PolicyHooks(Protocol):
     """What the failure policies need to hear from dispatch (see `enforcer`)."""
 
     def request_failed(self, inst_id: str) -> None: ...
-
-    def request_overdue(self, inst_id: str, request_id: str, timeout: float) -> None: ...
 
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None: ...
 
@@ -100,10 +100,12 @@ class Request:
         "retries_left",
         "selector",
         "sent_at",
+        "settled",
         "started",
         "stats",
         "timeout",
         "tried",
+        "waiting_for",
     )
 
     def __init__(
@@ -132,6 +134,10 @@ class Request:
         self.deadline = 0.0  # loop time
         self.cand: Candidate | None = None  # the attempt in flight, and its instance's stats
         self.stats: RequestStats | None = None
+        # The attempt in flight already has its outcome (it timed out): its slot stays held
+        # until the late answer, or the loss, frees it, and then nothing more is counted.
+        self.settled = False
+        self.waiting_for = ""  # what a waiting request waits for, for its timeout message
 
 
 class Deadlines:
@@ -196,6 +202,7 @@ class WorkerChannel:
     def __init__(self, router: Router, inst: Instance, proc: ChildProcess) -> None:
         self.router = router
         self.inst = inst
+        self.proc = proc
         stdin = proc.popen.stdin
         assert stdin is not None
         self._stdin = stdin
@@ -204,7 +211,8 @@ class WorkerChannel:
         self._out = bytearray()
         self._marked = False
         self._writer_on = False
-        self._buf = b""
+        self._buf = bytearray()  # the line being received
+        self._discarding = False  # inside a line over the limit: dropped up to its newline
         self.pending: dict[int, Request] = {}
         self._pings: dict[int, Callable[[], None]] = {}
         self._next_id = 1
@@ -248,7 +256,7 @@ class WorkerChannel:
         except BlockingIOError:
             n = 0
         except OSError as exc:  # the worker closed its stdin or died
-            self.router.channel_broken(self, f"cannot write to the worker: {exc.strerror}")
+            self.router.channel_broken(self, f"closed its stdin ({exc.strerror})")
             return
         del self._out[:n]
         if self._out and not self._writer_on:
@@ -264,33 +272,68 @@ class WorkerChannel:
     def feed(self, data: bytes) -> None:
         """Bytes from the worker's stdout (b"" at EOF)."""
         if not data:
-            self.close()
+            self.router.channel_eof(self)
             return
         self.last_read = self.router.loop.time()
         with self.router.outbox:
             self._receive(data)
 
     def _receive(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
+        """Split `data` into lines in time linear in its size: the unfinished line waits in a
+        bytearray and only new bytes are scanned for its end (re-joining the buffer per chunk
+        made one long line cost quadratic time)."""
+        if self._discarding:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return  # still inside a line over the limit
+            self._discarding = False
+            data = data[nl + 1 :]
         start = 0
+        buf = self._buf
+        if buf:
+            nl = data.find(b"\n")
+            if nl < 0:
+                buf += data
+                if len(buf) > MAX_WORKER_LINE:
+                    self._oversized()
+                return
+            if len(buf) + nl > MAX_WORKER_LINE:
+                self._oversized(discard=False)
+            else:
+                buf += data[:nl]
+                line = bytes(buf)
+                buf.clear()
+                if line.strip():
+                    self._line(line)
+            start = nl + 1
+        find = data.find
         while True:
-            nl = buf.find(b"\n", start)
+            nl = find(b"\n", start)
             if nl < 0:
                 break
-            line = buf[start:nl]
+            if nl > start:
+                line = data[start:nl]
+                if line.strip():
+                    self._line(line)
             start = nl + 1
-            if line.strip():
-                self._line(line)
-        self._buf = buf[start:]
-        if len(self._buf) > MAX_WORKER_LINE:
-            self._garbage(self._buf, "line exceeds the size limit")
-            self._buf = b""
+        if start < len(data):
+            buf += data[start:]
+            if len(buf) > MAX_WORKER_LINE:
+                self._oversized()
+
+    def _oversized(self, discard: bool = True) -> None:
+        """A line over MAX_WORKER_LINE: a protocol error now, and its rest is dropped as it
+        arrives (with `discard`) instead of being held."""
+        head = bytes(self._buf[:PREVIEW_BYTES])
+        self._buf.clear()
+        self._discarding = discard
+        self._garbage(head, f"a line longer than the limit of {MAX_WORKER_LINE} bytes")
 
     def _line(self, line: bytes) -> None:
         try:
-            msg = protocol.loads(line)
-        except ValueError:
-            self._garbage(line, "not JSON")
+            msg, raw = output.reply(line)
+        except output.OutputError as exc:
+            self._garbage(line, str(exc))
             return
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
             self._garbage(line, "not a JSON-RPC 2.0 object")
@@ -300,24 +343,22 @@ class WorkerChannel:
                 self.router.sup.mark_ready(self.inst, "announced ready")
             return  # other notifications are allowed and ignored
         wid = msg["id"]
-        if self._pings and isinstance(wid, int) and wid in self._pings:
-            self._pings.pop(wid)()
-            return
-        req = self.pending.pop(wid, None) if isinstance(wid, int) else None
-        if req is None:
-            if isinstance(wid, int) and wid < self._next_id:
-                return  # the answer to a request that timed out: nobody waits for it
+        if type(wid) is not int:  # we only send integer ids (true is not 1 here)
             self._garbage(line, f"unknown id {wid!r}")
             return
-        if "result" in msg:
-            result: Any = msg["result"]
-            # The common answer, exactly {"jsonrpc":"2.0","id":N,"result":X} and already
-            # validated by the parse above: X is spliced into the reply as it came.
-            if len(msg) == 3:
-                prefix = b'{"jsonrpc":"2.0","id":%d,"result":' % wid
-                if line.startswith(prefix):
-                    result = RawJSON(line.rstrip()[len(prefix) : -1])
-            self.router.finished(req, self.inst.id, True, result, None)
+        if self._pings and wid in self._pings:
+            self._pings.pop(wid)()
+            return
+        req = self.pending.pop(wid, None)
+        if req is None:
+            if wid < self._next_id:
+                return  # the answer to a ping nobody waits for any more
+            self._garbage(line, f"unknown id {wid!r}")
+            return
+        if raw is not None:
+            # Its result exactly as the worker wrote it (the decoded value is the same), to be
+            # spliced into the reply: no second encoding pass.
+            self.router.finished(req, self.inst.id, True, RawJSON(raw), None)
         elif isinstance(msg.get("error"), dict):
             err = msg["error"]
             text = str(err.get("message", "error"))
@@ -329,14 +370,8 @@ class WorkerChannel:
                 RequestFailedError(f"{self.inst.id}: {text}", {"worker_error": err}),
             )
         else:
+            self.pending[wid] = req  # failed with the others by _garbage
             self._garbage(line, "response without result or error")
-            self.router.finished(
-                req,
-                self.inst.id,
-                False,
-                None,
-                RequestFailedError(f"{self.inst.id}: malformed response"),
-            )
 
     def _garbage(self, line: bytes, why: str) -> None:
         """A protocol violation: an error of this instance, logged with the offending bytes.
@@ -346,8 +381,13 @@ class WorkerChannel:
         """
         excerpt = protocol.preview(line[:PREVIEW_BYTES], PREVIEW_BYTES)
         self.inst.log.note(f"protocol error ({why}): {excerpt}")
-        self.inst.stats.errors += 1
+        # Counted here as a protocol error; its requests get their outcome (error) below.
         self.router.protocol_errors += 1
+        self.inst.stats.protocol_errors += 1
+        if self.inst.state in (S.STARTING, S.WARMING):
+            self.router.sup.warmup_problem(
+                self.inst, f"protocol error on stdout ({why}): {excerpt}"
+            )
         pending = list(self.pending.values())
         self.pending.clear()
         error = f"{self.inst.id} broke the worker protocol ({why}): {excerpt}"
@@ -432,6 +472,10 @@ class Router:
                 self.pool.remove(inst.id)  # no new requests; those in flight may still finish
             if not new.has_process:
                 self._lose_pending(inst.id, f"{inst.id} {new.value}: {inst.state_reason}")
+                if new in (S.FATAL, S.EXITED, S.STOPPED) and self.queue:
+                    # Requests waiting for it may have nothing left to wait for: they fail
+                    # now, saying why, rather than at their deadline.
+                    self._drain_queue(len(self.queue))
         if inst.id in self._drains and new not in (S.READY, S.BUSY):
             self._drained(inst.id)  # it stopped taking requests another way
 
@@ -513,12 +557,36 @@ class Router:
             lost = RequestFailedError(f"{why} (request lost)")
             self.finished(req, inst_id, False, None, lost, blame=False)
 
+    def channel_eof(self, channel: WorkerChannel) -> None:
+        """The worker closed its stdout (or exited: a process's pipes close as it ends)."""
+        self.channel_broken(channel, "closed its stdout")
+
     def channel_broken(self, channel: WorkerChannel, why: str) -> None:
-        pending = list(channel.pending.values())
-        channel.pending.clear()
+        """The protocol pipe is gone: nothing in flight can be answered, nothing new can be
+        sent. If the process lives on without it, it is a failed instance: restarted."""
         channel.close()
-        for req in pending:
-            self.finished(req, channel.inst.id, False, None, RequestFailedError(why))
+        inst = channel.inst
+        if self.channels.get(inst.id) is not channel:
+            return  # the pipe of a process already replaced
+        if inst.id in self.pool:
+            self.pool.remove(inst.id)  # no new requests
+        # A process that ends closes its pipes a moment before its exit is seen: give the
+        # exit time to fail the requests in flight with its own reason (exit code, signal).
+        self.loop.call_later(CHANNEL_GRACE, self._without_channel, channel, why)
+
+    def _without_channel(self, channel: WorkerChannel, why: str) -> None:
+        inst, proc = channel.inst, channel.proc
+        if self.channels.get(inst.id) is not channel:
+            return  # its exit was handled meanwhile
+        self._lose_pending(inst.id, f"{inst.id} {why}")
+        if not proc.alive or inst.proc is not proc or inst.state in (S.STOPPING, S.STOPPED):
+            return
+        self.sup.fail_instance(
+            inst,
+            f"worker {why}: without its protocol pipe it cannot serve",
+            cause="no protocol pipe",
+            failed_start=inst.state in (S.STARTING, S.WARMING),
+        )
 
     def engines_changed(self) -> None:
         """Oneshot engines are candidates without processes: keep them in step."""
@@ -548,6 +616,8 @@ class Router:
                     max_concurrency=_oneshot_capacity(spec),
                 )
             )
+        if self.queue:
+            self._drain_queue(len(self.queue))  # what waiters wait for may be gone now
 
     # -- requests ----------------------------------------------------------------------
     def submit(self, params: dict[str, Any]) -> Reply:
@@ -627,44 +697,95 @@ class Router:
 
     def _place(self, req: Request, explain: bool = False) -> EngctlError | _Wait | None:
         """Dispatch `req` now (None), leave it to wait (_WAIT), or the error that ends it."""
+        selector = req.selector
         if req.tried:
-            # A retry goes to an instance not tried yet. Retries are rare: scanning is fine.
-            members = self.pool.candidate_set(req.selector)
-            free = [c for c in members.free if c.id not in req.tried]
+            # A retry goes to an instance not tried yet, through every hard filter of the
+            # first attempt: the set is keyed by type, engine, capabilities and labels, and
+            # the instance filter is applied here. Retries are rare: scanning is fine.
+            members = self.pool.candidate_set(selector)
+            pinned = selector.instance
+            untried = [c for c in members if c.id not in req.tried and pinned in (None, c.id)]
+            free = [c for c in untried if not c.full]
             if free:
                 self._dispatch(req, min(free, key=lambda c: (c.load, c.id)))
                 return None
-            if any(c.id not in req.tried for c in members) or self._coming(req.selector):
+            if untried:
                 return _WAIT
-            return req.last_error or RequestFailedError("no other instance to retry on")
-        sel = self.pool.select(req.selector, explain=explain)
+            standby = self._standby(selector, req.tried)
+            if standby is not None and standby.wait:
+                req.waiting_for = standby.wait
+                return _WAIT
+            if req.last_error is not None:
+                return req.last_error
+            return RequestFailedError("no other instance to retry on")
+        sel = self.pool.select(selector, explain=explain)
         if sel.outcome is Outcome.PICKED:
             assert sel.candidate is not None
             if explain and sel.explanation is not None:
                 self._explained[req.id] = sel.explanation.to_json()
             self._dispatch(req, sel.candidate)
             return None
-        if sel.outcome is Outcome.ALL_FULL or self._coming(req.selector):
+        if sel.outcome is Outcome.ALL_FULL:
+            return _WAIT
+        standby = self._standby(selector)
+        if standby is not None and standby.wait:
+            # Registered and on its way (starting, warming up, restarting, or not started
+            # yet by a daemon that is starting): not "no engine". Wait within the deadline.
+            req.waiting_for = standby.wait
             return _WAIT
         assert sel.no_match is not None
-        return sel.no_match.error(sel.explanation)
+        error = sel.no_match.error(sel.explanation)
+        if standby is not None and standby.error:
+            return NoEligibleEngineError(standby.error, error.data)
+        return error
 
-    def _coming(self, selector: Selector) -> bool:
-        """Whether an instance that may match is on its way (starting, warming, backoff)."""
+    def _standby(self, selector: Selector, tried: list[str] | None = None) -> Standby | None:
+        """What the registered engines say about a request nothing in the pool can take:
+        something to wait for, a reason to fail at once, or None (the pool's diagnosis of
+        the filters stands). Scans the engines: only on the way to waiting or failing."""
+        views: list[InstanceView] = []
+        services: list[str] = []
         for engine in self.sup.engines.values():
             spec = engine.spec
-            if selector.engine is not None and spec.name != selector.engine:
+            if not _spec_matches(spec, selector):
                 continue
-            if selector.type is not None and spec.type != selector.type:
+            if spec.mode is EngineMode.SERVICE:
+                services.append(spec.name)
                 continue
-            if engine.desired.value != "running":
+            running = engine.desired is DesiredState.RUNNING and not self.sup.closing
+            if spec.mode is EngineMode.ONESHOT:
+                views.append(InstanceView(spec.name, spec.name, "ready" if running else "stopped"))
                 continue
+            if not engine.instances:
+                views.append(InstanceView(spec.name, spec.name, "stopped", "it has 0 instances"))
             for inst in engine.instances:
-                if (inst.state in _ON_ITS_WAY or inst.restarting) and (
-                    selector.instance is None or inst.id == selector.instance
-                ):
-                    return True
-        return False
+                if selector.instance not in (None, inst.id) or (tried and inst.id in tried):
+                    continue
+                views.append(self._view(engine, inst, running))
+        return standby(views, services, whole=selector.instance is None and not tried)
+
+    def _view(self, engine: Engine, inst: Instance, running: bool) -> InstanceView:
+        """One instance for `standby`: where it is headed, in plain values."""
+        state = inst.state
+        name = engine.spec.name
+        pending = running and inst.index not in engine.stopped_instances and not inst.removed
+        if inst.restarting and pending:
+            # draining before a restart (still in the pool, taking nothing new): it comes back
+            return InstanceView(inst.id, name, "restarting")
+        if state in (S.READY, S.BUSY) and inst.id in self.pool:
+            return InstanceView(inst.id, name, "ready")
+        if state is S.BACKOFF:
+            left = None if inst.timer is None else max(0.0, inst.timer.when() - self.loop.time())
+            return InstanceView(inst.id, name, "restarting", next_start=left)
+        if state in (S.STARTING, S.WARMING):
+            return InstanceView(inst.id, name, "starting" if not inst.failure else "restarting")
+        if state.has_process or (state is S.STOPPED and pending):
+            # stopping to restart, ready but without its protocol pipe (being replaced), or
+            # not started yet by a daemon that is still starting its engines
+            return InstanceView(inst.id, name, "restarting" if pending else "stopping")
+        # Why it is fatal or exited matters; a stopped one was stopped (its exit says how).
+        why = "" if state is S.STOPPED else inst.state_reason
+        return InstanceView(inst.id, name, state.value, why)
 
     def _dispatch(self, req: Request, cand: Candidate) -> None:
         req.attempts += 1
@@ -689,24 +810,41 @@ class Router:
     def _run_oneshot(self, req: Request, cand: Candidate) -> None:
         engine = self.sup.engines.get(cand.engine)
         if engine is None:
-            self.finished(req, cand.id, False, None, RequestFailedError(f"{cand.engine} is gone"))
+            gone = RequestFailedError(f"{cand.engine} is gone")
+            self.loop.call_soon(self.finished, req, cand.id, False, None, gone)
             return
         spec = engine.spec
+        payload = json.loads(req.input_json)
+        text = payload if isinstance(payload, str) else req.input_json.decode()
+        if "\0" in text and uses_argv(spec):
+            bad = UsageError(
+                f"{spec.name}: the input holds a NUL byte, which its command's {{input}}"
+                " argument cannot carry (an argv is NUL-terminated)"
+            )
+            self.loop.call_soon(self.finished, req, cand.id, False, None, bad)
+            return
         env = dict(os.environ)
         env.update(spec.env)
         env[process.DAEMON_ID_ENV] = self.paths.daemon_id
         env[process.INSTANCE_ENV] = cand.id
-        left = max(0.001, req.timeout - (time.perf_counter() - req.started))
 
         def done(ok: bool, result: Any, error: str) -> None:
             self.oneshot_runs.pop(req, None)
             err = None if ok else RequestFailedError(f"{spec.name}: {error}")
             self.finished(req, cand.id, ok, result, err)
 
-        payload = json.loads(req.input_json)
-        text = payload if isinstance(payload, str) else req.input_json.decode()
-        # `done` never runs inside the constructor (a spawn error is reported on a later turn).
-        self.oneshot_runs[req] = OneshotRun(spec, text, env, self.loop, left, done)
+        # `done` never runs inside the constructor (a spawn error is reported on a later turn);
+        # the run is killed at the request's deadline (`_timed_out`).
+        self.oneshot_runs[req] = OneshotRun(
+            spec,
+            text,
+            env,
+            self.loop,
+            done,
+            max_stdout=output.MAX_ONESHOT_OUTPUT,
+            log=engine.oneshot_log,
+            label=req.id,
+        )
 
     def _stats(self, cand_id: str) -> RequestStats | None:
         stats = self._stats_by_id.get(cand_id)
@@ -749,9 +887,10 @@ class Router:
             cand.in_flight -= 1  # harmless on a candidate already withdrawn from the pool
         if stats is not None:
             stats.in_flight = max(0, stats.in_flight - 1)
-            stats.requests += 1
-            if ok:
-                stats.ok += 1
+            if req.settled:
+                req.settled = False  # the late end of a timed-out attempt: counted already
+            elif ok:
+                stats.record(RequestOutcome.OK)
                 stats.consecutive_errors = 0
                 if self.record_latency:
                     stats.hist.record_ms(latency_ms)
@@ -767,11 +906,11 @@ class Router:
                 ):
                     cand.latency_ms = stats.latency_ewma_ms
             elif blame:
-                stats.errors += 1
+                stats.record(RequestOutcome.ERROR)
                 assert error is not None
                 self._blame(stats, cand_id, error.message)
             else:
-                stats.lost += 1
+                stats.record(RequestOutcome.LOST)
         if self._drains and cand_id in self._drains:
             self._check_drain(cand_id)
         if req.future.done:
@@ -796,6 +935,15 @@ class Router:
             return 0
         return sum(1 for r in channel.pending.values() if r.future.done)
 
+    def unanswered_ages(self, inst: Instance) -> list[tuple[str, float]]:
+        """(request id, seconds since it was sent) of every request `inst` has not answered,
+        oldest first (timed-out ones included: their slots are still held)."""
+        channel = self.channels.get(inst.id)
+        if channel is None or not channel.pending:
+            return []
+        now = time.perf_counter()
+        return [(r.id, now - r.sent_at) for r in channel.pending.values()]
+
     def queue_by_type(self) -> dict[str, int]:
         """Requests waiting for a free instance, by the type they asked for ("" for none)."""
         out: dict[str, int] = {}
@@ -817,13 +965,13 @@ class Router:
         if stats is not None:
             self._blame(stats, cand_id, why)
 
-    def _drain_queue(self) -> None:
-        """Offer freed capacity to the oldest waiting requests (a bounded scan)."""
+    def _drain_queue(self, scan: int = QUEUE_SCAN) -> None:
+        """Offer freed capacity to the oldest `scan` waiting requests (a bounded scan)."""
         if not self.queue:
             return
         kept: list[Request] = []
         blocked: set[object] = set()  # filters that found nothing free in this scan
-        for _ in range(min(QUEUE_SCAN, len(self.queue))):
+        for _ in range(min(scan, len(self.queue))):
             req = self.queue.popleft()
             if req.future.done:
                 continue
@@ -850,22 +998,27 @@ class Router:
             where = f" on {req.instance}"
         elif req.instance and req.last_error is not None:
             where = f" waiting in the queue for a retry (last error: {req.last_error.message})"
+        elif req.waiting_for:
+            where = f" waiting in the queue: {req.waiting_for}"
         else:
             where = " waiting in the queue"
         if not running:
             # Free its slot now: max_queue bounds live waiters, not requests already answered.
             with contextlib.suppress(ValueError):
                 self.queue.remove(req)
-        stats = self._stats(req.instance) if running and req.instance else None
         self._fail(req, RequestTimeoutError(f"request timed out after {req.timeout:g}s{where}"))
-        if stats is not None and req.instance is not None:
-            stats.timeouts += 1
-            self._blame(stats, req.instance, f"timeout after {req.timeout:g}s")
-            if self.enforcer is not None:
-                # Still unanswered on its instance: the hang policy pings it.
-                self.enforcer.request_overdue(req.instance, req.id, req.timeout)
-            if req.instance in self._drains:
-                self._check_drain(req.instance)  # a drain does not wait for it any more
+        if running and req.stats is not None:
+            # The caller gave up: that is this attempt's outcome. It says nothing about the
+            # worker (a busy one may well answer later), so it is not blamed and the hang
+            # policy does not hear of it; the slot stays held until the answer comes.
+            req.stats.record(RequestOutcome.TIMEOUT)
+            req.settled = True
+        run = self.oneshot_runs.pop(req, None)
+        if run is not None:
+            run.kill()  # a oneshot's process group dies at the deadline: its slot is free
+            self.finished(req, req.instance or "", False, None, None)
+        if running and req.instance in self._drains:
+            self._check_drain(req.instance)  # a drain does not wait for it any more
 
     def _raw_result(self, req: Request, raw: bytes) -> bytes:
         """The success object of `_result`, built as bytes around the worker's raw result."""
@@ -933,6 +1086,98 @@ class Router:
         self.oneshot_runs.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """An instance (or a oneshot engine) as `standby` judges it: its id, engine, and where it
+    is headed: `ready`, `starting`, `restarting` (with the seconds to its next start when
+    known), or down (`stopping`, `stopped`, `exited`, `fatal`) with its reason."""
+
+    id: str
+    engine: str
+    state: str
+    reason: str = ""
+    next_start: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Standby:
+    """`wait`: what a request waits for (it may be served within its deadline); `error`:
+    why it cannot be served by any registered engine that matches it."""
+
+    wait: str = ""
+    error: str = ""
+
+
+_COMING = ("starting", "restarting")
+
+
+def standby(views: list[InstanceView], services: list[str], whole: bool = True) -> Standby | None:
+    """Decide for a request that no ready instance can take: wait for instances that are on
+    their way, fail at once saying why the matching engines are down (or take no requests),
+    or None when nothing registered matches (or some match and serve: the filters' own
+    diagnosis says more). `whole`: `views` holds every instance of their engines (no
+    instance was pinned or left out). Pure: plain values in, a decision out."""
+    coming = [v for v in views if v.state in _COMING]
+    if coming:
+        return Standby(wait=_describe(coming, views, _coming_phrase, whole))
+    if any(v.state == "ready" for v in views):
+        return None
+    if views:
+        return Standby(error=_describe(views, views, _down_phrase, whole))
+    if services:
+        if len(services) == 1:
+            return Standby(error=f"{services[0]} is a service engine: it takes no requests")
+        names = ", ".join(sorted(services))
+        return Standby(error=f"{names} are service engines: they take no requests")
+    return None
+
+
+def _coming_phrase(views: list[InstanceView]) -> str:
+    if all(v.state == "starting" for v in views):
+        return "starting"
+    starts = [v.next_start for v in views if v.next_start is not None]
+    when = f" (next start in {min(starts):.1f}s)" if starts else ""
+    return f"restarting{when}"
+
+
+def _down_phrase(views: list[InstanceView]) -> str:
+    v = views[0]
+    return f"{v.state}: {v.reason}" if v.reason else v.state
+
+
+def _describe(
+    chosen: list[InstanceView],
+    views: list[InstanceView],
+    phrase: Callable[[list[InstanceView]], str],
+    whole: bool,
+) -> str:
+    """Say "all instances of X are P" when `chosen` is every instance of one engine (`whole`:
+    `views` holds them all) in one state, else each instance with its own phrase."""
+    engines = {v.engine for v in chosen}
+    if len(engines) == 1 and whole:
+        name = next(iter(engines))
+        every = [v for v in views if v.engine == name]
+        if len(every) == len(chosen) and len({v.state for v in chosen}) == 1:
+            if len(chosen) == 1 and chosen[0].id == name:
+                return f"{name} is {phrase(chosen)}"  # a oneshot engine, or 0 instances
+            return f"all instances of {name} are {phrase(chosen)}"
+    return "; ".join(f"{v.id} is {phrase([v])}" for v in chosen)
+
+
+def _spec_matches(spec: EngineSpec, selector: Selector) -> bool:
+    """Whether an engine passes the request's hard filters as registered (its instances
+    may not be dispatchable yet)."""
+    if selector.engine is not None and spec.name != selector.engine:
+        return False
+    if selector.type is not None and spec.type != selector.type:
+        return False
+    if selector.instance is not None and selector.instance.rpartition("#")[0] != spec.name:
+        return False
+    if selector.require and not selector.require <= frozenset(spec.capabilities):
+        return False
+    return all(spec.labels.get(k) == v for k, v in selector.labels)
+
+
 def _ineligible(inst: Instance) -> str:
     reason = inst.eligibility_reason
     return f"{inst.eligibility.value}: {reason}" if reason else inst.eligibility.value
@@ -944,7 +1189,8 @@ def _as_tuple(value: Any) -> Any:
 
 
 def _oneshot_capacity(spec: EngineSpec) -> int:
-    return spec.max_concurrency * max(1, spec.instances)
+    """Runs of a oneshot engine at once: its `max_concurrency` (it has no instances)."""
+    return spec.max_concurrency
 
 
 def _selector(params: dict[str, Any]) -> Selector:

@@ -28,6 +28,7 @@ from engctl.states import (
     EngineMode,
     Health,
     InstanceState,
+    RequestOutcome,
     can_transition,
 )
 
@@ -68,9 +69,22 @@ class Sample:
     pid: int = 0  # the leader it was taken of: a reading of a replaced process is dropped
 
 
+# The counter of RequestStats that each outcome adds to (their names on the wire).
+OUTCOME_FIELDS = {
+    RequestOutcome.OK: "ok",
+    RequestOutcome.ERROR: "errors",
+    RequestOutcome.TIMEOUT: "timeouts",
+    RequestOutcome.LOST: "lost",
+}
+
+
 @dataclass
 class RequestStats:
-    """Rolling request observations of an instance (fed by the request router)."""
+    """Rolling request observations of an instance (fed by the request router).
+
+    `requests` counts finished attempts and always equals ok + errors + timeouts + lost:
+    every attempt is counted once, by `record`, with its one outcome.
+    """
 
     in_flight: int = 0
     requests: int = 0
@@ -81,8 +95,28 @@ class RequestStats:
     lost: int = 0  # in flight when the process died (the crash policy's business)
     consecutive_errors: int = 0  # reset by every success (the failing policy reads it)
     last_error: str = ""
+    # Lines on the worker's stdout that broke the protocol (not an outcome: garbage between
+    # requests belongs to none; the requests it fails are counted as errors).
+    protocol_errors: int = 0
     # Latencies of successful requests since the daemon started (bounded: 256 buckets).
     hist: Histogram = field(default_factory=Histogram)
+
+    def record(self, outcome: RequestOutcome) -> None:
+        """Count one finished attempt with its outcome."""
+        self.requests += 1
+        # Branches, not setattr: this runs once per request on the hot path.
+        if outcome is RequestOutcome.OK:
+            self.ok += 1
+        elif outcome is RequestOutcome.ERROR:
+            self.errors += 1
+        elif outcome is RequestOutcome.TIMEOUT:
+            self.timeouts += 1
+        else:
+            self.lost += 1
+
+    def count(self, outcome: RequestOutcome) -> int:
+        """Attempts that ended with `outcome`."""
+        return int(getattr(self, OUTCOME_FIELDS[outcome]))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +127,7 @@ class RequestStats:
             "timeouts": self.timeouts,
             "lost": self.lost,
             "consecutive_errors": self.consecutive_errors,
+            "protocol_errors": self.protocol_errors,
             "latency_ewma_ms": None
             if self.latency_ewma_ms is None
             else round(self.latency_ewma_ms, 3),
@@ -158,6 +193,11 @@ class Instance:
         self.restarting = False
         self.kill_cause = ""  # why the daemon killed the process (hang), for the exit record
         self.spawn_retries = 0  # spawns in a row that failed for lack of fds or processes
+        # Set when the daemon ends a process it judged failed (no answer during warm-up, no
+        # stdout): its exit is then handled as a crash with this reason.
+        self.failure = ""
+        self.failed_start = False  # ... and counts as a failed start (towards max_retries)
+        self.warmup_note = ""  # the last protocol error seen while warming up
 
     @property
     def spec(self) -> EngineSpec:
@@ -239,6 +279,7 @@ class Engine:
         self.instances: list[Instance] = []
         self.lock = asyncio.Lock()
         self.stats = RequestStats()  # requests of a oneshot engine (it has no instances)
+        self.oneshot_log: InstanceLog | None = None  # stderr of a oneshot engine's runs
         self._policy: tuple[EngineSpec, Any, PolicySpec] | None = None
 
     def policy(self, daemon_policy: Any) -> PolicySpec:
@@ -271,7 +312,11 @@ class Engine:
             "desired": self.desired.value,
             "instances_wanted": self.spec.instances if self.spec.mode.long_running else 0,
             "instances": [i.to_json() for i in self.instances],
-            **({"requests": self.stats.to_json()} if self.spec.mode is EngineMode.ONESHOT else {}),
+            **(
+                {"requests": self.stats.to_json(), "max_concurrency": self.spec.max_concurrency}
+                if self.spec.mode is EngineMode.ONESHOT
+                else {}
+            ),
         }
 
 
@@ -462,6 +507,8 @@ class Supervisor:
         inst.spawn_retries = 0
         inst.proc = proc
         inst.sample = Sample()
+        inst.failure = inst.warmup_note = ""
+        inst.failed_start = False
         # A new process: what was measured of the old one says nothing about it.
         inst.health_check.reset(time.monotonic())
         inst.health_reason = ""
@@ -492,23 +539,82 @@ class Supervisor:
         inst.timer = None
         if inst.proc is not proc or not proc.alive or inst.state is not S.STARTING:
             return
-        inst.crashes.started()
         up = f"up for {inst.spec.restart.start_seconds:g}s"
         if inst.spec.mode is not EngineMode.WORKER or inst.ready_seen or self.observer is None:
+            inst.crashes.started()
             # starting -> ready: the process stayed up start_seconds
             self.transition(inst, S.READY, up)
             return
-        # starting -> warming: a worker is ready once it answers ping or says `ready`
-        self.transition(inst, S.WARMING, f"{up}; waiting for it to answer")
+        # starting -> warming: a worker is ready once it answers ping or says `ready`; it
+        # has not started until then (a start that times out counts towards max_retries).
+        why = f"{up}; waiting for it to answer ping or say ready"
+        if inst.warmup_note:
+            why += f" (last: {inst.warmup_note})"
+        self.transition(inst, S.WARMING, why)
+        inst.timer = self.loop.call_later(
+            inst.spec.start_timeout, self._start_timed_out, inst, proc
+        )
         self.observer.warming(inst)
 
     def mark_ready(self, inst: Instance, reason: str) -> None:
         """A worker showed it can take requests (answered ping, or sent `ready`)."""
+        if inst.failure:
+            return  # judged failed already: it is being stopped
         if inst.state is S.STARTING:
             inst.ready_seen = True
         elif inst.state is S.WARMING:
+            inst.cancel_timer()  # the start timeout
+            inst.crashes.started()
             # warming -> ready: the worker answered
             self.transition(inst, S.READY, reason)
+
+    def warmup_problem(self, inst: Instance, text: str) -> None:
+        """Something wrong seen while a worker warms up (garbage on its stdout): shown in
+        its state reason, and named if the start then times out."""
+        first = not inst.warmup_note
+        inst.warmup_note = text
+        if inst.state is S.WARMING:
+            base = inst.state_reason.split(" (last: ", 1)[0]
+            inst.state_reason = f"{base} (last: {text})"
+        if first:
+            self.events.emit(
+                "instance.warmup_problem", text, engine=inst.spec.name, instance=inst.id
+            )
+
+    def _start_timed_out(self, inst: Instance, proc: ChildProcess) -> None:
+        inst.timer = None
+        if inst.proc is not proc or not proc.alive or inst.state is not S.WARMING:
+            return
+        timeout = inst.spec.start_timeout
+        why = f"start failed: no answer to ping and no `ready` within {timeout:g}s"
+        if inst.warmup_note:
+            why += f" (last: {inst.warmup_note})"
+        self.fail_instance(inst, why, cause="start_timeout", failed_start=True)
+
+    def fail_instance(self, inst: Instance, reason: str, *, cause: str, failed_start: bool) -> None:
+        """End a process the daemon judged failed, with its stop policy (signal, then SIGKILL
+        to the group after the stop timeout); its exit is handled as a crash with `reason`
+        (backoff, or fatal), and as a failed start with `failed_start`."""
+        proc = inst.proc
+        if proc is None or not proc.alive or inst.failure or inst.state is S.STOPPING:
+            return
+        inst.failure = reason
+        inst.failed_start = failed_start
+        inst.kill_cause = cause
+        inst.cancel_timer()
+        sig = signal.Signals[inst.spec.stop.signal]
+        inst.log.note(f"{reason}: sending {sig.name} to process group {proc.pgid}")
+        self.events.emit(
+            "instance.failed",
+            reason,
+            engine=inst.spec.name,
+            instance=inst.id,
+            data={"cause": cause},
+        )
+        process.signal_group(proc.pgid, sig)
+        inst.timer = self.loop.call_later(
+            inst.spec.stop.timeout, self._kill_after_timeout, inst, proc
+        )
 
     def _attach_output(self, inst: Instance, proc: ChildProcess) -> None:
         popen = proc.popen
@@ -559,6 +665,8 @@ class Supervisor:
             inst.last_exit["cause"] = inst.kill_cause
             inst.kill_cause = ""
         inst.log.note(f"pid {proc.pid} {desc} after {uptime:.2f}s")
+        failure, failed_start = inst.failure, inst.failed_start
+        inst.failure, inst.failed_start = "", False
         self._sweep_group(inst, proc)
         if proc.popen.stdin is not None:
             with contextlib.suppress(OSError):
@@ -567,6 +675,14 @@ class Supervisor:
         if inst.state is S.STOPPING:
             # stopping -> stopped: the exit we asked for
             self.transition(inst, S.STOPPED, f"stopped ({desc})", code=status.code)
+            return
+        if failure:
+            # Ended by the daemon as failed: a crash, whatever its exit code said.
+            inst.last_exit["error"] = failure
+            wants = inst.spec.restart.policy.wants_restart(None, expected=False)
+            self._after_unexpected_exit(
+                inst, failure, quick=failed_start, wants_restart=wants, uptime=uptime
+            )
             return
         quick = inst.state is S.STARTING
         wants = inst.spec.restart.policy.wants_restart(status.code, expected=False)
@@ -668,9 +784,13 @@ class Supervisor:
             return
         if inst.state is not S.STOPPING:
             proc = inst.proc
-            assert proc is not None
             spec = inst.spec
             self.transition(inst, S.STOPPING, reason)
+            if proc is None or not proc.alive:
+                # stopping -> stopped: no process to signal (none was ever started, or its
+                # exit came first); a state must never wait for an exit that cannot come.
+                self.transition(inst, S.STOPPED, f"{reason} (no process was running)")
+                return
             sig = signal.Signals[spec.stop.signal]
             inst.log.note(f"sending {sig.name} to process group {proc.pgid} ({reason})")
             process.signal_group(proc.pgid, sig)
@@ -840,6 +960,17 @@ class Supervisor:
             engine.instances.append(Instance(engine, idx, log_file))
         extra = engine.instances[want:]
         del engine.instances[want:]
+        oneshot = engine.spec.mode is EngineMode.ONESHOT
+        if oneshot and engine.oneshot_log is None:
+            name = engine.spec.name
+            engine.oneshot_log = InstanceLog(
+                self.paths.log_dir / f"{name}.oneshot.log",
+                self.config.log_max_bytes,
+                self.config.log_backups,
+            )
+        elif not oneshot and engine.oneshot_log is not None:
+            engine.oneshot_log.close()
+            engine.oneshot_log = None
         return extra
 
     async def start_engine(
@@ -948,6 +1079,8 @@ class Supervisor:
         await self.drain_instances(engine.instances, "unregistered")
         for inst in engine.instances:
             inst.log.close()
+        if engine.oneshot_log is not None:
+            engine.oneshot_log.close()
         self.engines.pop(engine.spec.name, None)
         self.index.remove(engine.spec)
         self._publish_targets()
@@ -997,10 +1130,17 @@ class Supervisor:
             )
         except (TimeoutError, RequestTimeoutError):
             self.kill_all()
+        except Exception:
+            # A bug must not leave engines running after the daemon: kill them all.
+            log.exception("graceful stop failed; killing every engine")
+            self.kill_all()
         if self._sweeps:
             await asyncio.wait(set(self._sweeps), timeout=timeout)
         for inst in self.all_instances():
             inst.log.close()
+        for engine in self.engines.values():
+            if engine.oneshot_log is not None:
+                engine.oneshot_log.close()
 
     def kill_all(self) -> None:
         """SIGKILL every process tree now (second signal during shutdown)."""

@@ -81,7 +81,10 @@ def status_table(
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for eng, inst in rows:
         if inst is None:
-            note = "oneshot" if eng["mode"] == "oneshot" else f"0 instances ({eng['desired']})"
+            if eng["mode"] == "oneshot":
+                note = f"oneshot ×{eng.get('max_concurrency', 1)}"
+            else:
+                note = f"0 instances ({eng['desired']})"
             cells: dict[str, str | Text] = {"INSTANCE": eng["name"], "STATE": Text(note, "dim")}
             table.add_row(*(cells.get(col, "-") for col, _ in shown))
             continue
@@ -148,8 +151,9 @@ def natural_width(table: Table) -> int:
 def engines_table(engines: list[dict[str, Any]]) -> Table:
     """`engctl list`: one row per registered engine."""
     table = Table(box=None, header_style="bold", pad_edge=False)
+    # CONCURRENCY: requests at once per instance; for a oneshot engine, runs at once.
     columns = (
-        "NAME", "TYPE", "MODE", "INSTANCES", "DESIRED", "VERSION", "REGISTERED",
+        "NAME", "TYPE", "MODE", "INSTANCES", "CONCURRENCY", "DESIRED", "VERSION", "REGISTERED",
         "CAPABILITIES", "LABELS", "COMMAND",
     )  # fmt: skip
     for col in columns:
@@ -161,6 +165,7 @@ def engines_table(engines: list[dict[str, Any]]) -> Table:
             e["type"],
             e["mode"],
             str(e["instances"]),
+            str(e.get("max_concurrency", 1)),
             e["desired"],
             e.get("version") or "-",
             "-" if at is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(at)),

@@ -29,10 +29,27 @@ def _num(v: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _oneshot_row(engine: dict[str, Any]) -> dict[str, Any]:
+    """A oneshot engine as a row of its own (`NAME#oneshot`): it has no instances."""
+    return {
+        "id": f"{engine['name']}#oneshot",
+        "state": "oneshot" if engine.get("desired") == "running" else "stopped",
+        "health": "unknown",
+        "eligibility": "active",
+        "requests": engine.get("requests", {}),
+        "cpu_percent": None,
+        "rss_bytes": None,
+        "restarts": 0,
+    }
+
+
 def _joined(status: dict[str, Any], live: dict[str, Any], sort: str) -> list[tuple[Any, Any, Any]]:
     rows = []
     for e in status["engines"]:
-        for i in e["instances"]:
+        insts = e["instances"]
+        if e.get("mode") == "oneshot":
+            insts = [_oneshot_row(e)]  # its runs' figures, as one row
+        for i in insts:
             m = live.get("instances", {}).get(i["id"], {})
             rows.append((e, i, m))
     keyers = {
