@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
+CHANGELOG = ROOT / "CHANGELOG.md"
 
 # Issue 11: the README is read top to bottom; the reference is searched in docs/.
 README_MAX_BYTES = 25_000
@@ -88,7 +89,7 @@ def test_readme_stays_short() -> None:
     assert size < README_MAX_BYTES, f"README is {size} bytes"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [*PAGES, CHANGELOG], ids=lambda p: p.name)
 def test_links_and_anchors_resolve(page: Path) -> None:
     """Every relative link names a file that exists, and every #anchor a heading of it."""
     broken = []
@@ -147,3 +148,21 @@ def test_every_event_kind_and_method_is_documented() -> None:
     assert used, "no event kinds or methods found in the source"
     missing = sorted(used - documented_names())
     assert not missing, f"not in README.md or docs/: {missing}"
+
+
+# Keep a Changelog's kinds of change, in its order.
+CHANGE_KINDS = ["Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"]
+
+
+def test_changelog_has_one_heading_of_each_kind_per_version() -> None:
+    """Each version of CHANGELOG.md has each kind of change at most once, in Keep a Changelog's
+    order (merged branches left three `### Added` under [Unreleased]), and releases are dated."""
+    versions = re.split(r"^## ", CHANGELOG.read_text(), flags=re.M)[1:]
+    assert versions[0].startswith("[Unreleased]")
+    for version in versions:
+        title = version.splitlines()[0]
+        kinds = re.findall(r"^### (.+)$", version, re.M)
+        assert set(kinds) <= set(CHANGE_KINDS), f"{title}: {kinds}"
+        assert kinds == sorted(set(kinds), key=CHANGE_KINDS.index), f"{title}: {kinds}"
+        if not title.startswith("[Unreleased]"):
+            assert re.fullmatch(r"\[\d+\.\d+\.\d+\] - \d{4}-\d{2}-\d{2}", title), title
