@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 # Results can be larger than the requests the daemon accepts: the largest frame the daemon
 # sends (a worker's 64 MiB reply line, a oneshot's 16 MiB output as a JSON string, with the
-# result object around it) fits well under this (see "Limits" in the README).
+# result object around it) fits well under this (see "Limits" in docs/guarantees.md).
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 # A connection unused this long may have been closed by the daemon's idle timeout: it is
 # checked (one non-blocking peek) before the next call, and replaced if it was.

@@ -2,7 +2,7 @@
 
 Shared contract between CLI and daemon: stdlib only.
 
-Exit codes (documented in the README):
+Exit codes (documented in docs/cli.md, the JSON-RPC codes in docs/protocol.md):
 0 ok · 1 failed · 2 usage or invalid input · 3 daemon unreachable or incompatible ·
 4 no eligible engine · 5 timeout · 6 busy · 7 not found · 130 interrupted (Ctrl-C) ·
 141 stdout closed by its reader

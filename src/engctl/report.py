@@ -23,7 +23,7 @@ from engctl.timespec import parse_since as parse_since  # the report's --since, 
 
 FINE = 10
 COARSE = 300
-# Thresholds of the suggestions (documented in the README).
+# Thresholds of the suggestions (documented in docs/metrics.md).
 QUEUED_SHARE = 0.10  # requests waited in at least this share of samples
 MIN_QUEUE_SAMPLES = 30  # queue samples (about seconds) before a share is judged
 MIN_QUEUED = 3  # samples with requests waiting: one busy second is not a pattern
@@ -224,7 +224,7 @@ def build_report(
     tier: int,
     engine: str | None = None,
 ) -> dict[str, Any]:
-    """The report object (schema in the README) from roll-up rows and actions."""
+    """The report object (schema in docs/json.md) from roll-up rows and actions."""
     rows = list(rows)
     # Rates are over the time the history covers, not the whole period asked for (a daemon
     # started five minutes ago has no hour of traffic to average over).

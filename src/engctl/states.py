@@ -9,7 +9,7 @@ from enum import StrEnum
 
 
 class InstanceState(StrEnum):
-    """Lifecycle of one instance (SPEC §4)."""
+    """Lifecycle of one instance (docs/supervision.md)."""
 
     STOPPED = "stopped"
     STARTING = "starting"
@@ -92,7 +92,7 @@ class OnUnhealthy(StrEnum):
 
 
 class EngineMode(StrEnum):
-    """How requests reach an engine (SPEC §3)."""
+    """How requests reach an engine (docs/dispatch.md)."""
 
     WORKER = "worker"
     ONESHOT = "oneshot"

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import PY, Home, engine_cmd
 
-# Documented exit codes of a failure (src/engctl/errors.py, README "Exit codes").
+# Documented exit codes of a failure (src/engctl/errors.py, docs/cli.md "Exit codes").
 FAILURE_CODES = {1, 2, 3, 4, 5, 6, 7}
 # Commands whose valid parse would stop, replace or outlive the daemon under test: only
 # values that fail to parse are given to them.

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from engctl.client import Client
 
 JsonFlag = Annotated[
-    bool, typer.Option("--json", help="Machine-readable output (schema in the README).")
+    bool, typer.Option("--json", help="Machine-readable output (schema in docs/json.md).")
 ]
 
 

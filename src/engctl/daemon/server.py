@@ -36,7 +36,7 @@ Handler = Callable[[dict[str, Any], "Connection"], Any]
 # then takes none of its output for STALL_SECONDS (or idle_timeout if shorter) is dropped.
 # One that lets more than MAX_UNREAD_OUTPUT pile up is dropped at once. The size of one
 # answer is not bounded here: a single result is as large as a worker may send (see
-# "Limits" in the README).
+# "Limits" in docs/guarantees.md).
 WRITE_HIGH_WATER = 256 * 1024
 STALL_SECONDS = 5.0
 MAX_UNREAD_OUTPUT = 256 * 1024 * 1024
