@@ -92,13 +92,21 @@ def test_plain_status_of_an_unknown_engine_exits_7_like_the_typer_command(daemon
     assert fast.stderr == slow.stderr and fast.stderr.count("\n") == 1
 
 
-# What rich's Console decides for stdout, and what `stdout_style` says it decides.
+# What rich's Console decides for stdout, and what `stdout_style` says it decides: for the
+# CLI's console (tables) and for a default one (typer's help).
 _PROBE = """
 import json
+from rich.console import Console
 from engctl.cli.terminal import console, stdout_style
-con = console()
-escapes = None if con.color_system is None else "no_color" if con.no_color else "color"
-print(json.dumps({"ours": stdout_style(), "rich": [con.width, escapes]}))
+
+def decided(con):
+    escapes = None if con.color_system is None else "no_color" if con.no_color else "color"
+    return [con.width, escapes]
+
+print(json.dumps({
+    "tables": {"ours": stdout_style(), "rich": decided(console())},
+    "help": {"ours": stdout_style(pipe_width=None), "rich": decided(Console())},
+}))
 """
 
 
@@ -127,10 +135,44 @@ def test_stdout_style_is_what_rich_decides(home: Home, extra: dict[str, str]) ->
     piped = _piped(env, "-c", _PROBE, python=True)
     child = pexpect.spawn(PY, ["-c", _PROBE], env=env, dimensions=(24, 93))
     child.expect(pexpect.EOF, timeout=60)
-    for seen in (json.loads(piped.stdout), json.loads(child.before.decode())):
-        if seen["ours"] is not None:
-            assert seen["ours"] == seen["rich"], extra
+    on_tty = json.loads(child.before.decode())
+    for seen in (json.loads(piped.stdout), on_tty):
+        for console in ("tables", "help"):
+            if seen[console]["ours"] is not None:
+                assert seen[console]["ours"] == seen[console]["rich"], (console, extra)
     decided_by_rich = {"TERM": "dumb"}.items() <= extra.items() or any(
         k in extra for k in ("FORCE_COLOR", "TTY_COMPATIBLE")
     )
-    assert (json.loads(child.before.decode())["ours"] is None) == decided_by_rich
+    assert (on_tty["tables"]["ours"] is None) == decided_by_rich
+    assert (on_tty["help"]["ours"] is None) == decided_by_rich
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], []], ids=repr)
+def test_root_help_skips_typer_and_matches_typers(home: Home, args: list[str]) -> None:
+    """`engctl --help`, `-h` and `engctl` alone print typer's help without importing typer
+    or rich: to a pipe (80 columns, as typer's rich sizes a pipe), at COLUMNS=61, and to
+    terminals with and without colours. TERMINAL_WIDTH hands the help to typer: the
+    reference."""
+    r, mods = _imported(_env(home), *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1].strip() == "Usage: engctl [OPTIONS] COMMAND [ARGS]..."
+    assert not _under(mods, "typer")
+    assert not _under(mods, "rich")
+    for width, env in ((80, _env(home)), (61, _env(home, COLUMNS="61"))):
+        fast = _piped(env, *args)
+        slow = _piped({**env, "TERMINAL_WIDTH": str(width)}, *args)
+        assert (fast.returncode, fast.stdout, fast.stderr) == (0, slow.stdout, slow.stderr)
+        assert max(len(line) for line in fast.stdout.splitlines()) == width
+    for columns, env in ((100, _env(home)), (72, _env(home, NO_COLOR="1"))):
+        fast_tty = _on_a_terminal(env, args, columns)
+        slow_tty = _on_a_terminal({**env, "TERMINAL_WIDTH": str(columns)}, args, columns)
+        assert fast_tty == slow_tty
+        assert (b"\x1b[1;36m" in fast_tty) == ("NO_COLOR" not in env)
+
+
+def test_subcommand_help_still_goes_through_typer(home: Home) -> None:
+    """A subcommand's --help is typer's, as before."""
+    r, mods = _imported(_env(home), "status", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Usage: engctl status [OPTIONS] [names]..." in r.stdout
+    assert _under(mods, "typer")

@@ -1,5 +1,5 @@
 """Typer-free paths for what scripts call in loops and people type most: `--version`,
-`exec`, plain `status --json` and the plain `status` table.
+`--help`, `exec`, plain `status --json` and the plain `status` table.
 
 Importing and building the typer app costs more than everything else `status --json` does
 (~45 ms on a 2-core machine). These paths run the same code as the typer commands (`status`
@@ -71,6 +71,11 @@ def status_table(names: list[str]) -> int:
     return 0
 
 
+def _write(text: str) -> int:
+    sys.stdout.write(text)
+    return 0
+
+
 def fast_command(args: list[str]) -> Callable[[], int] | None:
     """The typer-free implementation of `args`, when it is one of the plain forms."""
     import os
@@ -81,6 +86,12 @@ def fast_command(args: list[str]) -> Callable[[], int] | None:
         return lambda: complete_main(args)
     if args in (["--version"], ["-V"]):
         return print_version
+    if args in ([], ["--help"], ["-h"]):
+        from engctl.cli.help import root_help
+
+        text = root_help()
+        if text is not None:
+            return lambda: _write(text)
     if args[:1] == ["exec"]:
         from engctl.cli.exec import main as exec_main
 
