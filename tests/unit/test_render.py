@@ -7,10 +7,12 @@ import io
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
+from rich.text import Text
 
+from engctl.render import styled
 from engctl.render.status import ELIGIBILITY_STYLE, HEALTH_STYLE, STATE_STYLE, status_text
 from engctl.render.styled import COLOR, NO_COLOR
 from engctl.render.tables import status_view
@@ -135,9 +137,9 @@ def rich_prints(renderable: Any, width: int, escapes: str | None) -> str:
 # Words a status may hold: mostly ASCII, sometimes wide and combining characters or rich
 # markup (control characters, which only rich prints, have their own test).
 ODD = ["[bold]", "[/]", "×", "é", "日本", "\u0301"]
-WORDS = st.lists(
-    st.sampled_from([*"abcxyz019 -_.:#()[]"]) | st.sampled_from(ODD), max_size=12
-).map("".join)
+WORDS = st.lists(st.sampled_from([*"abcxyz019 -_.:#()[]"]) | st.sampled_from(ODD), max_size=12).map(
+    "".join
+)
 INSTANCES = st.fixed_dictionaries(
     {
         "id": WORDS.map(lambda w: f"{w}#0"),
@@ -204,3 +206,22 @@ def test_status_text_leaves_control_characters_to_rich() -> None:
     tabbed = {"engines": [{**FLEET["engines"][1], "name": "up\tper"}]}
     assert status_text(tabbed, 200, None, NOW) is None
     assert status_text({"engines": [FLEET["engines"][1]]}, 200, None, NOW) is not None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.lists(st.sampled_from([*"ab cd-", "  ", "\n", "×", "日", "xyzxyzxyzxyzxyz"])).map(
+        "".join
+    ),
+    width=st.integers(1, 30),
+)
+def test_wrap_breaks_lines_where_rich_does(text: str, width: int) -> None:
+    """`styled.wrap` cuts a text into the lines rich's Text.wrap makes (a word longer than a
+    line folded, trailing spaces dropped only where they overflow), wide characters too."""
+    try:
+        wrapped = styled.wrap([(text, "", False)], width)
+    except ValueError:  # a character wider than the line, which rich crops: rich's to print
+        assume(False)
+    lines = ["".join(t for t, _, _ in line) for line in wrapped]
+    con = Console(width=width, color_system=None)
+    assert lines == [line.plain for line in Text(text).wrap(con, width)]

@@ -96,7 +96,7 @@ def _panel(panel: dict[str, Any], width: int) -> list[list[Run]]:
                     _seg(" ", ""),
                     *(prefix if k == 0 else blank),
                     _seg(" ", ""),
-                    *styled.pad(help_line, help_width, "left", ""),
+                    *styled.pad(help_line, help_width, ""),
                     _seg(" ", ""),
                     _seg("│", border),
                 ]
@@ -210,7 +210,7 @@ def _table_of(printed: list[tuple[Any, Any]], console: Any) -> dict[str, Any]:
                 if left:
                     prefix.append(_seg(" " * left, str(under) if under else ""))
                 base = str(under + console.get_style(cell.style)) if under or cell.style else ""
-                prefix += [r for r in styled.pad(runs(cell, under), content, "left", base) if r[0]]
+                prefix += [r for r in styled.pad(runs(cell, under), content, base) if r[0]]
                 if right:
                     prefix.append(_seg(" " * right, str(under) if under else ""))
                 blank.append(_seg(" " * (left + content + right), str(under) if under else ""))

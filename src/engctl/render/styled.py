@@ -1,7 +1,7 @@
 """Styled text written as rich writes it (escape codes, word wrap, padding), for the commands
 that must print a table or the help in a few milliseconds: importing rich costs more.
 
-Only what those outputs use: runs of text with a style, rich's word wrap, left/right padding.
+Only what those outputs use: runs of text with a style, rich's word wrap, padding to a width.
 Tests pin every output made with it to rich's own, byte for byte. Stdlib only (rich's cell
 width and wrap functions are imported for wide or combining characters, where they are the
 rule).
@@ -88,19 +88,9 @@ def printable(text: str) -> bool:
     return text.isprintable()
 
 
-def pad(runs: list[Run], width: int, justify: str, base_style: str) -> list[Run]:
-    """`runs` padded with spaces to `width` cells, as rich justifies a cell: `left` pads on
-    the right (merged into base text at the end), `right` strips trailing spaces and pads on
-    the left."""
-    if justify == "right":
-        runs = _rstrip(runs)
-        missing = width - sum(cell_width(t) for t, _, _ in runs)
-        if missing <= 0:
-            return runs
-        if runs and not runs[0][2]:
-            text, style, _ = runs[0]
-            return [(" " * missing + text, style, False), *runs[1:]]
-        return [(" " * missing, base_style, False), *runs]
+def pad(runs: list[Run], width: int, base_style: str) -> list[Run]:
+    """`runs` padded with spaces to `width` cells, as rich justifies text to the left: the
+    spaces join the last run when it is base text, else are a run of their own."""
     missing = width - sum(cell_width(t) for t, _, _ in runs)
     if missing <= 0:
         return runs
@@ -110,21 +100,10 @@ def pad(runs: list[Run], width: int, justify: str, base_style: str) -> list[Run]
     return [*runs, (" " * missing, base_style, False)]
 
 
-def _rstrip(runs: list[Run]) -> list[Run]:
-    out = list(runs)
-    while out:
-        text, style, spanned = out[-1]
-        stripped = text.rstrip()
-        if stripped:
-            out[-1] = (stripped, style, spanned)
-            break
-        out.pop()
-    return out
-
-
 def wrap(runs: list[Run], width: int) -> list[list[Run]]:
     """Lines of `runs` word-wrapped to `width` cells as rich's `Text.wrap` does (overflow
-    "fold": a word longer than a line is cut), before any justification."""
+    "fold": a word longer than a line is cut), before any justification. ValueError for a
+    character wider than a line (callers then let rich do it)."""
     lines: list[list[Run]] = [[]]
     for text, style, spanned in runs:
         first, *more = text.split("\n")
@@ -144,6 +123,9 @@ def wrap(runs: list[Run], width: int) -> list[list[Run]]:
             if excess > 0:
                 spaces = len(plain[start:end]) - len(plain[start:end].rstrip())
                 end -= min(spaces, excess)
+            if cell_width(plain[start:end]) > width:
+                # A character wider than the whole line: rich crops it; not done here.
+                raise ValueError("a character wider than the line")
             out.append(_slice(parts, start, end))
     return out
 
