@@ -225,3 +225,23 @@ def test_wrap_breaks_lines_where_rich_does(text: str, width: int) -> None:
     lines = ["".join(t for t, _, _ in line) for line in wrapped]
     con = Console(width=width, color_system=None)
     assert lines == [line.plain for line in Text(text).wrap(con, width)]
+
+
+def test_status_shows_names_and_reasons_as_written() -> None:
+    """A reason (here given to `isolate --reason`) that looks like rich markup shows as it was
+    written, in the table and without rich alike (issue 13.5)."""
+    fleet = {
+        "engines": [
+            {
+                "name": "e",
+                "mode": "worker",
+                "desired": "running",
+                "instances": [
+                    inst("e#0", eligibility="isolated", eligibility_reason="[bold]by hand[/]")
+                ],
+            }
+        ]
+    }
+    for width in (200, 80):  # a REASON column, then a note under the table
+        assert "[bold]by hand[/]" in rich_prints(status_view(fleet, width, NOW), width, None)
+        assert "[bold]by hand[/]" in (status_text(fleet, width, None, NOW) or "")
