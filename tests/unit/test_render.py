@@ -3,11 +3,18 @@ nothing, the least needed columns left out (and said so); all of them when there
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from rich.console import Console
+from rich.text import Text
 
+from engctl.render import styled
+from engctl.render.status import ELIGIBILITY_STYLE, HEALTH_STYLE, STATE_STYLE, status_text
+from engctl.render.styled import COLOR, NO_COLOR
 from engctl.render.tables import status_view
 from engctl.render.top import top_view
 
@@ -106,3 +113,135 @@ def test_every_column_when_there_is_room(which: str) -> None:
         assert header == ["INSTANCE", "STATE", "HEALTH", "DISPATCH", "IN", "RPS", "OK%",
                           "P50ms", "P99ms", "CPU%", "RSS", "RESTARTS"]  # fmt: skip
     assert not any("too narrow" in line for line in lines)
+
+
+# -- status without rich (issue 13.5) -------------------------------------------------------
+
+
+def rich_prints(renderable: Any, width: int, escapes: str | None) -> str:
+    """What rich's Console writes for `renderable` at `width` columns: to a terminal with
+    colours (COLOR), to one with NO_COLOR set, or to a file (None)."""
+    out = io.StringIO()
+    Console(
+        file=out,
+        width=width,
+        force_terminal=escapes is not None,
+        color_system="standard" if escapes else None,
+        no_color=escapes == NO_COLOR,
+        highlight=False,
+        soft_wrap=False,
+    ).print(renderable)
+    return out.getvalue()
+
+
+# Words a status may hold: mostly ASCII, sometimes wide and combining characters or rich
+# markup (control characters, which only rich prints, have their own test).
+ODD = ["[bold]", "[/]", "×", "é", "日本", "\u0301"]
+WORDS = st.lists(st.sampled_from([*"abcxyz019 -_.:#()[]"]) | st.sampled_from(ODD), max_size=12).map(
+    "".join
+)
+INSTANCES = st.fixed_dictionaries(
+    {
+        "id": WORDS.map(lambda w: f"{w}#0"),
+        "pid": st.none() | st.integers(1, 4_194_304),
+        "state": st.sampled_from([*STATE_STYLE, "odd"]),
+        "health": st.sampled_from([*HEALTH_STYLE, "odd"]),
+        "health_reason": WORDS,
+        "eligibility": st.sampled_from([*ELIGIBILITY_STYLE, "odd"]),
+        "eligibility_reason": WORDS | st.text(st.sampled_from([*"abc  :,()", "×"]), max_size=120),
+        "isolated_until": st.none() | st.floats(NOW - 10, NOW + 1e6),
+        "effective_weight": st.none() | st.floats(0, 1),
+        "uptime_s": st.none() | st.floats(0, 1e8),
+        "restarts": st.integers(0, 10**6),
+        "cpu_percent": st.none() | st.floats(0, 1600),
+        "rss_bytes": st.none() | st.integers(0, 2**45),
+        "last_exit": st.none()
+        | st.fixed_dictionaries(
+            {"code": st.none() | st.integers(-255, 255)},
+            optional={"signal": st.sampled_from(["SIGKILL", "SIGTERM"]), "error": WORDS},
+        ),
+    }
+)
+FLEETS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "name": WORDS,
+            "mode": st.sampled_from(["worker", "oneshot", "service"]),
+            "desired": st.sampled_from(["running", "stopped"]),
+            "max_concurrency": st.integers(1, 64),
+            "instances": st.lists(INSTANCES, max_size=4),
+        }
+    ),
+    min_size=1,
+    max_size=4,
+).map(lambda engines: {"engines": engines})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    status=FLEETS,
+    width=st.integers(20, 260),
+    escapes=st.sampled_from([None, COLOR, NO_COLOR]),
+)
+def test_status_text_is_what_rich_prints(status: dict[str, Any], width: int, escapes: Any) -> None:
+    """`status_text` writes exactly what rich writes for the status view, escape codes and
+    all, or gives the case back to rich (None)."""
+    text = status_text(status, width, escapes, NOW)
+    if text is not None:
+        assert text == rich_prints(status_view(status, width, NOW), width, escapes)
+
+
+@pytest.mark.parametrize("escapes", [None, COLOR, NO_COLOR])
+@pytest.mark.parametrize("width", [71, 80, 120, 200, 1000])
+def test_status_text_writes_the_usual_tables_itself(width: int, escapes: Any) -> None:
+    """A fleet of ordinary names and reasons is written without rich at every width that
+    holds its narrowest table (71 columns for this one), with or without notes under it."""
+    text = status_text(FLEET, width, escapes, NOW)
+    assert text is not None
+    assert text == rich_prints(status_view(FLEET, width, NOW), width, escapes)
+
+
+def test_status_text_leaves_control_characters_to_rich() -> None:
+    """rich expands a tab and strips control codes: such a status is rich's to print."""
+    for name, written in (("up\tper", False), ("upper", True)):
+        engine = {"name": name, "mode": "oneshot", "desired": "running", "instances": []}
+        assert (status_text({"engines": [engine]}, 200, None, NOW) is not None) == written
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.lists(st.sampled_from([*"ab cd-", "  ", "\n", "×", "日", "xyzxyzxyzxyzxyz"])).map(
+        "".join
+    ),
+    width=st.integers(1, 30),
+)
+def test_wrap_breaks_lines_where_rich_does(text: str, width: int) -> None:
+    """`styled.wrap` cuts a text into the lines rich's Text.wrap makes (a word longer than a
+    line folded, trailing spaces dropped only where they overflow), wide characters too."""
+    try:
+        wrapped = styled.wrap([(text, "", False)], width)
+    except ValueError:  # a character wider than the line, which rich crops: rich's to print
+        assume(False)
+    lines = ["".join(t for t, _, _ in line) for line in wrapped]
+    con = Console(width=width, color_system=None)
+    assert lines == [line.plain for line in Text(text).wrap(con, width)]
+
+
+def test_status_shows_names_and_reasons_as_written() -> None:
+    """A reason (here given to `isolate --reason`) that looks like rich markup shows as it was
+    written, in the table and without rich alike (issue 13.5)."""
+    fleet = {
+        "engines": [
+            {
+                "name": "e",
+                "mode": "worker",
+                "desired": "running",
+                "instances": [
+                    inst("e#0", eligibility="isolated", eligibility_reason="[bold]by hand[/]")
+                ],
+            }
+        ]
+    }
+    for width in (200, 80):  # a REASON column, then a note under the table
+        assert "[bold]by hand[/]" in rich_prints(status_view(fleet, width, NOW), width, None)
+        assert "[bold]by hand[/]" in (status_text(fleet, width, None, NOW) or "")

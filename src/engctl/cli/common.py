@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-if TYPE_CHECKING:
-    from rich.console import Console
+# The Console lives with the typer-free terminal code; the commands find it here.
+from engctl.cli.terminal import console as console
 
+if TYPE_CHECKING:
     from engctl.client import Client
 
 JsonFlag = Annotated[
@@ -25,23 +26,6 @@ def client(autostart: bool = False) -> Client:
     c = Client(autostart=autostart)
     c.connect()
     return c
-
-
-# Width of tables written to a pipe or a file: rich would assume 80 columns and squeeze or
-# fold them; a reader such as grep wants one whole line per row.
-PIPE_WIDTH = 1000
-
-
-def console(stderr: bool = False) -> Console:
-    import os
-
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    piped = not stream.isatty() and not os.environ.get("COLUMNS")
-    return Console(
-        stderr=stderr, highlight=False, soft_wrap=False, width=PIPE_WIDTH if piped else None
-    )
 
 
 def out(text: str) -> None:

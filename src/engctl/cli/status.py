@@ -12,6 +12,7 @@ import typer
 
 from engctl.cli.app import app
 from engctl.cli.common import JsonFlag, client, console, finite, out, warn
+from engctl.cli.fast import NO_ENGINES as NO_ENGINES  # `list` says it too
 from engctl.cli.fast import status_json
 
 TypeOpt = Annotated[str | None, typer.Option("--type", help="Only engines of this type.")]
@@ -80,9 +81,6 @@ def status(
                 live.update(status_view(fetch(), con.width), refresh=True)
         except KeyboardInterrupt:
             pass
-
-
-NO_ENGINES = "no engines registered (try `engctl register` or `engctl demo`)"
 
 
 def _labels(values: list[str]) -> list[str]:

@@ -11,40 +11,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from engctl.render.format import duration, eligibility, last_exit, size, standing_reason
-
-STATE_STYLE = {
-    "ready": "green",
-    "busy": "cyan",
-    "starting": "yellow",
-    "warming": "yellow",
-    "stopping": "yellow",
-    "backoff": "magenta",
-    "exited": "dim",
-    "stopped": "dim",
-    "fatal": "bold red",
-}
-
-HEALTH_STYLE = {
-    "healthy": "green",
-    "degraded": "yellow",
-    "unhealthy": "bold red",
-    "recovering": "cyan",
-    "unknown": "dim",
-}
-
-ELIGIBILITY_STYLE = {
-    "active": "green",
-    "downweighted": "yellow",
-    "isolated": "bold red",
-    "draining": "magenta",
-    "unavailable": "dim",
-}
-
-
-# Columns a narrow terminal drops first (to keep every row on one line), least needed first;
-# `status --json` and a wider terminal have them all.
-_DROPPABLE = ("LAST EXIT", "PID", "RESTARTS", "UPTIME", "CPU%")
+from engctl.render.format import size
+from engctl.render.status import status_cells, status_layout
 
 
 def status_table(
@@ -56,56 +24,16 @@ def status_table(
     """One row per instance (or per engine without instances), every cell on one line; with
     `reason_column`, a REASON column when an instance is not simply active and healthy;
     `hidden` columns are left out (narrow terminals)."""
-    rows: list[tuple[dict[str, Any], dict[str, Any] | None]] = [
-        (eng, inst) for eng in status["engines"] for inst in (eng["instances"] or [None])
-    ]
-    reasons = {id(inst): standing_reason(inst) for _, inst in rows if inst is not None}
-    with_reason = reason_column and any(reasons.values())
+    return _table(*status_cells(status, now, reason_column, hidden))
+
+
+def _table(columns: list[tuple[str, str]], rows: list[list[tuple[str, str]]]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    columns: list[tuple[str, str]] = [
-        ("INSTANCE", "left"),
-        ("PID", "right"),
-        ("STATE", "left"),
-        ("HEALTH", "left"),
-        ("ELIGIBILITY", "left"),
-        ("UPTIME", "right"),
-        ("RESTARTS", "right"),
-        ("CPU%", "right"),
-        ("RSS", "right"),
-        ("LAST EXIT", "left"),
-    ]
-    if with_reason:
-        columns.append(("REASON", "left"))
-    shown = [c for c in columns if c[0] not in hidden]
-    for col, justify in shown:
+    for col, justify in columns:
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    for eng, inst in rows:
-        if inst is None:
-            if eng["mode"] == "oneshot":
-                note = f"oneshot ×{eng.get('max_concurrency', 1)}"
-            else:
-                note = f"0 instances ({eng['desired']})"
-            cells: dict[str, str | Text] = {"INSTANCE": eng["name"], "STATE": Text(note, "dim")}
-            table.add_row(*(cells.get(col, "-") for col, _ in shown))
-            continue
-        state = inst["state"]
-        health = inst.get("health", "unknown")
-        elig = inst.get("eligibility", "active")
-        cpu = inst.get("cpu_percent")
-        cells = {
-            "INSTANCE": inst["id"],
-            "PID": str(inst["pid"]) if inst.get("pid") else "-",
-            "STATE": Text(state, style=STATE_STYLE.get(state, "")),
-            "HEALTH": Text(health, style=HEALTH_STYLE.get(health, "")),
-            "ELIGIBILITY": Text(eligibility(inst, now), style=ELIGIBILITY_STYLE.get(elig, "")),
-            "UPTIME": duration(inst.get("uptime_s")),
-            "RESTARTS": str(inst.get("restarts", 0)),
-            "CPU%": "-" if cpu is None else f"{cpu:.1f}",
-            "RSS": size(inst.get("rss_bytes")),
-            "LAST EXIT": last_exit(inst.get("last_exit")),
-            "REASON": reasons[id(inst)] or "-",
-        }
-        table.add_row(*(cells[col] for col, _ in shown))
+    for row in rows:
+        # Text, not str: an engine's name or a reason is never read as rich markup.
+        table.add_row(*(Text(text, style=style) for text, style in row))
     return table
 
 
@@ -113,31 +41,16 @@ def status_view(status: dict[str, Any], width: int, now: float | None = None) ->
     """The status table for a console `width` columns wide, every row on one line: reasons
     in a REASON column when it fits, else as lines under the table
     (`echo#1  isolated: 5 consecutive errors …`); then the least needed columns go."""
-    table = status_table(status, now)
-    if natural_width(table) <= width:
+    columns, rows, notes = status_layout(
+        status, width, now, lambda columns, rows: natural_width(_table(columns, rows))
+    )
+    table = _table(columns, rows)
+    if not notes:
         return table
-    notes = Text()
-    for eng in status["engines"]:
-        for inst in eng["instances"]:
-            why = standing_reason(inst)
-            if why:
-                what = inst.get("eligibility", "active")
-                if what == "active":
-                    what = inst.get("health", "unknown")
-                notes.append(f"\n{inst['id']}  ")
-                notes.append(what, style=ELIGIBILITY_STYLE.get(what) or HEALTH_STYLE.get(what, ""))
-                notes.append(f": {why}")
-    hidden: frozenset[str] = frozenset()
-    table = status_table(status, now, reason_column=False)
-    for col in _DROPPABLE:
-        if natural_width(table) <= width:
-            break
-        hidden |= {col}
-        table = status_table(status, now, reason_column=False, hidden=hidden)
-    if hidden:
-        left_out = ", ".join(c for c in _DROPPABLE if c in hidden)
-        notes.append(f"\n(too narrow for {left_out}: see --json)", "dim")
-    return Group(table, notes) if notes else table
+    text = Text()
+    for piece, style in notes:
+        text.append(piece, style=style)
+    return Group(table, text)
 
 
 _MEASURE = Console(width=100_000, color_system=None)

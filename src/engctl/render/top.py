@@ -9,7 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from engctl.render.format import eligibility, size
-from engctl.render.tables import HEALTH_STYLE, STATE_STYLE, natural_width
+from engctl.render.status import HEALTH_STYLE, STATE_STYLE
+from engctl.render.tables import natural_width
 
 # Worst first when sorting by state: what needs attention is on top.
 STATE_RANK = {
