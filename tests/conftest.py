@@ -4,6 +4,7 @@ process a test started (daemons, engines, grandchildren) is gone when it ends.""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -18,12 +19,24 @@ from typing import Any
 
 import psutil
 import pytest
+from hypothesis import settings
 
 from engctl.client import Client
 from engctl.paths import Paths, resolve_paths
 
 ENGINES = Path(__file__).parent / "engines"
 PY = sys.executable
+
+# The CLI under test writes to pipes: its tables must not take the width of the terminal
+# pytest runs in (pytest-xdist's workers even set COLUMNS=80 LINES=24). A test that wants a
+# width sets COLUMNS in the environment it passes.
+for _var in ("COLUMNS", "LINES"):
+    os.environ.pop(_var, None)
+
+# Hypothesis' per-example deadline measures the machine's load when the suite runs in
+# parallel, not the code: properties are bounded by their example counts instead.
+settings.register_profile("engctl", deadline=None)
+settings.load_profile("engctl")
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
@@ -36,6 +49,15 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float =
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {pred}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """Hold a lock shared by every test run on this machine (xdist's workers, a suite of
+    another checkout) for what cannot be private to a test, such as a fixed TCP port."""
+    with open(f"/tmp/engctl-tests-{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def engine_cmd(script: str, *args: str) -> list[str]:

@@ -40,6 +40,8 @@ QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial"
 # Enough instances that one status call costs real work: a flood of them must not make
 # another client wait (issue 9.11: 3.5 s behind 200k unread frames).
 SERVICES = 30
+# The tests share one fleet: pytest-xdist runs them on one worker, which builds it once.
+pytestmark = pytest.mark.xdist_group("attack_socket_fleet")
 
 
 @pytest.fixture(scope="module")
