@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -23,6 +24,9 @@ from hypothesis import settings
 
 from engctl.client import Client
 from engctl.paths import Paths, resolve_paths
+
+if TYPE_CHECKING:
+    import pexpect
 
 ENGINES = Path(__file__).parent / "engines"
 PY = sys.executable
@@ -58,6 +62,25 @@ def machine_lock(name: str) -> Iterator[None]:
     with open(f"/tmp/engctl-tests-{name}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def default_sigint() -> None:
+    """`preexec_fn` of a command run in a terminal: a shell without job control starts
+    background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler: give the child the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def matched(child: pexpect.spawn[str]) -> re.Match[str]:
+    """The match of the pattern that the child's last `expect` waited for."""
+    assert isinstance(child.match, re.Match), child.match
+    return child.match
+
+
+def printed(child: pexpect.spawn[str]) -> str:
+    """What the child printed before the match of its last `expect`."""
+    assert isinstance(child.before, str), child.before
+    return child.before
 
 
 def engine_cmd(script: str, *args: str) -> list[str]:
@@ -197,10 +220,9 @@ def _stop_everything(h: Home) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         # The daemon is init's child (it detaches), so it may linger as a zombie until init
-        # reaps it: that counts as gone.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _running(pid):
-            time.sleep(0.01)
+        # reaps it: that counts as gone. One that does not stop is killed below.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not _running(pid), timeout=20, interval=0.01)
     leftovers = []
     for p in _home_processes(h.path, h.paths.daemon_id):
         with contextlib.suppress(psutil.Error):

@@ -350,7 +350,8 @@ def test_daemon_shutdown_stops_dependents_first(daemon: Home) -> None:
     shutdown = [e for e in evs if e["id"] >= first]
 
     def at(name: str, to: str) -> int:
-        return next(e["id"] for e in shutdown if e["instance"] == f"{name}#0" and e["to"] == to)
+        ids = (e["id"] for e in shutdown if e["instance"] == f"{name}#0" and e["to"] == to)
+        return int(next(ids))
 
     assert at("web", "stopped") < at("app", "stopping")
     assert at("app", "stopped") < at("db", "stopping")
