@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +24,17 @@ from hypothesis import settings
 
 from engctl.client import Client
 from engctl.paths import Paths, resolve_paths
+from tests.prestart import Starter
 
 if TYPE_CHECKING:
     import pexpect
 
 ENGINES = Path(__file__).parent / "engines"
 PY = sys.executable
+# `Home.start_daemon` forks daemons from a starter that imported the daemon once (see
+# tests/prestart.py); ENGCTL_TEST_SPAWN_DAEMONS=1 starts them the CLI's way.
+STARTER = Starter()
+FORK_DAEMONS = os.environ.get("ENGCTL_TEST_SPAWN_DAEMONS") != "1"
 
 # The CLI under test writes to pipes: its tables must not take the width of the terminal
 # pytest runs in (pytest-xdist's workers even set COLUMNS=80 LINES=24). A test that wants a
@@ -88,9 +93,11 @@ def engine_cmd(script: str, *args: str) -> list[str]:
     return [PY, str(ENGINES / script), *args]
 
 
-def _home_processes(home: Path, daemon_id: str) -> list[psutil.Process]:
+def _home_processes(
+    home: Path, daemon_id: str, forked: list[psutil.Process]
+) -> list[psutil.Process]:
     """Every live process that belongs to this test's home: daemons and their engines."""
-    found = []
+    found = [p for p in forked if alive(p)]
     for p in psutil.process_iter(["pid"]):
         if p.pid == os.getpid():
             continue
@@ -105,9 +112,17 @@ def _home_processes(home: Path, daemon_id: str) -> list[psutil.Process]:
             env.get("ENGCTL_DAEMON_ID") == daemon_id
             or env.get("ENGCTL_HOME") == str(home)
             or str(home) in cmd
-        ):
+        ) and p not in found:
             found.append(p)
     return found
+
+
+def alive(p: psutil.Process) -> bool:
+    """Whether `p` (not another process that got its pid since) runs and is not a zombie."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass
@@ -117,6 +132,8 @@ class Home:
     path: Path
     paths: Paths
     env: dict[str, str]
+    # Daemons `start_daemon` forked: /proc shows them with the starter's environment.
+    forked: list[psutil.Process] = field(default_factory=list)
 
     def cli(
         self, *args: str, timeout: float = 60, input: str | None = None
@@ -166,6 +183,16 @@ class Home:
 
             self.paths.config_file.parent.mkdir(parents=True, exist_ok=True)
             self.paths.config_file.write_text(tomli_w.dumps({"daemon": daemon_config}))
+        if FORK_DAEMONS and self.daemon_pid() is None:
+            # The runtime folder holds daemon.stderr; the client makes it the same way.
+            self.paths.runtime_dir.mkdir(mode=0o700, exist_ok=True)
+            args = ["--home", str(self.path)]
+            stderr = self.paths.runtime_dir / "daemon.stderr"
+            message = STARTER.start(dict(os.environ), stderr, args)
+            assert message == "ok", f"cannot start the daemon: {message}"
+            pid = self.daemon_pid()
+            assert pid is not None
+            self.forked.append(psutil.Process(pid))
         with self.client() as c:
             c.connect()
         assert self.daemon_pid() is not None
@@ -177,6 +204,13 @@ class Home:
         except FileNotFoundError:
             return None
         return int(text) if text.isdigit() and psutil.pid_exists(int(text)) else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def daemon_starter() -> Iterator[Starter]:
+    """The daemon starter of this test process, ended with the session."""
+    yield STARTER
+    STARTER.close()
 
 
 @pytest.fixture
@@ -224,7 +258,7 @@ def _stop_everything(h: Home) -> list[str]:
         with contextlib.suppress(AssertionError):
             wait_until(lambda: not _running(pid), timeout=20, interval=0.01)
     leftovers = []
-    for p in _home_processes(h.path, h.paths.daemon_id):
+    for p in _home_processes(h.path, h.paths.daemon_id, h.forked):
         with contextlib.suppress(psutil.Error):
             leftovers.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
             p.kill()
