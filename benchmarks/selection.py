@@ -1,9 +1,10 @@
 """Selection benchmark: µs per pick for every dispatch strategy at 1,000 instances.
 
-Run: `python benchmarks/selection.py [--picks 100000] [--seed 1]`. Pure and in-process: builds
-1,000 candidates over three types, then for each strategy and scenario makes `--picks` picks
-under a simulated load: each pick holds a slot until 40 % of the set's capacity is busy (98 %
-when saturated), then the oldest request completes with a new latency. Only
+Run: `python benchmarks/selection.py [--quick] [--picks 100000] [--seed 1]` (`--quick`: 2,000
+picks, a few seconds, rough figures; what CI runs so the script cannot rot). Pure and
+in-process: builds 1,000 candidates over three types, then for each strategy and scenario makes
+`--picks` picks under a simulated load: each pick holds a slot until 40 % of the set's capacity
+is busy (98 % when saturated), then the oldest request completes with a new latency. Only
 `CandidatePool.select` is timed; the index upkeep per request is reported apart. Baselines from
 the same run: a bare `random.choice` over the same 1,000 and a naive scan for the least loaded.
 Prints one JSON object; the target is ≤ 50 µs per pick (mean and p99).
@@ -175,10 +176,11 @@ def baselines(cands: list[Candidate], picks: int, rng: random.Random) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--picks", type=int, default=100_000)
+    parser.add_argument("--quick", action="store_true", help="2,000 picks: a few seconds")
+    parser.add_argument("--picks", type=int, default=None, help="picks per scenario (100,000)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    picks = max(1, min(args.picks, MAX_PICKS))
+    picks = max(1, min(args.picks or (2000 if args.quick else 100_000), MAX_PICKS))
     rng = random.Random(args.seed)
     keys = [f"user-{k}" for k in range(KEYS)]
 
@@ -228,6 +230,7 @@ def main() -> None:
         "instances": INSTANCES,
         "types": TYPES,
         "max_concurrency": MAX_CONCURRENCY,
+        "quick": args.quick,
         "picks_per_scenario": picks,
         "target_us_per_pick": TARGET_US,
         "pool_build_ms": round(build_ms, 2),

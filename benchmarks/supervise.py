@@ -1,6 +1,7 @@
 """Supervision benchmark (issue 2): prints one JSON object with every figure and its target.
 
-Run: `python benchmarks/supervise.py [--cpu-seconds 60] [--runs 15]`. Everything runs against a
+Run: `python benchmarks/supervise.py [--quick] [--cpu-seconds 60] [--runs 15]` (`--quick`: a
+few seconds, every figure, rough; what CI runs so the script cannot rot). Everything runs against a
 fresh daemon in a temporary ENGCTL_HOME; ratios are against `python -c pass` measured in the
 same run. Loopback only, bounded counts; the daemon and its engines are stopped at the end.
 """
@@ -65,10 +66,19 @@ def crash_to_restart(c: Client, runs: int) -> list[float]:
 def main() -> None:
     exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=15, help="runs per CLI timing")
-    parser.add_argument("--restarts", type=int, default=20, help="crash-to-restart samples")
-    parser.add_argument("--cpu-seconds", type=float, default=60.0, help="idle CPU window")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few seconds: 3 runs, 3 restarts, 2 s CPU window"
+    )
+    parser.add_argument("--runs", type=int, default=None, help="runs per CLI timing (15)")
+    parser.add_argument("--restarts", type=int, default=None, help="crash-to-restart samples (20)")
+    parser.add_argument("--cpu-seconds", type=float, default=None, help="idle CPU window (60)")
     args = parser.parse_args()
+    q = args.quick
+    args.runs = args.runs or (3 if q else 15)
+    args.restarts = args.restarts or (3 if q else 20)
+    args.cpu_seconds = args.cpu_seconds or (2.0 if q else 60.0)
+    # Seconds for a fleet to settle before a figure: the monitor samples once a second.
+    settle = 1.0 if q else 2.0
 
     home = tempfile.mkdtemp(prefix="ebench", dir="/tmp")
     # As installed: pip writes bytecode at install time, so the timed commands may write it too
@@ -76,7 +86,10 @@ def main() -> None:
     env = {**os.environ, "ENGCTL_HOME": home}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["ENGCTL_HOME"] = home
-    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "quick": q,
+    }
     c = Client(home)
     try:
         c.connect()
@@ -88,7 +101,7 @@ def main() -> None:
 
         c.register({"ten": {"command": [SLEEP, "3600"], "mode": "service", "instances": 10}})
         wait_for(lambda: all_ready(c, "ten", 10))
-        time.sleep(2)  # a settled fleet: the monitor has taken its first samples
+        time.sleep(settle)  # a settled fleet: the monitor has taken its first samples
         status10 = median_ms([*ENGCTL, "status", "--json"], args.runs, env)
         c.unregister(["ten"])
 
@@ -106,7 +119,7 @@ def main() -> None:
         start200 = time.perf_counter() - t
         alive = sum(1 for p in pids if p and psutil.pid_exists(p))
         wait_for(lambda: all_ready(c, "big", 200))
-        time.sleep(2)  # like status10: measured on a settled fleet, not during 200 spawns
+        time.sleep(settle)  # like status10: measured on a settled fleet, not during 200 spawns
         status200 = median_ms([*ENGCTL, "status", "--json"], args.runs, env)
         c.unregister(["big"])
 
@@ -115,7 +128,7 @@ def main() -> None:
         # 50 idle instances: daemon RSS and CPU share while sampling every second.
         c.register({"fifty": {"command": [SLEEP, "3600"], "mode": "service", "instances": 50}})
         wait_for(lambda: all_ready(c, "fifty", 50))
-        time.sleep(2)  # let the monitor take a few samples (it allocates its caches lazily)
+        time.sleep(settle)  # let the monitor take a few samples (it allocates its caches lazily)
         rss50 = daemon.memory_info().rss
         cpu0 = daemon.cpu_times()
         t0 = time.monotonic()

@@ -4,7 +4,9 @@ process a test started (daemons, engines, grandchildren) is gone when it ends.""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,18 +14,38 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+from hypothesis import settings
 
 from engctl.client import Client
 from engctl.paths import Paths, resolve_paths
+from tests.prestart import Starter
+
+if TYPE_CHECKING:
+    import pexpect
 
 ENGINES = Path(__file__).parent / "engines"
 PY = sys.executable
+# `Home.start_daemon` forks daemons from a starter that imported the daemon once (see
+# tests/prestart.py); ENGCTL_TEST_SPAWN_DAEMONS=1 starts them the CLI's way.
+STARTER = Starter()
+FORK_DAEMONS = os.environ.get("ENGCTL_TEST_SPAWN_DAEMONS") != "1"
+
+# The CLI under test writes to pipes: its tables must not take the width of the terminal
+# pytest runs in (pytest-xdist's workers even set COLUMNS=80 LINES=24). A test that wants a
+# width sets COLUMNS in the environment it passes.
+for _var in ("COLUMNS", "LINES"):
+    os.environ.pop(_var, None)
+
+# Hypothesis' per-example deadline measures the machine's load when the suite runs in
+# parallel, not the code: properties are bounded by their example counts instead.
+settings.register_profile("engctl", deadline=None)
+settings.load_profile("engctl")
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
@@ -38,14 +60,44 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float =
         time.sleep(interval)
 
 
+@contextlib.contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """Hold a lock shared by every test run on this machine (xdist's workers, a suite of
+    another checkout) for what cannot be private to a test, such as a fixed TCP port."""
+    with open(f"/tmp/engctl-tests-{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def default_sigint() -> None:
+    """`preexec_fn` of a command run in a terminal: a shell without job control starts
+    background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler: give the child the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def matched(child: pexpect.spawn[str]) -> re.Match[str]:
+    """The match of the pattern that the child's last `expect` waited for."""
+    assert isinstance(child.match, re.Match), child.match
+    return child.match
+
+
+def printed(child: pexpect.spawn[str]) -> str:
+    """What the child printed before the match of its last `expect`."""
+    assert isinstance(child.before, str), child.before
+    return child.before
+
+
 def engine_cmd(script: str, *args: str) -> list[str]:
     """argv running one of the test engines with this interpreter."""
     return [PY, str(ENGINES / script), *args]
 
 
-def _home_processes(home: Path, daemon_id: str) -> list[psutil.Process]:
+def _home_processes(
+    home: Path, daemon_id: str, forked: list[psutil.Process]
+) -> list[psutil.Process]:
     """Every live process that belongs to this test's home: daemons and their engines."""
-    found = []
+    found = [p for p in forked if alive(p)]
     for p in psutil.process_iter(["pid"]):
         if p.pid == os.getpid():
             continue
@@ -60,9 +112,17 @@ def _home_processes(home: Path, daemon_id: str) -> list[psutil.Process]:
             env.get("ENGCTL_DAEMON_ID") == daemon_id
             or env.get("ENGCTL_HOME") == str(home)
             or str(home) in cmd
-        ):
+        ) and p not in found:
             found.append(p)
     return found
+
+
+def alive(p: psutil.Process) -> bool:
+    """Whether `p` (not another process that got its pid since) runs and is not a zombie."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass
@@ -72,6 +132,8 @@ class Home:
     path: Path
     paths: Paths
     env: dict[str, str]
+    # Daemons `start_daemon` forked: /proc shows them with the starter's environment.
+    forked: list[psutil.Process] = field(default_factory=list)
 
     def cli(
         self, *args: str, timeout: float = 60, input: str | None = None
@@ -121,6 +183,16 @@ class Home:
 
             self.paths.config_file.parent.mkdir(parents=True, exist_ok=True)
             self.paths.config_file.write_text(tomli_w.dumps({"daemon": daemon_config}))
+        if FORK_DAEMONS and self.daemon_pid() is None:
+            # The runtime folder holds daemon.stderr; the client makes it the same way.
+            self.paths.runtime_dir.mkdir(mode=0o700, exist_ok=True)
+            args = ["--home", str(self.path)]
+            stderr = self.paths.runtime_dir / "daemon.stderr"
+            message = STARTER.start(dict(os.environ), stderr, args)
+            assert message == "ok", f"cannot start the daemon: {message}"
+            pid = self.daemon_pid()
+            assert pid is not None
+            self.forked.append(psutil.Process(pid))
         with self.client() as c:
             c.connect()
         assert self.daemon_pid() is not None
@@ -132,6 +204,13 @@ class Home:
         except FileNotFoundError:
             return None
         return int(text) if text.isdigit() and psutil.pid_exists(int(text)) else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def daemon_starter() -> Iterator[Starter]:
+    """The daemon starter of this test process, ended with the session."""
+    yield STARTER
+    STARTER.close()
 
 
 @pytest.fixture
@@ -175,12 +254,11 @@ def _stop_everything(h: Home) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         # The daemon is init's child (it detaches), so it may linger as a zombie until init
-        # reaps it: that counts as gone.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _running(pid):
-            time.sleep(0.01)
+        # reaps it: that counts as gone. One that does not stop is killed below.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not _running(pid), timeout=20, interval=0.01)
     leftovers = []
-    for p in _home_processes(h.path, h.paths.daemon_id):
+    for p in _home_processes(h.path, h.paths.daemon_id, h.forked):
         with contextlib.suppress(psutil.Error):
             leftovers.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
             p.kill()

@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from tests.conftest import Home, wait_until
+from tests.conftest import Home, alive, wait_until
 
 
 class RawConn:
@@ -89,13 +89,13 @@ def socket_closed(home: Home) -> bool:
 def daemon_processes(home: Home, engctl_home: Path | None = None) -> list[psutil.Process]:
     """Live daemon processes of this home (or of another ENGCTL_HOME)."""
     want = str(engctl_home or home.path)
-    found = []
+    found = [p for p in home.forked if alive(p)] if engctl_home is None else []
     for p in psutil.process_iter(["pid"]):
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
                 continue
             cmd = p.cmdline()
-            if "engctl.daemon" in cmd and p.environ().get("ENGCTL_HOME") == want:
+            if "engctl.daemon" in cmd and p.environ().get("ENGCTL_HOME") == want and p not in found:
                 found.append(p)
         except psutil.Error:
             continue

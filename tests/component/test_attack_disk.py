@@ -13,7 +13,7 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +279,7 @@ def _valid_registry(home: Home) -> bytes:
     return home.paths.registry.read_bytes()
 
 
-BAD_REGISTRIES = {
+BAD_REGISTRIES: dict[str, Callable[[bytes], bytes]] = {
     "garbage": lambda good: os.urandom(300),
     "truncated": lambda good: good[: len(good) // 2],
     "array": lambda good: b"[]",

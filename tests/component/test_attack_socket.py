@@ -6,6 +6,7 @@ still runs."""
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import json
 import os
@@ -40,6 +41,8 @@ QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial"
 # Enough instances that one status call costs real work: a flood of them must not make
 # another client wait (issue 9.11: 3.5 s behind 200k unread frames).
 SERVICES = 30
+# The tests share one fleet: pytest-xdist runs them on one worker, which builds it once.
+pytestmark = pytest.mark.xdist_group("attack_socket_fleet")
 
 
 @pytest.fixture(scope="module")
@@ -288,19 +291,22 @@ def test_connections_past_the_cap_are_refused_at_once(attacked: Home) -> None:
     closed at once; the open ones keep working, a freed slot is reused, and the refusals
     cost one log line, not one per connection."""
     held: list[RawConn] = []
-    deadline = time.monotonic() + 15
+
+    def slot_taken() -> bool:
+        conn = RawConn(attacked.paths.socket, timeout=5)
+        held.append(conn)
+        # Answered: it holds a slot (a refused one would get the busy error).
+        reply = conn.call(1, "session.hello", protocol=1, client="attack")
+        if "error" in reply:
+            # Connections of the other tests' clients may still be closing.
+            assert reply["error"]["code"] == BusyError.rpc_code
+            held.pop().close()
+            return False
+        return True
+
     try:
-        while len(held) < MAX_CONNECTIONS:
-            assert time.monotonic() < deadline, "connections of earlier tests never closed"
-            conn = RawConn(attacked.paths.socket, timeout=5)
-            held.append(conn)
-            # Answered: it holds a slot (a refused one would get the busy error).
-            reply = conn.call(1, "session.hello", protocol=1, client="attack")
-            if "error" in reply:
-                # Connections of the other tests' clients may still be closing.
-                assert reply["error"]["code"] == BusyError.rpc_code
-                held.pop().close()
-                time.sleep(0.05)
+        for _ in range(MAX_CONNECTIONS):
+            wait_until(slot_taken, 15, interval=0.05)
         extra = []
         for _ in range(50):
             conn = RawConn(attacked.paths.socket, timeout=5)
@@ -362,7 +368,8 @@ def test_client_reconnects_after_its_idle_connection_was_closed(
         assert c._sock is not first
 
 
-def _peer_closed(sock: Any) -> bool:
+def _peer_closed(sock: _socket.socket | None) -> bool:
+    assert sock is not None
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:

@@ -160,6 +160,7 @@ def test_oversized_frame_then_valid_frame_in_the_same_write(daemon: Home) -> Non
 def test_half_sent_frame_then_disconnect_leaves_daemon_fine(daemon: Home, partial: bytes) -> None:
     """A client that sends half a frame and hangs up leaves the daemon serving everyone else."""
     pid = daemon.daemon_pid()
+    assert pid is not None
     with RawConn(daemon.paths.socket) as conn:
         conn.send(partial)
     # A second client does the same while the first is being cleaned up.

@@ -622,6 +622,7 @@ def test_zero_negative_or_nonfinite_timeout_and_retries_are_refused(slow: Home) 
     """A timeout of 0 or less, nan or inf, and retries that are negative or not a finite
     integer are invalid params (exit 2), not a silent fallback nor a request that never
     times out (issue 9.12)."""
+    timeout: float
     with slow.client() as c:
         for timeout in (0, -1):
             with pytest.raises(InvalidParamsError, match="timeout must be positive"):

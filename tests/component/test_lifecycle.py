@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from engctl.errors import EngctlError, UsageError
-from tests.conftest import Home, engine_cmd, wait_until
+from tests.conftest import Home, engine_cmd, machine_lock, wait_until
 
 # Workers count as started after 0.1 s (they say `ready` at once).
 QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial": 0.05}}}
@@ -349,7 +350,8 @@ def test_daemon_shutdown_stops_dependents_first(daemon: Home) -> None:
     shutdown = [e for e in evs if e["id"] >= first]
 
     def at(name: str, to: str) -> int:
-        return next(e["id"] for e in shutdown if e["instance"] == f"{name}#0" and e["to"] == to)
+        ids = (e["id"] for e in shutdown if e["instance"] == f"{name}#0" and e["to"] == to)
+        return int(next(ids))
 
     assert at("web", "stopped") < at("app", "stopping")
     assert at("app", "stopped") < at("db", "stopping")
@@ -423,7 +425,15 @@ def test_index_in_command_and_env_and_the_instance_index_variable(daemon: Home) 
     assert wait_until(lambda: printed(1)) == "['port-801', '{index}'] 1 slot-1"
 
 
-def test_readme_tour_two_web_instances_on_their_own_ports(daemon: Home) -> None:
+@pytest.fixture
+def tour_ports() -> Iterator[None]:
+    """The tour's fixed ports 8120 and 8121, held until its engines are stopped (request it
+    before `daemon`): parallel test runs on this machine take turns."""
+    with machine_lock("ports-8120-8121"):
+        yield
+
+
+def test_readme_tour_two_web_instances_on_their_own_ports(tour_ports: None, daemon: Home) -> None:
     """The README tour's exact command: two http.server instances, each on its own port
     (812{index}), both stay up and answer (issue 10.21: one went fatal on a port in use)."""
     for port in (8120, 8121):

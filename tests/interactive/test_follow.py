@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 
 import pexpect
 import pytest
 
-from tests.conftest import PY, Home, engine_cmd
+from tests.conftest import PY, Home, default_sigint, engine_cmd, matched, printed
 
 TIMEOUT = 30
 # rich colours the table in a terminal: an SGR escape may sit between two cells.
@@ -16,16 +15,16 @@ SGR = r"(?:\x1b\[[0-9;]*m)*"
 
 
 @pytest.fixture
-def term(daemon: Home) -> Iterator[list[pexpect.spawn]]:
+def term(daemon: Home) -> Iterator[list[pexpect.spawn[str]]]:
     """Spawned terminals, closed (forcibly if needed) at the end of the test."""
-    spawned: list[pexpect.spawn] = []
+    spawned: list[pexpect.spawn[str]] = []
     yield spawned
     for child in spawned:
         if child.isalive():
             child.close(force=True)
 
 
-def _spawn(home: Home, term: list[pexpect.spawn], *args: str) -> pexpect.spawn:
+def _spawn(home: Home, term: list[pexpect.spawn[str]], *args: str) -> pexpect.spawn[str]:
     child = pexpect.spawn(
         PY,
         ["-m", "engctl", *args],
@@ -33,19 +32,17 @@ def _spawn(home: Home, term: list[pexpect.spawn], *args: str) -> pexpect.spawn:
         encoding="utf-8",
         timeout=TIMEOUT,
         dimensions=(40, 200),
-        # A shell without job control starts background jobs with SIGINT ignored, and
-        # Python then installs no KeyboardInterrupt handler: give the child the default.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=default_sigint,
     )
     term.append(child)
     return child
 
 
-def _interrupt(child: pexpect.spawn) -> str:
+def _interrupt(child: pexpect.spawn[str]) -> str:
     """Ctrl-C the command; return what it printed after, checking it exited cleanly."""
     child.sendintr()
     child.expect(pexpect.EOF)
-    tail: str = child.before
+    tail = printed(child)
     child.close()
     assert "Traceback" not in tail
     assert "KeyboardInterrupt" not in tail
@@ -56,7 +53,7 @@ def _interrupt(child: pexpect.spawn) -> str:
 
 
 def test_logs_follow_shows_new_lines_and_stops_on_ctrl_c(
-    daemon: Home, term: list[pexpect.spawn]
+    daemon: Home, term: list[pexpect.spawn[str]]
 ) -> None:
     """`logs NAME -f` prints lines as the engine writes them and exits cleanly on Ctrl-C."""
     daemon.register(
@@ -64,7 +61,7 @@ def test_logs_follow_shows_new_lines_and_stops_on_ctrl_c(
     )
     child = _spawn(daemon, term, "logs", "chat", "-f", "--lines", "1")
     child.expect(r"chat#0 \| .*(out|err) (\d+)")
-    first = int(child.match.group(2))
+    first = int(matched(child).group(2))
     # Lines written after the command started arrive while it runs.
     child.expect(rf"err {first + 3}\b")
     child.expect(rf"out {first + 5}\b")
@@ -72,7 +69,7 @@ def test_logs_follow_shows_new_lines_and_stops_on_ctrl_c(
 
 
 def test_logs_follow_of_one_instance_prints_bare_lines(
-    daemon: Home, term: list[pexpect.spawn]
+    daemon: Home, term: list[pexpect.spawn[str]]
 ) -> None:
     """`logs NAME#0 -f --json` prints one JSON object per new line, its time and stream as
     fields (issue 10.25)."""
@@ -84,13 +81,13 @@ def test_logs_follow_of_one_instance_prints_bare_lines(
         r'\{"instance": "chat#0", "time": "[0-9T:.-]+Z", "stream": "stderr", "text": "err (\d+)",'
         r' "line": "[^"]*err \d+"\}'
     )
-    n = int(child.match.group(1))
+    n = int(matched(child).group(1))
     child.expect(rf'"text": "err {n + 2}"')
     _interrupt(child)
 
 
 def test_events_follow_prints_a_stop_made_elsewhere(
-    daemon: Home, term: list[pexpect.spawn]
+    daemon: Home, term: list[pexpect.spawn[str]]
 ) -> None:
     """`events -f` prints the state changes of a `stop` issued by another process."""
     daemon.register("s", engine_cmd("sleeper.py"), mode="service", restart={"start_seconds": 0})
@@ -106,7 +103,7 @@ def test_events_follow_prints_a_stop_made_elsewhere(
 
 
 def test_status_watch_refreshes_and_stops_on_ctrl_c(
-    daemon: Home, term: list[pexpect.spawn]
+    daemon: Home, term: list[pexpect.spawn[str]]
 ) -> None:
     """`status --watch` redraws with changes made elsewhere and exits cleanly on Ctrl-C."""
     daemon.register("s", engine_cmd("sleeper.py"), mode="service", restart={"start_seconds": 0})
@@ -125,7 +122,7 @@ def test_status_watch_refreshes_and_stops_on_ctrl_c(
 
 
 def test_ctrl_c_of_a_command_that_is_not_a_live_view_exits_130(
-    daemon: Home, term: list[pexpect.spawn]
+    daemon: Home, term: list[pexpect.spawn[str]]
 ) -> None:
     """Ctrl-C while `exec` waits for its answer ends it with 130 (128 + SIGINT), quietly;
     live views and follow modes end with 0, as Ctrl-C is how they are left (issue 10.25)."""
@@ -137,5 +134,5 @@ def test_ctrl_c_of_a_command_that_is_not_a_live_view_exits_130(
     child.sendintr()
     child.expect(pexpect.EOF)
     child.close()
-    assert "Traceback" not in child.before
+    assert "Traceback" not in printed(child)
     assert (child.signalstatus, child.exitstatus) == (None, 130)

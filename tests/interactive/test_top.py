@@ -4,7 +4,6 @@ sort keys, q and Ctrl-C quit with exit code 0 and the terminal restored; `--once
 from __future__ import annotations
 
 import re
-import signal
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pexpect
 import pytest
 
-from tests.conftest import PY, Home, wait_until
+from tests.conftest import PY, Home, default_sigint, matched, printed, wait_until
 from tests.daemon_support import all_ready
 
 TIMEOUT = 30
@@ -41,9 +40,9 @@ WRAPPER = textwrap.dedent(
 
 
 @pytest.fixture
-def term(daemon: Home) -> Iterator[list[pexpect.spawn]]:
+def term(daemon: Home) -> Iterator[list[pexpect.spawn[str]]]:
     """Spawned terminals, closed (forcibly if needed) at the end of the test."""
-    spawned: list[pexpect.spawn] = []
+    spawned: list[pexpect.spawn[str]] = []
     yield spawned
     for child in spawned:
         if child.isalive():
@@ -60,7 +59,7 @@ def engines(daemon: Home) -> Home:
     return daemon
 
 
-def spawn_top(home: Home, term: list[pexpect.spawn], *args: str) -> pexpect.spawn:
+def spawn_top(home: Home, term: list[pexpect.spawn[str]], *args: str) -> pexpect.spawn[str]:
     child = pexpect.spawn(
         PY,
         ["-c", WRAPPER, *args],
@@ -68,7 +67,7 @@ def spawn_top(home: Home, term: list[pexpect.spawn], *args: str) -> pexpect.spaw
         encoding="utf-8",
         timeout=TIMEOUT,
         dimensions=(40, 200),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=default_sigint,
     )
     term.append(child)
     return child
@@ -78,11 +77,11 @@ def row(inst: str, state: str = "ready", health: str = r"\w+") -> str:
     return rf"{inst}{SEP}{state}{SEP}{health}"
 
 
-def ended(child: pexpect.spawn) -> str:
+def ended(child: pexpect.spawn[str]) -> str:
     """Wait for top to end; check it exited 0 and left the terminal as it found it."""
     child.expect(r"TOP-EXIT (-?\d+) ECHO (\d) ICANON (\d) SAME (\d)")
-    code, echo, icanon, same = (int(g) for g in child.match.groups())
-    before: str = child.before
+    code, echo, icanon, same = (int(g) for g in matched(child).groups())
+    before = printed(child)
     child.expect(pexpect.EOF)
     child.close()
     assert "Traceback" not in before
@@ -95,7 +94,7 @@ def ended(child: pexpect.spawn) -> str:
     return before
 
 
-def test_top_shows_instances_and_quits_on_q(engines: Home, term: list[pexpect.spawn]) -> None:
+def test_top_shows_instances_and_quits_on_q(engines: Home, term: list[pexpect.spawn[str]]) -> None:
     """Every instance with its state and health, the header, the key help; q quits."""
     child = spawn_top(engines, term, "--interval", "0.3")
     child.expect(r"engctl top — 3 instances")
@@ -107,7 +106,7 @@ def test_top_shows_instances_and_quits_on_q(engines: Home, term: list[pexpect.sp
 
 
 def test_top_refreshes_with_changes_made_elsewhere(
-    engines: Home, term: list[pexpect.spawn]
+    engines: Home, term: list[pexpect.spawn[str]]
 ) -> None:
     """Requests show up as requests/s and latencies; a stop made elsewhere shows as stopped
     on a later frame."""
@@ -128,7 +127,7 @@ def test_top_refreshes_with_changes_made_elsewhere(
     ended(child)
 
 
-def test_top_exits_cleanly_on_ctrl_c(engines: Home, term: list[pexpect.spawn]) -> None:
+def test_top_exits_cleanly_on_ctrl_c(engines: Home, term: list[pexpect.spawn[str]]) -> None:
     child = spawn_top(engines, term, "--interval", "0.2")
     child.expect(row("e#1", "ready"))
     child.expect(r"q quit")
@@ -143,7 +142,7 @@ def frame_order(*cells: str) -> str:
     return "engctl top" + "".join(within + c for c in cells)
 
 
-def test_top_sort_keys_reorder_rows(engines: Home, term: list[pexpect.spawn]) -> None:
+def test_top_sort_keys_reorder_rows(engines: Home, term: list[pexpect.spawn[str]]) -> None:
     """Key 6 sorts by state (what needs attention first, stopped last), key 1 by name."""
     r = engines.cli("stop", "e#0")
     assert r.returncode == 0, r.stderr
@@ -159,7 +158,7 @@ def test_top_sort_keys_reorder_rows(engines: Home, term: list[pexpect.spawn]) ->
     ended(child)
 
 
-def test_top_with_no_instances(daemon: Home, term: list[pexpect.spawn]) -> None:
+def test_top_with_no_instances(daemon: Home, term: list[pexpect.spawn[str]]) -> None:
     child = spawn_top(daemon, term, "--interval", "0.2")
     child.expect(r"engctl top — 0 instances")
     child.expect(r"no instances")

@@ -382,7 +382,7 @@ def test_status_json_has_the_documented_keys(daemon: Home) -> None:
             assert set(i) >= INSTANCE_KEYS, INSTANCE_KEYS - set(i)
             assert i["health"] == "unknown"
             # Not active without a process that takes requests (issue 10.19).
-            assert i["eligibility"] == ("active" if i["state"] == "ready" else "unavailable")
+            assert i["eligibility"] == ("active" if i["state"] == "ready" else "unavailable"), i
             assert i["restarts"] == 0
     web = engines["web"]
     assert (web["type"], web["instances_wanted"]) == ("http", 2)

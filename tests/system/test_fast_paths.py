@@ -60,7 +60,8 @@ def _on_a_terminal(env: dict[str, str], args: list[str], columns: int) -> bytes:
     child.expect(pexpect.EOF, timeout=60)
     child.close()
     assert child.exitstatus == 0, child.before
-    return child.before  # type: ignore[no-any-return]
+    assert isinstance(child.before, bytes), child.before
+    return child.before
 
 
 def test_plain_status_table_skips_typer_and_matches_the_typer_command(daemon: Home) -> None:
@@ -135,6 +136,7 @@ def test_stdout_style_is_what_rich_decides(home: Home, extra: dict[str, str]) ->
     piped = _piped(env, "-c", _PROBE, python=True)
     child = pexpect.spawn(PY, ["-c", _PROBE], env=env, dimensions=(24, 93))
     child.expect(pexpect.EOF, timeout=60)
+    assert isinstance(child.before, bytes), child.before
     on_tty = json.loads(child.before.decode())
     for seen in (json.loads(piped.stdout), on_tty):
         for console in ("tables", "help"):

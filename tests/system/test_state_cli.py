@@ -199,9 +199,12 @@ def test_reload_changes_dispatch_defaults_live(daemon: Home) -> None:
 # -- no library warning reaches the user -------------------------------------------------------
 
 
-def test_no_runtime_dir_warning_without_xdg_runtime_dir(tmp_path: Path) -> None:
+def test_no_runtime_dir_warning_without_xdg_runtime_dir(home: Home) -> None:
     """With no XDG_RUNTIME_DIR and no ENGCTL_HOME, commands print no platformdirs warning and
     use a runtime folder under the state folder."""
+    # The user's home: a short folder, as the socket path in it must fit AF_UNIX's 108 bytes
+    # (pytest's tmp_path under xdist, /tmp/pytest-of-root/pytest-N/popen-gwK/..., does not).
+    tmp_path: Path = home.path
     env = {k: v for k, v in os.environ.items() if k not in ("ENGCTL_HOME", "XDG_RUNTIME_DIR")}
     env["HOME"] = str(tmp_path)
     for k in ("XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):

@@ -7,7 +7,7 @@ import pytest
 from engctl import errors
 from engctl.errors import EngctlError, from_wire
 
-ALL = [EngctlError, *errors._all_subclasses(EngctlError)]
+ALL: list[type[EngctlError]] = [EngctlError, *errors._all_subclasses(EngctlError)]
 
 
 def test_every_error_class_has_a_distinct_rpc_code() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engctl.cli.exec import STRATEGIES, parse_args, parse_payload
-from engctl.config import STRATEGIES as CONFIG_STRATEGIES
+from engctl.cli.exec import parse_args, parse_payload
 from engctl.daemon.dispatch import StrategyName
 from engctl.errors import UsageError
+from engctl.protocol import STRATEGIES
 
 
 def test_every_option_lands_in_its_field() -> None:
@@ -98,5 +98,6 @@ def test_payload_text_is_json_when_it_parses_else_a_string() -> None:
 
 
 def test_strategy_names_agree_everywhere() -> None:
-    """The CLI, the daemon config and the selection layer know the same seven strategies."""
-    assert set(STRATEGIES) == set(CONFIG_STRATEGIES) == {s.value for s in StrategyName}
+    """The CLI and the daemon config (both check against protocol.STRATEGIES) and the
+    selection layer know the same seven strategies."""
+    assert set(STRATEGIES) == {s.value for s in StrategyName}

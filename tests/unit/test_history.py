@@ -36,7 +36,9 @@ class Clock:
         return self.now
 
 
-def row(ts: float, tier: int = FINE_SECONDS, name: str = "a#0", requests: int = 1) -> tuple:
+def row(
+    ts: float, tier: int = FINE_SECONDS, name: str = "a#0", requests: int = 1
+) -> tuple[Any, ...]:
     """One instance roll-up row in COLUMNS order."""
     values: dict[str, Any] = {
         "tier": tier,

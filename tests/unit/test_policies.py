@@ -172,8 +172,8 @@ def test_health_reset_forgets_everything_and_restarts_the_grace_period() -> None
     assert t.state is H.UNHEALTHY
     t.reset(50.0)
     assert (t.state, t.passes, t.failures, t.started_at) == (H.UNKNOWN, 0, 0, 50.0)
-    assert t.observe(False, 54.0, spec) is None
-    assert t.state is H.UNKNOWN
+    # One tuple: mypy would keep `t.state` narrowed to UNHEALTHY across the calls.
+    assert (t.observe(False, 54.0, spec), t.state) == (None, H.UNKNOWN)
 
 
 # Every edge the tracker may take; UNHEALTHY → HEALTHY only when success_threshold is 1.
@@ -871,12 +871,13 @@ def test_standing_downweighted_by_slow_alone() -> None:
 def test_standing_slow_start_alone_ramps_the_weight_and_ends_itself() -> None:
     """A returning instance ramps up; once the ramp is done the standing forgets it."""
     s = Standing(slow_start_since=100.0)
-    assert s.resolve(100.0, 2.0, 30.0) == (
+    eligibility, reason, weight, until = s.resolve(100.0, 2.0, 30.0)
+    assert (eligibility, reason, until) == (
         Eligibility.DOWNWEIGHTED,
         "slow start after isolation (10%)",
-        pytest.approx(0.2),
         None,
     )
+    assert weight == pytest.approx(0.2)
     assert s.resolve(130.0, 2.0, 30.0) == (Eligibility.ACTIVE, "", 2.0, None)
     assert s.slow_start_since is None
 

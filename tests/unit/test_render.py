@@ -34,7 +34,7 @@ def inst(id: str, **kw: Any) -> dict[str, Any]:
     return {**base, **kw}
 
 
-FLEET = {
+FLEET: dict[str, Any] = {
     "engines": [
         {
             "name": "onnx-small-model",

@@ -154,12 +154,14 @@ def kinds(r: dict[str, Any]) -> list[str]:
 
 
 def only(r: dict[str, Any], kind: str) -> dict[str, Any]:
-    found = [s for s in r["suggestions"] if s["kind"] == kind]
+    found: list[dict[str, Any]] = [s for s in r["suggestions"] if s["kind"] == kind]
     assert len(found) == 1, r["suggestions"]
     return found[0]
 
 
-def action(kind: str, reason: str, engine: str = "a", inst: str = "a#0", **data: Any) -> dict:
+def action(
+    kind: str, reason: str, engine: str = "a", inst: str = "a#0", **data: Any
+) -> dict[str, Any]:
     return {"at": T0 + 100, "kind": kind, "engine": engine, "instance": inst, "reason": reason,
             "data": data}  # fmt: skip
 

@@ -18,7 +18,7 @@ from engctl.errors import INTERNAL_ERROR, INVALID_PARAMS, InvalidParamsError
 
 
 def _bug(params: dict[str, Any], conn: Connection) -> Any:
-    return {}["missing"]  # a KeyError: a bug of the handler, not a bad parameter
+    return dict[str, Any]()["missing"]  # a KeyError: a bug of the handler, not a bad parameter
 
 
 def _checks(params: dict[str, Any], conn: Connection) -> Any:

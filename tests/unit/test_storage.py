@@ -43,7 +43,7 @@ class Said:
 
 def _sqlite_error(code: int, text: str) -> sqlite3.OperationalError:
     exc = sqlite3.OperationalError(text)
-    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    exc.sqlite_errorcode = code
     return exc
 
 
@@ -268,7 +268,7 @@ def test_registry_save_on_a_full_disk_raises_storage_error_and_leaves_no_temp_fi
     def full(fd: int) -> None:
         raise ENOSPC
 
-    monkeypatch.setattr(registry_mod.os, "fsync", full)
+    monkeypatch.setattr("engctl.daemon.registry.os.fsync", full)
     live.append(Entry(_spec("b")))
     with pytest.raises(StorageError, match="no space left on device") as info:
         asyncio.run(reg.save())
@@ -347,7 +347,7 @@ def test_unreadable_registry_is_refused_and_left_alone(tmp_path: Path, content: 
 def test_bad_registry_entries_are_skipped_with_their_dependents(tmp_path: Path) -> None:
     """Every readable engine loads; bad entries, and engines needing them, are skipped."""
     good = {"spec": {"command": ["true"], "mode": "service"}}
-    doc = {
+    doc: dict[str, Any] = {
         "version": 1,
         "engines": {
             "ok": good,

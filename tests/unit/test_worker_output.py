@@ -18,7 +18,7 @@ from engctl.daemon.output import OutputError, decode, reply
 _text = st.text(
     st.one_of(
         st.sampled_from(list('"\\{}[],:/\n\t\x00\x1f é€😀\u2028')),
-        st.characters(blacklist_categories=("Cs",)),
+        st.characters(exclude_categories=["Cs"]),
     ),
     max_size=12,
 )
