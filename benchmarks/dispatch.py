@@ -49,7 +49,7 @@ from common import (
 )
 
 from engctl.client import Client
-from engctl.daemon.dispatch import Candidate, CandidatePool, Selector
+from engctl.daemon.selection import Candidate, CandidatePool, Selector
 
 PY = sys.executable
 ENGCTL = str(Path(PY).with_name("engctl"))

@@ -6,6 +6,7 @@ Shared contract between CLI and daemon: stdlib only.
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 
 from engctl.errors import EngctlError, InvalidParamsError, ParseError, ProtocolError
 
@@ -14,17 +15,23 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = 1
-# The dispatch strategies (SPEC §5) as named on the wire, on the command line and in
-# config.toml (the daemon's selection layer checks its own names against these).
-STRATEGIES = (
-    "round_robin",
-    "weighted_round_robin",
-    "least_loaded",
-    "weighted_random",
-    "capability",
-    "affinity",
-    "consistent_hash",
-)
+
+
+class StrategyName(StrEnum):
+    """The dispatch strategies (`--strategy`), as named on the wire, on the command line and in
+    config.toml: the one list of them (the selection layer implements one of each)."""
+
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED_ROUND_ROBIN = "weighted_round_robin"
+    LEAST_LOADED = "least_loaded"
+    WEIGHTED_RANDOM = "weighted_random"
+    CAPABILITY = "capability"
+    AFFINITY = "affinity"
+    CONSISTENT_HASH = "consistent_hash"
+
+
+# Their names as plain strings (choices of the CLI and of config.toml).
+STRATEGIES = tuple(s.value for s in StrategyName)
 # Largest frame either side accepts. A larger line is answered with an error and skipped.
 MAX_FRAME_BYTES = 1024 * 1024
 

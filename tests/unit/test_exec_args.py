@@ -6,8 +6,8 @@ import pytest
 
 from engctl.cli.exec import STRATEGIES, parse_args, parse_payload
 from engctl.config import STRATEGIES as CONFIG_STRATEGIES
-from engctl.daemon.dispatch import StrategyName
 from engctl.errors import UsageError
+from engctl.protocol import StrategyName
 
 
 def test_every_option_lands_in_its_field() -> None:

@@ -32,13 +32,13 @@ from engctl.policy_config import effective_policy
 from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState
 
 from . import allow_ssl
-from .dispatch import parse_label
 from .enforcer import Enforcer
 from .events import Event, EventLog
 from .logs import InstanceLog
 from .metrics import Rollups, prometheus_text, snapshot
 from .registry import Entry, Registry
 from .requests import Router
+from .selection import parse_label
 from .server import Connection, Handler, Reply
 from .supervisor import Engine, Instance, Supervisor
 

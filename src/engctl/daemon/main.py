@@ -25,11 +25,11 @@ from engctl.config import RESTART_SETTINGS, DaemonConfig, config_table
 from engctl.errors import DaemonUnreachableError, EngctlError
 from engctl.models import check_dependencies
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
+from engctl.protocol import StrategyName
 from engctl.states import DesiredState
 
 from . import process
 from .api import Api
-from .dispatch import Capability, CapabilityWeights, StrategyName
 from .enforcer import Enforcer
 from .events import EventLog
 from .history import HistoryWriter, Retention
@@ -37,6 +37,7 @@ from .metrics import HostSample, MetricsServer, Rollups
 from .monitor import Monitor
 from .registry import Entry, Registry
 from .requests import Router
+from .selection import Capability
 from .server import Outbox, Server
 from .storage import WriteHealth
 from .supervisor import Sample, Supervisor
@@ -370,10 +371,10 @@ class Daemon:
         old, self.config = self.config, cfg
         self.sup.config = cfg
         self.router.config = cfg
-        self.router.pool.default_strategy = StrategyName(cfg.default_strategy)
+        self.router.pool.default_strategy = cfg.default_strategy
         if cfg.capability_weights != old.capability_weights:
-            weights = CapabilityWeights(*cfg.capability_weights)
-            self.router.pool.strategies[StrategyName.CAPABILITY] = Capability(weights)
+            capability = Capability(cfg.capability_weights)
+            self.router.pool.strategies[StrategyName.CAPABILITY] = capability
         if self.enforcer is not None:
             self.enforcer.config = cfg  # its next look comes policy_interval later
         if self.events is not None:

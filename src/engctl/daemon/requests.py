@@ -34,21 +34,20 @@ from engctl.errors import (
 )
 from engctl.models import EngineSpec
 from engctl.paths import Paths
+from engctl.protocol import StrategyName
 from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState, RequestOutcome
 
 from . import output, process
-from .dispatch import (
-    Candidate,
-    CandidatePool,
-    CapabilityWeights,
-    Outcome,
-    Selector,
-    StrategyName,
-    default_strategies,
-)
 from .oneshot import OneshotRun, uses_argv
 from .output import MAX_WORKER_LINE
 from .process import ChildProcess
+from .selection import (
+    Candidate,
+    CandidatePool,
+    Outcome,
+    Selector,
+    default_strategies,
+)
 from .server import Outbox, RawJSON, Reply
 from .supervisor import Engine, Instance, RequestStats, Supervisor
 
@@ -416,8 +415,8 @@ class Router:
         self.paths = paths
         self.loop = sup.loop
         self.pool = CandidatePool(
-            default_strategy=StrategyName(config.default_strategy),
-            strategies=default_strategies(weights=CapabilityWeights(*config.capability_weights)),
+            default_strategy=config.default_strategy,
+            strategies=default_strategies(weights=config.capability_weights),
         )
         self.channels: dict[str, WorkerChannel] = {}
         self.queue: collections.deque[Request] = collections.deque()
