@@ -35,6 +35,12 @@ STRATEGIES = tuple(s.value for s in StrategyName)
 # Largest frame either side accepts. A larger line is answered with an error and skipped.
 MAX_FRAME_BYTES = 1024 * 1024
 
+# -- frame templates: the frames of the hot paths as bytes, %-formatted around values that are
+# already JSON (no dict built, no encoder pass). Every hand-built frame is one of these.
+# Daemon -> worker: a request (id, input) and a ping (id).
+WORKER_EXECUTE = b'{"jsonrpc":"2.0","id":%d,"method":"execute","params":{"input":%s}}\n'
+WORKER_PING = b'{"jsonrpc":"2.0","id":%d,"method":"ping"}\n'
+
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _encode_str = json.encoder.encode_basestring  # what _encoder.encode does for a str
 _decoder = json.JSONDecoder()

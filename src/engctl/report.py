@@ -19,6 +19,7 @@ from typing import Any
 
 from engctl.errors import UsageError
 from engctl.histogram import Histogram
+from engctl.models import split_instance_id
 from engctl.timespec import parse_since as parse_since  # the report's --since, re-exported
 
 FINE = 10
@@ -355,8 +356,8 @@ def _configured_instances(
 
 
 def _inst_key(inst_id: str) -> tuple[str, int]:
-    name, _, idx = inst_id.rpartition("#")
-    return name, int(idx) if idx.isdigit() else -1
+    name, idx = split_instance_id(inst_id)
+    return name, int(idx) if idx is not None and idx.isdigit() else -1
 
 
 def _worst(instances: dict[str, Figures], n: int = 3) -> dict[str, list[dict[str, Any]]]:

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engctl.daemon.backoff import CrashTracker
 from engctl.daemon.policies import (
     MIB,
     SLOW_START_MIN,
     Action,
     CpuWatch,
-    CrashTracker,
     Decision,
     FailureTracker,
     HealthChange,

@@ -26,7 +26,14 @@ from engctl.errors import (
     UsageError,
 )
 from engctl.homefiles import tail_logs
-from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
+from engctl.models import (
+    ONESHOT_INDEX,
+    EngineSpec,
+    check_dependencies,
+    instance_id,
+    parse_instance_ref,
+    split_instance_id,
+)
 from engctl.paths import Paths
 from engctl.policy_config import effective_policy
 from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState
@@ -35,9 +42,10 @@ from . import allow_ssl
 from .enforcer import Enforcer
 from .events import Event, EventLog
 from .logs import InstanceLog
+from .membership import Membership
 from .metrics import Rollups, prometheus_text, snapshot
 from .registry import Entry, Registry
-from .requests import Router
+from .router import Router
 from .selection import parse_label
 from .server import Connection, Handler, Reply
 from .supervisor import Engine, Instance, Supervisor
@@ -94,6 +102,7 @@ class Api:
         registry: Registry,
         events: EventLog,
         router: Router,
+        membership: Membership,
         enforcer: Enforcer,
         request_shutdown: Callable[[], None],
         rollups: Rollups | None = None,
@@ -102,6 +111,7 @@ class Api:
         self._prometheus_ready = False
         self.paths = paths
         self.router = router
+        self.membership = membership
         self.enforcer = enforcer
         self.sup = supervisor
         self.registry = registry
@@ -143,7 +153,7 @@ class Api:
 
     async def _persist(self) -> None:
         """After a change to the engines: keep dispatch in step, then make it durable."""
-        self.router.engines_changed()
+        self.membership.engines_changed()
         await self.registry.save()
 
     # -- requests --------------------------------------------------------------------------
@@ -300,7 +310,7 @@ class Api:
                     results.append(
                         {"name": name, "action": "updated", "detail": detail, "changed": changed}
                     )
-            self.router.engines_changed()
+            self.membership.engines_changed()
         for engine in to_start:
             # Dependencies first: `order` is topological.
             await self.sup.start_engine(engine, "registered")
@@ -344,7 +354,7 @@ class Api:
             for name in order:
                 await self._unregister_one(name)
                 removed.append(name)
-            self.router.engines_changed()
+            self.membership.engines_changed()
         return {"removed": removed}
 
     def _chosen(self, params: dict[str, Any]) -> list[Engine]:
@@ -681,10 +691,11 @@ class Api:
     def _log_targets(self, ref: str) -> list[tuple[str, InstanceLog]]:
         """(id, log) of each log a NAME or NAME#K names; a oneshot engine (NAME, or
         NAME#oneshot as in reports) has one log for all its runs."""
-        name, idx = parse_instance_ref(ref.removesuffix("#oneshot"))
+        name, index = split_instance_id(ref)
+        idx = None if index == ONESHOT_INDEX else parse_instance_ref(ref)[1]
         engine = self._engine(name)
         if engine.oneshot_log is not None and idx is None:
-            return [(f"{name}#oneshot", engine.oneshot_log)]
+            return [(instance_id(name, None), engine.oneshot_log)]
         insts = engine.instances if idx is None else [self.sup.instance(engine, idx)]
         return [(i.id, i.log) for i in insts]
 

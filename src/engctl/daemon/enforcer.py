@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engctl.config import DaemonConfig
 from engctl.models import DEFAULT_TYPE, expand_index
@@ -35,7 +35,7 @@ from .policies import (
 from .supervisor import Instance, Sample, Supervisor
 
 if TYPE_CHECKING:
-    from .requests import Router
+    from .dispatch import Dispatcher
 
 log = logging.getLogger("engctl.enforcer")
 
@@ -48,14 +48,21 @@ _TAKEN_OUT = (Eligibility.ISOLATED, Eligibility.DRAINING)
 _DISPATCHABLE = (InstanceState.READY, InstanceState.BUSY)
 
 
+class StandingListener(Protocol):
+    """Who hears of each new verdict (eligibility, effective weight): the selection pool."""
+
+    def standing_changed(self, inst: Instance) -> None: ...
+
+
 class Enforcer:
     """Applies every engine's effective policy to its instances."""
 
     def __init__(
-        self, sup: Supervisor, router: Router, config: DaemonConfig, events: EventLog
+        self, sup: Supervisor, channels: Dispatcher, config: DaemonConfig, events: EventLog
     ) -> None:
         self.sup = sup
-        self.router = router
+        self.channels = channels  # the workers' pipes: pings, unanswered requests
+        self.listener: StandingListener | None = None  # wired by the daemon (main.py)
         self.config = config
         self.events = events
         self.loop = sup.loop
@@ -68,7 +75,6 @@ class Enforcer:
         self._guard_notes: set[Instance] = set()  # kept in service by the guard rail now
         self._closed = False
         self._timer = self.loop.call_later(config.policy_interval, self._tick)
-        router.enforcer = self
 
     def policy(self, inst: Instance) -> PolicySpec:
         return inst.engine.policy(self.config.policy)
@@ -98,7 +104,7 @@ class Enforcer:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
-        """From the router: a process came up or went away."""
+        """From supervision (through the membership): a process came up or went away."""
         if new is S.READY and old in (S.STARTING, S.WARMING):
             self._arm_probe(inst, inst.spec.health.interval)
         elif not new.has_process:
@@ -141,7 +147,8 @@ class Enforcer:
                 from_eligibility=old.value,
                 to_eligibility=elig.value,
             )
-        self.router.candidate_changed(inst)
+        if self.listener is not None:
+            self.listener.standing_changed(inst)
 
     def _serving(self, inst: Instance) -> tuple[list[Instance], str]:
         """The guard rail's group of `inst` and its name: the instances that serve its type,
@@ -236,21 +243,21 @@ class Enforcer:
         hang = self.policy(inst).hang
         if not hang.enabled or inst.spec.mode is not EngineMode.WORKER:
             return
-        if not hang_suspected(self.router.unanswered_ages(inst), inst.spec.hang_timeout):
+        if not hang_suspected(self.channels.unanswered_ages(inst), inst.spec.hang_timeout):
             return
         self._hang_checks.add(inst)
         self._spawn(self._check_hang(inst, inst.proc.pid, hang.ping_timeout))
 
     async def _check_hang(self, inst: Instance, pid: int, ping_timeout: float) -> None:
         try:
-            heard = self.router.channel_last_read(inst)
-            passed, _ = await ping_probe(self.router.ping_sender(inst), ping_timeout)
+            heard = self.channels.last_read(inst)
+            passed, _ = await ping_probe(self.channels.ping_sender(inst), ping_timeout)
             if inst.pid != pid or not inst.state.is_running:
                 return
             # Answers to other requests while the ping waited: alive, if busy.
-            alive = passed or self.router.channel_last_read(inst) > heard
+            alive = passed or self.channels.last_read(inst) > heard
             decision = hang_verdict(
-                self.router.unanswered_ages(inst),
+                self.channels.unanswered_ages(inst),
                 inst.spec.hang_timeout,
                 ping_timeout,
                 alive,
@@ -337,13 +344,13 @@ class Enforcer:
         env = probe_env(spec, inst.id, inst.pid, self.sup.paths.daemon_id)
         async with self._sem:
             return await run_probe(
-                check, spec, spec.health.timeout, self.router.ping_sender(inst), env
+                check, spec, spec.health.timeout, self.channels.ping_sender(inst), env
             )
 
     async def _probe(self, inst: Instance) -> None:
         pid = inst.pid
         try:
-            started = self.router.channel_last_read(inst)
+            started = self.channels.last_read(inst)
             passed, detail = await self._check(inst)
             if inst.pid != pid or not inst.state.is_running:
                 return
@@ -351,7 +358,7 @@ class Enforcer:
                 not passed
                 and inst.spec.health.check == "ping"
                 and inst.stats.in_flight > 0
-                and self.router.channel_last_read(inst) > started
+                and self.channels.last_read(inst) > started
             ):
                 # A worker busy with requests answers them, not pings: it is alive.
                 passed, detail = True, "busy (answered requests while the ping waited)"

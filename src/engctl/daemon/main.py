@@ -30,14 +30,16 @@ from engctl.states import DesiredState
 
 from . import process
 from .api import Api
+from .dispatch import Dispatcher
 from .enforcer import Enforcer
 from .events import EventLog
 from .history import HistoryWriter, Retention
+from .membership import Membership
 from .metrics import HostSample, MetricsServer, Rollups
 from .monitor import Monitor
 from .registry import Entry, Registry
-from .requests import Router
-from .selection import Capability
+from .router import Router
+from .selection import CandidatePool, Capability, default_strategies
 from .server import Outbox, Server
 from .storage import WriteHealth
 from .supervisor import Sample, Supervisor
@@ -249,9 +251,24 @@ class Daemon:
         for entry in entries:
             sup.add_engine(entry.spec, entry.desired, entry.stopped_instances, entry.registered_at)
         outbox = Outbox(loop)
-        router = self.router = Router(sup, config, paths, outbox)
-        router.engines_changed()
-        enforcer = self.enforcer = Enforcer(sup, router, config, events)
+        pool = self.pool = CandidatePool(
+            default_strategy=config.default_strategy,
+            strategies=default_strategies(weights=config.capability_weights),
+        )
+        dispatcher = Dispatcher(sup, pool, outbox)
+        router = self.router = Router(sup, pool, dispatcher, config)
+        membership = Membership(sup, pool, dispatcher, router)
+        enforcer = self.enforcer = Enforcer(sup, dispatcher, config, events)
+        # Who calls whom. Supervision tells the request layer of every process and state; the
+        # failure policies hear of each state first, and of every failed request; their
+        # verdicts (eligibility, weight) go to the pool; each attempt's end goes back to the
+        # router.
+        sup.observer = membership
+        membership.policies = enforcer
+        router.policies = enforcer
+        enforcer.listener = membership
+        dispatcher.outcomes = router
+        membership.engines_changed()
         for entry in entries:
             engine = sup.engines[entry.spec.name]
             for index, saved in entry.overrides.items():
@@ -263,7 +280,9 @@ class Daemon:
                 paths.history_db, _retention(config), health=health, on_reset=self._notify
             )
         rollups = self.rollups = Rollups(sup, router, writer)
-        api = Api(paths, sup, registry, events, router, enforcer, self.stopping.set, rollups)
+        api = Api(
+            paths, sup, registry, events, router, membership, enforcer, self.stopping.set, rollups
+        )
         api.control = self
         server = Server(
             paths.socket,
@@ -371,10 +390,10 @@ class Daemon:
         old, self.config = self.config, cfg
         self.sup.config = cfg
         self.router.config = cfg
-        self.router.pool.default_strategy = cfg.default_strategy
+        self.pool.default_strategy = cfg.default_strategy
         if cfg.capability_weights != old.capability_weights:
             capability = Capability(cfg.capability_weights)
-            self.router.pool.strategies[StrategyName.CAPABILITY] = capability
+            self.pool.strategies[StrategyName.CAPABILITY] = capability
         if self.enforcer is not None:
             self.enforcer.config = cfg  # its next look comes policy_interval later
         if self.events is not None:

@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engctl.histogram import Histogram
+from engctl.models import instance_id
 from engctl.states import EngineMode, RequestOutcome
 
 from .history import COARSE_SECONDS, FINE_SECONDS, HistoryWriter
-from .supervisor import Engine, Instance, RequestStats, Supervisor
+from .stats import RequestStats
+from .supervisor import Engine, Instance, Supervisor
 
 if TYPE_CHECKING:
-    from .requests import Router
+    from .router import Router
 
 log = logging.getLogger("engctl.metrics")
 
@@ -117,7 +119,7 @@ def _base(member: Member) -> _Base:
 
 def member_id(member: Member) -> str:
     """`name#k` for an instance, `name#oneshot` for a oneshot engine's runs."""
-    return f"{member.spec.name}#oneshot" if isinstance(member, Engine) else member.id
+    return instance_id(member.spec.name, None) if isinstance(member, Engine) else member.id
 
 
 def _row_data(member: Member) -> dict[str, Any]:
@@ -428,7 +430,7 @@ def snapshot(sup: Supervisor, router: Router, host: HostSample | None) -> Snapsh
         spec = engine.spec
         if spec.mode is EngineMode.ONESHOT:
             members.append(
-                _requests_of([spec.name, f"{spec.name}#oneshot", spec.type], engine.stats)
+                _requests_of([spec.name, instance_id(spec.name, None), spec.type], engine.stats)
             )
             continue
         for inst in engine.instances:

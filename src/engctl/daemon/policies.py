@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from engctl.models import HealthSpec, RestartSpec
+from engctl.models import HealthSpec
 from engctl.policy_config import (
     CpuPolicy,
-    CrashPolicy,
     FailingPolicy,
     MemoryPolicy,
     SlowPolicy,
@@ -124,66 +123,7 @@ class HealthTracker:
         self.__init__(now)  # type: ignore[misc]
 
 
-# -- crash, flapping -------------------------------------------------------------------------
-class CrashTracker:
-    """Restart decisions after unexpected exits: capped exponential backoff that resets after
-    healthy uptime, fatal after too many failed starts, fatal when flapping."""
-
-    def __init__(self) -> None:
-        self.attempt = 0  # backoff attempts since the last reset
-        self.quick_failures = 0  # exits before start_seconds, in a row
-        self.restart_times: collections.deque[float] = collections.deque()
-
-    def started(self) -> None:
-        """The process stayed up start_seconds: failed starts no longer count."""
-        self.quick_failures = 0
-
-    def reset(self) -> None:
-        """Started by hand: a fresh budget."""
-        self.attempt = 0
-        self.quick_failures = 0
-        self.restart_times.clear()
-
-    def on_exit(
-        self,
-        now: float,
-        uptime: float,
-        quick: bool,
-        desc: str,
-        restart: RestartSpec,
-        crash: CrashPolicy,
-    ) -> Decision:
-        """Decide after an exit the restart policy wants restarted: when, or give up."""
-        if uptime >= restart.backoff.reset_after:
-            self.attempt = 0
-        if quick:
-            self.quick_failures += 1
-            if self.quick_failures > restart.max_retries:
-                return Decision(
-                    Action.FATAL,
-                    f"gave up after {self.quick_failures} failed starts"
-                    f" (max_retries {restart.max_retries}): {desc}",
-                )
-        while self.restart_times and self.restart_times[0] <= now - crash.flap_window:
-            self.restart_times.popleft()
-        if len(self.restart_times) >= crash.flap_max_restarts:
-            return Decision(
-                Action.FATAL,
-                f"flapping: {len(self.restart_times)} restarts in the last"
-                f" {crash.flap_window:g}s (flap_max_restarts {crash.flap_max_restarts}): {desc}",
-                data={"restarts_in_window": len(self.restart_times)},
-            )
-        self.attempt += 1
-        self.restart_times.append(now)
-        delay = restart.backoff.delay(self.attempt)
-        return Decision(
-            Action.RESTART,
-            f"{desc}; restart in {delay:g}s (attempt {self.attempt})",
-            delay=delay,
-            data={"attempt": self.attempt},
-        )
-
-
+# -- hang ------------------------------------------------------------------------------------
 def hang_suspected(unanswered: Sequence[tuple[str, float]], hang_timeout: float) -> bool:
     """Whether a request has gone unanswered for `hang_timeout` seconds: then the instance
     is pinged (`hang_verdict` judges the answer). `unanswered` is (request id, age) of the

@@ -18,8 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 from engctl.config import DaemonConfig
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
-from engctl.histogram import Histogram
-from engctl.models import EngineSpec, check_dependencies
+from engctl.models import EngineSpec, check_dependencies, instance_id, split_instance_id
 from engctl.paths import Paths
 from engctl.policy_config import PolicySpec, effective_policy
 from engctl.states import (
@@ -28,17 +27,16 @@ from engctl.states import (
     EngineMode,
     Health,
     InstanceState,
-    RequestOutcome,
     can_transition,
 )
 
 from . import process
+from .backoff import CrashTracker, spawn_retry_delay
 from .events import EventLog
 from .logs import InstanceLog
 from .policies import (
     Action,
     CpuWatch,
-    CrashTracker,
     FailureTracker,
     HealthTracker,
     MemoryWatch,
@@ -47,6 +45,7 @@ from .policies import (
 )
 from .process import ChildProcess, ExitStatus, SpawnError
 from .registry import Entry
+from .stats import RequestStats
 from .storage import WriteHealth
 
 log = logging.getLogger("engctl.supervisor")
@@ -67,71 +66,6 @@ class Sample:
     fds: int = 0
     descendants: list[tuple[int, float]] = field(default_factory=list)
     pid: int = 0  # the leader it was taken of: a reading of a replaced process is dropped
-
-
-# The counter of RequestStats that each outcome adds to (their names on the wire).
-OUTCOME_FIELDS = {
-    RequestOutcome.OK: "ok",
-    RequestOutcome.ERROR: "errors",
-    RequestOutcome.TIMEOUT: "timeouts",
-    RequestOutcome.LOST: "lost",
-}
-
-
-@dataclass
-class RequestStats:
-    """Rolling request observations of an instance (fed by the request router).
-
-    `requests` counts finished attempts and always equals ok + errors + timeouts + lost:
-    every attempt is counted once, by `record`, with its one outcome.
-    """
-
-    in_flight: int = 0
-    requests: int = 0
-    ok: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    latency_ewma_ms: float | None = None
-    lost: int = 0  # in flight when the process died (the crash policy's business)
-    consecutive_errors: int = 0  # reset by every success (the failing policy reads it)
-    last_error: str = ""
-    # Lines on the worker's stdout that broke the protocol (not an outcome: garbage between
-    # requests belongs to none; the requests it fails are counted as errors).
-    protocol_errors: int = 0
-    # Latencies of successful requests since the daemon started (bounded: 256 buckets).
-    hist: Histogram = field(default_factory=Histogram)
-
-    def record(self, outcome: RequestOutcome) -> None:
-        """Count one finished attempt with its outcome."""
-        self.requests += 1
-        # Branches, not setattr: this runs once per request on the hot path.
-        if outcome is RequestOutcome.OK:
-            self.ok += 1
-        elif outcome is RequestOutcome.ERROR:
-            self.errors += 1
-        elif outcome is RequestOutcome.TIMEOUT:
-            self.timeouts += 1
-        else:
-            self.lost += 1
-
-    def count(self, outcome: RequestOutcome) -> int:
-        """Attempts that ended with `outcome`."""
-        return int(getattr(self, OUTCOME_FIELDS[outcome]))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "in_flight": self.in_flight,
-            "requests": self.requests,
-            "ok": self.ok,
-            "errors": self.errors,
-            "timeouts": self.timeouts,
-            "lost": self.lost,
-            "consecutive_errors": self.consecutive_errors,
-            "protocol_errors": self.protocol_errors,
-            "latency_ewma_ms": None
-            if self.latency_ewma_ms is None
-            else round(self.latency_ewma_ms, 3),
-        }
 
 
 class InstanceObserver(Protocol):
@@ -157,7 +91,7 @@ class Instance:
     def __init__(self, engine: Engine, index: int, log_file: InstanceLog) -> None:
         self.engine = engine
         self.index = index
-        self.id = f"{engine.spec.name}#{index}"
+        self.id = instance_id(engine.spec.name, index)
         self.state = S.STOPPED
         self.state_reason = "registered"
         self.state_since = time.time()
@@ -464,9 +398,9 @@ class Supervisor:
 
     def find_instance(self, inst_id: str) -> Instance | None:
         """The instance `name#k`, or None."""
-        name, _, idx = inst_id.rpartition("#")
+        name, idx = split_instance_id(inst_id)
         engine = self.engines.get(name)
-        if engine is None or not idx.isdigit():
+        if engine is None or idx is None or not idx.isdigit():
             return None
         k = int(idx)
         insts = engine.instances
@@ -715,8 +649,7 @@ class Supervisor:
     def _retry_transient_spawn(self, inst: Instance, desc: str) -> None:
         """A spawn that failed for lack of the daemon's resources (fds, processes): retry
         with backoff, and count no failed start (the engine did nothing wrong)."""
-        backoff = inst.spec.restart.backoff
-        delay = min(backoff.max, max(backoff.initial, 0.1) * backoff.factor**inst.spawn_retries)
+        delay = spawn_retry_delay(inst.spec.restart.backoff, inst.spawn_retries)
         inst.spawn_retries = min(inst.spawn_retries + 1, 64)
         # starting -> backoff: out of resources for now; not a crash
         self.transition(inst, S.BACKOFF, f"{desc}; retrying in {delay:.2g}s", delay=delay)
