@@ -9,13 +9,18 @@ from enum import StrEnum
 
 
 class InstanceState(StrEnum):
-    """Lifecycle of one instance (SPEC §4)."""
+    """Lifecycle of one instance (docs/architecture.md).
+
+    `busy` is a display state, never entered: `status` shows it for a `ready` instance whose
+    every slot is taken (in flight = max_concurrency). Deriving it keeps the request hot path
+    free of a transition and an event per request; no edge of TRANSITIONS leads to it.
+    """
 
     STOPPED = "stopped"
     STARTING = "starting"
     WARMING = "warming"
     READY = "ready"
-    BUSY = "busy"
+    BUSY = "busy"  # shown only (see above)
     STOPPING = "stopping"
     BACKOFF = "backoff"
     EXITED = "exited"
@@ -48,8 +53,8 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     _S.STOPPED: frozenset({_S.STARTING}),
     _S.STARTING: frozenset({_S.WARMING, _S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
     _S.WARMING: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
-    _S.READY: frozenset({_S.BUSY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
-    _S.BUSY: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
+    _S.READY: frozenset({_S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
+    _S.BUSY: frozenset(),  # a display state: never entered, so never left
     _S.STOPPING: frozenset({_S.STOPPED}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPED, _S.FATAL}),
     _S.EXITED: frozenset({_S.STARTING, _S.STOPPED}),

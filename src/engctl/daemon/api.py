@@ -41,6 +41,8 @@ from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState
 from . import allow_ssl
 from .enforcer import Enforcer
 from .events import Event, EventLog
+from .fleet import Fleet
+from .instance import Engine, Instance
 from .logs import InstanceLog
 from .membership import Membership
 from .metrics import Rollups, prometheus_text, snapshot
@@ -48,7 +50,7 @@ from .registry import Entry, Registry
 from .router import Router
 from .selection import parse_label
 from .server import Connection, Handler, Reply
-from .supervisor import Engine, Instance, Supervisor
+from .supervisor import Supervisor
 
 
 def _get(
@@ -99,6 +101,7 @@ class Api:
         self,
         paths: Paths,
         supervisor: Supervisor,
+        fleet: Fleet,
         registry: Registry,
         events: EventLog,
         router: Router,
@@ -114,6 +117,7 @@ class Api:
         self.membership = membership
         self.enforcer = enforcer
         self.sup = supervisor
+        self.fleet = fleet
         self.registry = registry
         self.events = events
         self.request_shutdown = request_shutdown
@@ -279,7 +283,8 @@ class Api:
             if current is None:
                 staged[name] = Entry(spec, desired)
             elif current.spec != spec:
-                staged[name] = dataclasses.replace(current.to_entry(), spec=spec)
+                entry = current.to_entry(self.enforcer.overrides(current))
+                staged[name] = dataclasses.replace(entry, spec=spec)
         to_start: list[Engine] = []
         async with self.registry.staged(staged):
             for name in removals:
@@ -291,7 +296,7 @@ class Api:
                 spec = incoming[name]
                 engine = self.sup.engines.get(name)
                 if engine is None:
-                    engine = self.sup.add_engine(spec, desired, set())
+                    engine = self.fleet.add_engine(spec, desired, set())
                     self.events.emit("engine.registered", "registered", engine=name)
                     results.append({"name": name, "action": "created", "detail": "registered"})
                     if start:
@@ -301,7 +306,7 @@ class Api:
                 else:
                     changed = sorted(spec.changed_fields(engine.spec))
                     async with engine.lock:
-                        detail = await self.sup.update_engine(engine, spec)
+                        detail = await self.fleet.update_engine(engine, spec)
                     self.events.emit(
                         "engine.updated",
                         f"changed {', '.join(changed)}: {detail}",
@@ -313,7 +318,7 @@ class Api:
             self.membership.engines_changed()
         for engine in to_start:
             # Dependencies first: `order` is topological.
-            await self.sup.start_engine(engine, "registered")
+            await self.fleet.start_engine(engine, "registered")
         return {"engines": results, "removed": removed}
 
     async def register(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -343,7 +348,7 @@ class Api:
     async def _unregister_one(self, name: str) -> None:
         engine = self._engine(name)
         async with engine.lock:
-            await self.sup.remove_engine(engine)
+            await self.fleet.remove_engine(engine)
         self.events.emit("engine.unregistered", "unregistered", engine=name)
 
     async def unregister(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -428,7 +433,7 @@ class Api:
             async with engine.lock:
                 if insts is None:
                     engine.stopped_instances.clear()
-                    started += await self.sup.start_engine(engine, "started by user")
+                    started += await self.fleet.start_engine(engine, "started by user")
                 else:
                     if engine.desired is DesiredState.STOPPED:
                         # Only the named instances come up; the others stay stopped, also
@@ -436,7 +441,7 @@ class Api:
                         engine.stopped_instances.update(i.index for i in engine.instances)
                     for inst in insts:
                         engine.stopped_instances.discard(inst.index)
-                    started += await self.sup.start_engine(
+                    started += await self.fleet.start_engine(
                         engine, "started by user", [i.index for i in insts]
                     )
         await self._persist()
@@ -450,7 +455,7 @@ class Api:
         names = {e.spec.name for e in whole}
         # systemd's order: what depends on a stopping engine stops first (stopping one instance
         # leaves the engine serving, so only whole engines count).
-        dependents = [e for e in self.sup.dependents(names) if _up(e)]
+        dependents = [e for e in self.fleet.dependents(names) if _up(e)]
         if dependents and refuse:
             listed = ", ".join(repr(e.spec.name) for e in dependents)
             raise UsageError(
@@ -480,7 +485,8 @@ class Api:
                 engine.desired, engine.stopped_instances = desired, stopped_set
             raise
         for engine in whole:
-            mine = [e.spec.name for e in self.sup.dependents({engine.spec.name}) if e in dependents]
+            below = self.fleet.dependents({engine.spec.name})
+            mine = [e.spec.name for e in below if e in dependents]
             if mine:
                 verb = "it depends" if len(mine) == 1 else "they depend"
                 self.events.emit(
@@ -489,14 +495,14 @@ class Api:
                     engine=engine.spec.name,
                     data={"dependents": mine},
                 )
-        stopped = await self.sup.stop_engines(
+        stopped = await self.fleet.stop_engines(
             dependents + whole,
             "stopped by user (dependents first)" if dependents else "stopped by user",
             wait,
         )
         results = await asyncio.gather(
             *(
-                self.sup.stop_instances(insts, "stopped by user", wait)
+                self.fleet.stop_instances(insts, "stopped by user", wait)
                 for _engine, insts in targets
                 if insts is not None
             )
@@ -520,7 +526,7 @@ class Api:
                         engine.stopped_instances.update(i.index for i in engine.instances)
                     engine.stopped_instances.difference_update(i.index for i in insts)
                 # Each running instance drains first: a restart loses no request.
-                restarted += await self.sup.restart_instances(
+                restarted += await self.fleet.restart_instances(
                     engine, chosen, "restart requested by user"
                 )
         await self._persist()
@@ -532,7 +538,7 @@ class Api:
         if not engine.spec.mode.long_running:
             raise SpecError(f"engine {engine.spec.name!r} is oneshot: it has no instances to scale")
         async with engine.lock:
-            detail = await self.sup.scale_engine(engine, n)
+            detail = await self.fleet.scale_engine(engine, n)
         await self._persist()
         return {"name": engine.spec.name, "instances": n, "detail": detail}
 

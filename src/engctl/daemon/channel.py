@@ -24,8 +24,8 @@ from .request import Request
 from .server import Outbox, RawJSON
 
 if TYPE_CHECKING:
+    from .instance import Instance
     from .process import ChildProcess
-    from .supervisor import Instance
 
 # Protocol garbage is logged with at most this many bytes of the offending line.
 PREVIEW_BYTES = 200

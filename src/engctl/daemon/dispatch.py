@@ -20,12 +20,13 @@ from engctl.states import InstanceState
 
 from . import output, process
 from .channel import WorkerChannel
+from .instance import Instance
 from .oneshot import OneshotRun, uses_argv
 from .process import ChildProcess
 from .request import Request
 from .selection import Candidate, CandidateKind, CandidatePool
 from .server import Outbox
-from .supervisor import Instance, Supervisor
+from .supervisor import Supervisor
 
 S = InstanceState
 # How long a worker whose protocol pipe closed may take to exit before it counts as a

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+import weakref
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from engctl.config import DaemonConfig
@@ -23,21 +24,25 @@ from engctl.states import Eligibility, EngineMode, Health, InstanceState, OnUnhe
 
 from .events import EventLog
 from .health import ping_probe, probe_env, run_probe
+from .instance import Engine, Instance
+from .monitor import Sample
 from .policies import (
     Action,
     Decision,
     HealthChange,
+    PolicyState,
     guard_rail,
     hang_suspected,
     hang_verdict,
     peer_median,
 )
-from .supervisor import Instance, Sample, Supervisor
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
 
 log = logging.getLogger("engctl.enforcer")
+Clock = Callable[[], float]
 
 S = InstanceState
 # Probes in flight at once, daemon-wide: a thousand instances must not fork a thousand checks.
@@ -45,7 +50,7 @@ MAX_CONCURRENT_PROBES = 16
 _IN_SERVICE = (Eligibility.ACTIVE, Eligibility.DOWNWEIGHTED)
 # Taken out of service by a policy or a person: what the guard rail counts.
 _TAKEN_OUT = (Eligibility.ISOLATED, Eligibility.DRAINING)
-_DISPATCHABLE = (InstanceState.READY, InstanceState.BUSY)
+_DISPATCHABLE = (InstanceState.READY,)
 
 
 class StandingListener(Protocol):
@@ -58,9 +63,15 @@ class Enforcer:
     """Applies every engine's effective policy to its instances."""
 
     def __init__(
-        self, sup: Supervisor, channels: Dispatcher, config: DaemonConfig, events: EventLog
+        self,
+        sup: Supervisor,
+        channels: Dispatcher,
+        config: DaemonConfig,
+        events: EventLog,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.sup = sup
+        self.clock = clock  # monotonic, the `now` of every decision (the loop's own clock)
         self.channels = channels  # the workers' pipes: pings, unanswered requests
         self.listener: StandingListener | None = None  # wired by the daemon (main.py)
         self.config = config
@@ -73,11 +84,34 @@ class Enforcer:
         self._hang_checks: set[Instance] = set()
         self._returning: set[Instance] = set()
         self._guard_notes: set[Instance] = set()  # kept in service by the guard rail now
+        # The policies' own state of each instance (trackers, standing), gone with it.
+        self._states: weakref.WeakKeyDictionary[Instance, PolicyState] = weakref.WeakKeyDictionary()
         self._closed = False
         self._timer = self.loop.call_later(config.policy_interval, self._tick)
 
     def policy(self, inst: Instance) -> PolicySpec:
         return inst.engine.policy(self.config.policy)
+
+    def _state(self, inst: Instance) -> PolicyState:
+        st = self._states.get(inst)
+        if st is None:
+            st = self._states[inst] = PolicyState()
+        return st
+
+    def overrides(self, engine: Engine) -> dict[int, dict[str, Any]]:
+        """The manual overrides of `engine`'s instances by index (kept in the registry)."""
+        out: dict[int, dict[str, Any]] = {}
+        for inst in engine.instances:
+            st = self._states.get(inst)
+            manual = st.standing.manual if st is not None else None
+            if st is not None and manual is not None:
+                standing = st.standing
+                out[inst.index] = {
+                    "eligibility": manual.value,
+                    "reason": standing.manual_reason,
+                    "since": standing.manual_since,
+                }
+        return out
 
     def close(self) -> None:
         """Stop every timer and probe (daemon shutdown)."""
@@ -105,6 +139,13 @@ class Enforcer:
     # -- lifecycle ---------------------------------------------------------------------------
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
         """From supervision (through the membership): a process came up or went away."""
+        st = self._state(inst)
+        if new is S.STARTING:
+            # A new process: the trackers start afresh (the supervisor knows none of them).
+            st.new_process(self.clock())
+            inst.health_reason = ""
+        elif not new.has_process:
+            st.standing.draining_reason = ""  # a drain ends with its process
         if new is S.READY and old in (S.STARTING, S.WARMING):
             self._arm_probe(inst, inst.spec.health.interval)
         elif not new.has_process:
@@ -116,8 +157,9 @@ class Enforcer:
     # -- eligibility ---------------------------------------------------------------------------
     def refresh(self, inst: Instance, announce: bool = True) -> None:
         """Recompute health, eligibility and effective weight, and tell dispatch."""
-        now = self.loop.time()
-        standing = inst.standing
+        now = self.clock()
+        st = self._state(inst)
+        standing = st.standing
         elig, reason, weight, until = standing.resolve(
             now, inst.spec.weight, self.policy(inst).failing.slow_start
         )
@@ -125,7 +167,7 @@ class Enforcer:
             # Nothing to pick, whatever the policies think of it: say which state and why.
             elig, weight, until = Eligibility.UNAVAILABLE, 0.0, None
             reason = f"{inst.state.value}: {inst.state_reason}"
-        probed = inst.health_check.state
+        probed = st.health.state
         if not inst.state.has_process:
             health = Health.UNKNOWN
         elif standing.slow_multiplier < 1.0 and probed in (Health.HEALTHY, Health.UNKNOWN):
@@ -138,6 +180,7 @@ class Enforcer:
         inst.eligibility_reason = reason
         inst.effective_weight = weight
         inst.isolated_until = None if until is None else time.time() + (until - now)
+        inst.isolations = st.failures.isolations
         # To and from unavailable follows a state change, which is an event of its own.
         if announce and elig is not old and Eligibility.UNAVAILABLE not in (elig, old):
             self._emit(
@@ -191,7 +234,7 @@ class Enforcer:
         return False
 
     def _isolate(self, inst: Instance, decision: Decision, now: float) -> None:
-        standing = inst.standing
+        standing = self._state(inst).standing
         if standing.isolated_until is not None or standing.manual is not None:
             return
         if inst.eligibility not in _IN_SERVICE:
@@ -205,11 +248,13 @@ class Enforcer:
         self, inst: Instance, reason: str, now: float, data: dict[str, Any]
     ) -> None:
         """Isolate for base × n (capped); the next one will last longer."""
-        length = inst.failures.isolation_length(self.policy(inst).failing)
-        inst.failures.isolated(now)
+        st = self._state(inst)
+        length = st.failures.isolation_length(self.policy(inst).failing)
+        st.failures.isolated(now)
+        inst.isolations = st.failures.isolations
         inst.isolations_total += 1
         inst.stats.consecutive_errors = 0
-        standing = inst.standing
+        standing = st.standing
         standing.isolated_until = now + length
         standing.isolation_reason = reason
         standing.slow_start_since = None
@@ -218,7 +263,7 @@ class Enforcer:
             "instance.isolated",
             f"isolated for {length:g}s: {reason}",
             seconds=length,
-            isolations=inst.failures.isolations,
+            isolations=st.failures.isolations,
             **data,
         )
 
@@ -228,11 +273,11 @@ class Enforcer:
         inst = self.sup.find_instance(inst_id)
         if inst is None:
             return
-        decision = inst.failures.on_errors(
+        decision = self._state(inst).failures.on_errors(
             inst.stats.consecutive_errors, inst.stats.last_error, self.policy(inst).failing
         )
         if decision is not None:
-            self._isolate(inst, decision, self.loop.time())
+            self._isolate(inst, decision, self.clock())
 
     def _watch_hang(self, inst: Instance) -> None:
         """The hang policy, each tick: a request unanswered for the engine's hang_timeout
@@ -277,7 +322,7 @@ class Enforcer:
     # -- monitor samples -----------------------------------------------------------------------
     def samples_taken(self, samples: dict[str, Sample]) -> None:
         """RSS and CPU of running instances: the memory and CPU policies."""
-        now = self.loop.time()
+        now = self.clock()
         for inst in self.sup.all_instances():
             sample = samples.get(inst.id)
             if sample is None or sample.pid != inst.pid or not inst.state.is_running:
@@ -286,9 +331,10 @@ class Enforcer:
                 continue
             policy = self.policy(inst)
             limits = inst.spec.limits
-            decision = inst.memory.observe(now, sample.rss_bytes, limits.max_rss, policy.memory)
+            st = self._state(inst)
+            decision = st.memory.observe(now, sample.rss_bytes, limits.max_rss, policy.memory)
             if decision is None:
-                decision = inst.cpu.observe(
+                decision = st.cpu.observe(
                     now, sample.cpu_percent, limits.max_cpu_percent, policy.cpu
                 )
             if decision is None:
@@ -362,8 +408,8 @@ class Enforcer:
             ):
                 # A worker busy with requests answers them, not pings: it is alive.
                 passed, detail = True, "busy (answered requests while the ping waited)"
-            now = self.loop.time()
-            change = inst.health_check.observe(passed, now, inst.spec.health, detail)
+            now = self.clock()
+            change = self._state(inst).health.observe(passed, now, inst.spec.health, detail)
             if change is not None:
                 self._health_changed(inst, change, now)
         finally:
@@ -380,7 +426,7 @@ class Enforcer:
             from_health=change.old.value,
             to_health=change.new.value,
         )
-        standing = inst.standing
+        standing = self._state(inst).standing
         if change.new is Health.UNHEALTHY and inst.spec.health.on_unhealthy is OnUnhealthy.RESTART:
             # Kubernetes' liveness probe: a graceful restart (drained first), not isolation.
             self._drain_restart(
@@ -396,7 +442,7 @@ class Enforcer:
         self.refresh(inst, announce=False)
 
     def _take_out_unhealthy(self, inst: Instance) -> None:
-        standing = inst.standing
+        standing = self._state(inst).standing
         if standing.unhealthy_isolated:
             return
         why = f"unhealthy: {inst.health_reason}"
@@ -408,7 +454,7 @@ class Enforcer:
 
     def _start_slow(self, inst: Instance, now: float) -> None:
         if self.policy(inst).failing.slow_start > 0:
-            inst.standing.slow_start_since = now
+            self._state(inst).standing.slow_start_since = now
 
     # -- the periodic tick ---------------------------------------------------------------------
     def _tick(self) -> None:
@@ -416,7 +462,7 @@ class Enforcer:
             return
         self._timer = self.loop.call_later(self.config.policy_interval, self._tick)
         try:
-            self._evaluate(self.loop.time())
+            self._evaluate(self.clock())
         except Exception:
             log.exception("policy tick failed")
 
@@ -435,9 +481,10 @@ class Enforcer:
             self._watch_hang(inst)
             policy = self.policy(inst)
             stats = inst.stats
-            standing = inst.standing
+            st = self._state(inst)
+            standing = st.standing
             # Timeouts are the callers' deadlines, not failures of the worker: not counted.
-            decision = inst.failures.on_tick(now, stats.ok, stats.errors, policy.failing)
+            decision = st.failures.on_tick(now, stats.ok, stats.errors, policy.failing)
             if decision is not None:
                 self._isolate(inst, decision, now)
             if (
@@ -447,7 +494,7 @@ class Enforcer:
             ):
                 self._returning.add(inst)
                 self._spawn(self._try_return(inst))
-            unhealthy = inst.health_check.state is Health.UNHEALTHY
+            unhealthy = st.health.state is Health.UNHEALTHY
             if (
                 unhealthy
                 and not standing.unhealthy_isolated
@@ -470,11 +517,12 @@ class Enforcer:
             peers = latencies.get(inst.spec.type, {})
             policy = self.policy(inst)
             own = peers.get(inst.id, inst.stats.latency_ewma_ms)
-            decision = inst.slow.evaluate(
+            st = self._state(inst)
+            decision = st.slow.evaluate(
                 now, own, inst.stats.ok, peer_median(inst.id, peers), policy.slow
             )
             if decision is not None:
-                inst.standing.slow_multiplier = inst.slow.multiplier
+                st.standing.slow_multiplier = st.slow.multiplier
                 kind = (
                     "instance.downweighted"
                     if decision.action is Action.DOWNWEIGHT
@@ -487,8 +535,8 @@ class Enforcer:
         """An isolation ended: a passing probe brings the instance back (with slow start)."""
         try:
             passed, detail = await self._check(inst)
-            now = self.loop.time()
-            standing = inst.standing
+            now = self.clock()
+            standing = self._state(inst).standing
             if standing.isolated_until is None:
                 return  # restored by hand meanwhile
             if passed:
@@ -504,10 +552,17 @@ class Enforcer:
         finally:
             self._returning.discard(inst)
 
+    def draining(self, inst: Instance, reason: str) -> None:
+        """The supervisor drains `inst` before a stop or restart: no dispatch, with `reason`
+        (until its process is gone)."""
+        self._state(inst).standing.draining_reason = reason
+        self.refresh(inst, announce=False)
+
     # -- manual overrides ----------------------------------------------------------------------
     def set_manual(self, inst: Instance, eligibility: Eligibility | None, reason: str) -> None:
         """`isolate`/`drain` (win over policies until undone) or `restore` (None)."""
-        standing = inst.standing
+        st = self._state(inst)
+        standing = st.standing
         if eligibility is None:
             standing.manual = None
             standing.manual_reason = ""
@@ -516,7 +571,7 @@ class Enforcer:
             standing.unhealthy_isolated = False
             standing.slow_multiplier = 1.0
             standing.slow_start_since = None
-            inst.slow.reset()
+            st.slow.reset()
             inst.stats.consecutive_errors = 0
             self._guard_notes.discard(inst)
             self._emit(inst, "instance.restored", _by_hand("restored", reason))
@@ -534,9 +589,10 @@ class Enforcer:
     def apply_saved(self, inst: Instance, saved: dict[str, Any]) -> None:
         """A manual override from the registry (a previous daemon's)."""
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            inst.standing.manual = Eligibility(saved["eligibility"])
-            inst.standing.manual_reason = str(saved.get("reason", ""))
-            inst.standing.manual_since = float(saved.get("since", 0.0))
+            standing = self._state(inst).standing
+            standing.manual = Eligibility(saved["eligibility"])
+            standing.manual_reason = str(saved.get("reason", ""))
+            standing.manual_since = float(saved.get("since", 0.0))
             self.refresh(inst, announce=False)
 
 

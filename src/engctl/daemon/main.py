@@ -33,16 +33,17 @@ from .api import Api
 from .dispatch import Dispatcher
 from .enforcer import Enforcer
 from .events import EventLog
+from .fleet import Fleet
 from .history import HistoryWriter, Retention
 from .membership import Membership
-from .metrics import HostSample, MetricsServer, Rollups
-from .monitor import Monitor
+from .metrics import MetricsServer, Rollups
+from .monitor import HostSample, Monitor, Sample
 from .registry import Entry, Registry
 from .router import Router
 from .selection import CandidatePool, Capability, default_strategies
 from .server import Outbox, Server
 from .storage import WriteHealth
-from .supervisor import Sample, Supervisor
+from .supervisor import Supervisor
 
 log = logging.getLogger("engctl.daemon")
 
@@ -218,7 +219,9 @@ class Daemon:
         health = self.health
         # The registry first: a daemon that cannot read it refuses to start, changing nothing.
         registry = Registry(
-            paths.registry, lambda: [e.to_entry() for e in sup.engines.values()], health
+            paths.registry,
+            lambda: [e.to_entry(enforcer.overrides(e)) for e in sup.engines.values()],
+            health,
         )
         moved = registry.reset() if self.reset_registry else None
         entries = registry.load()
@@ -246,10 +249,12 @@ class Daemon:
         sup = Supervisor(paths, config, events, monitor.set_targets)
         sup.write_health = health
         self.sup = sup
+        fleet = self.fleet = Fleet(sup)
         # Registered engines exist before the first client is answered: a status during
         # start-up lists them, and a registration then cannot save a registry without them.
         for entry in entries:
-            sup.add_engine(entry.spec, entry.desired, entry.stopped_instances, entry.registered_at)
+            spec, desired = entry.spec, entry.desired
+            fleet.add_engine(spec, desired, entry.stopped_instances, entry.registered_at)
         outbox = Outbox(loop)
         pool = self.pool = CandidatePool(
             default_strategy=config.default_strategy,
@@ -281,7 +286,8 @@ class Daemon:
             )
         rollups = self.rollups = Rollups(sup, router, writer)
         api = Api(
-            paths, sup, registry, events, router, membership, enforcer, self.stopping.set, rollups
+            paths, sup, fleet, registry, events, router, membership, enforcer, self.stopping.set,
+            rollups,
         )
         api.control = self
         server = Server(
@@ -338,7 +344,7 @@ class Daemon:
         except Exception:
             log.exception("cannot stop the processes of the previous daemon")
         await server.close()
-        await sup.shutdown(config.shutdown_timeout)
+        await fleet.shutdown(config.shutdown_timeout)
         monitor.stop()
         if writer is not None:
             writer.write(rollups.close_all())  # the buckets being filled are kept too
@@ -425,7 +431,7 @@ class Daemon:
                     i.index for i in engine.instances if i.index not in engine.stopped_instances
                 ]
                 try:
-                    await self.sup.start_engine(engine, "daemon started", wanted)
+                    await self.fleet.start_engine(engine, "daemon started", wanted)
                 except Exception as exc:
                     # One engine that cannot start must not keep the ones after it down.
                     log.exception("cannot start engine %s", name)

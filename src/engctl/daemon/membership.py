@@ -17,10 +17,11 @@ from engctl.models import EngineSpec, instance_id
 from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState
 
 from .dispatch import Dispatcher
+from .instance import Instance
 from .process import ChildProcess
 from .router import Router
 from .selection import Candidate, CandidateKind, CandidatePool
-from .supervisor import Instance, Supervisor
+from .supervisor import Supervisor
 
 S = InstanceState
 _IN_SERVICE = (Eligibility.ACTIVE, Eligibility.DOWNWEIGHTED)
@@ -31,7 +32,7 @@ class PolicyHooks(Protocol):
 
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None: ...
 
-    def refresh(self, inst: Instance, announce: bool = True) -> None: ...
+    def draining(self, inst: Instance, reason: str) -> None: ...
 
 
 class Membership:
@@ -78,11 +79,11 @@ class Membership:
         if new is not S.READY and self.router.draining(inst.id):
             self.router.drained(inst.id)  # it stopped taking requests another way
 
-    def drain(self, inst: Instance) -> asyncio.Future[None]:
-        """No new request for `inst` (its standing now says draining); the future is done
-        when none it runs is still awaited. Requests waiting in the queue pick again."""
+    def drain(self, inst: Instance, reason: str) -> asyncio.Future[None]:
+        """No new request for `inst` (its standing now says draining, with `reason`); the
+        future is done when none it runs is still awaited. Waiting requests pick again."""
         if self.policies is not None:
-            self.policies.refresh(inst, announce=False)
+            self.policies.draining(inst, reason)
         elif inst.id in self.pool:
             self.pool.get(inst.id).eligible = False
         return self.router.drain(inst)

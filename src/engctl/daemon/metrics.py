@@ -22,26 +22,15 @@ from engctl.models import instance_id
 from engctl.states import EngineMode, RequestOutcome
 
 from .history import COARSE_SECONDS, FINE_SECONDS, HistoryWriter
+from .instance import Engine, Instance
+from .monitor import HostSample
 from .stats import RequestStats
-from .supervisor import Engine, Instance, Supervisor
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:
     from .router import Router
 
 log = logging.getLogger("engctl.metrics")
-
-
-@dataclass
-class HostSample:
-    """One reading of the machine: CPU, memory, and disk and network byte counters."""
-
-    cpu_percent: float = 0.0
-    mem_used: int = 0
-    mem_total: int = 0
-    disk_read: int = 0
-    disk_write: int = 0
-    net_sent: int = 0
-    net_recv: int = 0
 
 
 @dataclass

@@ -471,3 +471,27 @@ class Standing:
         if ramp < 1.0:
             reasons.append(f"slow start after isolation ({ramp:.0%})")
         return Eligibility.DOWNWEIGHTED, ", ".join(reasons), weight * factor, None
+
+
+# -- the policies' state of one instance ------------------------------------------------------
+@dataclass(eq=False)
+class PolicyState:
+    """Everything the failure policies keep about one instance: its standing and one tracker
+    per fault. The enforcer owns one per instance and starts it afresh for each new process."""
+
+    standing: Standing = field(default_factory=Standing)
+    health: HealthTracker = field(default_factory=HealthTracker)
+    memory: MemoryWatch = field(default_factory=MemoryWatch)
+    cpu: CpuWatch = field(default_factory=CpuWatch)
+    slow: SlowTracker = field(default_factory=SlowTracker)
+    failures: FailureTracker = field(default_factory=FailureTracker)
+
+    def new_process(self, now: float) -> None:
+        """A new process (`starting`): what was measured of the old one says nothing about
+        it; isolations, manual overrides and the error-rate window carry over."""
+        self.health.reset(now)
+        self.memory.reset()
+        self.cpu = CpuWatch()
+        self.slow.reset()
+        self.standing.slow_multiplier = 1.0
+        self.standing.draining_reason = ""

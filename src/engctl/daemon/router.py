@@ -33,12 +33,13 @@ from engctl.states import DesiredState, EngineMode, InstanceState
 
 from .deadlines import Deadlines
 from .dispatch import Dispatcher
+from .instance import Engine, Instance
 from .request import Request
 from .selection import Candidate, CandidateKind, CandidatePool, Outcome, Selector
 from .server import RawJSON, Reply
 from .standby import InstanceView, Standby, spec_matches, standby
 from .stats import RequestStats
-from .supervisor import Engine, Instance, Supervisor
+from .supervisor import Supervisor
 
 S = InstanceState
 # On each completion, this many waiting requests are tried against the freed capacity.
