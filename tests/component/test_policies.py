@@ -339,12 +339,14 @@ def test_memory_over_max_rss_or_leaking_is_drained_and_restarted(fast: Home) -> 
 
     [over] = events(fast, "instance.draining", "big#0")[:1]
     assert over["data"]["max_rss"] == 40 * MiB
+    assert over["data"]["cause"] == "memory"  # what `report` reads (issue 11), not the reason
     assert 40 * MiB < over["data"]["rss_bytes"] < 2 * 40 * MiB
     assert "above max_rss 40.0 MiB: draining, then a graceful restart" in over["reason"]
     [leak] = events(fast, "instance.draining", "leak#0")[:1]
     assert leak["reason"].startswith("memory leak: RSS grew ")
     assert "leak_rate 4.0 MiB/s" in leak["reason"]
     assert leak["data"]["rate_bytes_s"] >= 4 * MiB
+    assert leak["data"]["cause"] == "memory_leak"
     assert leak["data"]["rss_bytes"] < 80 * MiB
 
     wait_until(lambda: all(fast.instance(f"{n}#0")["restarts"] >= 1 for n in pids), timeout=10)

@@ -12,7 +12,7 @@ import importlib
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -36,7 +36,7 @@ from engctl.models import (
 )
 from engctl.paths import Paths
 from engctl.policy_config import effective_policy
-from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState
+from engctl.states import DesiredState, Eligibility, EngineMode, EventKind, InstanceState
 
 from . import allow_ssl
 from .enforcer import Enforcer
@@ -51,6 +51,9 @@ from .router import Router
 from .selection import parse_label
 from .server import Connection, Handler, Reply
 from .supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from engctl.documents import EventsDoc, LiveDoc, StatusDoc
 
 
 def _get(
@@ -297,7 +300,7 @@ class Api:
                 engine = self.sup.engines.get(name)
                 if engine is None:
                     engine = self.fleet.add_engine(spec, desired, set())
-                    self.events.emit("engine.registered", "registered", engine=name)
+                    self.events.emit(EventKind.ENGINE_REGISTERED, "registered", engine=name)
                     results.append({"name": name, "action": "created", "detail": "registered"})
                     if start:
                         to_start.append(engine)
@@ -308,7 +311,7 @@ class Api:
                     async with engine.lock:
                         detail = await self.fleet.update_engine(engine, spec)
                     self.events.emit(
-                        "engine.updated",
+                        EventKind.ENGINE_UPDATED,
                         f"changed {', '.join(changed)}: {detail}",
                         engine=name,
                     )
@@ -349,7 +352,7 @@ class Api:
         engine = self._engine(name)
         async with engine.lock:
             await self.fleet.remove_engine(engine)
-        self.events.emit("engine.unregistered", "unregistered", engine=name)
+        self.events.emit(EventKind.ENGINE_UNREGISTERED, "unregistered", engine=name)
 
     async def unregister(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         names = _str_list(params, "names")
@@ -490,7 +493,7 @@ class Api:
             if mine:
                 verb = "it depends" if len(mine) == 1 else "they depend"
                 self.events.emit(
-                    "engine.stopping_dependents",
+                    EventKind.ENGINE_STOPPING_DEPENDENTS,
                     f"stopping {', '.join(mine)} first: {verb} on {engine.spec.name}",
                     engine=engine.spec.name,
                     data={"dependents": mine},
@@ -649,7 +652,7 @@ class Api:
         await self.events.flush()
         return {"rows": rows}
 
-    def metrics_live(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+    def metrics_live(self, params: dict[str, Any], conn: Connection) -> LiveDoc:
         host = self.rollups.host if self.rollups is not None else None
         return {
             "instances": self.rollups.recent() if self.rollups is not None else {},
@@ -664,10 +667,10 @@ class Api:
         }
 
     # -- reading ---------------------------------------------------------------------------
-    def status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+    def status(self, params: dict[str, Any], conn: Connection) -> StatusDoc:
         return {"engines": [e.to_json() for e in self._chosen(params)]}
 
-    async def events_list(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+    async def events_list(self, params: dict[str, Any], conn: Connection) -> EventsDoc:
         engine = _get(params, "engine", str, None)
         if engine is not None:
             self._engine(engine)

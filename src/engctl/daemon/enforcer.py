@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from engctl.config import DaemonConfig
 from engctl.models import DEFAULT_TYPE, expand_index
 from engctl.policy_config import PolicySpec
-from engctl.states import Eligibility, EngineMode, Health, InstanceState, OnUnhealthy
+from engctl.states import (
+    DrainCause,
+    Eligibility,
+    EngineMode,
+    EventKind,
+    Health,
+    InstanceState,
+    OnUnhealthy,
+)
 
 from .events import EventLog
 from .health import ping_probe, probe_env, run_probe
@@ -133,7 +141,7 @@ class Enforcer:
         if not task.cancelled() and task.exception() is not None:
             log.error("policy task failed", exc_info=task.exception())
 
-    def _emit(self, inst: Instance, kind: str, reason: str, **data: Any) -> None:
+    def _emit(self, inst: Instance, kind: EventKind, reason: str, **data: Any) -> None:
         self.events.emit(kind, reason, engine=inst.spec.name, instance=inst.id, data=data or None)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -185,7 +193,7 @@ class Enforcer:
         if announce and elig is not old and Eligibility.UNAVAILABLE not in (elig, old):
             self._emit(
                 inst,
-                "instance.eligibility",
+                EventKind.INSTANCE_ELIGIBILITY,
                 f"{old.value} -> {elig.value}: {reason or 'full weight'}",
                 from_eligibility=old.value,
                 to_eligibility=elig.value,
@@ -230,7 +238,9 @@ class Enforcer:
                 f" instances of {group} are already out"
                 f" (max_isolated_percent {pct:g}% allows {cap})"
             )
-            self._emit(inst, "policy.guard_rail", note, isolated=isolated, serving=len(serving))
+            self._emit(
+                inst, EventKind.POLICY_GUARD_RAIL, note, isolated=isolated, serving=len(serving)
+            )
         return False
 
     def _isolate(self, inst: Instance, decision: Decision, now: float) -> None:
@@ -260,7 +270,7 @@ class Enforcer:
         standing.slow_start_since = None
         self._emit(
             inst,
-            "instance.isolated",
+            EventKind.INSTANCE_ISOLATED,
             f"isolated for {length:g}s: {reason}",
             seconds=length,
             isolations=st.failures.isolations,
@@ -311,7 +321,7 @@ class Enforcer:
             if decision is None:
                 return
             if decision.action is Action.KILL:
-                self._emit(inst, "instance.hung", decision.reason, **decision.data)
+                self._emit(inst, EventKind.INSTANCE_HUNG, decision.reason, **decision.data)
                 self.sup.kill_hung(inst, decision.reason)
             elif not inst.restarting:
                 # Nothing to drain for those requests: their callers gave up already.
@@ -340,7 +350,7 @@ class Enforcer:
             if decision is None:
                 continue
             if decision.action is Action.WARN:
-                self._emit(inst, "instance.cpu", decision.reason, **decision.data)
+                self._emit(inst, EventKind.INSTANCE_CPU, decision.reason, **decision.data)
             else:
                 self._drain_restart(inst, decision, policy.memory.drain_timeout)
 
@@ -350,12 +360,13 @@ class Enforcer:
         if inst.restarting or inst.draining:
             return
         inst.restarting = True  # at once: the next sample must not ask a second time
+        data = (
+            decision.data if decision.cause is None else {**decision.data, "cause": decision.cause}
+        )
 
         async def restart() -> None:
             try:
-                await self.sup.restart_instance(
-                    inst, decision.reason, timeout=timeout, data=decision.data
-                )
+                await self.sup.restart_instance(inst, decision.reason, timeout=timeout, data=data)
             finally:
                 inst.restarting = False
 
@@ -421,7 +432,7 @@ class Enforcer:
         inst.health_reason = change.reason
         self._emit(
             inst,
-            "instance.health",
+            EventKind.INSTANCE_HEALTH,
             f"{change.old.value} -> {change.new.value}: {change.reason}",
             from_health=change.old.value,
             to_health=change.new.value,
@@ -430,7 +441,13 @@ class Enforcer:
         if change.new is Health.UNHEALTHY and inst.spec.health.on_unhealthy is OnUnhealthy.RESTART:
             # Kubernetes' liveness probe: a graceful restart (drained first), not isolation.
             self._drain_restart(
-                inst, Decision(Action.DRAIN_RESTART, f"unhealthy: {change.reason}"), None
+                inst,
+                Decision(
+                    Action.DRAIN_RESTART,
+                    f"unhealthy: {change.reason}",
+                    cause=DrainCause.UNHEALTHY,
+                ),
+                None,
             )
         elif change.new is Health.UNHEALTHY:
             self._take_out_unhealthy(inst)
@@ -438,7 +455,7 @@ class Enforcer:
             standing.unhealthy_isolated = False
             self._guard_notes.discard(inst)
             self._start_slow(inst, now)
-            self._emit(inst, "instance.returned", f"healthy again: {change.reason}")
+            self._emit(inst, EventKind.INSTANCE_RETURNED, f"healthy again: {change.reason}")
         self.refresh(inst, announce=False)
 
     def _take_out_unhealthy(self, inst: Instance) -> None:
@@ -450,7 +467,9 @@ class Enforcer:
             standing.unhealthy_isolated = True
             standing.health_reason = why
             inst.isolations_total += 1
-            self._emit(inst, "instance.isolated", f"isolated until healthy: {inst.health_reason}")
+            self._emit(
+                inst, EventKind.INSTANCE_ISOLATED, f"isolated until healthy: {inst.health_reason}"
+            )
 
     def _start_slow(self, inst: Instance, now: float) -> None:
         if self.policy(inst).failing.slow_start > 0:
@@ -524,9 +543,9 @@ class Enforcer:
             if decision is not None:
                 st.standing.slow_multiplier = st.slow.multiplier
                 kind = (
-                    "instance.downweighted"
+                    EventKind.INSTANCE_DOWNWEIGHTED
                     if decision.action is Action.DOWNWEIGHT
-                    else "instance.weight_restored"
+                    else EventKind.INSTANCE_WEIGHT_RESTORED
                 )
                 self._emit(inst, kind, decision.reason, **decision.data)
             self.refresh(inst)
@@ -545,7 +564,7 @@ class Enforcer:
                 self._start_slow(inst, now)
                 slow = self.policy(inst).failing.slow_start
                 ramp = f"; slow start over {slow:g}s" if slow > 0 else ""
-                self._emit(inst, "instance.returned", f"back in service: {detail}{ramp}")
+                self._emit(inst, EventKind.INSTANCE_RETURNED, f"back in service: {detail}{ramp}")
             else:
                 self._begin_isolation(inst, f"still failing after isolation ({detail})", now, {})
             self.refresh(inst, announce=False)
@@ -574,14 +593,18 @@ class Enforcer:
             st.slow.reset()
             inst.stats.consecutive_errors = 0
             self._guard_notes.discard(inst)
-            self._emit(inst, "instance.restored", _by_hand("restored", reason))
+            self._emit(inst, EventKind.INSTANCE_RESTORED, _by_hand("restored", reason))
         else:
             if eligibility is Eligibility.ISOLATED and standing.manual is not eligibility:
                 inst.isolations_total += 1
             standing.manual = eligibility
             standing.manual_reason = reason
             standing.manual_since = time.time()
-            kind = "instance.isolated" if eligibility is Eligibility.ISOLATED else "instance.drain"
+            kind = (
+                EventKind.INSTANCE_ISOLATED
+                if eligibility is Eligibility.ISOLATED
+                else EventKind.INSTANCE_DRAIN
+            )
             verb = "isolated" if eligibility is Eligibility.ISOLATED else "draining"
             self._emit(inst, kind, _by_hand(verb, reason))
         self.refresh(inst, announce=False)

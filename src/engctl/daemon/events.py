@@ -18,12 +18,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engctl.errors import EngctlError
 from engctl.homefiles import select_events
+from engctl.states import EventKind
 
 from .storage import Database, Notify, WriteHealth, is_corruption
+
+if TYPE_CHECKING:
+    from engctl.documents import EventDoc
 
 log = logging.getLogger("engctl.events")
 
@@ -57,7 +61,7 @@ class Event:
     to_state: str | None = None
     data: dict[str, Any] | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> EventDoc:
         """The documented `events --json` object."""
         return {
             "id": self.id,
@@ -111,7 +115,7 @@ class EventLog:
 
     def emit(
         self,
-        kind: str,
+        kind: EventKind,
         reason: str,
         *,
         engine: str | None = None,

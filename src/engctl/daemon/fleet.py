@@ -12,7 +12,7 @@ import logging
 
 from engctl.errors import RequestTimeoutError
 from engctl.models import EngineSpec, check_dependencies
-from engctl.states import DesiredState, EngineMode, InstanceState
+from engctl.states import DesiredState, EngineMode, EventKind, InstanceState
 
 from .instance import Engine, Instance
 from .logs import InstanceLog
@@ -97,7 +97,7 @@ class Fleet:
                     )
                 except RequestTimeoutError as exc:
                     self.sup.events.emit(
-                        "engine.dependency_timeout",
+                        EventKind.ENGINE_DEPENDENCY_TIMEOUT,
                         f"starting anyway: {exc}",
                         engine=engine.spec.name,
                     )
@@ -193,7 +193,9 @@ class Fleet:
             inst.log.close()
         if engine.desired is DesiredState.RUNNING:
             await self.start_engine(engine, f"scaled to {n}")
-        self.sup.events.emit("engine.scaled", f"{before} -> {n} instances", engine=engine.spec.name)
+        self.sup.events.emit(
+            EventKind.ENGINE_SCALED, f"{before} -> {n} instances", engine=engine.spec.name
+        )
         self.sup.publish_targets()
         return f"scaled {before} -> {n}"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engctl.models import EngineSpec, instance_id
 from engctl.policy_config import PolicySpec, effective_policy
@@ -24,6 +24,9 @@ from .monitor import Sample
 from .process import ChildProcess
 from .registry import Entry
 from .stats import RequestStats
+
+if TYPE_CHECKING:
+    from engctl.documents import EngineStatus, InstanceStatus, LastExit
 
 S = InstanceState
 _K = TypeVar("_K")
@@ -49,7 +52,7 @@ class Instance:
         self.proc: ChildProcess | None = None
         self.restarts = 0
         self.crashes = CrashTracker()  # the restart backoff's count (see `backoff`)
-        self.last_exit: dict[str, Any] | None = None
+        self.last_exit: LastExit | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.removed = False
         self.ready_seen = False  # the worker announced `ready` before start_seconds passed
@@ -114,7 +117,7 @@ class Instance:
             return S.BUSY
         return self.state
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> InstanceStatus:
         """The documented per-instance object of `status --json`."""
         running = self.proc is not None and self.proc.alive
         # Until the monitor's first reading of this process its figures are unknown, not 0.
@@ -179,20 +182,20 @@ class Engine:
         stopped = set(self.stopped_instances)
         return Entry(self.spec, self.desired, stopped, dict(overrides), self.registered_at)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self) -> EngineStatus:
+        """The documented per-engine object of `status --json`."""
+        out: EngineStatus = {
             "name": self.spec.name,
             "type": self.spec.type,
             "mode": self.spec.mode.value,
             "desired": self.desired.value,
             "instances_wanted": self.spec.instances if self.spec.mode.long_running else 0,
             "instances": [i.to_json() for i in self.instances],
-            **(
-                {"requests": self.stats.to_json(), "max_concurrency": self.spec.max_concurrency}
-                if self.spec.mode is EngineMode.ONESHOT
-                else {}
-            ),
         }
+        if self.spec.mode is EngineMode.ONESHOT:
+            out["requests"] = self.stats.to_json()
+            out["max_concurrency"] = self.spec.max_concurrency
+        return out
 
 
 class EngineIndex:

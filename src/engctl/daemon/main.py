@@ -26,7 +26,7 @@ from engctl.errors import DaemonUnreachableError, EngctlError
 from engctl.models import check_dependencies
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 from engctl.protocol import StrategyName
-from engctl.states import DesiredState
+from engctl.states import DesiredState, EventKind
 
 from . import process
 from .api import Api
@@ -205,11 +205,11 @@ class Daemon:
         self.events: EventLog | None = None
         self.writer: HistoryWriter | None = None
 
-    def _notify(self, kind: str, reason: str, data: dict[str, Any]) -> None:
+    def _notify(self, kind: EventKind, reason: str, data: dict[str, Any]) -> None:
         """Emit an event from any thread (the storage layer reports through this)."""
         self.loop.call_soon_threadsafe(self._emit, kind, reason, data)
 
-    def _emit(self, kind: str, reason: str, data: dict[str, Any]) -> None:
+    def _emit(self, kind: EventKind, reason: str, data: dict[str, Any]) -> None:
         if self.events is not None:
             self.events.emit(kind, reason, data=data)
 
@@ -232,7 +232,7 @@ class Daemon:
         if moved is not None:
             log.warning("--reset-registry: %s moved to %s", paths.registry, moved)
             events.emit(
-                "daemon.registry_reset",
+                EventKind.DAEMON_REGISTRY_RESET,
                 f"--reset-registry: {paths.registry.name} moved to {moved.name};"
                 " starting with no engines",
                 data={"path": str(paths.registry), "moved_to": str(moved)},
@@ -240,7 +240,7 @@ class Daemon:
         for bad in registry.skipped_json():
             log.warning("registry entry %r skipped: %s", bad["name"], bad["error"])
             events.emit(
-                "registry.entry_skipped",
+                EventKind.REGISTRY_ENTRY_SKIPPED,
                 f"cannot read its registry entry ({bad['error']}): not started; the entry is"
                 " kept in registry.json",
                 engine=bad["name"],
@@ -286,7 +286,15 @@ class Daemon:
             )
         rollups = self.rollups = Rollups(sup, router, writer)
         api = Api(
-            paths, sup, fleet, registry, events, router, membership, enforcer, self.stopping.set,
+            paths,
+            sup,
+            fleet,
+            registry,
+            events,
+            router,
+            membership,
+            enforcer,
+            self.stopping.set,
             rollups,
         )
         api.control = self
@@ -321,7 +329,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGCHLD, process.reap_children)
         monitor.start()
         log.info("engctl %s daemon pid %d listening on %s", __version__, os.getpid(), paths.socket)
-        events.emit("daemon.started", f"engctl {__version__} pid {os.getpid()}")
+        events.emit(EventKind.DAEMON_STARTED, f"engctl {__version__} pid {os.getpid()}")
         if ready is not None:
             _notify_ready(ready, "ok")
         # Processes a killed daemon left are stopped even if this one is asked to stop at once.
@@ -330,7 +338,7 @@ class Daemon:
         await self.stopping.wait()
 
         log.info("shutting down")
-        events.emit("daemon.stopping", "shutdown requested")
+        events.emit(EventKind.DAEMON_STOPPING, "shutdown requested")
         startup.cancel()
         roll_timer.cancel()
         if self._roll_handle is not None:
@@ -349,7 +357,7 @@ class Daemon:
         if writer is not None:
             writer.write(rollups.close_all())  # the buckets being filled are kept too
             writer.close()
-        events.emit("daemon.stopped", "all engines stopped")
+        events.emit(EventKind.DAEMON_STOPPED, "all engines stopped")
         events.close()
         log.info("stopped")
 
@@ -387,7 +395,9 @@ class Daemon:
         log.info("%s", reason)
         if self.events is not None:
             self.events.emit(
-                "daemon.reloaded", reason, data={"applied": applied, "restart_needed": later}
+                EventKind.DAEMON_RELOADED,
+                reason,
+                data={"applied": applied, "restart_needed": later},
             )
         return {"changed": changed, "applied": applied, "restart_needed": later}
 
@@ -418,7 +428,7 @@ class Daemon:
             self.sup.spawn_allowed.set()
         if found:
             self.sup.events.emit(
-                "daemon.replaced_orphans",
+                EventKind.DAEMON_REPLACED_ORPHANS,
                 f"stopped {found} processes left by a previous daemon; starting fresh instances"
                 " (their stdin/stdout pipes died with it)",
             )
@@ -435,7 +445,7 @@ class Daemon:
                 except Exception as exc:
                     # One engine that cannot start must not keep the ones after it down.
                     log.exception("cannot start engine %s", name)
-                    self.sup.events.emit("engine.start_failed", f"{exc}", engine=name)
+                    self.sup.events.emit(EventKind.ENGINE_START_FAILED, f"{exc}", engine=name)
 
     def _apply_samples(self, samples: dict[str, Sample], host: HostSample | None) -> None:
         for inst in self.sup.all_instances():

@@ -28,6 +28,8 @@ from .stats import RequestStats
 from .supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from engctl.documents import LiveFigures
+
     from .router import Router
 
 log = logging.getLogger("engctl.metrics")
@@ -195,12 +197,12 @@ class Rollups:
         now = self.clock() if now is None else now
         return [row for tier in self.tiers for row in self.close(tier, now)]
 
-    def recent(self) -> dict[str, dict[str, Any]]:
+    def recent(self) -> dict[str, LiveFigures]:
         """Per instance, figures since the last 10 s bucket closed (at least 5 s of them):
         throughput, success rate and latency percentiles (`engctl top`)."""
         tier = self.tiers[0]
         now = self.clock()
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, LiveFigures] = {}
         for inst in self._members():
             base = tier.bases.get(inst) or _ZERO
             prev = self.previous.get(inst)

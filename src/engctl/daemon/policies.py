@@ -21,7 +21,7 @@ from engctl.policy_config import (
     MemoryPolicy,
     SlowPolicy,
 )
-from engctl.states import Eligibility, Health
+from engctl.states import DrainCause, Eligibility, Health
 
 MIB = 1024 * 1024
 # A returning instance starts at this share of its weight and ramps up over `slow_start`.
@@ -43,12 +43,14 @@ class Action(StrEnum):
 
 @dataclass(frozen=True)
 class Decision:
-    """One action with its reason and the figures behind it."""
+    """One action with its reason and the figures behind it; a drain and restart names its
+    `cause` (recorded in the `instance.draining` event, which `report` reads)."""
 
     action: Action
     reason: str
     delay: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
+    cause: DrainCause | None = None
 
 
 def fmt_bytes(n: float) -> str:
@@ -161,6 +163,7 @@ def hang_verdict(
             f"hang: all {len(overdue)} of its slots are held by requests unanswered for over"
             f" {hang_timeout:g}s (hang_timeout; it answers ping, but not them)",
             data={"stuck_requests": len(overdue)},
+            cause=DrainCause.HANG,
         )
     return None
 
@@ -187,6 +190,7 @@ class MemoryWatch:
                 Action.DRAIN_RESTART,
                 f"memory: RSS {fmt_bytes(rss)} is above max_rss {fmt_bytes(max_rss)}",
                 data={"rss_bytes": rss, "max_rss": max_rss},
+                cause=DrainCause.MEMORY,
             )
         if policy.leak_rate <= 0 or len(samples) < 5:
             return None
@@ -210,6 +214,7 @@ class MemoryWatch:
                     "rate_bytes_s": round(rate),
                     "max_rss": max_rss,
                 },
+                cause=DrainCause.MEMORY_LEAK,
             )
         return None
 
@@ -257,6 +262,7 @@ class CpuWatch:
             action,
             f"cpu: above max_cpu_percent {max_cpu:g}% for {now - since:.0f}s (peak {peak:.0f}%)",
             data={"cpu_percent": cpu_percent, "max_cpu_percent": max_cpu},
+            cause=DrainCause.CPU,
         )
 
 

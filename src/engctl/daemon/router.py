@@ -427,50 +427,39 @@ class Router:
     def _succeed(self, req: Request, result: Any) -> None:
         self.deadlines.discard(req)
         if isinstance(result, RawJSON):
-            if not req.explain:
-                req.future.set_raw_result(self._raw_result(req, result.raw))
+            raw = result.raw  # as the worker wrote it: spliced in, never decoded
+        else:
+            try:
+                raw = protocol.encode_value(result)  # a oneshot's output, decoded
+            except EngctlError as exc:  # not encodable (a lone surrogate): say so
+                req.future.set_exception(exc)
                 return
-            result = json.loads(result.raw)
-        out = self._result(req, True)
-        out["result"] = result
-        req.future.set_result(out)
+        explained = self._explained.pop(req.id, None) if req.explain else None
+        req.future.set_raw_result(self._result(req, True, raw, explained))
 
-    def _raw_result(self, req: Request, raw: bytes) -> bytes:
-        """The success object of `_result`, built as bytes around the worker's raw result."""
+    def _result(
+        self, req: Request, ok: bool, result: bytes | None = None, explain: Any = None
+    ) -> bytes:
+        """The result object of `req` (`protocol.exec_result`), latency up to now."""
         target = req.target
-        return (
-            b'{"request_id":%s,"engine":%s,"instance":%s,"ok":true,"latency_ms":%.3f,'
-            b'"attempts":%d,"result":%s}'
-            % (
-                protocol.encode_value(req.id),
-                protocol.encode_value(target.engine if target is not None else ""),
-                protocol.encode_value(target.id if target is not None else ""),
-                (time.perf_counter() - req.started) * 1000,
-                req.attempts,
-                raw,
-            )
+        return protocol.exec_result(
+            req.id,
+            target.engine if target is not None else None,
+            target.id if target is not None else None,
+            ok,
+            (time.perf_counter() - req.started) * 1000,
+            req.attempts,
+            explain=explain,
+            result=result,
         )
-
-    def _result(self, req: Request, ok: bool) -> dict[str, Any]:
-        target = req.target
-        out: dict[str, Any] = {
-            "request_id": req.id,
-            "engine": target.engine if target is not None else None,
-            "instance": target.id if target is not None else None,
-            "ok": ok,
-            "latency_ms": round((time.perf_counter() - req.started) * 1000, 3),
-            "attempts": req.attempts,
-        }
-        explained = self._explained.pop(req.id, None)
-        if explained is not None:
-            out["explain"] = explained
-        return out
 
     def _fail(self, req: Request, error: EngctlError) -> None:
         self.deadlines.discard(req)
         if req.future.done:
             return
-        error.data = {**error.data, **self._result(req, False)}
+        explained = self._explained.pop(req.id, None)
+        # A failure carries the result object (ok false) in its error's data.
+        error.data = {**error.data, **json.loads(self._result(req, False, explain=explained))}
         req.future.set_exception(error)
 
     # -- draining ----------------------------------------------------------------------------

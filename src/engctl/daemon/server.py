@@ -412,9 +412,7 @@ class Reply:
         self.done = True
         conn.pending -= 1
         if self._id is not None:
-            conn.write(
-                b'{"jsonrpc":"2.0","id":%s,"result":%s}\n' % (protocol.encode_value(self._id), raw)
-            )
+            conn.write(protocol.raw_result(self._id, raw))
 
     def _complete(self, ok: bool, value: Any) -> None:
         if self.done:
@@ -433,10 +431,7 @@ class Reply:
         if self._id is None:
             return  # a notification: nobody waits
         if ok and isinstance(value, RawJSON):
-            conn.write(
-                b'{"jsonrpc":"2.0","id":%s,"result":%s}\n'
-                % (protocol.encode_value(self._id), value.raw)
-            )
+            conn.write(protocol.raw_result(self._id, value.raw))
         elif ok:
             conn._answer(self._id, value)
         else:

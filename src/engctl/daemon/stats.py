@@ -8,10 +8,13 @@ history read. Imports the shared contract only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engctl.histogram import Histogram
 from engctl.states import RequestOutcome
+
+if TYPE_CHECKING:
+    from engctl.documents import RequestCounts
 
 # Weight of the newest latency in the EWMA.
 EWMA_ALPHA = 0.2
@@ -91,7 +94,7 @@ class RequestStats:
         """Attempts that ended with `outcome`."""
         return int(getattr(self, OUTCOME_FIELDS[outcome]))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> RequestCounts:
         return {
             "in_flight": self.in_flight,
             "requests": self.requests,

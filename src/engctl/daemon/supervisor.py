@@ -23,7 +23,7 @@ from engctl.config import DaemonConfig
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
 from engctl.models import split_instance_id
 from engctl.paths import Paths
-from engctl.states import DesiredState, EngineMode, InstanceState, can_transition
+from engctl.states import DesiredState, EngineMode, EventKind, InstanceState, can_transition
 
 from . import process
 from .backoff import spawn_retry_delay
@@ -100,7 +100,7 @@ class Supervisor:
         inst.state_reason = reason
         inst.state_since = time.time()
         self.events.emit(
-            "instance.state",
+            EventKind.INSTANCE_STATE,
             reason,
             engine=inst.spec.name,
             instance=inst.id,
@@ -216,7 +216,7 @@ class Supervisor:
         self._attach_output(inst, proc)
         self.publish_targets()
         self.events.emit(
-            "instance.spawned",
+            EventKind.INSTANCE_SPAWNED,
             f"pid {proc.pid}",
             engine=spec.name,
             instance=inst.id,
@@ -271,7 +271,7 @@ class Supervisor:
             inst.state_reason = f"{base} (last: {text})"
         if first:
             self.events.emit(
-                "instance.warmup_problem", text, engine=inst.spec.name, instance=inst.id
+                EventKind.INSTANCE_WARMUP_PROBLEM, text, engine=inst.spec.name, instance=inst.id
             )
 
     def _start_timed_out(self, inst: Instance, proc: ChildProcess) -> None:
@@ -298,7 +298,7 @@ class Supervisor:
         sig = signal.Signals[inst.spec.stop.signal]
         inst.log.note(f"{reason}: sending {sig.name} to process group {proc.pgid}")
         self.events.emit(
-            "instance.failed",
+            EventKind.INSTANCE_FAILED,
             reason,
             engine=inst.spec.name,
             instance=inst.id,
@@ -504,7 +504,9 @@ class Supervisor:
         inst.draining = True
         try:
             if inst.state is S.READY and self.observer is not None:
-                self._emit(inst, "instance.draining", f"{reason}: draining, then {then}", data)
+                self._emit(
+                    inst, EventKind.INSTANCE_DRAINING, f"{reason}: draining, then {then}", data
+                )
                 why = f"draining to {'restart' if restart else 'stop'}: {reason}"
                 drained = self.observer.drain(inst, why)
                 limit = inst.spec.stop.timeout if timeout is None else timeout
@@ -514,7 +516,7 @@ class Supervisor:
                     left = inst.stats.in_flight
                     self._emit(
                         inst,
-                        "instance.drain_timeout",
+                        EventKind.INSTANCE_DRAIN_TIMEOUT,
                         f"{then} with {left} request(s) still in flight after {limit:g}s",
                         {"in_flight": left},
                     )
@@ -549,7 +551,9 @@ class Supervisor:
             finally:
                 inst.restarting = False
 
-    def _emit(self, inst: Instance, kind: str, reason: str, data: dict[str, Any] | None) -> None:
+    def _emit(
+        self, inst: Instance, kind: EventKind, reason: str, data: dict[str, Any] | None
+    ) -> None:
         self.events.emit(kind, reason, engine=inst.spec.name, instance=inst.id, data=data or None)
 
     def _kill_after_timeout(self, inst: Instance, proc: ChildProcess) -> None:
@@ -559,7 +563,7 @@ class Supervisor:
         timeout = inst.spec.stop.timeout
         inst.log.note(f"still alive {timeout:g}s after the stop signal: SIGKILL to the group")
         self.events.emit(
-            "instance.killed",
+            EventKind.INSTANCE_KILLED,
             f"did not stop within {timeout:g}s; killed the process group",
             engine=inst.spec.name,
             instance=inst.id,

@@ -4,7 +4,8 @@ them."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group, RenderableType
 from rich.measure import Measurement
@@ -12,6 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from engctl.render.format import duration, eligibility, last_exit, size, standing_reason
+
+if TYPE_CHECKING:
+    from engctl.documents import StatusDoc
 
 STATE_STYLE = {
     "ready": "green",
@@ -48,7 +52,7 @@ _DROPPABLE = ("LAST EXIT", "PID", "RESTARTS", "UPTIME", "CPU%")
 
 
 def status_table(
-    status: dict[str, Any],
+    status: StatusDoc,
     now: float | None = None,
     reason_column: bool = True,
     hidden: frozenset[str] = frozenset(),
@@ -56,9 +60,9 @@ def status_table(
     """One row per instance (or per engine without instances), every cell on one line; with
     `reason_column`, a REASON column when an instance is not simply active and healthy;
     `hidden` columns are left out (narrow terminals)."""
-    rows: list[tuple[dict[str, Any], dict[str, Any] | None]] = [
-        (eng, inst) for eng in status["engines"] for inst in (eng["instances"] or [None])
-    ]
+    rows: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = []
+    for e in status["engines"]:
+        rows += [(e, inst) for inst in e["instances"]] if e["instances"] else [(e, None)]
     reasons = {id(inst): standing_reason(inst) for _, inst in rows if inst is not None}
     with_reason = reason_column and any(reasons.values())
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -109,7 +113,7 @@ def status_table(
     return table
 
 
-def status_view(status: dict[str, Any], width: int, now: float | None = None) -> RenderableType:
+def status_view(status: StatusDoc, width: int, now: float | None = None) -> RenderableType:
     """The status table for a console `width` columns wide, every row on one line: reasons
     in a REASON column when it fits, else as lines under the table
     (`echo#1  isolated: 5 consecutive errors …`); then the least needed columns go."""
