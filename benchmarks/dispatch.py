@@ -3,7 +3,7 @@
 Run: `python benchmarks/dispatch.py [--quick]`. Everything is measured in the same run against
 the same echo worker (`python -m engctl.examples.echo_worker`):
 
-1. direct: this process speaks the worker protocol (SPEC §3) over one echo worker's pipes —
+1. direct: this process speaks the worker protocol (docs/protocol.md) over one echo worker's pipes —
    latency at concurrency 1 and throughput with 64 requests in flight;
 2. engctl: a fresh daemon in a temporary ENGCTL_HOME with 2 echo instances (32 slots each),
    the same two figures through `Client.exec` and `Client.exec_many(window=64)`. Direct and

@@ -1,6 +1,8 @@
 """Engine specs: validation from TOML/JSON dicts, defaults, and the dict form for export.
 
 Shared contract between CLI and daemon: stdlib only. Every message names the field it rejects.
+One piece past 600 lines: the engine file's schema, its defaults and the reader that checks
+each key are read together (docs/configuration.md).
 """
 
 from __future__ import annotations

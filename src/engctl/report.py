@@ -3,7 +3,8 @@ event log, and suggestions that each name the numbers behind them.
 
 Reads SQLite files directly and read-only (WAL readers never block the daemon's writer), so a
 report works while the daemon is busy, stopped or gone. The analysis is plain functions over
-rows, so tests feed it rows with any timestamps they like.
+rows, so tests feed it rows with any timestamps they like. CLI side: imports the shared
+contract only, never `engctl.daemon` (event kinds and drain causes come from `states`).
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class OnUnhealthy(StrEnum):
 
 
 class EngineMode(StrEnum):
-    """How requests reach an engine (SPEC §3)."""
+    """How requests reach an engine (docs/protocol.md)."""
 
     WORKER = "worker"
     ONESHOT = "oneshot"

@@ -1,6 +1,6 @@
 """The wasm and onnx example engines: each started as a real worker process and spoken to over
-its pipes with the worker protocol (SPEC §3), then run under a daemon as `engctl demo` does.
-Skipped where the `examples` extra (wasmtime, onnxruntime) is not installed."""
+its pipes with the worker protocol (docs/protocol.md), then run under a daemon as `engctl demo`
+does. Skipped where the `examples` extra (wasmtime, onnxruntime) is not installed."""
 
 from __future__ import annotations
 

@@ -349,7 +349,7 @@ def test_request_never_answered_times_out_and_nothing_hangs(daemon: Home) -> Non
     """A request the worker never answers exits 5 at its timeout; the worker and the daemon
     go on serving other requests."""
     # max_concurrency 2: the unanswered request keeps its slot (the worker may still be
-    # working on it) until the hang policy of SPEC §6 kills and restarts the instance.
+    # working on it) until the hang policy (docs/policies.md) kills and restarts the instance.
     workers(daemon, h={"command": engine_cmd("hanging.py"), "type": "H", "max_concurrency": 2})
     t0 = time.monotonic()
     r = exec_cli(daemon, "--type", "H", "--timeout", "0.5", "--", "hang")

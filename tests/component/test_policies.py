@@ -1,5 +1,5 @@
-"""Health checks and failure policies with real misbehaving engines (SPEC §4, §6): crash loops,
-unresponsive, hung, leaking, slow and failing workers, the guard rail, manual overrides, and
+"""Health checks and failure policies with real misbehaving engines (docs/policies.md): crash
+loops, unresponsive, hung, leaking, slow and failing workers, the guard rail, manual overrides, and
 command/tcp/http checks; observed through `status`, the event log and dispatch itself."""
 
 from __future__ import annotations

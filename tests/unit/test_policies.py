@@ -1,5 +1,5 @@
-"""Unit tests of the failure policies (SPEC §6) as pure decisions: every method takes `now`,
-so each test drives a policy with plain numbers. No process, no event loop, no sleep."""
+"""Unit tests of the failure policies (docs/policies.md) as pure decisions: every method takes
+`now`, so each test drives a policy with plain numbers. No process, no event loop, no sleep."""
 
 from __future__ import annotations
 
@@ -883,7 +883,7 @@ def test_standing_slow_start_alone_ramps_the_weight_and_ends_itself() -> None:
 
 
 def test_standing_timed_isolation_is_not_lifted_by_resolve() -> None:
-    """resolve reports the isolation even past its end: lifting it (after a probe, SPEC §6)
+    """resolve reports the isolation even past its end: lifting it (after a probe, docs/policies.md)
     is the enforcer's move, which clears isolated_until."""
     s = Standing(isolated_until=50.0, isolation_reason="error rate")
     assert s.resolve(60.0, 1.0, 30.0)[0] is Eligibility.ISOLATED

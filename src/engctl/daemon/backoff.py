@@ -2,6 +2,8 @@
 (fatal after too many failed starts, or when flapping). Docs: docs/policies.md.
 
 Pure decisions over plain values (the caller passes `now`); the supervisor carries them out.
+
+Imports the shared contract and `policies`' decision vocabulary only.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ dispatch.
 Observations arrive from the router (request errors, overdue requests), the monitor (RSS and
 CPU samples), health probes (one timer per instance) and a periodic tick (error rates,
 latency against peers, isolation ends, slow start). Every action is an event with its reason.
+
+Must not import the router or the membership: it hears of them through the hooks wired in
+`main`, and acts through the supervisor and the dispatcher's channels (pings). One piece
+past 600 lines: every policy's action changes the same standing under the same guard rail.
 """
 
 from __future__ import annotations

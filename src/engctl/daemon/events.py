@@ -3,6 +3,8 @@
 Inserts go through one writer thread, so the event loop never waits on the disk; queries
 run in a worker thread on their own connection (WAL readers never block the writer). The file
 is best-effort (`storage`): a failed write is counted, a corrupt file moved aside.
+
+Must not import supervision, request or policy modules: everything else emits into it.
 """
 
 from __future__ import annotations

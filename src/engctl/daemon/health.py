@@ -2,6 +2,8 @@
 
 One probe is one coroutine that returns (passed, detail) within its timeout; it never raises.
 Scheduling, thresholds and what follows from them belong to `enforcer` and `policies`.
+
+Mechanism: imports `process` and `oneshot` only, never a policy module.
 """
 
 from __future__ import annotations

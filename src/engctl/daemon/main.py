@@ -1,6 +1,8 @@
 """Daemon start-up and shutdown: folders, the single-daemon lock, wiring, signals.
 
 Run as `python -m engctl.daemon` (what the CLI spawns) or `engctl daemon run` (foreground).
+
+The one module that imports every part, and the only place where they are wired together.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from . import process
 from .api import Api
 from .dispatch import Dispatcher
 from .enforcer import Enforcer
+from .engine_calls import EngineCalls
 from .events import EventLog
 from .fleet import Fleet
 from .history import HistoryWriter, Retention
 from .membership import Membership
-from .metrics import MetricsServer, Rollups
+from .metrics import Rollups
 from .monitor import HostSample, Monitor, Sample
+from .prometheus import MetricsServer
 from .registry import Entry, Registry
 from .router import Router
 from .selection import CandidatePool, Capability, default_strategies
@@ -285,18 +289,8 @@ class Daemon:
                 paths.history_db, _retention(config), health=health, on_reset=self._notify
             )
         rollups = self.rollups = Rollups(sup, router, writer)
-        api = Api(
-            paths,
-            sup,
-            fleet,
-            registry,
-            events,
-            router,
-            membership,
-            enforcer,
-            self.stopping.set,
-            rollups,
-        )
+        engine_calls = EngineCalls(sup, fleet, registry, events, membership, enforcer)
+        api = Api(paths, sup, engine_calls, registry, events, router, self.stopping.set, rollups)
         api.control = self
         server = Server(
             paths.socket,

@@ -5,6 +5,8 @@ oneshot engine is a candidate of its own; eligibility and weight follow the fail
 It hands a spawned worker's stdout to the dispatcher (its channel), fails what a dead process
 had in flight, and lets waiting requests try again when what they wait for changes. Decides
 nothing about requests itself.
+
+Must not import the enforcer (it is wired in as `PolicyHooks`).
 """
 
 from __future__ import annotations

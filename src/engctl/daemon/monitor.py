@@ -3,6 +3,8 @@
 Each tick reads CPU %, RSS, threads and fds of each instance's process and its descendants; the
 descendant tree is rediscovered every few ticks from one pass over /proc rather than one per
 instance. Results are handed to the loop with `call_soon_threadsafe`.
+
+Mechanism: imports no other daemon module (the daemon applies what it reports).
 """
 
 from __future__ import annotations

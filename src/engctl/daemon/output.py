@@ -4,6 +4,8 @@ that instance, never an exception that escapes into the event loop).
 
 Pure functions over bytes: no process, no loop. `reply` also finds the raw bytes of a
 reply's `result`, so the router can splice them into the client's frame unchanged.
+
+Imports the shared contract only.
 """
 
 from __future__ import annotations

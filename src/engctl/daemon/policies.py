@@ -1,8 +1,10 @@
-"""Failure policies as pure decisions over observations (SPEC §6).
+"""Failure policies as pure decisions over observations (docs/policies.md).
 
 Nothing here touches a process, the event loop or the clock: every method takes `now`, so a
 test drives a policy with plain numbers. `daemon.enforcer` feeds the observations in and
 carries out what comes back; each decision carries the reason a person reads in `events`.
+
+Imports the shared contract only: no daemon module, no process, no loop.
 """
 
 from __future__ import annotations

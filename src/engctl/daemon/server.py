@@ -3,6 +3,8 @@
 Every exception a handler raises becomes a JSON-RPC error here and nowhere else; nothing a
 client sends (garbage, a 10 MiB line, half a frame, 20,000 connections, a pipelined flood)
 can stop the daemon or starve its other clients.
+
+Imports the shared contract only: it knows handlers, not what they do.
 """
 
 from __future__ import annotations

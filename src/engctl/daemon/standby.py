@@ -3,6 +3,8 @@ way (starting, restarting), fail at once saying why the matching engines are dow
 the filters' own diagnosis to stand.
 
 Pure: plain values in, a decision out (the router gathers the values).
+
+Imports the shared contract and the selection package only.
 """
 
 from __future__ import annotations

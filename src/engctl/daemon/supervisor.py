@@ -374,7 +374,7 @@ class Supervisor:
             self.transition(inst, S.FATAL, decision.reason, **decision.data)
             cooldown = policy.crash.cooldown
             if cooldown > 0:
-                # SPEC §6: a fatal instance comes back after a cool-down, if one is set.
+                # A fatal instance comes back after a cool-down, if one is set.
                 inst.timer = self.loop.call_later(cooldown, self._retry_after_cooldown, inst)
             return
         self.transition(inst, S.BACKOFF, decision.reason, delay=decision.delay, **decision.data)

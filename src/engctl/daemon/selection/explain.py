@@ -3,6 +3,8 @@ line for `--explain`, and the messages, with lists kept short on a large fleet.
 
 Part of `engctl.daemon.selection` (see its privacy rule). Runs on the error and `--explain`
 paths only: it may scan the whole pool.
+
+Imports nothing of the daemon outside `selection`.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 decision (a pick, a wait, or no match with the reason).
 
 Part of `engctl.daemon.selection` (see its privacy rule).
+
+Imports nothing of the daemon outside `selection`.
 """
 
 from __future__ import annotations

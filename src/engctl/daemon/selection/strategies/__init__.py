@@ -1,6 +1,8 @@
 """The seven dispatch strategies, one module per family, and `default_strategies`.
 
 Part of `engctl.daemon.selection` (see its privacy rule).
+
+Imports nothing of the daemon outside `selection`.
 """
 
 from __future__ import annotations

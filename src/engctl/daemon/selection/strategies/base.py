@@ -3,6 +3,8 @@ state shared by the weighted strategies.
 
 Part of `engctl.daemon.selection` (see its privacy rule): strategies read the candidates'
 package-private slots directly, the hot path's one allowance.
+
+Imports nothing of the daemon outside `selection`.
 """
 
 from __future__ import annotations

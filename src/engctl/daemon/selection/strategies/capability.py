@@ -3,6 +3,8 @@ weighted (`CapabilityWeights`), times the effective weight; an index keeps a pic
 per group of alike members.
 
 Part of `engctl.daemon.selection` (see its privacy rule).
+
+Imports nothing of the daemon outside `selection`.
 """
 
 from __future__ import annotations

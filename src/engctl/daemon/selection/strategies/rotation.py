@@ -1,6 +1,8 @@
 """Strategies that take turns: round robin and nginx's smooth weighted round robin.
 
 Part of `engctl.daemon.selection` (see its privacy rule).
+
+Imports nothing of the daemon outside `selection`.
 """
 
 from __future__ import annotations
