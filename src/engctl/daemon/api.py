@@ -13,6 +13,7 @@ import importlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
@@ -57,34 +58,23 @@ class DaemonControl(Protocol):
     async def reload(self) -> dict[str, Any]: ...
 
 
+@dataclass(eq=False)
 class Api:
     """Binds RPC method names to the daemon's parts."""
 
+    paths: Paths
+    sup: Supervisor
+    engines: EngineCalls  # the `engine.*` and `instance.*` calls
+    registry: Registry
+    events: EventLog
+    router: Router
+    request_shutdown: Callable[[], None]
+    rollups: Rollups | None = None
     # Set by the daemon: `daemon.config` and `daemon.reload` go to it.
-    control: DaemonControl | None = None
-
-    def __init__(
-        self,
-        paths: Paths,
-        supervisor: Supervisor,
-        engines: EngineCalls,
-        registry: Registry,
-        events: EventLog,
-        router: Router,
-        request_shutdown: Callable[[], None],
-        rollups: Rollups | None = None,
-    ) -> None:
-        self.rollups = rollups
-        self._prometheus_ready = False
-        self.paths = paths
-        self.router = router
-        self.sup = supervisor
-        self.engines = engines
-        self.registry = registry
-        self.events = events
-        self.request_shutdown = request_shutdown
-        self.started_at = time.time()
-        self._self_proc = psutil.Process()
+    control: DaemonControl | None = field(default=None, init=False)
+    started_at: float = field(default_factory=time.time, init=False)
+    _self_proc: psutil.Process = field(default_factory=psutil.Process, init=False)
+    _prometheus_ready: bool = field(default=False, init=False)
 
     def handlers(self) -> dict[str, Handler]:
         return {

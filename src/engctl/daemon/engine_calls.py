@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from engctl.errors import (
@@ -42,24 +43,16 @@ def _up(engine: Engine) -> bool:
     )
 
 
+@dataclass(eq=False)
 class EngineCalls:
     """The registry's and the engines' side of the RPC surface (bound by `Api.handlers`)."""
 
-    def __init__(
-        self,
-        supervisor: Supervisor,
-        fleet: Fleet,
-        registry: Registry,
-        events: EventLog,
-        membership: Membership,
-        enforcer: Enforcer,
-    ) -> None:
-        self.sup = supervisor
-        self.fleet = fleet
-        self.registry = registry
-        self.events = events
-        self.membership = membership
-        self.enforcer = enforcer
+    sup: Supervisor
+    fleet: Fleet
+    registry: Registry
+    events: EventLog
+    membership: Membership  # told of every change to the engines (oneshot candidates)
+    enforcer: Enforcer  # the manual overrides
 
     async def _persist(self) -> None:
         """After a change to the engines: keep dispatch in step, then make it durable."""
