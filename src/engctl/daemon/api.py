@@ -108,13 +108,11 @@ class Api:
         }
 
     # -- requests --------------------------------------------------------------------------
-
     def request_exec(self, params: dict[str, Any], conn: Connection) -> Reply:
         # A Reply, not a coroutine: completed by callbacks, no task per request.
         return self.router.submit(params)
 
     # -- session and daemon ----------------------------------------------------------------
-
     def hello(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         theirs = param(params, "protocol", int)
         if theirs != protocol.PROTOCOL_VERSION:
@@ -251,7 +249,6 @@ class Api:
         return {"engines": out}
 
     # -- metrics -----------------------------------------------------------------------------
-
     async def metrics_text(self) -> bytes:
         """The Prometheus text exposition (also served on --metrics-port)."""
         if not self._prometheus_ready:
@@ -295,7 +292,6 @@ class Api:
         }
 
     # -- reading ---------------------------------------------------------------------------
-
     def status(self, params: dict[str, Any], conn: Connection) -> StatusDoc:
         return {"engines": [e.to_json() for e in self.engines.chosen(params)]}
 

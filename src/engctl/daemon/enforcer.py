@@ -2,9 +2,11 @@
 decide, and keeps each instance's health, eligibility and effective weight in step with
 dispatch.
 
-Observations arrive from the router (request errors, overdue requests), the monitor (RSS and
-CPU samples), health probes (one timer per instance) and a periodic tick (error rates,
-latency against peers, isolation ends, slow start). Every action is an event with its reason.
+Observations arrive from the router (request errors), the dispatcher's channels (requests
+left unanswered, pings), the monitor (RSS and CPU samples), health probes (one timer per
+instance) and a periodic tick (error rates, latency against peers, isolation ends, slow
+start). Every action is an event with its reason. The policies' state of each instance is
+its own (`PolicyState`), started afresh when it sees `starting`.
 
 Must not import the router or the membership: it hears of them through the hooks wired in
 `main`, and acts through the supervisor and the dispatcher's channels (pings). One piece

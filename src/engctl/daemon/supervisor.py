@@ -89,7 +89,6 @@ class Supervisor:
         self.spawn_allowed = asyncio.Event()
 
     # -- the one place where an instance changes state ------------------------------------
-
     def transition(self, inst: Instance, new: InstanceState, reason: str, **data: Any) -> None:
         """Move `inst` to `new`, recording the event; an illegal edge is a bug and raises."""
         old = inst.state
@@ -149,7 +148,6 @@ class Supervisor:
         self._on_targets_changed(targets)
 
     # -- lookups ---------------------------------------------------------------------------
-
     def instance(self, engine: Engine, index: int) -> Instance:
         for inst in engine.instances:
             if inst.index == index:
@@ -175,7 +173,6 @@ class Supervisor:
         return insts[k] if k < len(insts) and insts[k].id == inst_id else None
 
     # -- starting --------------------------------------------------------------------------
-
     def start_instance(self, inst: Instance, reason: str) -> None:
         """Spawn the instance's process now (from stopped, exited, fatal or backoff)."""
         inst.cancel_timer()
@@ -320,7 +317,6 @@ class Supervisor:
         )
 
     # -- exits -----------------------------------------------------------------------------
-
     def _on_exit(self, inst: Instance, proc: ChildProcess, status: ExitStatus) -> None:
         if inst.proc is not proc:
             return
@@ -435,7 +431,6 @@ class Supervisor:
             await asyncio.wait(set(self._sweeps), timeout=timeout)
 
     # -- stopping --------------------------------------------------------------------------
-
     async def stop_instance(self, inst: Instance, reason: str, wait: bool = True) -> None:
         """Stop one instance with its stop policy; never restarted until started again."""
         inst.cancel_timer()
@@ -476,7 +471,6 @@ class Supervisor:
         process.kill_tree_now(proc.pgid, inst.sample.descendants)
 
     # -- draining: stop without losing a request -------------------------------------------
-
     async def drain_and_stop(
         self,
         inst: Instance,
