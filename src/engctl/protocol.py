@@ -55,6 +55,10 @@ EXEC_FRAME = b'{"jsonrpc":"2.0","method":"request.exec","params":{"input":%s%s},
 _EXEC_RESULT = (
     b'{"request_id":%s,"engine":%s,"instance":%s,"ok":%s,"latency_ms":%.3f,"attempts":%d%s}'
 )
+# The same object for the hot path, a success with a result: derived from the one above.
+_EXEC_OK = _EXEC_RESULT.replace(b'"ok":%s', b'"ok":true').replace(
+    b"%d%s}", b"%d" + RESULT_MEMBER + b"%s}"
+)
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _encode_str = json.encoder.encode_basestring  # what _encoder.encode does for a str
@@ -185,6 +189,8 @@ def exec_result(
     """The `request.exec` result object as compact JSON: `explain` (when not None) encoded,
     `result` (already JSON: a worker's bytes as it wrote them) spliced in unchanged. A failure
     carries it, decoded, as its error's data."""
+    if ok and explain is None and result is not None:
+        return exec_ok(request_id, engine, instance, latency_ms, attempts, result)
     tail = b""
     if explain is not None:
         tail = b',"explain":' + encode_value(explain)
@@ -198,6 +204,25 @@ def exec_result(
         latency_ms,
         attempts,
         tail,
+    )
+
+
+def exec_ok(
+    request_id: str,
+    engine: str | None,
+    instance: str | None,
+    latency_ms: float,
+    attempts: int,
+    result: bytes,
+) -> bytes:
+    """`exec_result` of a success with its result and no `explain` (every plain request)."""
+    return _EXEC_OK % (
+        encode_value(request_id),
+        encode_value(engine),
+        encode_value(instance),
+        latency_ms,
+        attempts,
+        result,
     )
 
 

@@ -434,7 +434,14 @@ class Router:
             except EngctlError as exc:  # not encodable (a lone surrogate): say so
                 req.future.set_exception(exc)
                 return
-        explained = self._explained.pop(req.id, None) if req.explain else None
+        if not req.explain:
+            target = req.target
+            assert target is not None  # it succeeded somewhere
+            latency_ms = (time.perf_counter() - req.started) * 1000
+            ok = protocol.exec_ok(req.id, target.engine, target.id, latency_ms, req.attempts, raw)
+            req.future.set_raw_result(ok)
+            return
+        explained = self._explained.pop(req.id, None)
         req.future.set_raw_result(self._result(req, True, raw, explained))
 
     def _result(

@@ -414,7 +414,7 @@ class Reply:
         self.done = True
         conn.pending -= 1
         if self._id is not None:
-            conn.write(protocol.raw_result(self._id, raw))
+            conn.write(protocol.RESULT_FRAME % (protocol.encode_value(self._id), raw))
 
     def _complete(self, ok: bool, value: Any) -> None:
         if self.done:
