@@ -220,6 +220,7 @@ class Daemon:
     async def run(self, ready: int | None) -> None:
         paths, config = self.paths, self.config
         loop = self.loop = asyncio.get_running_loop()
+        process.keep_reads_on_the_heap()  # no mmap and munmap per request (see there)
         health = self.health
         # The registry first: a daemon that cannot read it refuses to start, changing nothing.
         registry = Registry(

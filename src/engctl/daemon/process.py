@@ -126,6 +126,27 @@ def become_subreaper() -> bool:
     return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
+# glibc's mallopt parameter, and the size up to which allocations stay on the heap.
+M_MMAP_THRESHOLD = -3
+HEAP_READS_BYTES = 1 << 20
+
+
+def keep_reads_on_the_heap() -> bool:
+    """Serve the daemon's read buffers from the heap (glibc): every pipe and socket read asks
+    for 256 KiB, above glibc's initial mmap threshold of 128 KiB, and a read that returns a
+    few bytes is then shrunk and freed: mmap, mremap and munmap on every request. glibc raises
+    the threshold by itself only after some larger block happens to be freed, so whether a
+    daemon paid them depended on its start-up; this makes it never pay them. False where
+    there is no glibc `mallopt` (the reads work the same, at that cost)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_READS_BYTES) == 1)
+
+
 def reap_children() -> None:
     """On SIGCHLD: reap every exited child, instances through their ChildProcess.
 
