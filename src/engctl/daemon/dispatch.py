@@ -63,15 +63,15 @@ class Dispatcher:
     # -- sending ---------------------------------------------------------------------------
     def send(self, req: Request, cand: Candidate) -> None:
         """Send `req` to `cand`: over its worker channel, or as a oneshot run."""
+        channel = self.channels.get(cand.id)
+        if channel is not None and not channel.closed:
+            channel.send(req)  # a worker instance: the hot path
+            return
         if cand.kind is CandidateKind.ONESHOT:
             self._run_oneshot(req, cand)
             return
-        channel = self.channels.get(cand.id)
-        if channel is None or channel.closed:
-            lost = RequestFailedError(f"{cand.id} has no protocol channel")
-            self.answered(req, False, None, lost)
-            return
-        channel.send(req)
+        lost = RequestFailedError(f"{cand.id} has no protocol channel")
+        self.answered(req, False, None, lost)
 
     def _run_oneshot(self, req: Request, cand: Candidate) -> None:
         engine = self.sup.engines.get(cand.engine)
