@@ -3,7 +3,7 @@
 Run: `python benchmarks/dispatch.py [--quick]`. Everything is measured in the same run against
 the same echo worker (`python -m engctl.examples.echo_worker`):
 
-1. direct: this process speaks the worker protocol (SPEC §3) over one echo worker's pipes —
+1. direct: this process speaks the worker protocol (docs/protocol.md) over one echo worker's pipes —
    latency at concurrency 1 and throughput with 64 requests in flight;
 2. engctl: a fresh daemon in a temporary ENGCTL_HOME with 2 echo instances (32 slots each),
    the same two figures through `Client.exec` and `Client.exec_many(window=64)`. Direct and
@@ -49,7 +49,7 @@ from common import (
 )
 
 from engctl.client import Client
-from engctl.daemon.dispatch import Candidate, CandidatePool, Selector
+from engctl.daemon.selection import Candidate, CandidatePool, Selector
 
 PY = sys.executable
 ENGCTL = str(Path(PY).with_name("engctl"))
@@ -172,8 +172,9 @@ def engctl_latency(c: Client, n: int) -> tuple[list[float], list[float]]:
         out.append(time.perf_counter() - t)
         if not obj["ok"] or obj["result"] != {"echo": i}:
             raise RuntimeError(f"wrong answer: {obj!r}")
-        if obj.get("latency_ms") is not None:
-            inner.append(obj["latency_ms"] / 1000)
+        latency_ms = obj.get("latency_ms")
+        if latency_ms is not None:
+            inner.append(latency_ms / 1000)
     return out, inner
 
 
@@ -188,7 +189,7 @@ def engctl_throughput(c: Client, total: int, window: int, per_instance: Counter[
     t = time.perf_counter()
     for obj in c.exec_many(inputs(), window=window, type=TYPE):
         got += 1
-        per_instance[obj["instance"] if obj["ok"] else "failed"] += 1
+        per_instance[(obj["instance"] or "?") if obj["ok"] else "failed"] += 1
     elapsed = time.perf_counter() - t
     if got != total:
         raise RuntimeError(f"exec_many yielded {got} results for {total} inputs")

@@ -64,7 +64,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 from common import (
@@ -177,9 +177,10 @@ class Load:
                 if delay > 0 and self._stop.wait(delay):
                     return
                 sent = time.time()
+                obj: dict[str, Any]
                 try:
-                    obj = c.exec(i, engine=self.engine, timeout=TIMEOUT, retries=RETRIES)
-                    err = ""
+                    result = c.exec(i, engine=self.engine, timeout=TIMEOUT, retries=RETRIES)
+                    obj, err = cast("dict[str, Any]", result), ""
                 except DaemonUnreachableError as exc:
                     self.errors.append(str(exc))
                     return
@@ -229,10 +230,12 @@ class Monitor:
                         proc = None
                 try:
                     if k % 2 == 0:
-                        st = c.status([self.engine])["engines"][0]["instances"]
+                        doc = cast("dict[str, Any]", c.status([self.engine]))
+                        st = doc["engines"][0]["instances"]
                         self.snaps.append((time.time(), {i["id"]: i for i in st}))
                     if k % 4 == 0:
-                        self.events = c.events(engine=self.engine, since=self.since, limit=5000)
+                        events = c.events(engine=self.engine, since=self.since, limit=5000)
+                        self.events = cast("list[dict[str, Any]]", events)
                 except EngctlError as exc:
                     self.errors.append(str(exc))
                     if isinstance(exc, DaemonUnreachableError):
@@ -297,7 +300,7 @@ def run_phase(
     phase_start = time.time()
     c.register({name: spec})
     wait_for(lambda: all_ready(c, name, INSTANCES), 30)
-    insts = c.status([name])["engines"][0]["instances"]
+    insts = cast("dict[str, Any]", c.status([name]))["engines"][0]["instances"]
     worker_pids.update(i["pid"] for i in insts)
     sick_pid = next(i["pid"] for i in insts if i["id"] == sick)
 
@@ -316,7 +319,8 @@ def run_phase(
             ctl.exec({"fault": inject_as}, instance=sick, timeout=5.0)
             t_inject = time.time()
             # The counters as the fault starts (the control request is in them already).
-            snap_inject = {i["id"]: i for i in ctl.status([name])["engines"][0]["instances"]}
+            doc = cast("dict[str, Any]", ctl.status([name]))
+            snap_inject = {i["id"]: i for i in doc["engines"][0]["instances"]}
         out["inject_rtt_ms"] = round((t_inject - before) * 1000, 2)
 
         kinds, to = ACTION[fault]
@@ -343,7 +347,7 @@ def run_phase(
         load.stop()
         mon.stop()
         worker_pids.update(i["pid"] for _, s in mon.snaps for i in s.values() if i["pid"])
-    events = c.events(engine=name, since=phase_start, limit=5000)
+    events = cast("list[dict[str, Any]]", c.events(engine=name, since=phase_start, limit=5000))
     c.unregister([name])
 
     act = first_event(events, sick, kinds, t_inject, to)

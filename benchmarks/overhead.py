@@ -15,7 +15,8 @@ both in the same windows lets other load on the machine hit both alike.
    "off" daemon is not scraped: it stays the noise control). Per daemon: CPU % of one core, a
    per-second timeline, the split by thread, bytes written and RSS; for "on", the seconds
    holding a 10 s roll-up (from its history file) against the others. Target: "on" ≤ 5 % of
-   one core (SPEC §7: monitoring, metrics and history at 100 instances sampled each second).
+   one core (docs/performance.md: monitoring, metrics and history at 100 instances sampled
+   each second).
 2. Dispatch: the sleep engines are unregistered (unless --keep-idle); each daemon gets the
    same echo engine (`python -m engctl.examples.echo_worker`, 2 instances, max_concurrency 32)
    and `Client.exec_many(window=64)` runs in rounds alternating between the two daemons (the

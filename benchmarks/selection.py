@@ -22,12 +22,12 @@ from array import array
 from collections import deque
 from typing import Any
 
-from engctl.daemon.dispatch import (
+from engctl.daemon.selection import (
     Candidate,
     CandidatePool,
     Selector,
-    StrategyName,
 )
+from engctl.protocol import StrategyName
 
 TARGET_US = 50.0
 INSTANCES = 1000

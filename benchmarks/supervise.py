@@ -50,6 +50,7 @@ def crash_to_restart(c: Client, runs: int) -> list[float]:
     out = []
     for _ in range(runs):
         pid = c.status(["crashy"])["engines"][0]["instances"][0]["pid"]
+        assert pid is not None
         t0 = time.time()
         os.kill(pid, signal.SIGKILL)
         for note in notes:
@@ -152,6 +153,7 @@ def main() -> None:
         )
         wait_for(lambda: all_ready(c, "stubborn", 1))
         pid = c.status(["stubborn"])["engines"][0]["instances"][0]["pid"]
+        assert pid is not None
         t = time.perf_counter()
         c.stop(["stubborn"], wait=True)
         stop_s = time.perf_counter() - t
@@ -198,9 +200,9 @@ def main() -> None:
             wait_for(lambda: not psutil.pid_exists(daemon_pid), 30)
         except Exception as exc:  # report, but never leave the daemon behind
             print(f"cleanup: {exc}", file=sys.stderr)
-            pid = Path(home, "state", "daemon.pid").read_text().strip()
-            if pid.isdigit():
-                os.kill(int(pid), signal.SIGKILL)
+            text = Path(home, "state", "daemon.pid").read_text().strip()
+            if text.isdigit():
+                os.kill(int(text), signal.SIGKILL)
         c.close()
         shutil.rmtree(home, ignore_errors=True)
     print(json.dumps(result, indent=2))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psutil
 import pytest
@@ -153,7 +153,7 @@ class Home:
 
     def status(self) -> dict[str, Any]:
         with self.client() as c:
-            return c.status()
+            return cast("dict[str, Any]", c.status())
 
     def instances(self, engine: str | None = None) -> list[dict[str, Any]]:
         st = self.status()

@@ -1,4 +1,4 @@
-"""`python -m engctl` runs the CLI."""
+"""`python -m engctl` runs the CLI (imports `engctl.cli` only)."""
 
 from engctl.cli import main
 

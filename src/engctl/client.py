@@ -1,7 +1,8 @@
 """Blocking Unix-socket client of the daemon, used by the CLI and by programs (`engctl.Client`).
 
 Starts a daemon on first use when none answers (a lock file makes racing callers start one).
-Imports only the shared contract and the stdlib, so the CLI stays fast.
+Imports only the shared contract and the stdlib, so the CLI stays fast. One piece past 600
+lines: one connection with a typed method per call, and starting a daemon for it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI 
 if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
+
+    from engctl.documents import EventDoc, ExecResult, StatusDoc
 
 # Results can be larger than the requests the daemon accepts: the largest frame the daemon
 # sends (a worker's 64 MiB reply line, a oneshot's 16 MiB output as a JSON string, with the
@@ -303,7 +306,7 @@ class Client:
         """Like `call`, but the result as the JSON text the daemon sent (not decoded): what
         a command that prints the result as compact JSON passes straight through."""
         req_id = self._send(method, params)
-        prefix = b'{"jsonrpc":"2.0","id":%d,"result":' % req_id
+        prefix = protocol.result_head(req_id)
         while True:
             line = self._read_line()
             if line.startswith(prefix) and line.endswith(b"}"):
@@ -333,7 +336,7 @@ class Client:
         return first, notes()
 
     # -- typed calls -----------------------------------------------------------------------
-    def status(self, names: list[str] | None = None) -> dict[str, Any]:
+    def status(self, names: list[str] | None = None) -> StatusDoc:
         """`status --json`: every engine with its instances."""
         return self.call("status.get", names=names)  # type: ignore[no-any-return]
 
@@ -394,7 +397,7 @@ class Client:
 
     def events(
         self, engine: str | None = None, since: float | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
+    ) -> list[EventDoc]:
         """Past events, oldest first."""
         return self.call("events.list", engine=engine, since=since, limit=limit)["events"]  # type: ignore[no-any-return]
 
@@ -413,7 +416,7 @@ class Client:
         timeout: float | None = None,
         retries: int = 0,
         explain: bool = False,
-    ) -> dict[str, Any]:
+    ) -> ExecResult:
         """Run one request on the best instance; the result object, or the matching error.
 
         The object is `{"request_id", "engine", "instance", "ok", "result", "latency_ms",
@@ -437,7 +440,7 @@ class Client:
 
     def exec_many(
         self, inputs: Iterable[Any], *, window: int = 16, **filters: Any
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[ExecResult]:
         """Run many requests with up to `window` in flight on this connection.
 
         Yields one result object per input, in input order, reading `inputs` lazily; a failed
@@ -449,9 +452,7 @@ class Client:
             raise ValueError("window must be at least 1")
         params = exec_params(**filters)
         # The filters are the same for every request: encoded once, only the input varies.
-        tail = protocol.encode_value(params)[1:]  # `"type":"echo",...}`: without its `{`
-        head = b'{"jsonrpc":"2.0","method":"request.exec","params":{"input":'
-        sep = b"," if len(tail) > 1 else b""
+        members = protocol.exec_members(params)
         # A frame over the daemon's limit would be answered with an error that names no
         # request: such an input is reported in its place instead of being sent.
         limit = self.daemon_info.get("max_frame_bytes")
@@ -473,13 +474,7 @@ class Client:
                 try:
                     if isinstance(value, EngctlError):
                         raise value
-                    frame = b'%s%s%s%s,"id":%d}\n' % (
-                        head,
-                        protocol.encode_value(value),
-                        sep,
-                        tail,
-                        req_id,
-                    )
+                    frame = protocol.EXEC_FRAME % (protocol.encode_value(value), members, req_id)
                     if isinstance(limit, int) and len(frame) - 1 > limit:
                         raise ProtocolError(
                             f"request of {len(frame) - 1} bytes exceeds the daemon's limit of"
@@ -504,9 +499,7 @@ class Client:
                     raise from_wire(msg["error"])
             yield result_object(done.pop(order.popleft()))
 
-    def wait_for(
-        self, predicate: Any, timeout: float = 10.0, interval: float = 0.05
-    ) -> dict[str, Any]:
+    def wait_for(self, predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> StatusDoc:
         """Poll `status` until `predicate(status)` is true; return that status."""
         deadline = time.monotonic() + timeout
         while True:
@@ -551,7 +544,7 @@ def exec_params(
     return {k: v for k, v in params.items() if v is not None}
 
 
-def result_object(msg: dict[str, Any]) -> dict[str, Any]:
+def result_object(msg: dict[str, Any]) -> ExecResult:
     """A `request.exec` response as the documented result object (failures: ok false)."""
     if "result" in msg:
         return msg["result"]  # type: ignore[no-any-return]
@@ -559,7 +552,7 @@ def result_object(msg: dict[str, Any]) -> dict[str, Any]:
     error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
     raw_data = error.get("data")
     data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
-    out: dict[str, Any] = {
+    out: ExecResult = {
         "request_id": data.get("request_id"),
         "engine": data.get("engine"),
         "instance": data.get("instance"),

@@ -5,19 +5,47 @@ Shared contract between CLI and daemon: stdlib only. Where the files are is `eng
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from engctl import trust
 from engctl.errors import SpecError
 from engctl.policy_config import PolicyOverrides, overrides_to_toml, parse_policy_table
-from engctl.protocol import STRATEGIES
+from engctl.protocol import STRATEGIES, StrategyName
 
 # Settings `engctl daemon reload` cannot change in a running daemon: the socket's frame
 # limit, and whether histograms, history and the /metrics port exist at all. The others
 # apply at once (policies, dispatch defaults, sampling, log sizes, retention).
 RESTART_SETTINGS = frozenset({"max_frame_bytes", "metrics", "metrics_port"})
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilityWeights:
+    """The weights of the capability strategy's factors (docs/configuration.md); its fields
+    are the one list of the factors, by name (`[daemon.capability_weights]`, `--explain`)."""
+
+    type: float = 0.40
+    capability: float = 0.25
+    load: float = 0.20
+    performance: float = 0.10
+    affinity: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in CAPABILITY_FACTORS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"capability weight {name} must be a number, not {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"capability weight {name} must be a finite number >= 0, not {value!r}"
+                )
+            object.__setattr__(self, name, float(value))
+
+
+# The factors of the capability score, in the order `--explain` lists them.
+CAPABILITY_FACTORS: tuple[str, ...] = tuple(f.name for f in fields(CapabilityWeights))
 
 
 @dataclass(frozen=True)
@@ -34,11 +62,11 @@ class DaemonConfig:
     # Seconds after which a connection with no call in flight and no stream followed closes.
     idle_timeout: float = 300.0
     shutdown_timeout: float = 30.0
-    default_strategy: str = "least_loaded"
+    default_strategy: StrategyName = StrategyName.LEAST_LOADED
     default_timeout: float = 30.0
     max_queue: int = 1000
-    # type, capability, load, performance, affinity (SPEC §5), from [daemon.capability_weights]
-    capability_weights: tuple[float, float, float, float, float] = (0.40, 0.25, 0.20, 0.10, 0.05)
+    # The capability strategy's factor weights ([daemon.capability_weights]).
+    capability_weights: CapabilityWeights = CapabilityWeights()
     # How often failure policies look at their observations (seconds).
     policy_interval: float = 1.0
     # Latency histograms and the history database (report, metrics, top); off saves the
@@ -97,7 +125,6 @@ class DaemonConfig:
             if key == "metrics_port":
                 values[key] = value
                 continue
-            default = getattr(cls, key)
             if key == "capability_weights":
                 values[key] = _capability_weights(value, path)
                 continue
@@ -107,8 +134,9 @@ class DaemonConfig:
                         f"{path}: daemon.{key}: expected one of {', '.join(STRATEGIES)},"
                         f" got {value!r}"
                     )
-                values[key] = value
+                values[key] = StrategyName(value)
                 continue
+            default = getattr(cls, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise SpecError(f"{path}: daemon.{key}: expected a positive number, got {value!r}")
             if isinstance(default, int) and not isinstance(value, int):
@@ -118,27 +146,26 @@ class DaemonConfig:
         return cls(**values)
 
 
-CAPABILITY_FACTORS = ("type", "capability", "load", "performance", "affinity")
-
-
 def config_table(config: DaemonConfig) -> dict[str, Any]:
     """The settings as the `[daemon]` table of config.toml (what tomli-w can write back)."""
     out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
         if f.name == "capability_weights":
-            value = dict(zip(CAPABILITY_FACTORS, value, strict=True))
+            value = asdict(value)
+        elif f.name == "default_strategy":
+            value = value.value
         elif f.name == "policy":
             value = overrides_to_toml(value)
         out[f.name] = value
     return out
 
 
-def _capability_weights(table: Any, path: Path) -> tuple[float, float, float, float, float]:
+def _capability_weights(table: Any, path: Path) -> CapabilityWeights:
     where = f"{path}: daemon.capability_weights"
     if not isinstance(table, dict):
         raise SpecError(f"{where}: expected a table such as {{ load = 0.5 }}")
-    weights = dict(zip(CAPABILITY_FACTORS, DaemonConfig.capability_weights, strict=True))
+    weights = asdict(CapabilityWeights())
     for key, value in table.items():
         if key not in weights:
             raise SpecError(
@@ -149,8 +176,7 @@ def _capability_weights(table: Any, path: Path) -> tuple[float, float, float, fl
         weights[key] = float(value)
     if not any(weights.values()):
         raise SpecError(f"{where}: at least one factor must weigh more than 0")
-    t, c, lo, pe, af = (weights[k] for k in CAPABILITY_FACTORS)
-    return (t, c, lo, pe, af)
+    return CapabilityWeights(**weights)
 
 
 def decode_text(data: bytes, source: str) -> str:

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
+TYPE_CHECKING = False  # typing is not imported at run time (the CLI's report reads this)
+if TYPE_CHECKING:
+    from engctl.documents import LatencySummary
+
 SUB_BITS = 3
 SUB = 1 << SUB_BITS  # buckets per power of two
 LINEAR = SUB * 2  # values below this have a bucket each
@@ -118,7 +122,7 @@ class Histogram:
     def mean_ms(self) -> float | None:
         return None if self.count == 0 else self.sum_us / self.count / 1000.0
 
-    def summary(self) -> dict[str, float | int | None]:
+    def summary(self) -> LatencySummary:
         """count, p50, p90, p99, max and mean in milliseconds (the report's figures)."""
         return {
             "count": self.count,

@@ -12,10 +12,13 @@ import os
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engctl import trust
 from engctl.errors import EngctlError
+
+if TYPE_CHECKING:
+    from engctl.documents import EventDoc
 
 
 def read_tail(paths: list[Path], lines: int) -> list[str]:
@@ -102,7 +105,7 @@ def select_events(
 
 def read_events(
     db: Path, engine: str | None = None, since: float | None = None, limit: int = 100
-) -> list[dict[str, Any]]:
+) -> list[EventDoc]:
     """`events --json` objects read from the file (read-only; none if there is no file)."""
     if not trust.check_path(str(db)):
         return []

@@ -1,6 +1,8 @@
 """Engine specs: validation from TOML/JSON dicts, defaults, and the dict form for export.
 
 Shared contract between CLI and daemon: stdlib only. Every message names the field it rejects.
+One piece past 600 lines: the engine file's schema, its defaults and the reader that checks
+each key are read together (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -209,19 +211,13 @@ def _no_nul(text: str, where: str) -> None:
 
 @dataclass(frozen=True)
 class BackoffSpec:
-    """Delay before restart n: initial × factor^(n-1), capped at max; reset after healthy uptime."""
+    """Delay before restart n: initial × factor^(n-1), capped at max; reset after healthy uptime
+    (computed by `engctl.daemon.backoff`)."""
 
     initial: float = 0.5
     factor: float = 2.0
     max: float = 30.0
     reset_after: float = 60.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before restart number `attempt` (1-based)."""
-        if attempt <= 0 or self.initial == 0:
-            return 0.0
-        # The exponent is bounded: a crash loop long enough would overflow a float.
-        return min(self.max, self.initial * self.factor ** min(attempt - 1, 1024 // 8))
 
 
 @dataclass(frozen=True)
@@ -597,10 +593,27 @@ def check_dependencies(specs: Mapping[str, EngineSpec]) -> list[str]:
     return order
 
 
+# The index part of the id under which a oneshot engine's runs are counted (`name#oneshot`).
+ONESHOT_INDEX = "oneshot"
+
+
+def instance_id(name: str, index: int | None) -> str:
+    """The id `name#k` of instance k of engine `name`; `name#oneshot` (index None) for the
+    runs of a oneshot engine."""
+    return f"{name}#{ONESHOT_INDEX if index is None else index}"
+
+
+def split_instance_id(inst_id: str) -> tuple[str, str | None]:
+    """(engine name, index text) of `name#k` or `name#oneshot`; (name, None) for a bare name.
+    The one place an instance id is taken apart (engine names cannot contain `#`)."""
+    name, sep, index = inst_id.partition("#")
+    return name, index if sep else None
+
+
 def parse_instance_ref(ref: str) -> tuple[str, int | None]:
     """Split "name#k" into (name, k); a bare name gives (name, None)."""
-    name, sep, idx = ref.partition("#")
-    if not sep:
+    name, idx = split_instance_id(ref)
+    if idx is None:
         return name, None
     if not (idx.isascii() and idx.isdigit()):  # int() rejects some Unicode digits (²)
         raise SpecError(f"{ref!r}: expected NAME or NAME#INDEX, e.g. web#0")

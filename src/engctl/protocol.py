@@ -6,27 +6,59 @@ Shared contract between CLI and daemon: stdlib only.
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 
 from engctl.errors import EngctlError, InvalidParamsError, ParseError, ProtocolError
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
 PROTOCOL_VERSION = 1
-# The dispatch strategies (SPEC §5) as named on the wire, on the command line and in
-# config.toml (the daemon's selection layer checks its own names against these).
-STRATEGIES = (
-    "round_robin",
-    "weighted_round_robin",
-    "least_loaded",
-    "weighted_random",
-    "capability",
-    "affinity",
-    "consistent_hash",
-)
+
+
+class StrategyName(StrEnum):
+    """The dispatch strategies (`--strategy`), as named on the wire, on the command line and in
+    config.toml: the one list of them (the selection layer implements one of each)."""
+
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED_ROUND_ROBIN = "weighted_round_robin"
+    LEAST_LOADED = "least_loaded"
+    WEIGHTED_RANDOM = "weighted_random"
+    CAPABILITY = "capability"
+    AFFINITY = "affinity"
+    CONSISTENT_HASH = "consistent_hash"
+
+
+# Their names as plain strings (choices of the CLI and of config.toml).
+STRATEGIES = tuple(s.value for s in StrategyName)
 # Largest frame either side accepts. A larger line is answered with an error and skipped.
 MAX_FRAME_BYTES = 1024 * 1024
+
+# -- frame templates: the frames of the hot paths as bytes, %-formatted around values that are
+# already JSON (no dict built, no encoder pass). Every hand-built frame is one of these.
+# Daemon -> worker: a request (id, input) and a ping (id).
+WORKER_EXECUTE = b'{"jsonrpc":"2.0","id":%d,"method":"execute","params":{"input":%s}}\n'
+WORKER_PING = b'{"jsonrpc":"2.0","id":%d,"method":"ping"}\n'
+# The canonical start of a response with a result, `{"jsonrpc":"2.0","id":N,"result":`: what
+# the daemon writes, and what the client's raw reader and the worker-reply parser look for.
+RESPONSE_HEAD = b'{"jsonrpc":"2.0","id":'
+RESULT_MEMBER = b',"result":'
+# Daemon -> client: a response around a result that is already JSON (id, result): the splice.
+RESULT_FRAME = RESPONSE_HEAD + b"%s" + RESULT_MEMBER + b"%s}\n"
+# Client -> daemon: `request.exec` with its input and the other parameters already encoded
+# (input, `exec_members` of the other parameters, id).
+EXEC_FRAME = b'{"jsonrpc":"2.0","method":"request.exec","params":{"input":%s%s},"id":%d}\n'
+# The `request.exec` result object (docs/json.md), encoded here and nowhere else: request id,
+# engine, instance, ok, latency, attempts, then `explain` and `result` when there are any.
+_EXEC_RESULT = (
+    b'{"request_id":%s,"engine":%s,"instance":%s,"ok":%s,"latency_ms":%.3f,"attempts":%d%s}'
+)
+# The same object for the hot path, a success with a result: derived from the one above.
+_EXEC_OK = _EXEC_RESULT.replace(b'"ok":%s', b'"ok":true').replace(
+    b"%d%s}", b"%d" + RESULT_MEMBER + b"%s}"
+)
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _encode_str = json.encoder.encode_basestring  # what _encoder.encode does for a str
@@ -127,6 +159,73 @@ def loads(data: bytes) -> Any:
     return obj
 
 
+def raw_result(req_id: int | str | None, raw: bytes) -> bytes:
+    """A response frame around `raw`, a result that is already one compact JSON value."""
+    return RESULT_FRAME % (encode_value(req_id), raw)
+
+
+def result_head(req_id: int) -> bytes:
+    """How the daemon's response to call `req_id` starts when it carries a result."""
+    return RESPONSE_HEAD + b"%d" % req_id + RESULT_MEMBER
+
+
+def exec_members(params: dict[str, Any]) -> bytes:
+    """The members of `params` as they follow `"input":X` in an EXEC_FRAME (b"" for none)."""
+    inner = encode_value(params)[1:-1]
+    return b"," + inner if inner else b""
+
+
+def exec_result(
+    request_id: str,
+    engine: str | None,
+    instance: str | None,
+    ok: bool,
+    latency_ms: float,
+    attempts: int,
+    *,
+    explain: Any = None,
+    result: bytes | None = None,
+) -> bytes:
+    """The `request.exec` result object as compact JSON: `explain` (when not None) encoded,
+    `result` (already JSON: a worker's bytes as it wrote them) spliced in unchanged. A failure
+    carries it, decoded, as its error's data."""
+    if ok and explain is None and result is not None:
+        return exec_ok(request_id, engine, instance, latency_ms, attempts, result)
+    tail = b""
+    if explain is not None:
+        tail = b',"explain":' + encode_value(explain)
+    if result is not None:
+        tail += RESULT_MEMBER + result
+    return _EXEC_RESULT % (
+        encode_value(request_id),
+        encode_value(engine),
+        encode_value(instance),
+        b"true" if ok else b"false",
+        latency_ms,
+        attempts,
+        tail,
+    )
+
+
+def exec_ok(
+    request_id: str,
+    engine: str | None,
+    instance: str | None,
+    latency_ms: float,
+    attempts: int,
+    result: bytes,
+) -> bytes:
+    """`exec_result` of a success with its result and no `explain` (every plain request)."""
+    return _EXEC_OK % (
+        encode_value(request_id),
+        encode_value(engine),
+        encode_value(instance),
+        latency_ms,
+        attempts,
+        result,
+    )
+
+
 def request(req_id: int | str | None, method: str, params: dict[str, Any] | None = None) -> bytes:
     """Encode a call (or, with `req_id` None, a notification)."""
     msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
@@ -147,7 +246,7 @@ def error(req_id: int | str | None, exc: EngctlError) -> bytes:
     return dumps({"jsonrpc": "2.0", "id": req_id, "error": exc.to_wire()})
 
 
-def notification(method: str, params: dict[str, Any]) -> bytes:
+def notification(method: str, params: Mapping[str, Any]) -> bytes:
     """Encode a server-to-client notification (streams such as `events -f`)."""
     return dumps({"jsonrpc": "2.0", "method": method, "params": params})
 

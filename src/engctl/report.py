@@ -3,7 +3,8 @@ event log, and suggestions that each name the numbers behind them.
 
 Reads SQLite files directly and read-only (WAL readers never block the daemon's writer), so a
 report works while the daemon is busy, stopped or gone. The analysis is plain functions over
-rows, so tests feed it rows with any timestamps they like.
+rows, so tests feed it rows with any timestamps they like. CLI side: imports the shared
+contract only, never `engctl.daemon` (event kinds and drain causes come from `states`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,26 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engctl.errors import UsageError
 from engctl.histogram import Histogram
+from engctl.models import split_instance_id
+from engctl.states import DrainCause, EventKind, Health, InstanceState
 from engctl.timespec import parse_since as parse_since  # the report's --since, re-exported
+
+if TYPE_CHECKING:
+    from engctl.documents import (
+        ReportAction,
+        ReportDoc,
+        ReportEngine,
+        ReportFigures,
+        ReportHost,
+        ReportInstance,
+        ReportType,
+        ReportWorst,
+        Suggestion,
+    )
 
 FINE = 10
 COARSE = 300
@@ -35,20 +51,23 @@ MIN_FAILURES = 3  # failed requests: one failure in twenty is not a failing inst
 RESTARTS = 3
 UNUSED_SECONDS = 600.0  # instance-up time with no request before "remove" is suggested
 
+E = EventKind
+# The events that are policy actions (and manual overrides), with crashes and fatal states.
 POLICY_KINDS = (
-    "instance.isolated",
-    "instance.returned",
-    "instance.restored",
-    "instance.drain",
-    "instance.draining",
-    "instance.drain_timeout",
-    "instance.hung",
-    "instance.cpu",
-    "instance.downweighted",
-    "instance.weight_restored",
-    "instance.health",
-    "policy.guard_rail",
+    E.INSTANCE_ISOLATED,
+    E.INSTANCE_RETURNED,
+    E.INSTANCE_RESTORED,
+    E.INSTANCE_DRAIN,
+    E.INSTANCE_DRAINING,
+    E.INSTANCE_DRAIN_TIMEOUT,
+    E.INSTANCE_HUNG,
+    E.INSTANCE_CPU,
+    E.INSTANCE_DOWNWEIGHTED,
+    E.INSTANCE_WEIGHT_RESTORED,
+    E.INSTANCE_HEALTH,
+    E.POLICY_GUARD_RAIL,
 )
+_MEMORY_CAUSES = (DrainCause.MEMORY, DrainCause.MEMORY_LEAK)
 
 
 @dataclass
@@ -115,7 +134,7 @@ class Figures:
     def up_seconds(self) -> float:
         return sum(v for k, v in self.states.items() if k in ("ready", "busy", "warming"))
 
-    def to_json(self, seconds: float) -> dict[str, Any]:
+    def to_json(self, seconds: float) -> ReportFigures:
         rate = self.error_rate
         return {
             "requests": self.requests,
@@ -175,7 +194,7 @@ def load_rows(db: Path, since: float, until: float) -> tuple[list[sqlite3.Row], 
     return rows, tier
 
 
-def load_actions(db: Path, since: float, until: float, engine: str | None) -> list[dict[str, Any]]:
+def load_actions(db: Path, since: float, until: float, engine: str | None) -> list[ReportAction]:
     """Policy actions (and crashes) of the period from the event log, oldest first."""
     conn = _connect(db)
     if conn is None:
@@ -185,9 +204,10 @@ def load_actions(db: Path, since: float, until: float, engine: str | None) -> li
         sql = (
             f"SELECT at, kind, engine, instance, to_state, reason, data FROM events"
             f" WHERE at >= ? AND at <= ? AND (kind IN ({marks})"
-            " OR (kind = 'instance.state' AND to_state IN ('backoff', 'fatal')))"
+            " OR (kind = ? AND to_state IN (?, ?)))"
         )
-        args: list[Any] = [since, until, *POLICY_KINDS]
+        crashed = (E.INSTANCE_STATE, InstanceState.BACKOFF, InstanceState.FATAL)
+        args: list[Any] = [since, until, *POLICY_KINDS, *crashed]
         if engine is not None:
             sql += " AND engine = ?"
             args.append(engine)
@@ -196,13 +216,16 @@ def load_actions(db: Path, since: float, until: float, engine: str | None) -> li
         raise UsageError(f"cannot read the event log {db}: {exc}") from exc
     finally:
         conn.close()
-    out = []
+    out: list[ReportAction] = []
     for r in rows:
         kind = r["kind"]
-        if kind == "instance.health" and r["reason"].startswith("unknown -> healthy"):
+        data = json.loads(r["data"]) if r["data"] else {}
+        if kind == E.INSTANCE_HEALTH and _routine_health(data):
             continue  # every start-up passes its first probes: routine, not an action
-        if kind == "instance.state":
-            kind = "instance.crashed" if r["to_state"] == "backoff" else "instance.fatal"
+        if kind == E.INSTANCE_STATE:
+            # A report's own names for the two states that are a policy's doing.
+            crash = r["to_state"] == InstanceState.BACKOFF
+            kind = "instance.crashed" if crash else "instance.fatal"
         out.append(
             {
                 "at": r["at"],
@@ -210,20 +233,26 @@ def load_actions(db: Path, since: float, until: float, engine: str | None) -> li
                 "engine": r["engine"],
                 "instance": r["instance"],
                 "reason": r["reason"],
-                "data": json.loads(r["data"]) if r["data"] else {},
+                "data": data,
             }
         )
     return out
 
 
+def _routine_health(data: dict[str, Any]) -> bool:
+    """A health change every start-up makes: unknown -> healthy."""
+    before, after = data.get("from_health"), data.get("to_health")
+    return before == Health.UNKNOWN and after == Health.HEALTHY
+
+
 def build_report(
     rows: Iterable[sqlite3.Row | dict[str, Any]],
-    actions: Sequence[dict[str, Any]],
+    actions: Sequence[ReportAction],
     since: float,
     until: float,
     tier: int,
     engine: str | None = None,
-) -> dict[str, Any]:
+) -> ReportDoc:
     """The report object (schema in docs/json.md) from roll-up rows and actions."""
     rows = list(rows)
     # Rates are over the time the history covers, not the whole period asked for (a daemon
@@ -264,10 +293,10 @@ def build_report(
     for inst_id, (eng, _t) in sorted(meta.items(), key=lambda kv: _inst_key(kv[0])):
         engines.setdefault(eng, []).append(inst_id)
     total = Figures()
-    engine_out = []
+    engine_out: list[ReportEngine] = []
     for name in sorted(engines):
         figs = Figures()
-        inst_out = []
+        inst_out: list[ReportInstance] = []
         for inst_id in engines[name]:
             f = instances[inst_id]
             figs.merge(f)
@@ -292,7 +321,7 @@ def build_report(
             }
         )
     type_names = {t for _e, t in meta.values()} if engine is not None else set(types)
-    type_out = []
+    type_out: list[ReportType] = []
     configured = _configured_instances(instances, meta)
     for t in sorted(type_names | {t for _e, t in meta.values()}):
         samples, queued, peak = types.get(t, [0, 0, 0])
@@ -309,15 +338,18 @@ def build_report(
                 "samples": samples,
             }
         )
-    host_out = {
+    host_out: ReportHost = {
         "cpu_percent_mean": (
             round(host_cpu.cpu_total / host_cpu.cpu_n, 2) if host_cpu.cpu_n else None
         ),
         "memory_used_max": mem_max or None,
         "memory_total": mem_total or None,
-        **io,
+        "disk_read_bytes": io["disk_read_bytes"],
+        "disk_write_bytes": io["disk_write_bytes"],
+        "net_sent_bytes": io["net_sent_bytes"],
+        "net_recv_bytes": io["net_recv_bytes"],
     }
-    report = {
+    report: ReportDoc = {
         "period": {
             "since": since,
             "until": until,
@@ -355,11 +387,11 @@ def _configured_instances(
 
 
 def _inst_key(inst_id: str) -> tuple[str, int]:
-    name, _, idx = inst_id.rpartition("#")
-    return name, int(idx) if idx.isdigit() else -1
+    name, idx = split_instance_id(inst_id)
+    return name, int(idx) if idx is not None and idx.isdigit() else -1
 
 
-def _worst(instances: dict[str, Figures], n: int = 3) -> dict[str, list[dict[str, Any]]]:
+def _worst(instances: dict[str, Figures], n: int = 3) -> ReportWorst:
     judged = [(i, f) for i, f in instances.items() if f.ok + f.failed >= MIN_REQUESTS]
     by_err = sorted(
         ((i, f) for i, f in judged if (f.error_rate or 0) > 0),
@@ -388,12 +420,12 @@ def _worst(instances: dict[str, Figures], n: int = 3) -> dict[str, list[dict[str
 def suggest(
     instances: dict[str, Figures],
     meta: dict[str, tuple[str, str]],
-    types: list[dict[str, Any]],
-    actions: Sequence[dict[str, Any]],
+    types: list[ReportType],
+    actions: Sequence[ReportAction],
     seconds: float,
-) -> list[dict[str, Any]]:
+) -> list[Suggestion]:
     """Concrete suggestions; each holds only when its numbers say so, and carries them."""
-    out: list[dict[str, Any]] = []
+    out: list[Suggestion] = []
     for tq in types:
         share = tq["queued_share"]
         if (
@@ -452,9 +484,9 @@ def suggest(
                         },
                     }
                 )
-    memory: dict[str, list[dict[str, Any]]] = {}
+    memory: dict[str, list[ReportAction]] = {}
     for a in actions:
-        if a["kind"] == "instance.draining" and a["reason"].startswith("memory"):
+        if a["kind"] == E.INSTANCE_DRAINING and a["data"].get("cause") in _MEMORY_CAUSES:
             memory.setdefault(a["engine"] or "?", []).append(a)
     for eng, acts in sorted(memory.items()):
         peak = max((a["data"].get("rss_bytes", 0) for a in acts), default=0)
@@ -464,7 +496,7 @@ def suggest(
              and f.last.get("max_rss")),
             next((a["data"]["max_rss"] for a in acts if a["data"].get("max_rss")), None),
         )  # fmt: skip
-        leak = any("leak" in a["reason"] for a in acts)
+        leak = any(a["data"].get("cause") == DrainCause.MEMORY_LEAK for a in acts)
         fix = "fix the leak" if leak else "fix what grows"
         raise_it = f"raise limits.max_rss (now {_mib(limit)})" if limit else "set limits.max_rss"
         out.append(
@@ -553,7 +585,7 @@ def make_report(
     since: float,
     until: float | None = None,
     engine: str | None = None,
-) -> dict[str, Any]:
+) -> ReportDoc:
     """Read the history database and the event log and build the report."""
     until = time.time() if until is None else until
     if since >= until:

@@ -9,13 +9,18 @@ from enum import StrEnum
 
 
 class InstanceState(StrEnum):
-    """Lifecycle of one instance (docs/supervision.md)."""
+    """Lifecycle of one instance (docs/supervision.md).
+
+    `busy` is a display state, never entered: `status` shows it for a `ready` instance whose
+    every slot is taken (in flight = max_concurrency). Deriving it keeps the request hot path
+    free of a transition and an event per request; no edge of TRANSITIONS leads to it.
+    """
 
     STOPPED = "stopped"
     STARTING = "starting"
     WARMING = "warming"
     READY = "ready"
-    BUSY = "busy"
+    BUSY = "busy"  # shown only (see above)
     STOPPING = "stopping"
     BACKOFF = "backoff"
     EXITED = "exited"
@@ -48,8 +53,8 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     _S.STOPPED: frozenset({_S.STARTING}),
     _S.STARTING: frozenset({_S.WARMING, _S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
     _S.WARMING: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
-    _S.READY: frozenset({_S.BUSY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
-    _S.BUSY: frozenset({_S.READY, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
+    _S.READY: frozenset({_S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
+    _S.BUSY: frozenset(),  # a display state: never entered, so never left
     _S.STOPPING: frozenset({_S.STOPPED}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPED, _S.FATAL}),
     _S.EXITED: frozenset({_S.STARTING, _S.STOPPED}),
@@ -135,3 +140,59 @@ class DesiredState(StrEnum):
 
     RUNNING = "running"
     STOPPED = "stopped"
+
+
+class EventKind(StrEnum):
+    """What an event records (`events --json` "kind", docs/json.md): every `emit` names one.
+    Past tense, `noun.what_happened`; `report` picks the policy actions by these."""
+
+    # instances: lifecycle (supervisor)
+    INSTANCE_STATE = "instance.state"  # every transition, with from/to
+    INSTANCE_SPAWNED = "instance.spawned"
+    INSTANCE_WARMUP_PROBLEM = "instance.warmup_problem"
+    INSTANCE_FAILED = "instance.failed"  # judged failed by the daemon: stopped as a crash
+    INSTANCE_DRAINING = "instance.draining"  # before a stop or a restart (data `cause`)
+    INSTANCE_DRAIN_TIMEOUT = "instance.drain_timeout"
+    INSTANCE_KILLED = "instance.killed"  # did not stop within its stop timeout
+    # instances: failure policies and manual overrides (enforcer)
+    INSTANCE_ELIGIBILITY = "instance.eligibility"
+    INSTANCE_HEALTH = "instance.health"  # data from_health, to_health
+    INSTANCE_ISOLATED = "instance.isolated"
+    INSTANCE_RETURNED = "instance.returned"
+    INSTANCE_RESTORED = "instance.restored"
+    INSTANCE_DRAIN = "instance.drain"  # drained by hand
+    INSTANCE_HUNG = "instance.hung"
+    INSTANCE_CPU = "instance.cpu"
+    INSTANCE_DOWNWEIGHTED = "instance.downweighted"
+    INSTANCE_WEIGHT_RESTORED = "instance.weight_restored"
+    POLICY_GUARD_RAIL = "policy.guard_rail"
+    # engines
+    ENGINE_REGISTERED = "engine.registered"
+    ENGINE_UPDATED = "engine.updated"
+    ENGINE_UNREGISTERED = "engine.unregistered"
+    ENGINE_SCALED = "engine.scaled"
+    ENGINE_DEPENDENCY_TIMEOUT = "engine.dependency_timeout"
+    ENGINE_STOPPING_DEPENDENTS = "engine.stopping_dependents"
+    ENGINE_START_FAILED = "engine.start_failed"
+    REGISTRY_ENTRY_SKIPPED = "registry.entry_skipped"
+    # the daemon
+    DAEMON_STARTED = "daemon.started"
+    DAEMON_STOPPING = "daemon.stopping"
+    DAEMON_STOPPED = "daemon.stopped"
+    DAEMON_RELOADED = "daemon.reloaded"
+    DAEMON_REGISTRY_RESET = "daemon.registry_reset"
+    DAEMON_REPLACED_ORPHANS = "daemon.replaced_orphans"
+    DAEMON_WRITE_FAILED = "daemon.write_failed"
+    DAEMON_WRITE_RECOVERED = "daemon.write_recovered"
+    DAEMON_DATABASE_RESET = "daemon.database_reset"
+
+
+class DrainCause(StrEnum):
+    """Why a failure policy drains and restarts an instance (`instance.draining` data
+    `cause`; absent for the drains a person asks for: restart, scale, update, unregister)."""
+
+    MEMORY = "memory"  # RSS above limits.max_rss
+    MEMORY_LEAK = "memory_leak"  # RSS growing steadily
+    CPU = "cpu"  # CPU above limits.max_cpu_percent, with the policy's action "restart"
+    HANG = "hang"  # every slot held by a request unanswered for hang_timeout
+    UNHEALTHY = "unhealthy"  # failed health checks, with on_unhealthy = "restart"

@@ -3,6 +3,7 @@
 The protocol (docs/protocol.md): JSON-RPC 2.0 lines on stdin/stdout; `execute` carries
 `params.input`, `ping` answers anything; the optional `ready` notification ends warm-up.
 stdout belongs to the protocol, so the handler's prints are sent to stderr (the engine's log).
+Runs inside engines: imports the stdlib only, nothing else of engctl.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -63,7 +63,8 @@ def _daemon_status(home: Home) -> dict[str, Any]:
 
 def _events(home: Home, kind: str) -> list[dict[str, Any]]:
     with home.client(autostart=False) as c:
-        return [e for e in c.events(limit=10_000) if e["kind"] == kind]
+        events = cast("list[dict[str, Any]]", c.events(limit=10_000))
+    return [e for e in events if e["kind"] == kind]
 
 
 def _service(home: Home, name: str = "svc", script: str = "sleeper.py", **spec: Any) -> None:

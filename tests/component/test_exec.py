@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -204,7 +204,8 @@ def test_full_queue_answers_busy_at_once(home: Home) -> None:
 
     def run() -> None:
         with home.client() as c:
-            results.extend(c.exec_many(inputs(), window=3, type="T"))
+            got = list(c.exec_many(inputs(), window=3, type="T"))
+            results.extend(cast("list[dict[str, Any]]", got))
 
     t = threading.Thread(target=run)
     t.start()
@@ -232,7 +233,7 @@ def test_queued_request_that_timed_out_frees_its_queue_slot(home: Home) -> None:
 
     def run() -> None:
         with home.client() as c:
-            first.append(c.exec({"delay": 1.2}, type="T"))
+            first.append(cast("dict[str, Any]", c.exec({"delay": 1.2}, type="T")))
 
     t = threading.Thread(target=run)
     t.start()

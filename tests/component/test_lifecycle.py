@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -28,7 +28,7 @@ QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial"
 def events(home: Home, *kinds: str, engine: str | None = None) -> list[dict[str, Any]]:
     """Past events (of `kinds`, when given), oldest first."""
     with home.client() as c:
-        evs = c.events(engine=engine, limit=2000)
+        evs = cast("list[dict[str, Any]]", c.events(engine=engine, limit=2000))
     return [e for e in evs if not kinds or e["kind"] in kinds]
 
 

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
@@ -78,7 +78,8 @@ def flush(home: Home) -> dict[str, Any]:
 
 def report(home: Home, since: float = 600.0, engine: str | None = None) -> dict[str, Any]:
     now = time.time()
-    return make_report(home.paths.history_db, home.paths.events_db, now - since, now, engine)
+    doc = make_report(home.paths.history_db, home.paths.events_db, now - since, now, engine)
+    return cast("dict[str, Any]", doc)
 
 
 def families(text: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -40,7 +40,7 @@ def gone(pid: int) -> bool:
 def events(home: Home) -> list[dict[str, Any]]:
     """Every event of the daemon so far, oldest first."""
     with home.client() as c:
-        return c.events(limit=10_000)
+        return cast("list[dict[str, Any]]", c.events(limit=10_000))
 
 
 def transitions(home: Home, inst_id: str, to: str | None = None) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -28,9 +28,8 @@ def wire(home: Home, name: str = "w", *args: str, **spec: Any) -> None:
 
 def events(home: Home, kind: str, instance: str) -> list[dict[str, Any]]:
     with home.client() as c:
-        return [
-            e for e in c.events(limit=10_000) if e["kind"] == kind and e["instance"] == instance
-        ]
+        events = cast("list[dict[str, Any]]", c.events(limit=10_000))
+    return [e for e in events if e["kind"] == kind and e["instance"] == instance]
 
 
 def gone(pid: int) -> bool:

@@ -11,7 +11,7 @@ import select
 import signal
 import subprocess
 import time
-from typing import Any
+from typing import Any, cast
 
 from engctl.errors import EXIT_BROKEN_PIPE, EXIT_NOT_FOUND, EXIT_USAGE
 from tests.conftest import PY, Home, engine_cmd, wait_until
@@ -130,7 +130,7 @@ def test_figures_are_null_until_the_first_sample_and_health_reason_is_fresh(home
     with home.client() as c:
         c.call("engine.stop", targets=["s"])  # wait for the stop, then a fresh start
         c.start(["s"])
-        inst = c.status(["s"])["engines"][0]["instances"][0]
+        inst = cast("dict[str, Any]", c.status(["s"]))["engines"][0]["instances"][0]
     assert (inst["health"], inst["health_reason"]) == ("unknown", "")
 
 

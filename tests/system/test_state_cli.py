@@ -9,7 +9,7 @@ import os
 import subprocess
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -167,7 +167,7 @@ def test_config_marks_settings_the_file_changes_and_reload_applies_them(daemon: 
 
 def _events(home: Home) -> list[dict[str, Any]]:
     with home.client() as c:
-        return c.events(limit=1000)
+        return cast("list[dict[str, Any]]", c.events(limit=1000))
 
 
 def test_reload_applies_nothing_from_a_broken_file(daemon: Home) -> None:

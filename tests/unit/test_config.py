@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engctl.config import DaemonConfig, parse_toml
+from engctl.config import CapabilityWeights, DaemonConfig, parse_toml
 from engctl.errors import SpecError
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 
@@ -183,7 +183,9 @@ def test_capability_weights_table_overrides_some_factors(tmp_path: Path) -> None
     """[daemon.capability_weights] sets the scored strategy's factors; the rest keep defaults."""
     f = tmp_path / "config.toml"
     f.write_text("[daemon.capability_weights]\nload = 0.5\naffinity = 0\n")
-    assert DaemonConfig.load(f).capability_weights == (0.40, 0.25, 0.5, 0.10, 0.0)
+    assert DaemonConfig.load(f).capability_weights == CapabilityWeights(
+        type=0.40, capability=0.25, load=0.5, performance=0.10, affinity=0.0
+    )
 
 
 @pytest.mark.parametrize(

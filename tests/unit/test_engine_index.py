@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engctl.daemon.supervisor import EngineIndex
+from engctl.daemon.instance import EngineIndex
 from engctl.models import EngineSpec
 
 SPEC = st.builds(

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engctl.cli.exec import parse_args, parse_payload
-from engctl.daemon.dispatch import StrategyName
 from engctl.errors import UsageError
-from engctl.protocol import STRATEGIES
+from engctl.protocol import STRATEGIES, StrategyName
 
 
 def test_every_option_lands_in_its_field() -> None:

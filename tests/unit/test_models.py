@@ -500,26 +500,3 @@ def test_parse_instance_ref_rejects_bad_indexes(ref: str) -> None:
     """An index that is not a plain decimal number is a SpecError, never a ValueError."""
     with pytest.raises(SpecError, match=re.escape(repr(ref))):
         parse_instance_ref(ref)
-
-
-def test_backoff_delay_doubles_and_caps() -> None:
-    """Delays grow by the factor from `initial` and stop at `max`."""
-    b = BackoffSpec(initial=0.5, factor=2.0, max=3.0)
-    assert [b.delay(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
-
-
-def test_backoff_delay_is_zero_before_the_first_attempt() -> None:
-    """Attempt numbers below 1 wait nothing."""
-    assert BackoffSpec().delay(0) == 0.0
-    assert BackoffSpec().delay(-3) == 0.0
-
-
-def test_backoff_with_zero_initial_never_waits() -> None:
-    """initial = 0 means immediate restarts whatever the attempt."""
-    b = BackoffSpec(initial=0.0)
-    assert all(b.delay(n) == 0.0 for n in range(1, 50))
-
-
-def test_backoff_huge_attempt_stays_capped() -> None:
-    """A very large attempt number gives the cap, not an overflow."""
-    assert BackoffSpec(initial=1.0, factor=2.0, max=30.0).delay(1000) == 30.0

@@ -9,17 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engctl.daemon.backoff import CrashTracker
 from engctl.daemon.policies import (
     MIB,
     SLOW_START_MIN,
     Action,
     CpuWatch,
-    CrashTracker,
     Decision,
     FailureTracker,
     HealthChange,
     HealthTracker,
     MemoryWatch,
+    PolicyState,
     SlowTracker,
     Standing,
     guard_rail,
@@ -924,3 +925,25 @@ def test_effective_weight_stays_between_floor_times_slow_start_floor_and_weight(
     assert elig in (Eligibility.ACTIVE, Eligibility.DOWNWEIGHTED)
     assert floor * weight * SLOW_START_MIN * (1 - 1e-9) <= eff <= weight
     assert (elig is Eligibility.ACTIVE) == (eff == weight)
+
+
+def test_policy_state_starts_afresh_for_a_new_process() -> None:
+    """`starting` (issue 11: the enforcer's reset, no longer the supervisor's): health,
+    memory, CPU and latency measurements and a drain's reason are forgotten; isolations, a
+    manual override and the error window carry over to the new process."""
+    st = PolicyState()
+    st.health.state = Health.UNHEALTHY
+    st.memory.samples.append((1.0, 100))
+    st.cpu.over_since = 3.0
+    st.slow.multiplier = 0.25
+    st.standing.slow_multiplier = 0.25
+    st.standing.draining_reason = "draining to restart: memory"
+    st.standing.manual = Eligibility.ISOLATED
+    st.failures.isolated(5.0)
+    st.new_process(now=50.0)
+    assert st.health.state is Health.UNKNOWN and st.health.started_at == 50.0
+    assert not st.memory.samples and st.cpu.over_since is None
+    assert st.slow.multiplier == 1.0 and st.standing.slow_multiplier == 1.0
+    assert st.standing.draining_reason == ""
+    assert st.standing.manual is Eligibility.ISOLATED
+    assert st.failures.isolations == 1

@@ -311,3 +311,64 @@ def test_value_too_deep_to_encode_is_invalid_params() -> None:
     for encode in (protocol.dumps, protocol.encode_value, protocol.check_unicode):
         with pytest.raises(InvalidParamsError, match="nests too deeply"):
             encode(deep)
+
+
+# -- the hand-built frames (issue 11: every template in protocol.py, one result encoder) --------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    value=JSON_VALUES,
+    ok=st.booleans(),
+    latency=st.floats(min_value=0, max_value=1e6),
+    attempts=st.integers(min_value=0, max_value=9),
+    explain=st.none() | st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+def test_exec_result_is_the_one_encoding_of_the_result_object(
+    value: Any, ok: bool, latency: float, attempts: int, explain: dict[str, int] | None
+) -> None:
+    """The `request.exec` result object has one encoder: its members in the documented order,
+    the latency to the microsecond, `explain` when given and the result spliced in as the
+    worker wrote it; the response frame around it is what the client reads back."""
+    raw = protocol.encode_value(value)
+    result = raw if ok else None
+    encoded = protocol.exec_result(
+        "r1-7", "echo", "echo#0", ok, latency, attempts, explain=explain, result=result
+    )
+    obj = json.loads(encoded)
+    keys = ["request_id", "engine", "instance", "ok", "latency_ms", "attempts"]
+    keys += ["explain"] * (explain is not None) + ["result"] * ok
+    assert list(obj) == keys
+    assert obj["ok"] is ok and obj["attempts"] == attempts and obj["instance"] == "echo#0"
+    assert obj["latency_ms"] == round(latency, 3)
+    if ok:
+        assert obj["result"] == value
+        assert encoded.endswith(b',"result":' + raw + b"}")
+    frame = protocol.raw_result(41, encoded)
+    assert frame.startswith(protocol.result_head(41))
+    assert one_line(frame) == {"jsonrpc": "2.0", "id": 41, "result": obj}
+
+
+def test_exec_frame_carries_the_input_and_the_other_parameters() -> None:
+    """`Client.exec_many`'s frame: the input first, the other parameters after it, the id."""
+    for params in ({}, {"type": "echo", "retries": 2}):
+        frame = protocol.EXEC_FRAME % (b'{"a":[1]}', protocol.exec_members(params), 9)
+        assert one_line(frame) == {
+            "jsonrpc": "2.0",
+            "method": "request.exec",
+            "params": {"input": {"a": [1]}, **params},
+            "id": 9,
+        }
+
+
+def test_worker_frames_are_requests_of_the_worker_protocol() -> None:
+    """What the daemon writes to a worker: `execute` with the input, and `ping`."""
+    execute = one_line(protocol.WORKER_EXECUTE % (3, b'"x"'))
+    assert execute == {"jsonrpc": "2.0", "id": 3, "method": "execute", "params": {"input": "x"}}
+    assert one_line(protocol.WORKER_PING % 4) == {"jsonrpc": "2.0", "id": 4, "method": "ping"}

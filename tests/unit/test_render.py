@@ -4,7 +4,7 @@ nothing, the least needed columns left out (and said so); all of them when there
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from hypothesis import assume, given, settings
@@ -17,6 +17,9 @@ from engctl.render.status import ELIGIBILITY_STYLE, HEALTH_STYLE, STATE_STYLE, s
 from engctl.render.styled import COLOR, NO_COLOR
 from engctl.render.tables import status_view
 from engctl.render.top import top_view
+
+if TYPE_CHECKING:
+    from engctl.documents import LiveDoc, StatusDoc
 
 NOW = 1_800_000_000.0
 
@@ -75,9 +78,9 @@ LIVE = {
 def rendered(width: int, which: str) -> list[str]:
     con = Console(width=width, record=True, color_system=None)
     if which == "status":
-        con.print(status_view(FLEET, width, NOW))
+        con.print(status_view(cast("StatusDoc", FLEET), width, NOW))
     else:
-        con.print(top_view(FLEET, LIVE, "name", width, NOW))
+        con.print(top_view(cast("StatusDoc", FLEET), cast("LiveDoc", LIVE), "name", width, NOW))
     return con.export_text().splitlines()
 
 
@@ -188,7 +191,8 @@ def test_status_text_is_what_rich_prints(status: dict[str, Any], width: int, esc
     all, or gives the case back to rich (None)."""
     text = status_text(status, width, escapes, NOW)
     if text is not None:
-        assert text == rich_prints(status_view(status, width, NOW), width, escapes)
+        view = status_view(cast("StatusDoc", status), width, NOW)
+        assert text == rich_prints(view, width, escapes)
 
 
 @pytest.mark.parametrize("escapes", [None, COLOR, NO_COLOR])
@@ -198,7 +202,7 @@ def test_status_text_writes_the_usual_tables_itself(width: int, escapes: Any) ->
     holds its narrowest table (71 columns for this one), with or without notes under it."""
     text = status_text(FLEET, width, escapes, NOW)
     assert text is not None
-    assert text == rich_prints(status_view(FLEET, width, NOW), width, escapes)
+    assert text == rich_prints(status_view(cast("StatusDoc", FLEET), width, NOW), width, escapes)
 
 
 def test_status_text_leaves_control_characters_to_rich() -> None:
@@ -243,5 +247,6 @@ def test_status_shows_names_and_reasons_as_written() -> None:
         ]
     }
     for width in (200, 80):  # a REASON column, then a note under the table
-        assert "[bold]by hand[/]" in rich_prints(status_view(fleet, width, NOW), width, None)
+        view = status_view(cast("StatusDoc", fleet), width, NOW)
+        assert "[bold]by hand[/]" in rich_prints(view, width, None)
         assert "[bold]by hand[/]" in (status_text(fleet, width, None, NOW) or "")

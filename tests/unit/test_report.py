@@ -10,13 +10,14 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from engctl import report as rp
 from engctl.daemon import events as events_mod
 from engctl.daemon.history import COLUMNS, SCHEMA
+from engctl.documents import ReportAction
 from engctl.errors import EXIT_USAGE, UsageError
 from engctl.histogram import Histogram, bucket_bounds, bucket_of
 
@@ -143,7 +144,8 @@ def build(
     since: float = T0,
     until: float = NOW,
 ) -> dict[str, Any]:
-    r = rp.build_report(rows, actions or [], since, until, 10, engine)
+    acts = cast("list[ReportAction]", actions or [])
+    r = cast("dict[str, Any]", rp.build_report(rows, acts, since, until, 10, engine))
     # The object is plain JSON: what `--json` prints and a reader parses back.
     assert json.loads(json.dumps(r)) == r
     return r
@@ -426,7 +428,7 @@ def test_report_json_schema(busy: list[dict[str, Any]]) -> None:
     """The documented `report --json` object, every list non-empty so item shapes are checked."""
     busy = [*busy, inst_row("a#0", T0 + 40, ok=0, errors=30, restarts=3)]
     acts = [action("instance.draining", "memory: RSS 300 MiB is above max_rss 256 MiB",
-                   rss_bytes=300 << 20, max_rss=256 << 20)]  # fmt: skip
+                   cause="memory", rss_bytes=300 << 20, max_rss=256 << 20)]  # fmt: skip
     r = build(busy, acts)
     check_schema(r, SCHEMA_OF_REPORT)
     assert r["engines"] and r["engines"][0]["instances"] and r["types"] and r["actions"]
@@ -571,8 +573,9 @@ LEAK_REASON = "memory leak: RSS grew 120 MiB in 600s: draining, then a graceful 
 def test_memory_restarts_from_drain_events() -> None:
     """Two memory drains of engine a: count, peak RSS and the limit from the events' data."""
     acts = [
-        action("instance.draining", MEMORY_REASON, rss_bytes=300 << 20, max_rss=256 << 20),
-        action("instance.draining", MEMORY_REASON, inst="a#1", rss_bytes=310 << 20,
+        action("instance.draining", MEMORY_REASON, cause="memory", rss_bytes=300 << 20,
+               max_rss=256 << 20),
+        action("instance.draining", MEMORY_REASON, cause="memory", inst="a#1", rss_bytes=310 << 20,
                max_rss=256 << 20),
     ]  # fmt: skip
     r = build(healthy(), acts)
@@ -586,7 +589,8 @@ def test_memory_restarts_from_drain_events() -> None:
 
 
 def test_memory_leak_restarts_say_fix_the_leak() -> None:
-    acts = [action("instance.draining", LEAK_REASON, rss_bytes=200 << 20, growth_bytes=1)]
+    acts = [action("instance.draining", LEAK_REASON, cause="memory_leak", rss_bytes=200 << 20,
+                   growth_bytes=1)]  # fmt: skip
     s = only(build(healthy(), acts), "memory_restarts")
     assert s["evidence"] == {"restarts": 1, "rss_bytes_max": 200 << 20, "max_rss": None}
     assert "fix the leak" in s["message"] and "set limits.max_rss" in s["message"]
@@ -596,18 +600,31 @@ def test_memory_restarts_read_the_engines_max_rss() -> None:
     """A leak drain's event need not carry the limit: the engine's own max_rss (recorded
     with its figures) is the one the message names (issue 10.7: "set limits.max_rss" with
     `max_rss: null` for an engine that had max_rss = 200MiB)."""
-    acts = [action("instance.draining", LEAK_REASON, rss_bytes=150 << 20, growth_bytes=1)]
+    acts = [action("instance.draining", LEAK_REASON, cause="memory_leak", rss_bytes=150 << 20,
+                   growth_bytes=1)]  # fmt: skip
     rows = healthy(a_0={"max_rss": 200 << 20}, a_1={"max_rss": 200 << 20})
     s = only(build(rows, acts), "memory_restarts")
     assert s["evidence"]["max_rss"] == 200 << 20
     assert "raise limits.max_rss (now 200 MiB)" in s["message"]
 
 
+def test_memory_restarts_are_read_from_the_cause_not_the_reason_text() -> None:
+    """Issue 11: the drain's `cause` says memory, whatever its reason reads; a reason that
+    speaks of memory says nothing without it."""
+    acts = [
+        action("instance.draining", "over the limit", cause="memory", rss_bytes=300 << 20),
+        action("instance.draining", "memory leak: says the text", cause="cpu", growth_bytes=1),
+    ]
+    s = only(build(healthy(), acts), "memory_restarts")
+    assert s["evidence"]["restarts"] == 1
+    assert "fix what grows" in s["message"]
+
+
 @pytest.mark.parametrize(
     "act",
     [
         action("instance.draining", "cpu: above max_cpu_percent 90% for 30s (peak 99%)",
-               cpu_percent=99.0),
+               cause="cpu", cpu_percent=99.0),
         action("instance.cpu", "cpu: above max_cpu_percent 90% for 30s (peak 99%)"),
         action("instance.isolated", "memory is a word in this reason"),
         action("instance.crashed", "exited with code 1"),
@@ -713,7 +730,7 @@ def test_every_suggestion_at_once_each_with_evidence() -> None:
     )
     rows += [type_row("T", T0 + 20, samples=30, queued=30, qmax=3),
              inst_row("b#0", type="U", states={"ready": 3600.0})]  # fmt: skip
-    acts = [action("instance.draining", MEMORY_REASON, rss_bytes=1, max_rss=1)]
+    acts = [action("instance.draining", MEMORY_REASON, cause="memory", rss_bytes=1, max_rss=1)]
     r = build(rows, acts)
     assert sorted(kinds(r)) == sorted(
         ["raise_instances", "investigate_latency", "memory_restarts", "investigate_errors",
@@ -817,7 +834,7 @@ def test_load_actions_picks_policy_events_of_the_period(tmp_path: Path) -> None:
         (T0 + 3, "instance.state", "a", "a#1", "ready", "backoff", "exited with code 1", None),
         (T0 + 4, "instance.state", "a", "a#1", "backoff", "fatal", "gave up", None),
         (T0 + 5, "instance.health", "a", "a#0", None, None, "unknown -> healthy: probe ok",
-         None),
+         '{"from_health": "unknown", "to_health": "healthy"}'),
         (T0 + 6, "instance.health", "b", "b#0", None, None, "healthy -> unhealthy: 3 failed",
          None),
         (T0 + 7, "engine.registered", "b", None, None, None, "registered", None),

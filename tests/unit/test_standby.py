@@ -3,7 +3,7 @@ decided from plain values (issues 9.7 and 10.17)."""
 
 from __future__ import annotations
 
-from engctl.daemon.requests import InstanceView, Standby, standby
+from engctl.daemon.standby import InstanceView, Standby, standby
 
 
 def v(inst: str, state: str, reason: str = "", next_start: float | None = None) -> InstanceView:

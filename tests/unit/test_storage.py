@@ -24,6 +24,7 @@ from engctl.daemon.registry import Entry, Registry, atomic_write
 from engctl.daemon.storage import Database, WriteHealth, describe, is_disk_full
 from engctl.errors import DaemonUnreachableError, StorageError, UnsafePathError
 from engctl.models import EngineSpec
+from engctl.states import EventKind
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -213,7 +214,7 @@ def test_event_writer_thread_survives_write_errors(
 
     monkeypatch.setattr(EventLog, "_insert", flaky)
     for n in range(3):
-        events.emit("test.event", f"number {n}")
+        events.emit(EventKind.DAEMON_STARTED, f"number {n}")
         asyncio.run(events.flush())
     assert events._thread.is_alive()
     assert [e.reason for e in asyncio.run(events.query())] == ["number 2"]
@@ -237,7 +238,7 @@ def test_event_log_with_a_folder_in_place_of_its_file_starts_afresh(tmp_path: Pa
     path = tmp_path / "events.sqlite3"
     path.mkdir()
     events = EventLog(path, 1000)
-    events.emit("test.event", "after")
+    events.emit(EventKind.DAEMON_STARTED, "after")
     assert [e.reason for e in asyncio.run(events.query())] == ["after"]
     assert "is not a regular file" in events.db.resets[0]["error"]
     events.close()

@@ -2,6 +2,7 @@
 on stderr (a JSON object with `--json`) and a documented exit code (see `engctl.errors`).
 
 Never imports `engctl.daemon`; heavy modules (rich, the client) load inside the commands.
+The rule holds for every module of `engctl.cli` (`tests/unit/test_layering.py` checks it).
 """
 
 from __future__ import annotations

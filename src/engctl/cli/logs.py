@@ -5,7 +5,8 @@ from __future__ import annotations
 import json as jsonlib
 import sys
 import time
-from typing import Annotated, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,10 +14,13 @@ from engctl.cli.app import app
 from engctl.cli.common import JsonFlag, client, emit_json, out
 from engctl.errors import DaemonNotRunningError
 
+if TYPE_CHECKING:
+    from engctl.documents import EventDoc
+
 Follow = Annotated[bool, typer.Option("--follow", "-f", help="Keep printing as it happens.")]
 
 
-def _line(obj: dict[str, Any]) -> None:
+def _line(obj: Mapping[str, Any]) -> None:
     sys.stdout.write(jsonlib.dumps(obj) + "\n")
     sys.stdout.flush()
 
@@ -160,7 +164,7 @@ def events(
         pass
 
 
-def _print_events(past: list[dict[str, Any]], json: bool) -> None:
+def _print_events(past: list[EventDoc], json: bool) -> None:
     from engctl.render.format import event_line
 
     if json:
@@ -172,7 +176,7 @@ def _print_events(past: list[dict[str, Any]], json: bool) -> None:
 
 def _events_from_file(
     engine: str | None, since: float | None, lines: int
-) -> list[dict[str, Any]]:
+) -> list[EventDoc]:
     """What `events.list` answers, from the event log of a home whose daemon is stopped."""
     from engctl import trust
     from engctl.homefiles import read_events

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,6 +14,9 @@ from engctl.cli.app import app
 from engctl.cli.common import JsonFlag, client, console, finite, out, warn
 from engctl.cli.fast import NO_ENGINES as NO_ENGINES  # `list` says it too
 from engctl.cli.fast import status_json
+
+if TYPE_CHECKING:
+    from engctl.documents import StatusDoc
 
 TypeOpt = Annotated[str | None, typer.Option("--type", help="Only engines of this type.")]
 LabelOpt = Annotated[
@@ -51,8 +54,8 @@ def status(
         return
     c = client()
 
-    def fetch() -> dict[str, Any]:
-        result: dict[str, Any] = c.call(
+    def fetch() -> StatusDoc:
+        result: StatusDoc = c.call(
             "status.get", names=names or None, type=type_, labels=labels or None
         )
         return result
@@ -94,7 +97,7 @@ def _labels(values: list[str]) -> list[str]:
     return values
 
 
-def _watch_json(fetch: Callable[[], dict[str, Any]], interval: float) -> None:
+def _watch_json(fetch: Callable[[], StatusDoc], interval: float) -> None:
     """`status --watch --json`: one compact status document per line and refresh (NDJSON)."""
     import json as jsonlib
 

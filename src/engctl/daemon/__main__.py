@@ -1,4 +1,7 @@
-"""`python -m engctl.daemon`: what the CLI spawns to start a background daemon."""
+"""`python -m engctl.daemon`: what the CLI spawns to start a background daemon.
+
+Imports `main` only, after blocking what the daemon must never load.
+"""
 
 import sys
 

@@ -1,76 +1,53 @@
-"""The daemon's whole RPC surface: `noun.verb` methods over the supervisor and the registry.
+"""The daemon's whole RPC surface: every `noun.verb` method bound to what answers it (`handlers`),
+and the calls of the session, the daemon, requests, metrics and reading (status, events, logs,
+policies). The `engine.*` and `instance.*` calls are `engine_calls`'.
 
-Parameters are checked here (wrong types raise InvalidParamsError); behaviour lives in
-`supervisor`. Each mutating call persists the registry before it answers.
+Parameters are checked here (`params`: wrong types raise InvalidParamsError); behaviour lives in
+the parts it calls. Imports neither the failure policies nor the supervision's internals.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
 from engctl import __version__, protocol
 from engctl.errors import (
-    EngineNotFoundError,
     IncompatibleDaemonError,
     InvalidParamsError,
-    SpecError,
-    StorageError,
-    UsageError,
 )
 from engctl.homefiles import tail_logs
-from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
+from engctl.models import (
+    ONESHOT_INDEX,
+    instance_id,
+    parse_instance_ref,
+    split_instance_id,
+)
 from engctl.paths import Paths
 from engctl.policy_config import effective_policy
-from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState
+from engctl.states import EngineMode
 
 from . import allow_ssl
-from .dispatch import parse_label
-from .enforcer import Enforcer
+from .engine_calls import EngineCalls
 from .events import Event, EventLog
 from .logs import InstanceLog
-from .metrics import Rollups, prometheus_text, snapshot
-from .registry import Entry, Registry
-from .requests import Router
+from .metrics import Rollups
+from .params import param, str_list
+from .prometheus import prometheus_text, snapshot
+from .registry import Registry
+from .router import Router
 from .server import Connection, Handler, Reply
-from .supervisor import Engine, Instance, Supervisor
+from .supervisor import Supervisor
 
-
-def _get(
-    params: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...
-) -> Any:
-    if key not in params or params[key] is None:
-        if default is ...:
-            raise InvalidParamsError(f"missing parameter {key!r}")
-        return default
-    value = params[key]
-    if kind in (int, float, (int, float)):
-        # One numeric check for every edge: no bool, nan, inf (JSON's 1e999).
-        return protocol.number(f"parameter {key!r}", value, integer=kind is int)
-    if not isinstance(value, kind):
-        raise InvalidParamsError(f"parameter {key!r} has the wrong type: {value!r}")
-    return value
-
-
-def _up(engine: Engine) -> bool:
-    """Whether an engine is wanted running or still has a process."""
-    return engine.desired is DesiredState.RUNNING or any(
-        i.state is not InstanceState.STOPPED for i in engine.instances
-    )
-
-
-def _str_list(params: dict[str, Any], key: str, default: Any = ...) -> list[str]:
-    value = _get(params, key, list, default)
-    if value is not None and not all(isinstance(v, str) for v in value):
-        raise InvalidParamsError(f"parameter {key!r} must be a list of strings")
-    return value  # type: ignore[no-any-return]
+if TYPE_CHECKING:
+    from engctl.documents import EventsDoc, LiveDoc, StatusDoc
 
 
 class DaemonControl(Protocol):
@@ -81,34 +58,23 @@ class DaemonControl(Protocol):
     async def reload(self) -> dict[str, Any]: ...
 
 
+@dataclass(eq=False)
 class Api:
     """Binds RPC method names to the daemon's parts."""
 
+    paths: Paths
+    sup: Supervisor
+    engines: EngineCalls  # the `engine.*` and `instance.*` calls
+    registry: Registry
+    events: EventLog
+    router: Router
+    request_shutdown: Callable[[], None]
+    rollups: Rollups | None = None
     # Set by the daemon: `daemon.config` and `daemon.reload` go to it.
-    control: DaemonControl | None = None
-
-    def __init__(
-        self,
-        paths: Paths,
-        supervisor: Supervisor,
-        registry: Registry,
-        events: EventLog,
-        router: Router,
-        enforcer: Enforcer,
-        request_shutdown: Callable[[], None],
-        rollups: Rollups | None = None,
-    ) -> None:
-        self.rollups = rollups
-        self._prometheus_ready = False
-        self.paths = paths
-        self.router = router
-        self.enforcer = enforcer
-        self.sup = supervisor
-        self.registry = registry
-        self.events = events
-        self.request_shutdown = request_shutdown
-        self.started_at = time.time()
-        self._self_proc = psutil.Process()
+    control: DaemonControl | None = field(default=None, init=False)
+    started_at: float = field(default_factory=time.time, init=False)
+    _self_proc: psutil.Process = field(default_factory=psutil.Process, init=False)
+    _prometheus_ready: bool = field(default=False, init=False)
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -117,34 +83,29 @@ class Api:
             "daemon.stop": self.daemon_stop,
             "daemon.config": self.daemon_config,
             "daemon.reload": self.daemon_reload,
-            "engine.register": self.register,
-            "engine.apply": self.apply,
-            "engine.unregister": self.unregister,
-            "engine.list": self.list_engines,
-            "engine.export": self.export,
-            "engine.start": self.start,
-            "engine.stop": self.stop,
-            "engine.restart": self.restart,
-            "engine.scale": self.scale,
+            "engine.register": self.engines.register,
+            "engine.apply": self.engines.apply,
+            "engine.unregister": self.engines.unregister,
+            "engine.list": self.engines.list_engines,
+            "engine.export": self.engines.export,
+            "engine.start": self.engines.start,
+            "engine.stop": self.engines.stop,
+            "engine.restart": self.engines.restart,
+            "engine.scale": self.engines.scale,
             "status.get": self.status,
             "events.list": self.events_list,
             "events.follow": self.events_follow,
             "logs.read": self.logs_read,
             "logs.follow": self.logs_follow,
             "request.exec": self.request_exec,
-            "instance.isolate": self.isolate,
-            "instance.drain": self.drain,
-            "instance.restore": self.restore,
+            "instance.isolate": self.engines.isolate,
+            "instance.drain": self.engines.drain,
+            "instance.restore": self.engines.restore,
             "policy.show": self.policy_show,
             "metrics.get": self.metrics_get,
             "metrics.live": self.metrics_live,
             "metrics.flush": self.metrics_flush,
         }
-
-    async def _persist(self) -> None:
-        """After a change to the engines: keep dispatch in step, then make it durable."""
-        self.router.engines_changed()
-        await self.registry.save()
 
     # -- requests --------------------------------------------------------------------------
     def request_exec(self, params: dict[str, Any], conn: Connection) -> Reply:
@@ -153,7 +114,7 @@ class Api:
 
     # -- session and daemon ----------------------------------------------------------------
     def hello(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        theirs = _get(params, "protocol", int)
+        theirs = param(params, "protocol", int)
         if theirs != protocol.PROTOCOL_VERSION:
             raise IncompatibleDaemonError(
                 f"the daemon speaks protocol {protocol.PROTOCOL_VERSION} (engctl {__version__}),"
@@ -240,327 +201,10 @@ class Api:
         asyncio.get_running_loop().call_soon(self.request_shutdown)
         return {"stopping": True, "pid": os.getpid()}
 
-    # -- registration ----------------------------------------------------------------------
-    def _parse_specs(self, params: dict[str, Any]) -> list[EngineSpec]:
-        raw = _get(params, "engines", dict)
-        specs = [EngineSpec.from_dict(name, data) for name, data in raw.items()]
-        if not specs:
-            raise SpecError("no engines given (expected at least one [engines.NAME] table)")
-        return specs
-
-    async def _register_all(
-        self, specs: list[EngineSpec], start: bool, prune: bool
-    ) -> dict[str, Any]:
-        incoming = {s.name: s for s in specs}
-        after = {n: e.spec for n, e in self.sup.engines.items()}
-        if prune:
-            after = {n: s for n, s in after.items() if n in incoming}
-        after.update(incoming)
-        order = check_dependencies(after)  # unknown dependency or cycle: nothing is applied
-        results: list[dict[str, Any]] = []
-        removed: list[str] = []
-        removals = self._removal_order(set(self.sup.engines) - set(incoming)) if prune else []
-        desired = DesiredState.RUNNING if start else DesiredState.STOPPED
-        # Durable before anything changes: a registration the disk refuses leaves nothing
-        # behind (StorageError), and an acknowledged one survives kill -9.
-        staged: dict[str, Entry | None] = dict.fromkeys(removals)
-        for name, spec in incoming.items():
-            current = self.sup.engines.get(name)
-            if current is None:
-                staged[name] = Entry(spec, desired)
-            elif current.spec != spec:
-                staged[name] = dataclasses.replace(current.to_entry(), spec=spec)
-        to_start: list[Engine] = []
-        async with self.registry.staged(staged):
-            for name in removals:
-                await self._unregister_one(name)
-                removed.append(name)
-            for name in order:
-                if name not in incoming:
-                    continue
-                spec = incoming[name]
-                engine = self.sup.engines.get(name)
-                if engine is None:
-                    engine = self.sup.add_engine(spec, desired, set())
-                    self.events.emit("engine.registered", "registered", engine=name)
-                    results.append({"name": name, "action": "created", "detail": "registered"})
-                    if start:
-                        to_start.append(engine)
-                elif engine.spec == spec:
-                    results.append({"name": name, "action": "unchanged", "detail": "same spec"})
-                else:
-                    changed = sorted(spec.changed_fields(engine.spec))
-                    async with engine.lock:
-                        detail = await self.sup.update_engine(engine, spec)
-                    self.events.emit(
-                        "engine.updated",
-                        f"changed {', '.join(changed)}: {detail}",
-                        engine=name,
-                    )
-                    results.append(
-                        {"name": name, "action": "updated", "detail": detail, "changed": changed}
-                    )
-            self.router.engines_changed()
-        for engine in to_start:
-            # Dependencies first: `order` is topological.
-            await self.sup.start_engine(engine, "registered")
-        return {"engines": results, "removed": removed}
-
-    async def register(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        specs = self._parse_specs(params)
-        return await self._register_all(specs, _get(params, "start", bool, True), prune=False)
-
-    async def apply(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        specs = self._parse_specs(params)
-        return await self._register_all(
-            specs, _get(params, "start", bool, True), prune=_get(params, "prune", bool, False)
-        )
-
-    def _removal_order(self, names: set[str]) -> list[str]:
-        """`names` in a safe removal order (dependents first); refuse if a kept engine needs one."""
-        for name in sorted(names):
-            self._engine(name)  # all must exist before anything is removed
-        for e in self.sup.engines.values():
-            needed = sorted(set(e.spec.depends_on) & names)
-            if needed and e.spec.name not in names:
-                raise SpecError(
-                    f"cannot unregister {needed[0]!r}: {e.spec.name!r} depends on it"
-                    f" (unregister {e.spec.name!r} too, or drop the dependency first)"
-                )
-        order = check_dependencies({n: e.spec for n, e in self.sup.engines.items()})
-        return [n for n in reversed(order) if n in names]
-
-    async def _unregister_one(self, name: str) -> None:
-        engine = self._engine(name)
-        async with engine.lock:
-            await self.sup.remove_engine(engine)
-        self.events.emit("engine.unregistered", "unregistered", engine=name)
-
-    async def unregister(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        names = _str_list(params, "names")
-        removed = []
-        order = self._removal_order(set(names))
-        async with self.registry.staged(dict.fromkeys(order)):
-            for name in order:
-                await self._unregister_one(name)
-                removed.append(name)
-            self.router.engines_changed()
-        return {"removed": removed}
-
-    def _chosen(self, params: dict[str, Any]) -> list[Engine]:
-        """The engines `names` (all when none; an unknown one is an error), narrowed to
-        `type` and to every `labels` pair (`k=v`), in name order."""
-        names = _str_list(params, "names", None)
-        type_ = _get(params, "type", str, None)
-        try:
-            labels = [parse_label(t) for t in _str_list(params, "labels", None) or []]
-        except UsageError as exc:
-            raise InvalidParamsError(exc.message) from None
-        engines = (
-            [self._engine(n) for n in dict.fromkeys(names)]
-            if names
-            else [self.sup.engines[n] for n in sorted(self.sup.engines)]
-        )
-        wanted = self.sup.index.find(type_, labels)
-        return engines if wanted is None else [e for e in engines if e.spec.name in wanted]
-
-    def list_engines(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        out = []
-        for e in self._chosen(params):
-            s = e.spec
-            out.append(
-                {
-                    "name": s.name,
-                    "type": s.type,
-                    "mode": s.mode.value,
-                    # As `status` counts them: a oneshot engine has no long-running instances.
-                    "instances": s.instances if s.mode.long_running else 0,
-                    "max_concurrency": s.max_concurrency,
-                    "desired": e.desired.value,
-                    "command": list(s.command),
-                    "capabilities": list(s.capabilities),
-                    "labels": dict(s.labels),
-                    "weight": s.weight,
-                    "depends_on": list(s.depends_on),
-                    "version": s.version,
-                    "registered_at": e.registered_at,
-                }
-            )
-        return {"engines": out}
-
-    def export(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        names = _str_list(params, "names", None) or sorted(self.sup.engines)
-        return {"engines": {n: self._engine(n).spec.to_dict() for n in names}}
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def _engine(self, name: str) -> Engine:
-        try:
-            return self.sup.engines[name]
-        except KeyError:
-            known = ", ".join(sorted(self.sup.engines)) or "none registered"
-            raise EngineNotFoundError(f"unknown engine {name!r} (known: {known})") from None
-
-    def _targets(self, params: dict[str, Any]) -> list[tuple[Engine, list[Instance] | None]]:
-        """Resolve NAME or NAME#K refs; None means the whole engine. All must exist."""
-        refs = _str_list(params, "targets")
-        if not refs:
-            raise InvalidParamsError("no engine or instance given")
-        out: list[tuple[Engine, list[Instance] | None]] = []
-        for ref in refs:
-            name, idx = parse_instance_ref(ref)
-            engine = self._engine(name)
-            out.append((engine, None if idx is None else [self.sup.instance(engine, idx)]))
-        return out
-
-    async def start(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        started: list[str] = []
-        for engine, insts in self._targets(params):
-            async with engine.lock:
-                if insts is None:
-                    engine.stopped_instances.clear()
-                    started += await self.sup.start_engine(engine, "started by user")
-                else:
-                    if engine.desired is DesiredState.STOPPED:
-                        # Only the named instances come up; the others stay stopped, also
-                        # after a daemon restart.
-                        engine.stopped_instances.update(i.index for i in engine.instances)
-                    for inst in insts:
-                        engine.stopped_instances.discard(inst.index)
-                    started += await self.sup.start_engine(
-                        engine, "started by user", [i.index for i in insts]
-                    )
-        await self._persist()
-        return {"started": started}
-
-    async def stop(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        wait = _get(params, "wait", bool, True)
-        refuse = _get(params, "no_dependents", bool, False)
-        targets = self._targets(params)
-        whole = [engine for engine, insts in targets if insts is None]
-        names = {e.spec.name for e in whole}
-        # systemd's order: what depends on a stopping engine stops first (stopping one instance
-        # leaves the engine serving, so only whole engines count).
-        dependents = [e for e in self.sup.dependents(names) if _up(e)]
-        if dependents and refuse:
-            listed = ", ".join(repr(e.spec.name) for e in dependents)
-            raise UsageError(
-                f"not stopping {', '.join(sorted(names))}: {listed}"
-                f" {'depends' if len(dependents) == 1 else 'depend'} on it and"
-                f" {'is' if len(dependents) == 1 else 'are'} running (stop"
-                f" {'it' if len(dependents) == 1 else 'them'} first, or leave out"
-                " --no-dependents to stop them too)",
-                {"dependents": [e.spec.name for e in dependents]},
-            )
-        before = [
-            (engine, engine.desired, set(engine.stopped_instances))
-            for engine in [e for e, _ in targets] + dependents
-        ]
-        for engine, insts in targets:
-            if insts is None:
-                engine.desired = DesiredState.STOPPED
-            else:
-                engine.stopped_instances.update(i.index for i in insts)
-        for engine in dependents:
-            engine.desired = DesiredState.STOPPED
-        # The wish is durable before any signal is sent: a restarted daemon will not undo it.
-        try:
-            await self._persist()
-        except StorageError:
-            for engine, desired, stopped_set in before:  # not durable: nothing is stopped
-                engine.desired, engine.stopped_instances = desired, stopped_set
-            raise
-        for engine in whole:
-            mine = [e.spec.name for e in self.sup.dependents({engine.spec.name}) if e in dependents]
-            if mine:
-                verb = "it depends" if len(mine) == 1 else "they depend"
-                self.events.emit(
-                    "engine.stopping_dependents",
-                    f"stopping {', '.join(mine)} first: {verb} on {engine.spec.name}",
-                    engine=engine.spec.name,
-                    data={"dependents": mine},
-                )
-        stopped = await self.sup.stop_engines(
-            dependents + whole,
-            "stopped by user (dependents first)" if dependents else "stopped by user",
-            wait,
-        )
-        results = await asyncio.gather(
-            *(
-                self.sup.stop_instances(insts, "stopped by user", wait)
-                for _engine, insts in targets
-                if insts is not None
-            )
-        )
-        return {
-            "stopped": stopped + [i for r in results for i in r],
-            "waited": wait,
-            "dependents": [e.spec.name for e in dependents],
-        }
-
-    async def restart(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        targets = self._targets(params)
-        restarted: list[str] = []
-        for engine, insts in targets:
-            async with engine.lock:
-                chosen = engine.instances if insts is None else insts
-                if insts is None:
-                    engine.stopped_instances.clear()
-                else:
-                    if engine.desired is DesiredState.STOPPED:
-                        engine.stopped_instances.update(i.index for i in engine.instances)
-                    engine.stopped_instances.difference_update(i.index for i in insts)
-                # Each running instance drains first: a restart loses no request.
-                restarted += await self.sup.restart_instances(
-                    engine, chosen, "restart requested by user"
-                )
-        await self._persist()
-        return {"restarted": restarted}
-
-    async def scale(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        engine = self._engine(_get(params, "name", str))
-        n = _get(params, "instances", int)
-        if not engine.spec.mode.long_running:
-            raise SpecError(f"engine {engine.spec.name!r} is oneshot: it has no instances to scale")
-        async with engine.lock:
-            detail = await self.sup.scale_engine(engine, n)
-        await self._persist()
-        return {"name": engine.spec.name, "instances": n, "detail": detail}
-
-    # -- manual overrides (win over policies until restored; persisted) ---------------------
-    def _override_targets(self, params: dict[str, Any]) -> list[Instance]:
-        insts: list[Instance] = []
-        for engine, chosen in self._targets(params):
-            if not engine.spec.mode.long_running:
-                raise InvalidParamsError(
-                    f"{engine.spec.name} is a oneshot engine: it has no instances to"
-                    " isolate, drain or restore"
-                )
-            insts += engine.instances if chosen is None else chosen
-        return insts
-
-    async def _override(
-        self, params: dict[str, Any], eligibility: Eligibility | None
-    ) -> dict[str, Any]:
-        reason = _get(params, "reason", str, None) or ""
-        insts = self._override_targets(params)
-        for inst in insts:
-            self.enforcer.set_manual(inst, eligibility, reason)
-        await self._persist()
-        return {"instances": [i.to_json() for i in insts]}
-
-    async def isolate(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        return await self._override(params, Eligibility.ISOLATED)
-
-    async def drain(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        return await self._override(params, Eligibility.DRAINING)
-
-    async def restore(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        return await self._override(params, None)
-
     def policy_show(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        names = _str_list(params, "names", None)
+        names = str_list(params, "names", None)
         engines = (
-            [self._engine(n) for n in names]
+            [self.engines.engine(n) for n in names]
             if names
             else [self.sup.engines[n] for n in sorted(self.sup.engines)]
         )
@@ -633,7 +277,7 @@ class Api:
         await self.events.flush()
         return {"rows": rows}
 
-    def metrics_live(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+    def metrics_live(self, params: dict[str, Any], conn: Connection) -> LiveDoc:
         host = self.rollups.host if self.rollups is not None else None
         return {
             "instances": self.rollups.recent() if self.rollups is not None else {},
@@ -648,15 +292,15 @@ class Api:
         }
 
     # -- reading ---------------------------------------------------------------------------
-    def status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        return {"engines": [e.to_json() for e in self._chosen(params)]}
+    def status(self, params: dict[str, Any], conn: Connection) -> StatusDoc:
+        return {"engines": [e.to_json() for e in self.engines.chosen(params)]}
 
-    async def events_list(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        engine = _get(params, "engine", str, None)
+    async def events_list(self, params: dict[str, Any], conn: Connection) -> EventsDoc:
+        engine = param(params, "engine", str, None)
         if engine is not None:
-            self._engine(engine)
-        since = _get(params, "since", (int, float), None)
-        limit = _get(params, "limit", int, 100)
+            self.engines.engine(engine)
+        since = param(params, "since", (int, float), None)
+        limit = param(params, "limit", int, 100)
         # SQLite takes 64-bit integers: a larger limit means "all", a time is a float.
         events = await self.events.query(
             engine=engine,
@@ -666,9 +310,9 @@ class Api:
         return {"events": [e.to_json() for e in events]}
 
     def events_follow(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        engine = _get(params, "engine", str, None)
+        engine = param(params, "engine", str, None)
         if engine is not None:
-            self._engine(engine)
+            self.engines.engine(engine)
 
         def push(ev: Event) -> None:
             if engine is None or ev.engine == engine:
@@ -681,10 +325,11 @@ class Api:
     def _log_targets(self, ref: str) -> list[tuple[str, InstanceLog]]:
         """(id, log) of each log a NAME or NAME#K names; a oneshot engine (NAME, or
         NAME#oneshot as in reports) has one log for all its runs."""
-        name, idx = parse_instance_ref(ref.removesuffix("#oneshot"))
-        engine = self._engine(name)
+        name, index = split_instance_id(ref)
+        idx = None if index == ONESHOT_INDEX else parse_instance_ref(ref)[1]
+        engine = self.engines.engine(name)
         if engine.oneshot_log is not None and idx is None:
-            return [(f"{name}#oneshot", engine.oneshot_log)]
+            return [(instance_id(name, None), engine.oneshot_log)]
         insts = engine.instances if idx is None else [self.sup.instance(engine, idx)]
         return [(i.id, i.log) for i in insts]
 
@@ -697,13 +342,13 @@ class Api:
         return tail_logs(sources, lines)
 
     async def logs_read(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        insts = self._log_targets(_get(params, "target", str))
-        lines = _get(params, "lines", int, 50)
+        insts = self._log_targets(param(params, "target", str))
+        lines = param(params, "lines", int, 50)
         return {"lines": await asyncio.to_thread(self._tail, insts, max(0, lines))}
 
     def logs_follow(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-        insts = self._log_targets(_get(params, "target", str))
-        lines = max(0, _get(params, "lines", int, 10))
+        insts = self._log_targets(param(params, "target", str))
+        lines = max(0, param(params, "lines", int, 10))
         # Read on the loop (bounded: `lines` × 512 bytes per file) so no line slips between
         # the tail and the subscription.
         tail = self._tail(insts, lines)

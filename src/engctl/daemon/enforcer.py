@@ -2,9 +2,15 @@
 decide, and keeps each instance's health, eligibility and effective weight in step with
 dispatch.
 
-Observations arrive from the router (request errors, overdue requests), the monitor (RSS and
-CPU samples), health probes (one timer per instance) and a periodic tick (error rates,
-latency against peers, isolation ends, slow start). Every action is an event with its reason.
+Observations arrive from the router (request errors), the dispatcher's channels (requests
+left unanswered, pings), the monitor (RSS and CPU samples), health probes (one timer per
+instance) and a periodic tick (error rates, latency against peers, isolation ends, slow
+start). Every action is an event with its reason. The policies' state of each instance is
+its own (`PolicyState`), started afresh when it sees `starting`.
+
+Must not import the router or the membership: it hears of them through the hooks wired in
+`main`, and acts through the supervisor and the dispatcher's channels (pings). One piece
+past 600 lines: every policy's action changes the same standing under the same guard rail.
 """
 
 from __future__ import annotations
@@ -13,31 +19,44 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engctl.config import DaemonConfig
 from engctl.models import DEFAULT_TYPE, expand_index
 from engctl.policy_config import PolicySpec
-from engctl.states import Eligibility, EngineMode, Health, InstanceState, OnUnhealthy
+from engctl.states import (
+    DrainCause,
+    Eligibility,
+    EngineMode,
+    EventKind,
+    Health,
+    InstanceState,
+    OnUnhealthy,
+)
 
 from .events import EventLog
 from .health import ping_probe, probe_env, run_probe
+from .instance import Engine, Instance
+from .monitor import Sample
 from .policies import (
     Action,
     Decision,
     HealthChange,
+    PolicyState,
     guard_rail,
     hang_suspected,
     hang_verdict,
     peer_median,
 )
-from .supervisor import Instance, Sample, Supervisor
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from .requests import Router
+    from .dispatch import Dispatcher
 
 log = logging.getLogger("engctl.enforcer")
+Clock = Callable[[], float]
 
 S = InstanceState
 # Probes in flight at once, daemon-wide: a thousand instances must not fork a thousand checks.
@@ -45,17 +64,30 @@ MAX_CONCURRENT_PROBES = 16
 _IN_SERVICE = (Eligibility.ACTIVE, Eligibility.DOWNWEIGHTED)
 # Taken out of service by a policy or a person: what the guard rail counts.
 _TAKEN_OUT = (Eligibility.ISOLATED, Eligibility.DRAINING)
-_DISPATCHABLE = (InstanceState.READY, InstanceState.BUSY)
+_DISPATCHABLE = (InstanceState.READY,)
+
+
+class StandingListener(Protocol):
+    """Who hears of each new verdict (eligibility, effective weight): the selection pool."""
+
+    def standing_changed(self, inst: Instance) -> None: ...
 
 
 class Enforcer:
     """Applies every engine's effective policy to its instances."""
 
     def __init__(
-        self, sup: Supervisor, router: Router, config: DaemonConfig, events: EventLog
+        self,
+        sup: Supervisor,
+        channels: Dispatcher,
+        config: DaemonConfig,
+        events: EventLog,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.sup = sup
-        self.router = router
+        self.clock = clock  # monotonic, the `now` of every decision (the loop's own clock)
+        self.channels = channels  # the workers' pipes: pings, unanswered requests
+        self.listener: StandingListener | None = None  # wired by the daemon (main.py)
         self.config = config
         self.events = events
         self.loop = sup.loop
@@ -66,12 +98,34 @@ class Enforcer:
         self._hang_checks: set[Instance] = set()
         self._returning: set[Instance] = set()
         self._guard_notes: set[Instance] = set()  # kept in service by the guard rail now
+        # The policies' own state of each instance (trackers, standing), gone with it.
+        self._states: weakref.WeakKeyDictionary[Instance, PolicyState] = weakref.WeakKeyDictionary()
         self._closed = False
         self._timer = self.loop.call_later(config.policy_interval, self._tick)
-        router.enforcer = self
 
     def policy(self, inst: Instance) -> PolicySpec:
         return inst.engine.policy(self.config.policy)
+
+    def _state(self, inst: Instance) -> PolicyState:
+        st = self._states.get(inst)
+        if st is None:
+            st = self._states[inst] = PolicyState()
+        return st
+
+    def overrides(self, engine: Engine) -> dict[int, dict[str, Any]]:
+        """The manual overrides of `engine`'s instances by index (kept in the registry)."""
+        out: dict[int, dict[str, Any]] = {}
+        for inst in engine.instances:
+            st = self._states.get(inst)
+            manual = st.standing.manual if st is not None else None
+            if st is not None and manual is not None:
+                standing = st.standing
+                out[inst.index] = {
+                    "eligibility": manual.value,
+                    "reason": standing.manual_reason,
+                    "since": standing.manual_since,
+                }
+        return out
 
     def close(self) -> None:
         """Stop every timer and probe (daemon shutdown)."""
@@ -93,12 +147,19 @@ class Enforcer:
         if not task.cancelled() and task.exception() is not None:
             log.error("policy task failed", exc_info=task.exception())
 
-    def _emit(self, inst: Instance, kind: str, reason: str, **data: Any) -> None:
+    def _emit(self, inst: Instance, kind: EventKind, reason: str, **data: Any) -> None:
         self.events.emit(kind, reason, engine=inst.spec.name, instance=inst.id, data=data or None)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
-        """From the router: a process came up or went away."""
+        """From supervision (through the membership): a process came up or went away."""
+        st = self._state(inst)
+        if new is S.STARTING:
+            # A new process: the trackers start afresh (the supervisor knows none of them).
+            st.new_process(self.clock())
+            inst.health_reason = ""
+        elif not new.has_process:
+            st.standing.draining_reason = ""  # a drain ends with its process
         if new is S.READY and old in (S.STARTING, S.WARMING):
             self._arm_probe(inst, inst.spec.health.interval)
         elif not new.has_process:
@@ -110,8 +171,9 @@ class Enforcer:
     # -- eligibility ---------------------------------------------------------------------------
     def refresh(self, inst: Instance, announce: bool = True) -> None:
         """Recompute health, eligibility and effective weight, and tell dispatch."""
-        now = self.loop.time()
-        standing = inst.standing
+        now = self.clock()
+        st = self._state(inst)
+        standing = st.standing
         elig, reason, weight, until = standing.resolve(
             now, inst.spec.weight, self.policy(inst).failing.slow_start
         )
@@ -119,7 +181,7 @@ class Enforcer:
             # Nothing to pick, whatever the policies think of it: say which state and why.
             elig, weight, until = Eligibility.UNAVAILABLE, 0.0, None
             reason = f"{inst.state.value}: {inst.state_reason}"
-        probed = inst.health_check.state
+        probed = st.health.state
         if not inst.state.has_process:
             health = Health.UNKNOWN
         elif standing.slow_multiplier < 1.0 and probed in (Health.HEALTHY, Health.UNKNOWN):
@@ -132,16 +194,18 @@ class Enforcer:
         inst.eligibility_reason = reason
         inst.effective_weight = weight
         inst.isolated_until = None if until is None else time.time() + (until - now)
+        inst.isolations = st.failures.isolations
         # To and from unavailable follows a state change, which is an event of its own.
         if announce and elig is not old and Eligibility.UNAVAILABLE not in (elig, old):
             self._emit(
                 inst,
-                "instance.eligibility",
+                EventKind.INSTANCE_ELIGIBILITY,
                 f"{old.value} -> {elig.value}: {reason or 'full weight'}",
                 from_eligibility=old.value,
                 to_eligibility=elig.value,
             )
-        self.router.candidate_changed(inst)
+        if self.listener is not None:
+            self.listener.standing_changed(inst)
 
     def _serving(self, inst: Instance) -> tuple[list[Instance], str]:
         """The guard rail's group of `inst` and its name: the instances that serve its type,
@@ -180,11 +244,13 @@ class Enforcer:
                 f" instances of {group} are already out"
                 f" (max_isolated_percent {pct:g}% allows {cap})"
             )
-            self._emit(inst, "policy.guard_rail", note, isolated=isolated, serving=len(serving))
+            self._emit(
+                inst, EventKind.POLICY_GUARD_RAIL, note, isolated=isolated, serving=len(serving)
+            )
         return False
 
     def _isolate(self, inst: Instance, decision: Decision, now: float) -> None:
-        standing = inst.standing
+        standing = self._state(inst).standing
         if standing.isolated_until is not None or standing.manual is not None:
             return
         if inst.eligibility not in _IN_SERVICE:
@@ -198,20 +264,22 @@ class Enforcer:
         self, inst: Instance, reason: str, now: float, data: dict[str, Any]
     ) -> None:
         """Isolate for base × n (capped); the next one will last longer."""
-        length = inst.failures.isolation_length(self.policy(inst).failing)
-        inst.failures.isolated(now)
+        st = self._state(inst)
+        length = st.failures.isolation_length(self.policy(inst).failing)
+        st.failures.isolated(now)
+        inst.isolations = st.failures.isolations
         inst.isolations_total += 1
         inst.stats.consecutive_errors = 0
-        standing = inst.standing
+        standing = st.standing
         standing.isolated_until = now + length
         standing.isolation_reason = reason
         standing.slow_start_since = None
         self._emit(
             inst,
-            "instance.isolated",
+            EventKind.INSTANCE_ISOLATED,
             f"isolated for {length:g}s: {reason}",
             seconds=length,
-            isolations=inst.failures.isolations,
+            isolations=st.failures.isolations,
             **data,
         )
 
@@ -221,11 +289,11 @@ class Enforcer:
         inst = self.sup.find_instance(inst_id)
         if inst is None:
             return
-        decision = inst.failures.on_errors(
+        decision = self._state(inst).failures.on_errors(
             inst.stats.consecutive_errors, inst.stats.last_error, self.policy(inst).failing
         )
         if decision is not None:
-            self._isolate(inst, decision, self.loop.time())
+            self._isolate(inst, decision, self.clock())
 
     def _watch_hang(self, inst: Instance) -> None:
         """The hang policy, each tick: a request unanswered for the engine's hang_timeout
@@ -236,21 +304,21 @@ class Enforcer:
         hang = self.policy(inst).hang
         if not hang.enabled or inst.spec.mode is not EngineMode.WORKER:
             return
-        if not hang_suspected(self.router.unanswered_ages(inst), inst.spec.hang_timeout):
+        if not hang_suspected(self.channels.unanswered_ages(inst), inst.spec.hang_timeout):
             return
         self._hang_checks.add(inst)
         self._spawn(self._check_hang(inst, inst.proc.pid, hang.ping_timeout))
 
     async def _check_hang(self, inst: Instance, pid: int, ping_timeout: float) -> None:
         try:
-            heard = self.router.channel_last_read(inst)
-            passed, _ = await ping_probe(self.router.ping_sender(inst), ping_timeout)
+            heard = self.channels.last_read(inst)
+            passed, _ = await ping_probe(self.channels.ping_sender(inst), ping_timeout)
             if inst.pid != pid or not inst.state.is_running:
                 return
             # Answers to other requests while the ping waited: alive, if busy.
-            alive = passed or self.router.channel_last_read(inst) > heard
+            alive = passed or self.channels.last_read(inst) > heard
             decision = hang_verdict(
-                self.router.unanswered_ages(inst),
+                self.channels.unanswered_ages(inst),
                 inst.spec.hang_timeout,
                 ping_timeout,
                 alive,
@@ -259,7 +327,7 @@ class Enforcer:
             if decision is None:
                 return
             if decision.action is Action.KILL:
-                self._emit(inst, "instance.hung", decision.reason, **decision.data)
+                self._emit(inst, EventKind.INSTANCE_HUNG, decision.reason, **decision.data)
                 self.sup.kill_hung(inst, decision.reason)
             elif not inst.restarting:
                 # Nothing to drain for those requests: their callers gave up already.
@@ -270,7 +338,7 @@ class Enforcer:
     # -- monitor samples -----------------------------------------------------------------------
     def samples_taken(self, samples: dict[str, Sample]) -> None:
         """RSS and CPU of running instances: the memory and CPU policies."""
-        now = self.loop.time()
+        now = self.clock()
         for inst in self.sup.all_instances():
             sample = samples.get(inst.id)
             if sample is None or sample.pid != inst.pid or not inst.state.is_running:
@@ -279,15 +347,16 @@ class Enforcer:
                 continue
             policy = self.policy(inst)
             limits = inst.spec.limits
-            decision = inst.memory.observe(now, sample.rss_bytes, limits.max_rss, policy.memory)
+            st = self._state(inst)
+            decision = st.memory.observe(now, sample.rss_bytes, limits.max_rss, policy.memory)
             if decision is None:
-                decision = inst.cpu.observe(
+                decision = st.cpu.observe(
                     now, sample.cpu_percent, limits.max_cpu_percent, policy.cpu
                 )
             if decision is None:
                 continue
             if decision.action is Action.WARN:
-                self._emit(inst, "instance.cpu", decision.reason, **decision.data)
+                self._emit(inst, EventKind.INSTANCE_CPU, decision.reason, **decision.data)
             else:
                 self._drain_restart(inst, decision, policy.memory.drain_timeout)
 
@@ -297,12 +366,13 @@ class Enforcer:
         if inst.restarting or inst.draining:
             return
         inst.restarting = True  # at once: the next sample must not ask a second time
+        data = (
+            decision.data if decision.cause is None else {**decision.data, "cause": decision.cause}
+        )
 
         async def restart() -> None:
             try:
-                await self.sup.restart_instance(
-                    inst, decision.reason, timeout=timeout, data=decision.data
-                )
+                await self.sup.restart_instance(inst, decision.reason, timeout=timeout, data=data)
             finally:
                 inst.restarting = False
 
@@ -337,13 +407,13 @@ class Enforcer:
         env = probe_env(spec, inst.id, inst.pid, self.sup.paths.daemon_id)
         async with self._sem:
             return await run_probe(
-                check, spec, spec.health.timeout, self.router.ping_sender(inst), env
+                check, spec, spec.health.timeout, self.channels.ping_sender(inst), env
             )
 
     async def _probe(self, inst: Instance) -> None:
         pid = inst.pid
         try:
-            started = self.router.channel_last_read(inst)
+            started = self.channels.last_read(inst)
             passed, detail = await self._check(inst)
             if inst.pid != pid or not inst.state.is_running:
                 return
@@ -351,12 +421,12 @@ class Enforcer:
                 not passed
                 and inst.spec.health.check == "ping"
                 and inst.stats.in_flight > 0
-                and self.router.channel_last_read(inst) > started
+                and self.channels.last_read(inst) > started
             ):
                 # A worker busy with requests answers them, not pings: it is alive.
                 passed, detail = True, "busy (answered requests while the ping waited)"
-            now = self.loop.time()
-            change = inst.health_check.observe(passed, now, inst.spec.health, detail)
+            now = self.clock()
+            change = self._state(inst).health.observe(passed, now, inst.spec.health, detail)
             if change is not None:
                 self._health_changed(inst, change, now)
         finally:
@@ -368,16 +438,22 @@ class Enforcer:
         inst.health_reason = change.reason
         self._emit(
             inst,
-            "instance.health",
+            EventKind.INSTANCE_HEALTH,
             f"{change.old.value} -> {change.new.value}: {change.reason}",
             from_health=change.old.value,
             to_health=change.new.value,
         )
-        standing = inst.standing
+        standing = self._state(inst).standing
         if change.new is Health.UNHEALTHY and inst.spec.health.on_unhealthy is OnUnhealthy.RESTART:
             # Kubernetes' liveness probe: a graceful restart (drained first), not isolation.
             self._drain_restart(
-                inst, Decision(Action.DRAIN_RESTART, f"unhealthy: {change.reason}"), None
+                inst,
+                Decision(
+                    Action.DRAIN_RESTART,
+                    f"unhealthy: {change.reason}",
+                    cause=DrainCause.UNHEALTHY,
+                ),
+                None,
             )
         elif change.new is Health.UNHEALTHY:
             self._take_out_unhealthy(inst)
@@ -385,11 +461,11 @@ class Enforcer:
             standing.unhealthy_isolated = False
             self._guard_notes.discard(inst)
             self._start_slow(inst, now)
-            self._emit(inst, "instance.returned", f"healthy again: {change.reason}")
+            self._emit(inst, EventKind.INSTANCE_RETURNED, f"healthy again: {change.reason}")
         self.refresh(inst, announce=False)
 
     def _take_out_unhealthy(self, inst: Instance) -> None:
-        standing = inst.standing
+        standing = self._state(inst).standing
         if standing.unhealthy_isolated:
             return
         why = f"unhealthy: {inst.health_reason}"
@@ -397,11 +473,13 @@ class Enforcer:
             standing.unhealthy_isolated = True
             standing.health_reason = why
             inst.isolations_total += 1
-            self._emit(inst, "instance.isolated", f"isolated until healthy: {inst.health_reason}")
+            self._emit(
+                inst, EventKind.INSTANCE_ISOLATED, f"isolated until healthy: {inst.health_reason}"
+            )
 
     def _start_slow(self, inst: Instance, now: float) -> None:
         if self.policy(inst).failing.slow_start > 0:
-            inst.standing.slow_start_since = now
+            self._state(inst).standing.slow_start_since = now
 
     # -- the periodic tick ---------------------------------------------------------------------
     def _tick(self) -> None:
@@ -409,7 +487,7 @@ class Enforcer:
             return
         self._timer = self.loop.call_later(self.config.policy_interval, self._tick)
         try:
-            self._evaluate(self.loop.time())
+            self._evaluate(self.clock())
         except Exception:
             log.exception("policy tick failed")
 
@@ -428,9 +506,10 @@ class Enforcer:
             self._watch_hang(inst)
             policy = self.policy(inst)
             stats = inst.stats
-            standing = inst.standing
+            st = self._state(inst)
+            standing = st.standing
             # Timeouts are the callers' deadlines, not failures of the worker: not counted.
-            decision = inst.failures.on_tick(now, stats.ok, stats.errors, policy.failing)
+            decision = st.failures.on_tick(now, stats.ok, stats.errors, policy.failing)
             if decision is not None:
                 self._isolate(inst, decision, now)
             if (
@@ -440,7 +519,7 @@ class Enforcer:
             ):
                 self._returning.add(inst)
                 self._spawn(self._try_return(inst))
-            unhealthy = inst.health_check.state is Health.UNHEALTHY
+            unhealthy = st.health.state is Health.UNHEALTHY
             if (
                 unhealthy
                 and not standing.unhealthy_isolated
@@ -463,15 +542,16 @@ class Enforcer:
             peers = latencies.get(inst.spec.type, {})
             policy = self.policy(inst)
             own = peers.get(inst.id, inst.stats.latency_ewma_ms)
-            decision = inst.slow.evaluate(
+            st = self._state(inst)
+            decision = st.slow.evaluate(
                 now, own, inst.stats.ok, peer_median(inst.id, peers), policy.slow
             )
             if decision is not None:
-                inst.standing.slow_multiplier = inst.slow.multiplier
+                st.standing.slow_multiplier = st.slow.multiplier
                 kind = (
-                    "instance.downweighted"
+                    EventKind.INSTANCE_DOWNWEIGHTED
                     if decision.action is Action.DOWNWEIGHT
-                    else "instance.weight_restored"
+                    else EventKind.INSTANCE_WEIGHT_RESTORED
                 )
                 self._emit(inst, kind, decision.reason, **decision.data)
             self.refresh(inst)
@@ -480,8 +560,8 @@ class Enforcer:
         """An isolation ended: a passing probe brings the instance back (with slow start)."""
         try:
             passed, detail = await self._check(inst)
-            now = self.loop.time()
-            standing = inst.standing
+            now = self.clock()
+            standing = self._state(inst).standing
             if standing.isolated_until is None:
                 return  # restored by hand meanwhile
             if passed:
@@ -490,17 +570,24 @@ class Enforcer:
                 self._start_slow(inst, now)
                 slow = self.policy(inst).failing.slow_start
                 ramp = f"; slow start over {slow:g}s" if slow > 0 else ""
-                self._emit(inst, "instance.returned", f"back in service: {detail}{ramp}")
+                self._emit(inst, EventKind.INSTANCE_RETURNED, f"back in service: {detail}{ramp}")
             else:
                 self._begin_isolation(inst, f"still failing after isolation ({detail})", now, {})
             self.refresh(inst, announce=False)
         finally:
             self._returning.discard(inst)
 
+    def draining(self, inst: Instance, reason: str) -> None:
+        """The supervisor drains `inst` before a stop or restart: no dispatch, with `reason`
+        (until its process is gone)."""
+        self._state(inst).standing.draining_reason = reason
+        self.refresh(inst, announce=False)
+
     # -- manual overrides ----------------------------------------------------------------------
     def set_manual(self, inst: Instance, eligibility: Eligibility | None, reason: str) -> None:
         """`isolate`/`drain` (win over policies until undone) or `restore` (None)."""
-        standing = inst.standing
+        st = self._state(inst)
+        standing = st.standing
         if eligibility is None:
             standing.manual = None
             standing.manual_reason = ""
@@ -509,17 +596,21 @@ class Enforcer:
             standing.unhealthy_isolated = False
             standing.slow_multiplier = 1.0
             standing.slow_start_since = None
-            inst.slow.reset()
+            st.slow.reset()
             inst.stats.consecutive_errors = 0
             self._guard_notes.discard(inst)
-            self._emit(inst, "instance.restored", _by_hand("restored", reason))
+            self._emit(inst, EventKind.INSTANCE_RESTORED, _by_hand("restored", reason))
         else:
             if eligibility is Eligibility.ISOLATED and standing.manual is not eligibility:
                 inst.isolations_total += 1
             standing.manual = eligibility
             standing.manual_reason = reason
             standing.manual_since = time.time()
-            kind = "instance.isolated" if eligibility is Eligibility.ISOLATED else "instance.drain"
+            kind = (
+                EventKind.INSTANCE_ISOLATED
+                if eligibility is Eligibility.ISOLATED
+                else EventKind.INSTANCE_DRAIN
+            )
             verb = "isolated" if eligibility is Eligibility.ISOLATED else "draining"
             self._emit(inst, kind, _by_hand(verb, reason))
         self.refresh(inst, announce=False)
@@ -527,9 +618,10 @@ class Enforcer:
     def apply_saved(self, inst: Instance, saved: dict[str, Any]) -> None:
         """A manual override from the registry (a previous daemon's)."""
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            inst.standing.manual = Eligibility(saved["eligibility"])
-            inst.standing.manual_reason = str(saved.get("reason", ""))
-            inst.standing.manual_since = float(saved.get("since", 0.0))
+            standing = self._state(inst).standing
+            standing.manual = Eligibility(saved["eligibility"])
+            standing.manual_reason = str(saved.get("reason", ""))
+            standing.manual_since = float(saved.get("since", 0.0))
             self.refresh(inst, announce=False)
 
 

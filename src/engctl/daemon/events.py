@@ -3,6 +3,8 @@
 Inserts go through one writer thread, so the event loop never waits on the disk; queries
 run in a worker thread on their own connection (WAL readers never block the writer). The file
 is best-effort (`storage`): a failed write is counted, a corrupt file moved aside.
+
+Must not import supervision, request or policy modules: everything else emits into it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engctl.errors import EngctlError
 from engctl.homefiles import select_events
+from engctl.states import EventKind
 
 from .storage import Database, Notify, WriteHealth, is_corruption
+
+if TYPE_CHECKING:
+    from engctl.documents import EventDoc
 
 log = logging.getLogger("engctl.events")
 
@@ -57,7 +63,7 @@ class Event:
     to_state: str | None = None
     data: dict[str, Any] | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> EventDoc:
         """The documented `events --json` object."""
         return {
             "id": self.id,
@@ -111,7 +117,7 @@ class EventLog:
 
     def emit(
         self,
-        kind: str,
+        kind: EventKind,
         reason: str,
         *,
         engine: str | None = None,

@@ -2,6 +2,8 @@
 
 One probe is one coroutine that returns (passed, detail) within its timeout; it never raises.
 Scheduling, thresholds and what follows from them belong to `enforcer` and `policies`.
+
+Mechanism: imports `process` and `oneshot` only, never a policy module.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from engctl.models import EngineSpec
+from engctl.models import EngineSpec, split_instance_id
 
 from . import allow_ssl, process
 from .oneshot import OneshotRun
@@ -168,7 +170,7 @@ def probe_env(
     spec: EngineSpec, instance_id: str, pid: int | None, daemon_id: str
 ) -> dict[str, str]:
     """The environment of a command check: the instance's, plus which instance it checks."""
-    index = int(instance_id.rpartition("#")[2])
+    index = int(split_instance_id(instance_id)[1] or 0)
     env = dict(os.environ)
     env.update(spec.env_for(index))
     env[process.DAEMON_ID_ENV] = daemon_id

@@ -7,6 +7,8 @@ is about 50 MiB idle and 130-190 MiB busy (the latency histograms dominate), und
 transaction: `kill -9` loses at most the bucket being written, never the database. Readers
 (`engctl report`) open their own connection; in WAL mode they never block the writer. The
 file is best-effort (`storage`): a failed write is counted, a corrupt file moved aside.
+
+Must not import supervision, request or policy modules: `metrics` writes to it.
 """
 
 from __future__ import annotations

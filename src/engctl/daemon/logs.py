@@ -4,6 +4,8 @@ Writes are buffered appends (page cache, bounded by the line cap) so they stay o
 nothing here fsyncs. Writes are best-effort: a failure (a full disk, a symlink in place of the
 file) is counted in the write health and never stops the caller, which is usually handling a
 state change. Reading a tail is done off the loop by the caller.
+
+Must not import supervision, request or policy modules: it only writes and reads files.
 """
 
 from __future__ import annotations

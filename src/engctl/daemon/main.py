@@ -1,6 +1,8 @@
 """Daemon start-up and shutdown: folders, the single-daemon lock, wiring, signals.
 
 Run as `python -m engctl.daemon` (what the CLI spawns) or `engctl daemon run` (foreground).
+
+The one module that imports every part, and the only place where they are wired together.
 """
 
 from __future__ import annotations
@@ -25,21 +27,27 @@ from engctl.config import RESTART_SETTINGS, DaemonConfig, config_table
 from engctl.errors import DaemonUnreachableError, EngctlError
 from engctl.models import check_dependencies
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
-from engctl.states import DesiredState
+from engctl.protocol import StrategyName
+from engctl.states import DesiredState, EventKind
 
 from . import process
 from .api import Api
-from .dispatch import Capability, CapabilityWeights, StrategyName
+from .dispatch import Dispatcher
 from .enforcer import Enforcer
+from .engine_calls import EngineCalls
 from .events import EventLog
+from .fleet import Fleet
 from .history import HistoryWriter, Retention
-from .metrics import HostSample, MetricsServer, Rollups
-from .monitor import Monitor
+from .membership import Membership
+from .metrics import Rollups
+from .monitor import HostSample, Monitor, Sample
+from .prometheus import MetricsServer
 from .registry import Entry, Registry
-from .requests import Router
+from .router import Router
+from .selection import CandidatePool, Capability, default_strategies
 from .server import Outbox, Server
 from .storage import WriteHealth
-from .supervisor import Sample, Supervisor
+from .supervisor import Supervisor
 
 log = logging.getLogger("engctl.daemon")
 
@@ -201,21 +209,24 @@ class Daemon:
         self.events: EventLog | None = None
         self.writer: HistoryWriter | None = None
 
-    def _notify(self, kind: str, reason: str, data: dict[str, Any]) -> None:
+    def _notify(self, kind: EventKind, reason: str, data: dict[str, Any]) -> None:
         """Emit an event from any thread (the storage layer reports through this)."""
         self.loop.call_soon_threadsafe(self._emit, kind, reason, data)
 
-    def _emit(self, kind: str, reason: str, data: dict[str, Any]) -> None:
+    def _emit(self, kind: EventKind, reason: str, data: dict[str, Any]) -> None:
         if self.events is not None:
             self.events.emit(kind, reason, data=data)
 
     async def run(self, ready: int | None) -> None:
         paths, config = self.paths, self.config
         loop = self.loop = asyncio.get_running_loop()
+        process.keep_reads_on_the_heap()  # no mmap and munmap per request (see there)
         health = self.health
         # The registry first: a daemon that cannot read it refuses to start, changing nothing.
         registry = Registry(
-            paths.registry, lambda: [e.to_entry() for e in sup.engines.values()], health
+            paths.registry,
+            lambda: [e.to_entry(enforcer.overrides(e)) for e in sup.engines.values()],
+            health,
         )
         moved = registry.reset() if self.reset_registry else None
         entries = registry.load()
@@ -226,7 +237,7 @@ class Daemon:
         if moved is not None:
             log.warning("--reset-registry: %s moved to %s", paths.registry, moved)
             events.emit(
-                "daemon.registry_reset",
+                EventKind.DAEMON_REGISTRY_RESET,
                 f"--reset-registry: {paths.registry.name} moved to {moved.name};"
                 " starting with no engines",
                 data={"path": str(paths.registry), "moved_to": str(moved)},
@@ -234,7 +245,7 @@ class Daemon:
         for bad in registry.skipped_json():
             log.warning("registry entry %r skipped: %s", bad["name"], bad["error"])
             events.emit(
-                "registry.entry_skipped",
+                EventKind.REGISTRY_ENTRY_SKIPPED,
                 f"cannot read its registry entry ({bad['error']}): not started; the entry is"
                 " kept in registry.json",
                 engine=bad["name"],
@@ -243,14 +254,31 @@ class Daemon:
         sup = Supervisor(paths, config, events, monitor.set_targets)
         sup.write_health = health
         self.sup = sup
+        fleet = self.fleet = Fleet(sup)
         # Registered engines exist before the first client is answered: a status during
         # start-up lists them, and a registration then cannot save a registry without them.
         for entry in entries:
-            sup.add_engine(entry.spec, entry.desired, entry.stopped_instances, entry.registered_at)
+            spec, desired = entry.spec, entry.desired
+            fleet.add_engine(spec, desired, entry.stopped_instances, entry.registered_at)
         outbox = Outbox(loop)
-        router = self.router = Router(sup, config, paths, outbox)
-        router.engines_changed()
-        enforcer = self.enforcer = Enforcer(sup, router, config, events)
+        pool = self.pool = CandidatePool(
+            default_strategy=config.default_strategy,
+            strategies=default_strategies(weights=config.capability_weights),
+        )
+        dispatcher = Dispatcher(sup, pool, outbox)
+        router = self.router = Router(sup, pool, dispatcher, config)
+        membership = Membership(sup, pool, dispatcher, router)
+        enforcer = self.enforcer = Enforcer(sup, dispatcher, config, events)
+        # Who calls whom. Supervision tells the request layer of every process and state; the
+        # failure policies hear of each state first, and of every failed request; their
+        # verdicts (eligibility, weight) go to the pool; each attempt's end goes back to the
+        # router.
+        sup.observer = membership
+        membership.policies = enforcer
+        router.policies = enforcer
+        enforcer.listener = membership
+        dispatcher.outcomes = router
+        membership.engines_changed()
         for entry in entries:
             engine = sup.engines[entry.spec.name]
             for index, saved in entry.overrides.items():
@@ -262,7 +290,8 @@ class Daemon:
                 paths.history_db, _retention(config), health=health, on_reset=self._notify
             )
         rollups = self.rollups = Rollups(sup, router, writer)
-        api = Api(paths, sup, registry, events, router, enforcer, self.stopping.set, rollups)
+        engine_calls = EngineCalls(sup, fleet, registry, events, membership, enforcer)
+        api = Api(paths, sup, engine_calls, registry, events, router, self.stopping.set, rollups)
         api.control = self
         server = Server(
             paths.socket,
@@ -295,7 +324,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGCHLD, process.reap_children)
         monitor.start()
         log.info("engctl %s daemon pid %d listening on %s", __version__, os.getpid(), paths.socket)
-        events.emit("daemon.started", f"engctl {__version__} pid {os.getpid()}")
+        events.emit(EventKind.DAEMON_STARTED, f"engctl {__version__} pid {os.getpid()}")
         if ready is not None:
             _notify_ready(ready, "ok")
         # Processes a killed daemon left are stopped even if this one is asked to stop at once.
@@ -304,7 +333,7 @@ class Daemon:
         await self.stopping.wait()
 
         log.info("shutting down")
-        events.emit("daemon.stopping", "shutdown requested")
+        events.emit(EventKind.DAEMON_STOPPING, "shutdown requested")
         startup.cancel()
         roll_timer.cancel()
         if self._roll_handle is not None:
@@ -318,12 +347,12 @@ class Daemon:
         except Exception:
             log.exception("cannot stop the processes of the previous daemon")
         await server.close()
-        await sup.shutdown(config.shutdown_timeout)
+        await fleet.shutdown(config.shutdown_timeout)
         monitor.stop()
         if writer is not None:
             writer.write(rollups.close_all())  # the buckets being filled are kept too
             writer.close()
-        events.emit("daemon.stopped", "all engines stopped")
+        events.emit(EventKind.DAEMON_STOPPED, "all engines stopped")
         events.close()
         log.info("stopped")
 
@@ -361,7 +390,9 @@ class Daemon:
         log.info("%s", reason)
         if self.events is not None:
             self.events.emit(
-                "daemon.reloaded", reason, data={"applied": applied, "restart_needed": later}
+                EventKind.DAEMON_RELOADED,
+                reason,
+                data={"applied": applied, "restart_needed": later},
             )
         return {"changed": changed, "applied": applied, "restart_needed": later}
 
@@ -370,10 +401,10 @@ class Daemon:
         old, self.config = self.config, cfg
         self.sup.config = cfg
         self.router.config = cfg
-        self.router.pool.default_strategy = StrategyName(cfg.default_strategy)
+        self.pool.default_strategy = cfg.default_strategy
         if cfg.capability_weights != old.capability_weights:
-            weights = CapabilityWeights(*cfg.capability_weights)
-            self.router.pool.strategies[StrategyName.CAPABILITY] = Capability(weights)
+            capability = Capability(cfg.capability_weights)
+            self.pool.strategies[StrategyName.CAPABILITY] = capability
         if self.enforcer is not None:
             self.enforcer.config = cfg  # its next look comes policy_interval later
         if self.events is not None:
@@ -392,7 +423,7 @@ class Daemon:
             self.sup.spawn_allowed.set()
         if found:
             self.sup.events.emit(
-                "daemon.replaced_orphans",
+                EventKind.DAEMON_REPLACED_ORPHANS,
                 f"stopped {found} processes left by a previous daemon; starting fresh instances"
                 " (their stdin/stdout pipes died with it)",
             )
@@ -405,11 +436,11 @@ class Daemon:
                     i.index for i in engine.instances if i.index not in engine.stopped_instances
                 ]
                 try:
-                    await self.sup.start_engine(engine, "daemon started", wanted)
+                    await self.fleet.start_engine(engine, "daemon started", wanted)
                 except Exception as exc:
                     # One engine that cannot start must not keep the ones after it down.
                     log.exception("cannot start engine %s", name)
-                    self.sup.events.emit("engine.start_failed", f"{exc}", engine=name)
+                    self.sup.events.emit(EventKind.ENGINE_START_FAILED, f"{exc}", engine=name)
 
     def _apply_samples(self, samples: dict[str, Sample], host: HostSample | None) -> None:
         for inst in self.sup.all_instances():

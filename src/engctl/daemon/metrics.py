@@ -1,45 +1,36 @@
-"""Metrics: roll-ups into the history database and the Prometheus exposition.
+"""Metrics history: roll-ups into the history database, and the last seconds' figures of
+`top` (`Rollups.recent`). The Prometheus exposition is `prometheus`'.
 
 Nothing here is on the request path: requests only bump counters and a histogram held by the
 instance (`RequestStats`). Every 10 s and every 5 min, `Rollups` turns the difference since the
 last bucket into rows; every monitor sample adds CPU, RSS, queue and host readings to the
-buckets being filled. `snapshot` copies the same live figures for `prometheus_text`.
+buckets being filled. Imports no policy and no request code but the router's queue figures.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engctl.histogram import Histogram
-from engctl.states import EngineMode, RequestOutcome
+from engctl.models import instance_id
+from engctl.states import EngineMode
 
 from .history import COARSE_SECONDS, FINE_SECONDS, HistoryWriter
-from .supervisor import Engine, Instance, RequestStats, Supervisor
+from .instance import Engine, Instance
+from .monitor import HostSample
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from .requests import Router
+    from engctl.documents import LiveFigures
+
+    from .router import Router
 
 log = logging.getLogger("engctl.metrics")
-
-
-@dataclass
-class HostSample:
-    """One reading of the machine: CPU, memory, and disk and network byte counters."""
-
-    cpu_percent: float = 0.0
-    mem_used: int = 0
-    mem_total: int = 0
-    disk_read: int = 0
-    disk_write: int = 0
-    net_sent: int = 0
-    net_recv: int = 0
 
 
 @dataclass
@@ -117,7 +108,7 @@ def _base(member: Member) -> _Base:
 
 def member_id(member: Member) -> str:
     """`name#k` for an instance, `name#oneshot` for a oneshot engine's runs."""
-    return f"{member.spec.name}#oneshot" if isinstance(member, Engine) else member.id
+    return instance_id(member.spec.name, None) if isinstance(member, Engine) else member.id
 
 
 def _row_data(member: Member) -> dict[str, Any]:
@@ -204,12 +195,12 @@ class Rollups:
         now = self.clock() if now is None else now
         return [row for tier in self.tiers for row in self.close(tier, now)]
 
-    def recent(self) -> dict[str, dict[str, Any]]:
+    def recent(self) -> dict[str, LiveFigures]:
         """Per instance, figures since the last 10 s bucket closed (at least 5 s of them):
         throughput, success rate and latency percentiles (`engctl top`)."""
         tier = self.tiers[0]
         now = self.clock()
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, LiveFigures] = {}
         for inst in self._members():
             base = tier.bases.get(inst) or _ZERO
             prev = self.previous.get(inst)
@@ -359,282 +350,5 @@ class Rollups:
         return rows
 
 
-# -- Prometheus --------------------------------------------------------------------------
-# Bucket bounds of the exposed latency histogram: powers of two from 64 µs to ~67 s. They are
-# bucket edges of engctl.histogram, so the cumulative counts are exact, not interpolated.
-PROM_BOUNDS_US = [1 << k for k in range(6, 27)]
-
-
-@dataclass
-class _Member:
-    """What the exposition needs of one instance (or a oneshot engine), copied on the loop."""
-
-    labels: list[str]
-    ok: int
-    errors: int
-    timeouts: int
-    lost: int
-    in_flight: int
-    counts: list[int]
-    sum_us: int
-    live: bool = False  # an instance (not a oneshot engine)
-    running: bool = False
-    cpu: float = 0.0
-    rss: int = 0
-    restarts: int = 0
-    isolations: int = 0
-    states: dict[str, float] = field(default_factory=dict)
-    status: tuple[str, str, str] = ("", "", "")
-    weight: float = 0.0
-
-    def count(self, outcome: RequestOutcome) -> int:
-        """Attempts that ended with `outcome`."""
-        return {
-            RequestOutcome.OK: self.ok,
-            RequestOutcome.ERROR: self.errors,
-            RequestOutcome.TIMEOUT: self.timeouts,
-            RequestOutcome.LOST: self.lost,
-        }[outcome]
-
-
-@dataclass
-class Snapshot:
-    """Every figure of the exposition as plain values: taken on the loop in about a
-    millisecond, rendered on a thread (prometheus-client needs tens of ms at 100 instances)."""
-
-    members: list[_Member]
-    queue: list[tuple[str, int]]
-    host: HostSample | None
-    protocol_errors: int
-
-
-def _requests_of(labels: list[str], st: RequestStats) -> _Member:
-    return _Member(
-        labels,
-        st.ok,
-        st.errors,
-        st.timeouts,
-        st.lost,
-        st.in_flight,
-        list(st.hist.counts),
-        st.hist.sum_us,
-    )
-
-
-def snapshot(sup: Supervisor, router: Router, host: HostSample | None) -> Snapshot:
-    """Copy the live figures (on the event loop)."""
-    members: list[_Member] = []
-    for engine in sup.engines.values():
-        spec = engine.spec
-        if spec.mode is EngineMode.ONESHOT:
-            members.append(
-                _requests_of([spec.name, f"{spec.name}#oneshot", spec.type], engine.stats)
-            )
-            continue
-        for inst in engine.instances:
-            m = _requests_of([spec.name, inst.id, spec.type], inst.stats)
-            m.live = True
-            m.running = inst.pid is not None
-            m.cpu = inst.sample.cpu_percent
-            m.rss = inst.sample.rss_bytes
-            m.restarts = inst.restarts
-            m.isolations = inst.isolations_total
-            m.states = inst.state_seconds()
-            m.status = (inst.state.value, inst.health.value, inst.eligibility.value)
-            m.weight = inst.effective_weight
-            members.append(m)
-    waiting = router.queue_by_type()
-    queue = [(t, waiting.get(t, 0)) for t in sorted({e.spec.type for e in sup.engines.values()})]
-    return Snapshot(members, queue, host, router.protocol_errors)
-
-
-def prometheus_text(snap: Snapshot) -> bytes:
-    """The text exposition of a snapshot (prometheus-client); safe to run on a thread."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        HistogramMetricFamily,
-    )
-
-    # Not `instance`: Prometheus sets that label (and `job`) on every scraped sample itself,
-    # and renames a target's own to `exported_instance`.
-    labels = ["engine", "engine_instance", "type"]
-    requests = CounterMetricFamily(
-        "engctl_requests", "Requests finished, by outcome.", labels=[*labels, "outcome"]
-    )
-    latency = HistogramMetricFamily(
-        "engctl_request_latency_seconds",
-        "Latency of successful requests (engctl's log-linear histogram, exact at these bounds).",
-        labels=labels,
-    )
-    in_flight = GaugeMetricFamily("engctl_in_flight", "Requests in flight.", labels=labels)
-    cpu = GaugeMetricFamily(
-        "engctl_instance_cpu_percent", "CPU % of the process tree.", labels=labels
-    )
-    rss = GaugeMetricFamily("engctl_instance_rss_bytes", "RSS of the process tree.", labels=labels)
-    restarts = CounterMetricFamily("engctl_instance_restarts", "Restarts.", labels=labels)
-    isolations = CounterMetricFamily(
-        "engctl_instance_isolations", "Times isolated (by policy or by hand).", labels=labels
-    )
-    state_seconds = CounterMetricFamily(
-        "engctl_instance_state_seconds",
-        "Seconds spent in each lifecycle state.",
-        labels=[*labels, "state"],
-    )
-    info = GaugeMetricFamily(
-        "engctl_instance_status",
-        "1 for the instance's current state, health and eligibility.",
-        labels=[*labels, "state", "health", "eligibility"],
-    )
-    weight = GaugeMetricFamily(
-        "engctl_instance_effective_weight", "Weight used by dispatch.", labels=labels
-    )
-    success = GaugeMetricFamily(
-        "engctl_instance_success_ratio",
-        "Share of finished requests that succeeded (since the daemon started).",
-        labels=labels,
-    )
-    queue = GaugeMetricFamily(
-        "engctl_queue_length", "Requests waiting for a free instance.", labels=["type"]
-    )
-    for m in snap.members:
-        lv = m.labels
-        for outcome in RequestOutcome:  # one per attempt: their sum is the requests
-            requests.add_metric([*lv, outcome.value], m.count(outcome))
-        hist = Histogram.from_list(m.counts, m.sum_us)
-        buckets = [(_le(b), float(n)) for b, n in hist.cumulative_at(PROM_BOUNDS_US)]
-        buckets.append(("+Inf", float(hist.count)))
-        latency.add_metric(lv, buckets, m.sum_us / 1e6)
-        in_flight.add_metric(lv, m.in_flight)
-        finished = sum(m.count(o) for o in RequestOutcome)
-        if finished:
-            success.add_metric(lv, m.ok / finished)
-        if not m.live:
-            continue
-        if m.running:
-            cpu.add_metric(lv, m.cpu)
-            rss.add_metric(lv, m.rss)
-        restarts.add_metric(lv, m.restarts)
-        isolations.add_metric(lv, m.isolations)
-        for state, secs in m.states.items():
-            state_seconds.add_metric([*lv, state], secs)
-        info.add_metric([*lv, *m.status], 1)
-        weight.add_metric(lv, m.weight)
-    for t, n in snap.queue:
-        queue.add_metric([t], n)
-    families: list[Any] = [
-        requests,
-        latency,
-        in_flight,
-        success,
-        cpu,
-        rss,
-        restarts,
-        isolations,
-        state_seconds,
-        info,
-        weight,
-        queue,
-    ]
-    host = snap.host
-    if host is not None:
-        for cls, name, doc, value in (
-            (GaugeMetricFamily, "engctl_host_cpu_percent", "Host CPU %.", host.cpu_percent),
-            (GaugeMetricFamily, "engctl_host_memory_used_bytes", "Memory used.", host.mem_used),
-            (GaugeMetricFamily, "engctl_host_memory_total_bytes", "Memory.", host.mem_total),
-            (
-                CounterMetricFamily,
-                "engctl_host_disk_read_bytes",
-                "Bytes read from disks.",
-                host.disk_read,
-            ),
-            (
-                CounterMetricFamily,
-                "engctl_host_disk_written_bytes",
-                "Bytes written to disks.",
-                host.disk_write,
-            ),
-            (
-                CounterMetricFamily,
-                "engctl_host_network_sent_bytes",
-                "Bytes sent on all interfaces.",
-                host.net_sent,
-            ),
-            (
-                CounterMetricFamily,
-                "engctl_host_network_received_bytes",
-                "Bytes received on all interfaces.",
-                host.net_recv,
-            ),
-        ):
-            families.append(cls(name, doc, value=value))
-    families.append(
-        CounterMetricFamily(
-            "engctl_protocol_errors",
-            "Worker protocol violations seen.",
-            value=snap.protocol_errors,
-        )
-    )
-
-    class _Collector:
-        def collect(self) -> list[Any]:
-            return families
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector())
-    data: bytes = generate_latest(registry)
-    return data
-
-
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
-
-
-class MetricsServer:
-    """GET /metrics on 127.0.0.1:PORT: the Prometheus scrape endpoint (off by default)."""
-
-    def __init__(self, port: int, render: Callable[[], Awaitable[bytes]]) -> None:
-        self.port = port
-        self.render = render
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10):
-                request = await reader.readline()
-                while (await reader.readline()).strip():
-                    pass  # headers: nothing in them matters here
-                parts = request.decode("latin-1").split()
-                if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-                    status, body, ctype = "405 Method Not Allowed", b"GET /metrics\n", "text/plain"
-                elif parts[1].split("?")[0] != "/metrics":
-                    status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
-                else:
-                    status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-                    body = await self.render()
-                head = (
-                    f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                ).encode()
-                writer.write(head if parts and parts[0] == "HEAD" else head + body)
-                await writer.drain()
-        except (TimeoutError, OSError):
-            pass
-        except Exception:
-            log.exception("cannot answer a /metrics request")
-        finally:
-            with contextlib.suppress(OSError):
-                writer.close()
-
-
-def _le(bound_us: int) -> str:
-    return repr(bound_us / 1e6)

@@ -3,6 +3,8 @@
 Each tick reads CPU %, RSS, threads and fds of each instance's process and its descendants; the
 descendant tree is rediscovered every few ticks from one pass over /proc rather than one per
 instance. Results are handed to the loop with `call_soon_threadsafe`.
+
+Mechanism: imports no other daemon module (the daemon applies what it reports).
 """
 
 from __future__ import annotations
@@ -14,16 +16,39 @@ import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import psutil
-
-from .metrics import HostSample
-from .supervisor import Sample
 
 log = logging.getLogger("engctl.monitor")
 
 # Descendants are rediscovered every this many ticks; engines rarely fork after start-up.
 DISCOVER_EVERY = 5
+
+
+@dataclass
+class Sample:
+    """The latest psutil reading of an instance (process plus descendants)."""
+
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    threads: int = 0
+    fds: int = 0
+    descendants: list[tuple[int, float]] = field(default_factory=list)
+    pid: int = 0  # the leader it was taken of: a reading of a replaced process is dropped
+
+
+@dataclass
+class HostSample:
+    """One reading of the machine: CPU, memory, and disk and network byte counters."""
+
+    cpu_percent: float = 0.0
+    mem_used: int = 0
+    mem_total: int = 0
+    disk_read: int = 0
+    disk_write: int = 0
+    net_sent: int = 0
+    net_recv: int = 0
 
 
 def ppid_map() -> dict[int, list[int]]:

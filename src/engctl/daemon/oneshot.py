@@ -4,6 +4,8 @@ Payload on stdin (or substituted for `{input}` in the argv), stdout is the resul
 parses, else text), exit code 0 is success; a failure carries the exit code and the tail of
 stderr, and stderr goes to the engine's log. The caller kills the whole process group at the
 deadline (`kill`). Mechanism only: the caller decides what a failure means.
+
+Imports `process`, `output` and `logs` only, never a policy or request module.
 """
 
 from __future__ import annotations

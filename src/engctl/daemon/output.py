@@ -4,12 +4,16 @@ that instance, never an exception that escapes into the event loop).
 
 Pure functions over bytes: no process, no loop. `reply` also finds the raw bytes of a
 reply's `result`, so the router can splice them into the client's frame unchanged.
+
+Imports the shared contract only.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from engctl.protocol import RESPONSE_HEAD, RESULT_MEMBER
 
 # The longest worker protocol line the daemon reads. A result is
 # delivered to its client in one frame of its own size plus an envelope of a few hundred
@@ -28,9 +32,9 @@ _decoder = json.JSONDecoder()
 # whitespace passes (see protocol.loads).
 _scan = _decoder.scan_once  # type: ignore[attr-defined]
 _WS = " \t\n\r"  # JSON's whitespace: what json.loads allows around a value
-# The prefix of the canonical reply `{"jsonrpc":"2.0","id":N,"result":X}`.
-_HEAD = b'{"jsonrpc":"2.0","id":'
-_RESULT = b',"result":'
+# The prefix of the canonical reply `{"jsonrpc":"2.0","id":N,"result":X}` (protocol's layout).
+_HEAD = RESPONSE_HEAD
+_RESULT = RESULT_MEMBER
 
 
 class OutputError(Exception):

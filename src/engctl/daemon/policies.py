@@ -1,8 +1,10 @@
-"""Failure policies as pure decisions over observations (SPEC §6).
+"""Failure policies as pure decisions over observations (docs/policies.md).
 
 Nothing here touches a process, the event loop or the clock: every method takes `now`, so a
 test drives a policy with plain numbers. `daemon.enforcer` feeds the observations in and
 carries out what comes back; each decision carries the reason a person reads in `events`.
+
+Imports the shared contract only: no daemon module, no process, no loop.
 """
 
 from __future__ import annotations
@@ -14,15 +16,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from engctl.models import HealthSpec, RestartSpec
+from engctl.models import HealthSpec
 from engctl.policy_config import (
     CpuPolicy,
-    CrashPolicy,
     FailingPolicy,
     MemoryPolicy,
     SlowPolicy,
 )
-from engctl.states import Eligibility, Health
+from engctl.states import DrainCause, Eligibility, Health
 
 MIB = 1024 * 1024
 # A returning instance starts at this share of its weight and ramps up over `slow_start`.
@@ -44,12 +45,14 @@ class Action(StrEnum):
 
 @dataclass(frozen=True)
 class Decision:
-    """One action with its reason and the figures behind it."""
+    """One action with its reason and the figures behind it; a drain and restart names its
+    `cause` (recorded in the `instance.draining` event, which `report` reads)."""
 
     action: Action
     reason: str
     delay: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
+    cause: DrainCause | None = None
 
 
 def fmt_bytes(n: float) -> str:
@@ -124,66 +127,7 @@ class HealthTracker:
         self.__init__(now)  # type: ignore[misc]
 
 
-# -- crash, flapping -------------------------------------------------------------------------
-class CrashTracker:
-    """Restart decisions after unexpected exits: capped exponential backoff that resets after
-    healthy uptime, fatal after too many failed starts, fatal when flapping."""
-
-    def __init__(self) -> None:
-        self.attempt = 0  # backoff attempts since the last reset
-        self.quick_failures = 0  # exits before start_seconds, in a row
-        self.restart_times: collections.deque[float] = collections.deque()
-
-    def started(self) -> None:
-        """The process stayed up start_seconds: failed starts no longer count."""
-        self.quick_failures = 0
-
-    def reset(self) -> None:
-        """Started by hand: a fresh budget."""
-        self.attempt = 0
-        self.quick_failures = 0
-        self.restart_times.clear()
-
-    def on_exit(
-        self,
-        now: float,
-        uptime: float,
-        quick: bool,
-        desc: str,
-        restart: RestartSpec,
-        crash: CrashPolicy,
-    ) -> Decision:
-        """Decide after an exit the restart policy wants restarted: when, or give up."""
-        if uptime >= restart.backoff.reset_after:
-            self.attempt = 0
-        if quick:
-            self.quick_failures += 1
-            if self.quick_failures > restart.max_retries:
-                return Decision(
-                    Action.FATAL,
-                    f"gave up after {self.quick_failures} failed starts"
-                    f" (max_retries {restart.max_retries}): {desc}",
-                )
-        while self.restart_times and self.restart_times[0] <= now - crash.flap_window:
-            self.restart_times.popleft()
-        if len(self.restart_times) >= crash.flap_max_restarts:
-            return Decision(
-                Action.FATAL,
-                f"flapping: {len(self.restart_times)} restarts in the last"
-                f" {crash.flap_window:g}s (flap_max_restarts {crash.flap_max_restarts}): {desc}",
-                data={"restarts_in_window": len(self.restart_times)},
-            )
-        self.attempt += 1
-        self.restart_times.append(now)
-        delay = restart.backoff.delay(self.attempt)
-        return Decision(
-            Action.RESTART,
-            f"{desc}; restart in {delay:g}s (attempt {self.attempt})",
-            delay=delay,
-            data={"attempt": self.attempt},
-        )
-
-
+# -- hang ------------------------------------------------------------------------------------
 def hang_suspected(unanswered: Sequence[tuple[str, float]], hang_timeout: float) -> bool:
     """Whether a request has gone unanswered for `hang_timeout` seconds: then the instance
     is pinged (`hang_verdict` judges the answer). `unanswered` is (request id, age) of the
@@ -221,6 +165,7 @@ def hang_verdict(
             f"hang: all {len(overdue)} of its slots are held by requests unanswered for over"
             f" {hang_timeout:g}s (hang_timeout; it answers ping, but not them)",
             data={"stuck_requests": len(overdue)},
+            cause=DrainCause.HANG,
         )
     return None
 
@@ -247,6 +192,7 @@ class MemoryWatch:
                 Action.DRAIN_RESTART,
                 f"memory: RSS {fmt_bytes(rss)} is above max_rss {fmt_bytes(max_rss)}",
                 data={"rss_bytes": rss, "max_rss": max_rss},
+                cause=DrainCause.MEMORY,
             )
         if policy.leak_rate <= 0 or len(samples) < 5:
             return None
@@ -270,6 +216,7 @@ class MemoryWatch:
                     "rate_bytes_s": round(rate),
                     "max_rss": max_rss,
                 },
+                cause=DrainCause.MEMORY_LEAK,
             )
         return None
 
@@ -317,6 +264,7 @@ class CpuWatch:
             action,
             f"cpu: above max_cpu_percent {max_cpu:g}% for {now - since:.0f}s (peak {peak:.0f}%)",
             data={"cpu_percent": cpu_percent, "max_cpu_percent": max_cpu},
+            cause=DrainCause.CPU,
         )
 
 
@@ -531,3 +479,27 @@ class Standing:
         if ramp < 1.0:
             reasons.append(f"slow start after isolation ({ramp:.0%})")
         return Eligibility.DOWNWEIGHTED, ", ".join(reasons), weight * factor, None
+
+
+# -- the policies' state of one instance ------------------------------------------------------
+@dataclass(eq=False)
+class PolicyState:
+    """Everything the failure policies keep about one instance: its standing and one tracker
+    per fault. The enforcer owns one per instance and starts it afresh for each new process."""
+
+    standing: Standing = field(default_factory=Standing)
+    health: HealthTracker = field(default_factory=HealthTracker)
+    memory: MemoryWatch = field(default_factory=MemoryWatch)
+    cpu: CpuWatch = field(default_factory=CpuWatch)
+    slow: SlowTracker = field(default_factory=SlowTracker)
+    failures: FailureTracker = field(default_factory=FailureTracker)
+
+    def new_process(self, now: float) -> None:
+        """A new process (`starting`): what was measured of the old one says nothing about
+        it; isolations, manual overrides and the error-rate window carry over."""
+        self.health.reset(now)
+        self.memory.reset()
+        self.cpu = CpuWatch()
+        self.slow.reset()
+        self.standing.slow_multiplier = 1.0
+        self.standing.draining_reason = ""

@@ -1,7 +1,8 @@
-"""One OS process of an instance: spawn it in its own process group, watch its exit, signal
-its tree.
+"""One OS process of an instance: spawn it in its own process group, watch its exit, read its
+pipes, signal its tree, sweep what is left of it after it exits.
 
-Mechanism only: knows nothing of restart policies or states (that is `supervisor`).
+Mechanism only: knows nothing of restart policies or states (that is `supervisor`), and
+imports no other daemon module.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import IO
 
 import psutil
 
@@ -124,6 +126,27 @@ def become_subreaper() -> bool:
     return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
+# glibc's mallopt parameter, and the size up to which allocations stay on the heap.
+M_MMAP_THRESHOLD = -3
+HEAP_READS_BYTES = 1 << 20
+
+
+def keep_reads_on_the_heap() -> bool:
+    """Serve the daemon's read buffers from the heap (glibc): every pipe and socket read asks
+    for 256 KiB, above glibc's initial mmap threshold of 128 KiB, and a read that returns a
+    few bytes is then shrunk and freed: mmap, mremap and munmap on every request. glibc raises
+    the threshold by itself only after some larger block happens to be freed, so whether a
+    daemon paid them depended on its start-up; this makes it never pay them. False where
+    there is no glibc `mallopt` (the reads work the same, at that cost)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_READS_BYTES) == 1)
+
+
 def reap_children() -> None:
     """On SIGCHLD: reap every exited child, instances through their ChildProcess.
 
@@ -156,6 +179,38 @@ def read_available(fd: int, size: int = 262144) -> bytes | None:
         return None
     except OSError:
         return b""
+
+
+def read_output(
+    loop: asyncio.AbstractEventLoop,
+    proc: ChildProcess,
+    stdout: Callable[[bytes], None],
+    stderr: Callable[[bytes], None],
+) -> None:
+    """Hand what `proc` writes on its stdout and stderr pipes to `stdout` and `stderr` as it
+    arrives, then b"" once at EOF (when the pipe is closed). Never blocks the loop."""
+    popen = proc.popen
+    for pipe, consumer in ((popen.stderr, stderr), (popen.stdout, stdout)):
+        if pipe is None:
+            continue
+        fd = pipe.fileno()
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, _read_pipe, loop, pipe, consumer)
+
+
+def _read_pipe(
+    loop: asyncio.AbstractEventLoop, pipe: IO[bytes], consumer: Callable[[bytes], None]
+) -> None:
+    fd = pipe.fileno()
+    data = read_available(fd)
+    if data is None:
+        return
+    if data:
+        consumer(data)
+        return
+    loop.remove_reader(fd)
+    consumer(b"")
+    pipe.close()
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -248,6 +303,30 @@ def adopted_orphans(instance_id: str) -> list[tuple[int, float]]:
                 if child.environ().get(INSTANCE_ENV) == instance_id:
                     found.append((child.pid, child.create_time()))
     return found
+
+
+async def sweep_tree(
+    pgid: int,
+    escaped: list[tuple[int, float]],
+    instance_id: str,
+    grace: float,
+    live_groups: Callable[[], set[int]],
+) -> None:
+    """After a group's leader exited: give what is left of its tree `grace` seconds, then
+    SIGKILL it. "What is left" is the process group, `escaped` descendants (pid, create time)
+    seen leaving it, and orphans carrying `instance_id`'s marker that the daemon adopted as
+    subreaper, except those in a group of `live_groups()` (a successor's)."""
+    found = await asyncio.to_thread(adopted_orphans, instance_id)
+    # The scan runs in a thread: a successor spawned meanwhile (a restart) carries the same
+    # marker and may not have been registered yet when it was seen. Back on the loop it is:
+    # keep out every process of a live instance's group.
+    live = live_groups()
+    adopted = [(p, ct) for p, ct in found if pgid_of(p) not in live]
+    signal_pids(adopted, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (group_alive(pgid) or any_alive(adopted)):
+        await asyncio.sleep(0.05)
+    kill_tree_now(pgid, escaped + adopted)
 
 
 def pgid_of(pid: int) -> int | None:

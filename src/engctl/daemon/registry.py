@@ -5,6 +5,8 @@ is fsynced) before the daemon acknowledges it, so an acknowledged change survive
 A registry that cannot be read is never replaced by an empty one: the daemon refuses to start
 until the file is fixed or set aside by hand (`--reset-registry`); entries that cannot be read
 are skipped, reported and written back unchanged, so nothing is lost.
+
+Must not import supervision, request or policy modules: it persists what they are told.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Every exception a handler raises becomes a JSON-RPC error here and nowhere else; nothing a
 client sends (garbage, a 10 MiB line, half a frame, 20,000 connections, a pipelined flood)
 can stop the daemon or starve its other clients.
+
+Imports the shared contract only: it knows handlers, not what they do.
 """
 
 from __future__ import annotations
@@ -412,9 +414,7 @@ class Reply:
         self.done = True
         conn.pending -= 1
         if self._id is not None:
-            conn.write(
-                b'{"jsonrpc":"2.0","id":%s,"result":%s}\n' % (protocol.encode_value(self._id), raw)
-            )
+            conn.write(protocol.RESULT_FRAME % (protocol.encode_value(self._id), raw))
 
     def _complete(self, ok: bool, value: Any) -> None:
         if self.done:
@@ -433,10 +433,7 @@ class Reply:
         if self._id is None:
             return  # a notification: nobody waits
         if ok and isinstance(value, RawJSON):
-            conn.write(
-                b'{"jsonrpc":"2.0","id":%s,"result":%s}\n'
-                % (protocol.encode_value(self._id), value.raw)
-            )
+            conn.write(protocol.raw_result(self._id, value.raw))
         elif ok:
             conn._answer(self._id, value)
         else:

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from engctl import trust
+from engctl.states import EventKind
 
 log = logging.getLogger("engctl.storage")
 
 # kind, reason, data: emits an event; must be safe to call from any thread.
-Notify = Callable[[str, str, dict[str, Any]], None]
+Notify = Callable[[EventKind, str, dict[str, Any]], None]
 
 # SQLite primary result codes (the low byte of an extended code).
 SQLITE_IOERR = 10
@@ -122,7 +123,7 @@ class WriteHealth:
         where = f" ({f.path})" if f.path else ""
         log.warning("cannot write %s%s: %s; later failures are counted", target, where, text)
         self._say(
-            "daemon.write_failed",
+            EventKind.DAEMON_WRITE_FAILED,
             f"cannot write {target}{where}: {text}; supervision goes on, failures are counted",
             {"target": target, "error": text, "path": f.path, "disk_full": f.disk_full},
         )
@@ -152,7 +153,7 @@ class WriteHealth:
             )
             log.warning("%s", reason)
             self._say(
-                "daemon.write_recovered",
+                EventKind.DAEMON_WRITE_RECOVERED,
                 reason,
                 {"target": name, "failed": g.count, "error": g.error, "seconds": round(took, 3)},
             )
@@ -165,7 +166,7 @@ class WriteHealth:
         """`write_errors` of `daemon status --json`: the targets failing now."""
         return {t: f.to_json() for t, f in sorted(list(self.failing.items()))}
 
-    def _say(self, kind: str, reason: str, data: dict[str, Any]) -> None:
+    def _say(self, kind: EventKind, reason: str, data: dict[str, Any]) -> None:
         if self._notify is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown)
                 self._notify(kind, reason, data)
@@ -284,7 +285,7 @@ class Database:
         self.resets.append(info)
         if self.on_reset is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown)
-                self.on_reset("daemon.database_reset", message, info)
+                self.on_reset(EventKind.DAEMON_DATABASE_RESET, message, info)
         return moved
 
     def run(self, work: Callable[[sqlite3.Connection], object]) -> bool:

@@ -1,7 +1,11 @@
-"""Keeps each engine at its wanted instances: start, stop, restart with backoff, give up (fatal).
+"""The lifecycle of each instance: start, warm up, watch its exit, restart with backoff, give
+up (fatal), stop, drain, kill. Engine-level operations (dependencies, scale, update) are
+`fleet`'s.
 
 Every state change goes through `Supervisor.transition`, which checks the edge and records the
-event with its reason. Spawning and signalling are `process`'s job; this module decides when.
+event with its reason. Spawning, signalling and reading pipes are `process`'s job; this module
+decides when, with the restart backoff's decisions (`backoff`). It imports neither the enforcer
+nor any request code: both hear of each change through `InstanceObserver` (wired in `main`).
 """
 
 from __future__ import annotations
@@ -13,125 +17,28 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from engctl.config import DaemonConfig
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
-from engctl.histogram import Histogram
-from engctl.models import EngineSpec, check_dependencies
+from engctl.models import split_instance_id
 from engctl.paths import Paths
-from engctl.policy_config import PolicySpec, effective_policy
-from engctl.states import (
-    DesiredState,
-    Eligibility,
-    EngineMode,
-    Health,
-    InstanceState,
-    RequestOutcome,
-    can_transition,
-)
+from engctl.states import DesiredState, EngineMode, EventKind, InstanceState, can_transition
 
 from . import process
+from .backoff import spawn_retry_delay
 from .events import EventLog
+from .instance import Engine, EngineIndex, Instance
 from .logs import InstanceLog
-from .policies import (
-    Action,
-    CpuWatch,
-    CrashTracker,
-    FailureTracker,
-    HealthTracker,
-    MemoryWatch,
-    SlowTracker,
-    Standing,
-)
+from .monitor import Sample
+from .policies import Action
 from .process import ChildProcess, ExitStatus, SpawnError
-from .registry import Entry
 from .storage import WriteHealth
 
 log = logging.getLogger("engctl.supervisor")
 
 S = InstanceState
-_K = TypeVar("_K")
-# How long `start` of a dependent waits for its dependencies to be ready.
-DEPENDENCY_WAIT = 30.0
-
-
-@dataclass
-class Sample:
-    """The latest psutil reading of an instance (process plus descendants)."""
-
-    cpu_percent: float = 0.0
-    rss_bytes: int = 0
-    threads: int = 0
-    fds: int = 0
-    descendants: list[tuple[int, float]] = field(default_factory=list)
-    pid: int = 0  # the leader it was taken of: a reading of a replaced process is dropped
-
-
-# The counter of RequestStats that each outcome adds to (their names on the wire).
-OUTCOME_FIELDS = {
-    RequestOutcome.OK: "ok",
-    RequestOutcome.ERROR: "errors",
-    RequestOutcome.TIMEOUT: "timeouts",
-    RequestOutcome.LOST: "lost",
-}
-
-
-@dataclass
-class RequestStats:
-    """Rolling request observations of an instance (fed by the request router).
-
-    `requests` counts finished attempts and always equals ok + errors + timeouts + lost:
-    every attempt is counted once, by `record`, with its one outcome.
-    """
-
-    in_flight: int = 0
-    requests: int = 0
-    ok: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    latency_ewma_ms: float | None = None
-    lost: int = 0  # in flight when the process died (the crash policy's business)
-    consecutive_errors: int = 0  # reset by every success (the failing policy reads it)
-    last_error: str = ""
-    # Lines on the worker's stdout that broke the protocol (not an outcome: garbage between
-    # requests belongs to none; the requests it fails are counted as errors).
-    protocol_errors: int = 0
-    # Latencies of successful requests since the daemon started (bounded: 256 buckets).
-    hist: Histogram = field(default_factory=Histogram)
-
-    def record(self, outcome: RequestOutcome) -> None:
-        """Count one finished attempt with its outcome."""
-        self.requests += 1
-        # Branches, not setattr: this runs once per request on the hot path.
-        if outcome is RequestOutcome.OK:
-            self.ok += 1
-        elif outcome is RequestOutcome.ERROR:
-            self.errors += 1
-        elif outcome is RequestOutcome.TIMEOUT:
-            self.timeouts += 1
-        else:
-            self.lost += 1
-
-    def count(self, outcome: RequestOutcome) -> int:
-        """Attempts that ended with `outcome`."""
-        return int(getattr(self, OUTCOME_FIELDS[outcome]))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "in_flight": self.in_flight,
-            "requests": self.requests,
-            "ok": self.ok,
-            "errors": self.errors,
-            "timeouts": self.timeouts,
-            "lost": self.lost,
-            "consecutive_errors": self.consecutive_errors,
-            "protocol_errors": self.protocol_errors,
-            "latency_ewma_ms": None
-            if self.latency_ewma_ms is None
-            else round(self.latency_ewma_ms, 3),
-        }
+Clock = Callable[[], float]
 
 
 class InstanceObserver(Protocol):
@@ -146,219 +53,9 @@ class InstanceObserver(Protocol):
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None:
         """Called after every transition."""
 
-    def drain(self, inst: Instance) -> asyncio.Future[None]:
-        """Send `inst` no new request (its eligibility now says draining); the future is done
-        once no request it runs is still awaited (at once when it runs none)."""
-
-
-class Instance:
-    """One process slot of an engine, `name#index`; survives restarts of its process."""
-
-    def __init__(self, engine: Engine, index: int, log_file: InstanceLog) -> None:
-        self.engine = engine
-        self.index = index
-        self.id = f"{engine.spec.name}#{index}"
-        self.state = S.STOPPED
-        self.state_reason = "registered"
-        self.state_since = time.time()
-        self._state_mono = time.monotonic()
-        self._state_time: dict[str, float] = {}
-        self.isolations_total = 0  # by policy or by hand, since the daemon started
-        self.health = Health.UNKNOWN
-        self.eligibility = Eligibility.ACTIVE
-        self.proc: ChildProcess | None = None
-        self.restarts = 0
-        self.crashes = CrashTracker()
-        self.last_exit: dict[str, Any] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.sample = Sample()
-        self.log = log_file
-        self.removed = False
-        self.ready_seen = False  # the worker announced `ready` before start_seconds passed
-        self.stats = RequestStats()
-        # Failure-policy state (decisions in `policies`, carried out by `enforcer`).
-        self.standing = Standing()
-        self.health_check = HealthTracker()
-        self.health_reason = ""
-        self.memory = MemoryWatch()
-        self.cpu = CpuWatch()
-        self.slow = SlowTracker()
-        self.failures = FailureTracker()
-        self.effective_weight = engine.spec.weight
-        self.eligibility_reason = ""
-        self.isolated_until: float | None = None  # wall-clock time
-        # A drain is under way (then a stop); `restarting`: and a start after it, so requests
-        # for it wait instead of failing.
-        self.draining = False
-        self.restarting = False
-        self.kill_cause = ""  # why the daemon killed the process (hang), for the exit record
-        self.spawn_retries = 0  # spawns in a row that failed for lack of fds or processes
-        # Set when the daemon ends a process it judged failed (no answer during warm-up, no
-        # stdout): its exit is then handled as a crash with this reason.
-        self.failure = ""
-        self.failed_start = False  # ... and counts as a failed start (towards max_retries)
-        self.warmup_note = ""  # the last protocol error seen while warming up
-
-    @property
-    def spec(self) -> EngineSpec:
-        return self.engine.spec
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.alive else None
-
-    def state_seconds(self) -> dict[str, float]:
-        """Seconds spent in each state since the daemon started, the current one included."""
-        out = dict(self._state_time)
-        cur = self.state.value
-        out[cur] = out.get(cur, 0.0) + (time.monotonic() - self._state_mono)
-        return out
-
-    def _entered(self, old: InstanceState) -> None:
-        now = time.monotonic()
-        self._state_time[old.value] = self._state_time.get(old.value, 0.0) + (
-            now - self._state_mono
-        )
-        self._state_mono = now
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The documented per-instance object of `status --json`."""
-        running = self.proc is not None and self.proc.alive
-        # Until the monitor's first reading of this process its figures are unknown, not 0.
-        sampled = running and self.sample.pid == self.pid
-        state = self.state
-        # busy is derived from the in-flight count, not recorded as an event per request.
-        if state is S.READY and self.stats.in_flight >= self.spec.max_concurrency:
-            state = S.BUSY
-        return {
-            "id": self.id,
-            "pid": self.pid,
-            "state": state.value,
-            "state_reason": self.state_reason,
-            "state_since": self.state_since,
-            "health": self.health.value,
-            "health_reason": self.health_reason,
-            "eligibility": self.eligibility.value,
-            "eligibility_reason": self.eligibility_reason,
-            "isolated_until": self.isolated_until,
-            "weight": self.spec.weight,
-            "effective_weight": round(self.effective_weight, 4),
-            "isolations": self.failures.isolations,
-            "restarts": self.restarts,
-            "uptime_s": round(time.monotonic() - self.proc.started_mono, 3)
-            if running and self.proc
-            else None,
-            "cpu_percent": round(self.sample.cpu_percent, 1) if sampled else None,
-            "rss_bytes": self.sample.rss_bytes if sampled else None,
-            "threads": self.sample.threads if sampled else None,
-            "fds": self.sample.fds if sampled else None,
-            "last_exit": self.last_exit,
-            "requests": self.stats.to_json(),
-        }
-
-
-class Engine:
-    """A registered engine's runtime side: its current spec and instances."""
-
-    def __init__(
-        self, spec: EngineSpec, desired: DesiredState, registered_at: float | None = None
-    ) -> None:
-        self.spec = spec
-        self.desired = desired
-        # First registration (kept across updates and daemon restarts); unknown in a registry
-        # written before it was recorded: then the first daemon to load it records its time.
-        self.registered_at = time.time() if registered_at is None else registered_at
-        # Indices stopped by hand: `start ENGINE` of the whole engine leaves them alone
-        # only if they were named; persisted with the registry.
-        self.stopped_instances: set[int] = set()
-        self.instances: list[Instance] = []
-        self.lock = asyncio.Lock()
-        self.stats = RequestStats()  # requests of a oneshot engine (it has no instances)
-        self.oneshot_log: InstanceLog | None = None  # stderr of a oneshot engine's runs
-        self._policy: tuple[EngineSpec, Any, PolicySpec] | None = None
-
-    def policy(self, daemon_policy: Any) -> PolicySpec:
-        """The effective failure policy (defaults < daemon config < this engine)."""
-        cached = self._policy
-        if cached is None or cached[0] is not self.spec or cached[1] is not daemon_policy:
-            merged = effective_policy(daemon_policy, self.spec.policy)[0]
-            cached = self._policy = (self.spec, daemon_policy, merged)
-        return cached[2]
-
-    def to_entry(self) -> Entry:
-        overrides = {
-            i.index: {
-                "eligibility": i.standing.manual.value,
-                "reason": i.standing.manual_reason,
-                "since": i.standing.manual_since,
-            }
-            for i in self.instances
-            if i.standing.manual is not None
-        }
-        return Entry(
-            self.spec, self.desired, set(self.stopped_instances), overrides, self.registered_at
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.spec.name,
-            "type": self.spec.type,
-            "mode": self.spec.mode.value,
-            "desired": self.desired.value,
-            "instances_wanted": self.spec.instances if self.spec.mode.long_running else 0,
-            "instances": [i.to_json() for i in self.instances],
-            **(
-                {"requests": self.stats.to_json(), "max_concurrency": self.spec.max_concurrency}
-                if self.spec.mode is EngineMode.ONESHOT
-                else {}
-            ),
-        }
-
-
-class EngineIndex:
-    """Engine names by type and by label (seed 003's registry indexes): `list` and `status`
-    filters look up instead of scanning the registry."""
-
-    def __init__(self) -> None:
-        self._by_type: dict[str, set[str]] = {}
-        self._by_label: dict[tuple[str, str], set[str]] = {}
-
-    def add(self, spec: EngineSpec) -> None:
-        self._by_type.setdefault(spec.type, set()).add(spec.name)
-        for pair in spec.labels.items():
-            self._by_label.setdefault(pair, set()).add(spec.name)
-
-    def remove(self, spec: EngineSpec) -> None:
-        _discard(self._by_type, spec.type, spec.name)
-        for pair in spec.labels.items():
-            _discard(self._by_label, pair, spec.name)
-
-    def replace(self, old: EngineSpec, new: EngineSpec) -> None:
-        self.remove(old)
-        self.add(new)
-
-    def find(self, type: str | None, labels: list[tuple[str, str]]) -> set[str] | None:
-        """Names of the engines of `type` with every label in `labels`; None: no filter."""
-        found: set[str] | None = None
-        if type is not None:
-            found = set(self._by_type.get(type, ()))
-        for pair in labels:
-            names = self._by_label.get(pair, set())
-            found = set(names) if found is None else found & names
-        return found
-
-
-def _discard(index: dict[_K, set[str]], key: _K, name: str) -> None:
-    names = index.get(key)
-    if names is not None:
-        names.discard(name)
-        if not names:
-            del index[key]
+    def drain(self, inst: Instance, reason: str) -> asyncio.Future[None]:
+        """Send `inst` no new request (its eligibility now says draining, with `reason`); the
+        future is done once no request it runs is still awaited (at once when it runs none)."""
 
 
 class Supervisor:
@@ -373,8 +70,10 @@ class Supervisor:
         config: DaemonConfig,
         events: EventLog,
         on_targets_changed: Callable[[dict[str, int]], None] = lambda _t: None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.paths = paths
+        self.clock = clock  # monotonic: the `now` of restart decisions, time spent in states
         self.config = config
         self.events = events
         self.engines: dict[str, Engine] = {}
@@ -382,7 +81,7 @@ class Supervisor:
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._on_targets_changed = on_targets_changed
         self._sweeps: set[asyncio.Task[None]] = set()
-        self.observer: InstanceObserver | None = None
+        self.observer: InstanceObserver | None = None  # wired by the daemon (main.py)
         self.index = EngineIndex()
         self.closing = False
         # Closed until the processes of a killed predecessor are gone: they carry the same
@@ -395,12 +94,12 @@ class Supervisor:
         old = inst.state
         if not can_transition(old, new):
             raise RuntimeError(f"illegal transition {inst.id}: {old} -> {new} ({reason})")
-        inst._entered(old)
+        inst.entered(old)
         inst.state = new
         inst.state_reason = reason
         inst.state_since = time.time()
         self.events.emit(
-            "instance.state",
+            EventKind.INSTANCE_STATE,
             reason,
             engine=inst.spec.name,
             instance=inst.id,
@@ -409,7 +108,7 @@ class Supervisor:
             data=data or None,
         )
         if old.has_process != new.has_process:
-            self._publish_targets()
+            self.publish_targets()
         if self.observer is not None:
             self.observer.state_changed(inst, old, new)
         self._check_waiters()
@@ -438,7 +137,8 @@ class Supervisor:
         except TimeoutError:
             raise RequestTimeoutError(f"timed out after {timeout:g}s waiting for {what}") from None
 
-    def _publish_targets(self) -> None:
+    def publish_targets(self) -> None:
+        """Tell the monitor which pids to sample (every live instance's)."""
         targets = {
             i.id: i.proc.pid
             for e in self.engines.values()
@@ -464,9 +164,9 @@ class Supervisor:
 
     def find_instance(self, inst_id: str) -> Instance | None:
         """The instance `name#k`, or None."""
-        name, _, idx = inst_id.rpartition("#")
+        name, idx = split_instance_id(inst_id)
         engine = self.engines.get(name)
-        if engine is None or not idx.isdigit():
+        if engine is None or idx is None or not idx.isdigit():
             return None
         k = int(idx)
         insts = engine.instances
@@ -509,21 +209,11 @@ class Supervisor:
         inst.sample = Sample()
         inst.failure = inst.warmup_note = ""
         inst.failed_start = False
-        # A new process: what was measured of the old one says nothing about it.
-        inst.health_check.reset(time.monotonic())
-        inst.health_reason = ""
-        inst.memory.reset()
-        inst.cpu = CpuWatch()
-        inst.slow.reset()
-        inst.stats.latency_ewma_ms = None
-        inst.stats.consecutive_errors = 0
-        inst.standing.slow_multiplier = 1.0
-        inst.standing.draining_reason = ""
         inst.log.note(f"started pid {proc.pid}: {' '.join(argv)}")
         self._attach_output(inst, proc)
-        self._publish_targets()
+        self.publish_targets()
         self.events.emit(
-            "instance.spawned",
+            EventKind.INSTANCE_SPAWNED,
             f"pid {proc.pid}",
             engine=spec.name,
             instance=inst.id,
@@ -578,7 +268,7 @@ class Supervisor:
             inst.state_reason = f"{base} (last: {text})"
         if first:
             self.events.emit(
-                "instance.warmup_problem", text, engine=inst.spec.name, instance=inst.id
+                EventKind.INSTANCE_WARMUP_PROBLEM, text, engine=inst.spec.name, instance=inst.id
             )
 
     def _start_timed_out(self, inst: Instance, proc: ChildProcess) -> None:
@@ -605,7 +295,7 @@ class Supervisor:
         sig = signal.Signals[inst.spec.stop.signal]
         inst.log.note(f"{reason}: sending {sig.name} to process group {proc.pgid}")
         self.events.emit(
-            "instance.failed",
+            EventKind.INSTANCE_FAILED,
             reason,
             engine=inst.spec.name,
             instance=inst.id,
@@ -617,39 +307,14 @@ class Supervisor:
         )
 
     def _attach_output(self, inst: Instance, proc: ChildProcess) -> None:
-        popen = proc.popen
         inst.ready_seen = False
-        protocol_consumer = None
+        stdout = None
         if inst.spec.mode is EngineMode.WORKER and self.observer is not None:
             # A worker's stdout carries the request protocol: it goes to the request layer.
-            protocol_consumer = self.observer.spawned(inst, proc)
-        for name, pipe in (("stderr", popen.stderr), ("stdout", popen.stdout)):
-            if pipe is None:
-                continue
-            fd = pipe.fileno()
-            os.set_blocking(fd, False)
-            consumer = protocol_consumer if name == "stdout" else None
-            self.loop.add_reader(fd, self._read_pipe, inst, name, pipe, consumer)
-
-    def _read_pipe(
-        self, inst: Instance, stream: str, pipe: Any, consumer: Callable[[bytes], None] | None
-    ) -> None:
-        fd = pipe.fileno()
-        data = process.read_available(fd)
-        if data is None:
-            return
-        if data:
-            if consumer is not None:
-                consumer(data)
-            else:
-                inst.log.feed(stream, data)
-            return
-        self.loop.remove_reader(fd)
-        if consumer is not None:
-            consumer(b"")
-        else:
-            inst.log.close_stream(stream)
-        pipe.close()
+            stdout = self.observer.spawned(inst, proc)
+        process.read_output(
+            self.loop, proc, stdout or _to_log(inst.log, "stdout"), _to_log(inst.log, "stderr")
+        )
 
     # -- exits -----------------------------------------------------------------------------
     def _on_exit(self, inst: Instance, proc: ChildProcess, status: ExitStatus) -> None:
@@ -671,7 +336,7 @@ class Supervisor:
         if proc.popen.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.popen.stdin.close()
-        self._publish_targets()
+        self.publish_targets()
         if inst.state is S.STOPPING:
             # stopping -> stopped: the exit we asked for
             self.transition(inst, S.STOPPED, f"stopped ({desc})", code=status.code)
@@ -699,14 +364,13 @@ class Supervisor:
             self.transition(inst, S.EXITED, f"{desc}; restart policy {spec.restart.policy}")
             return
         policy = inst.engine.policy(self.config.policy)
-        decision = inst.crashes.on_exit(
-            time.monotonic(), uptime, quick, desc, spec.restart, policy.crash
-        )
+        now = self.clock()
+        decision = inst.crashes.on_exit(now, uptime, quick, desc, spec.restart, policy.crash)
         if decision.action is Action.FATAL:
             self.transition(inst, S.FATAL, decision.reason, **decision.data)
             cooldown = policy.crash.cooldown
             if cooldown > 0:
-                # SPEC §6: a fatal instance comes back after a cool-down, if one is set.
+                # A fatal instance comes back after a cool-down, if one is set.
                 inst.timer = self.loop.call_later(cooldown, self._retry_after_cooldown, inst)
             return
         self.transition(inst, S.BACKOFF, decision.reason, delay=decision.delay, **decision.data)
@@ -715,8 +379,7 @@ class Supervisor:
     def _retry_transient_spawn(self, inst: Instance, desc: str) -> None:
         """A spawn that failed for lack of the daemon's resources (fds, processes): retry
         with backoff, and count no failed start (the engine did nothing wrong)."""
-        backoff = inst.spec.restart.backoff
-        delay = min(backoff.max, max(backoff.initial, 0.1) * backoff.factor**inst.spawn_retries)
+        delay = spawn_retry_delay(inst.spec.restart.backoff, inst.spawn_retries)
         inst.spawn_retries = min(inst.spawn_retries + 1, 64)
         # starting -> backoff: out of resources for now; not a crash
         self.transition(inst, S.BACKOFF, f"{desc}; retrying in {delay:.2g}s", delay=delay)
@@ -745,33 +408,27 @@ class Supervisor:
         "What is left" is the process group, descendants the monitor saw leave it, and
         orphans of this instance the daemon adopted as subreaper (found by their marker).
         """
-        escaped = list(inst.sample.descendants)
-        grace = inst.spec.stop.timeout
         if inst.state is not S.STOPPING:
             process.signal_group(proc.pgid, signal.SIGTERM)
 
-        async def sweep() -> None:
-            found = await asyncio.to_thread(process.adopted_orphans, inst.id)
-            # The scan runs in a thread: a successor spawned meanwhile (a restart) carries the
-            # same marker and may not have been registered yet when it was seen. Back on the
-            # loop it is: keep out every process of a live instance's group.
-            live = {
+        def live_groups() -> set[int]:
+            return {
                 i.proc.pgid
                 for i in self.all_instances()
                 if i.proc is not None and i.proc is not proc and i.proc.alive
             }
-            adopted = [(p, ct) for p, ct in found if process.pgid_of(p) not in live]
-            process.signal_pids(adopted, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and (
-                process.group_alive(proc.pgid) or process.any_alive(adopted)
-            ):
-                await asyncio.sleep(0.05)
-            process.kill_tree_now(proc.pgid, escaped + adopted)
 
-        task = self.loop.create_task(sweep())
+        sweep = process.sweep_tree(
+            proc.pgid, list(inst.sample.descendants), inst.id, inst.spec.stop.timeout, live_groups
+        )
+        task = self.loop.create_task(sweep)
         self._sweeps.add(task)
         task.add_done_callback(self._sweeps.discard)
+
+    async def wait_sweeps(self, timeout: float) -> None:
+        """Wait (up to `timeout`) for the sweeps of exited instances' trees to end."""
+        if self._sweeps:
+            await asyncio.wait(set(self._sweeps), timeout=timeout)
 
     # -- stopping --------------------------------------------------------------------------
     async def stop_instance(self, inst: Instance, reason: str, wait: bool = True) -> None:
@@ -840,11 +497,12 @@ class Supervisor:
         then = "a graceful restart" if restart else "stop"
         inst.draining = True
         try:
-            if inst.state in (S.READY, S.BUSY) and self.observer is not None:
-                inst.standing.draining_reason = f"draining to {'restart' if restart else 'stop'}"
-                inst.standing.draining_reason += f": {reason}"
-                self._emit(inst, "instance.draining", f"{reason}: draining, then {then}", data)
-                drained = self.observer.drain(inst)
+            if inst.state is S.READY and self.observer is not None:
+                self._emit(
+                    inst, EventKind.INSTANCE_DRAINING, f"{reason}: draining, then {then}", data
+                )
+                why = f"draining to {'restart' if restart else 'stop'}: {reason}"
+                drained = self.observer.drain(inst, why)
                 limit = inst.spec.stop.timeout if timeout is None else timeout
                 try:
                     await asyncio.wait_for(drained, limit)
@@ -852,25 +510,14 @@ class Supervisor:
                     left = inst.stats.in_flight
                     self._emit(
                         inst,
-                        "instance.drain_timeout",
+                        EventKind.INSTANCE_DRAIN_TIMEOUT,
                         f"{then} with {left} request(s) still in flight after {limit:g}s",
                         {"in_flight": left},
                     )
             await self.stop_instance(inst, f"restart: {reason}" if restart else reason, wait)
         finally:
             inst.draining = False
-            inst.standing.draining_reason = ""
             self._check_waiters()
-
-    async def drain_instances(
-        self, insts: list[Instance], reason: str, *, restart: bool = False, wait: bool = True
-    ) -> list[str]:
-        """Drain and stop several instances at once; returns the ids of those not stopped."""
-        active = [i for i in insts if i.state is not S.STOPPED]
-        await asyncio.gather(
-            *(self.drain_and_stop(i, reason, restart=restart, wait=wait) for i in active)
-        )
-        return [i.id for i in active]
 
     async def restart_instance(
         self,
@@ -898,22 +545,9 @@ class Supervisor:
             finally:
                 inst.restarting = False
 
-    async def restart_instances(
-        self, engine: Engine, insts: list[Instance], reason: str
-    ) -> list[str]:
-        """`engctl restart`: every running one drains and stops, then each starts again (the
-        stopped ones just start). Call with the engine's lock held."""
-        running = [i for i in insts if i.state is not S.STOPPED]
-        for inst in running:
-            inst.restarting = True
-        try:
-            await self.drain_instances(running, reason, restart=True)
-            return await self.start_engine(engine, reason, [i.index for i in insts])
-        finally:
-            for inst in running:
-                inst.restarting = False
-
-    def _emit(self, inst: Instance, kind: str, reason: str, data: dict[str, Any] | None) -> None:
+    def _emit(
+        self, inst: Instance, kind: EventKind, reason: str, data: dict[str, Any] | None
+    ) -> None:
         self.events.emit(kind, reason, engine=inst.spec.name, instance=inst.id, data=data or None)
 
     def _kill_after_timeout(self, inst: Instance, proc: ChildProcess) -> None:
@@ -923,227 +557,27 @@ class Supervisor:
         timeout = inst.spec.stop.timeout
         inst.log.note(f"still alive {timeout:g}s after the stop signal: SIGKILL to the group")
         self.events.emit(
-            "instance.killed",
+            EventKind.INSTANCE_KILLED,
             f"did not stop within {timeout:g}s; killed the process group",
             engine=inst.spec.name,
             instance=inst.id,
         )
         process.kill_tree_now(proc.pgid, inst.sample.descendants)
 
-    # -- engines ---------------------------------------------------------------------------
-    def add_engine(
-        self,
-        spec: EngineSpec,
-        desired: DesiredState,
-        stopped_instances: set[int],
-        registered_at: float | None = None,
-    ) -> Engine:
-        """Create the runtime side of a registered engine (instances stay stopped)."""
-        engine = Engine(spec, desired, registered_at)
-        self.engines[spec.name] = engine
-        self.index.add(spec)
-        engine.stopped_instances = set(stopped_instances)
-        self._resize(engine)
-        return engine
-
-    def _resize(self, engine: Engine) -> list[Instance]:
-        """Add instance slots up to the spec's count; return the ones to remove (highest)."""
-        want = engine.spec.instances if engine.spec.mode.long_running else 0
-        while len(engine.instances) < want:
-            idx = len(engine.instances)
-            log_file = InstanceLog(
-                self.paths.instance_log(engine.spec.name, idx),
-                self.config.log_max_bytes,
-                self.config.log_backups,
-                self.write_health,
-            )
-            engine.instances.append(Instance(engine, idx, log_file))
-        extra = engine.instances[want:]
-        del engine.instances[want:]
-        oneshot = engine.spec.mode is EngineMode.ONESHOT
-        if oneshot and engine.oneshot_log is None:
-            name = engine.spec.name
-            engine.oneshot_log = InstanceLog(
-                self.paths.log_dir / f"{name}.oneshot.log",
-                self.config.log_max_bytes,
-                self.config.log_backups,
-            )
-        elif not oneshot and engine.oneshot_log is not None:
-            engine.oneshot_log.close()
-            engine.oneshot_log = None
-        return extra
-
-    async def start_engine(
-        self, engine: Engine, reason: str, indices: list[int] | None = None
-    ) -> list[str]:
-        """Start the engine's instances (all, or `indices`) after its dependencies are ready."""
-        await self.spawn_allowed.wait()
-        for dep in engine.spec.depends_on:
-            dep_engine = self.engines.get(dep)
-            if dep_engine is None:
-                continue
-            if dep_engine.desired is not DesiredState.RUNNING or not any(
-                i.state.is_running for i in dep_engine.instances
-            ):
-                await self.start_engine(dep_engine, f"dependency of {engine.spec.name}")
-                try:
-                    await self.wait_until(
-                        lambda d=dep_engine: all(  # type: ignore[misc]
-                            i.state.is_running or i.state is S.FATAL for i in d.instances
-                        ),
-                        DEPENDENCY_WAIT,
-                        f"dependency {dep} to be ready",
-                    )
-                except RequestTimeoutError as exc:
-                    self.events.emit(
-                        "engine.dependency_timeout",
-                        f"starting anyway: {exc}",
-                        engine=engine.spec.name,
-                    )
-        engine.desired = DesiredState.RUNNING
-        started = []
-        for inst in engine.instances:
-            if indices is not None and inst.index not in indices:
-                continue
-            if inst.state is S.STOPPING:
-                # A start asked during a stop (`stop --no-wait`) takes effect once it ends.
-                await self.wait_until(
-                    lambda i=inst: i.state is not S.STOPPING,  # type: ignore[misc]
-                    inst.spec.stop.timeout + 10.0,
-                    f"{inst.id} to stop",
-                )
-                if engine.desired is not DesiredState.RUNNING:
-                    break  # stopped again meanwhile: the later wish wins
-            if inst.state in (S.STOPPED, S.EXITED, S.FATAL, S.BACKOFF):
-                if inst.state is S.FATAL:
-                    inst.crashes.reset()
-                self.start_instance(inst, reason)
-                started.append(inst.id)
-        return started
-
-    async def stop_instances(self, insts: list[Instance], reason: str, wait: bool) -> list[str]:
-        """Stop several instances at once; with `wait`, return when all are stopped."""
-        active = [i for i in insts if i.state is not S.STOPPED]
-        await asyncio.gather(*(self.stop_instance(i, reason, wait) for i in active))
-        return [i.id for i in active]
-
-    async def update_engine(self, engine: Engine, spec: EngineSpec) -> str:
-        """Apply a changed spec, restarting only what must change; returns what was done."""
-        old = engine.spec
-        if spec.needs_restart(old):
-            running = [i for i in engine.instances if i.state is not S.STOPPED]
-            for inst in running:
-                inst.restarting = True
-            try:
-                await self.drain_instances(running, "spec changed", restart=True)
-                for inst in engine.instances:
-                    inst.log.close()
-                self.index.replace(engine.spec, spec)
-                engine.spec = spec
-                removed = self._resize(engine)
-                for inst in removed:
-                    inst.removed = True
-                if engine.desired is DesiredState.RUNNING:
-                    await self.start_engine(engine, "spec changed")
-            finally:
-                for inst in running:
-                    inst.restarting = False
-            return "restarted"
-        self.index.replace(old, spec)
-        engine.spec = spec
-        if old.instances != spec.instances:
-            return await self.scale_engine(engine, spec.instances)
-        return "updated in place"
-
-    async def scale_engine(self, engine: Engine, n: int) -> str:
-        """Grow or shrink to `n` instances (the highest indices drain, then stop)."""
-        before = len(engine.instances)
-        engine.spec = engine.spec.with_instances(n)
-        leaving = engine.instances[n:]
-        for inst in leaving:
-            inst.removed = True  # never restarted, whatever happens while it drains
-        await self.drain_instances(leaving, f"scaled to {n}")
-        for inst in self._resize(engine):
-            inst.log.close()
-        if engine.desired is DesiredState.RUNNING:
-            await self.start_engine(engine, f"scaled to {n}")
-        self.events.emit("engine.scaled", f"{before} -> {n} instances", engine=engine.spec.name)
-        self._publish_targets()
-        return f"scaled {before} -> {n}"
-
-    async def remove_engine(self, engine: Engine) -> None:
-        """Drain and stop every instance and forget the engine."""
-        engine.desired = DesiredState.STOPPED
-        for inst in engine.instances:
-            inst.removed = True
-        await self.drain_instances(engine.instances, "unregistered")
-        for inst in engine.instances:
-            inst.log.close()
-        if engine.oneshot_log is not None:
-            engine.oneshot_log.close()
-        self.engines.pop(engine.spec.name, None)
-        self.index.remove(engine.spec)
-        self._publish_targets()
-
-    def dependents(self, names: set[str]) -> list[Engine]:
-        """Engines that depend on any of `names`, directly or through others (not those
-        named), dependents of dependents first."""
-        found: set[str] = set()
-        grew = True
-        while grew:
-            grew = False
-            for e in self.engines.values():
-                n = e.spec.name
-                if n not in found and n not in names and set(e.spec.depends_on) & (names | found):
-                    found.add(n)
-                    grew = True
-        order = check_dependencies({n: e.spec for n, e in self.engines.items()})
-        return [self.engines[n] for n in reversed(order) if n in found]
-
-    async def stop_engines(self, engines: list[Engine], reason: str, wait: bool) -> list[str]:
-        """Stop whole engines, each once those among them that depend on it have stopped
-        (systemd's order: dependents first; independent engines stop at the same time)."""
-        tasks: dict[str, asyncio.Task[list[str]]] = {}
-
-        async def stop_one(engine: Engine) -> list[str]:
-            before = [
-                tasks[e.spec.name]
-                for e in engines
-                if engine.spec.name in e.spec.depends_on and e.spec.name in tasks
-            ]
-            if before:
-                await asyncio.wait(before)
-            return await self.stop_instances(engine.instances, reason, wait)
-
-        for engine in engines:
-            tasks[engine.spec.name] = self.loop.create_task(stop_one(engine))
-        results = await asyncio.gather(*tasks.values())
-        return [i for r in results for i in r]
-
-    async def shutdown(self, timeout: float) -> None:
-        """Stop everything with each engine's stop policy, dependents first (daemon exit)."""
-        self.closing = True
-        try:
-            await asyncio.wait_for(
-                self.stop_engines(list(self.engines.values()), "daemon shutting down", True),
-                timeout,
-            )
-        except (TimeoutError, RequestTimeoutError):
-            self.kill_all()
-        except Exception:
-            # A bug must not leave engines running after the daemon: kill them all.
-            log.exception("graceful stop failed; killing every engine")
-            self.kill_all()
-        if self._sweeps:
-            await asyncio.wait(set(self._sweeps), timeout=timeout)
-        for inst in self.all_instances():
-            inst.log.close()
-        for engine in self.engines.values():
-            if engine.oneshot_log is not None:
-                engine.oneshot_log.close()
-
     def kill_all(self) -> None:
         """SIGKILL every process tree now (second signal during shutdown)."""
         for inst in self.all_instances():
             if inst.proc is not None and inst.proc.alive:
                 process.kill_tree_now(inst.proc.pgid, inst.sample.descendants)
+
+
+def _to_log(log_file: InstanceLog, stream: str) -> Callable[[bytes], None]:
+    """A consumer of a pipe that writes what it reads to the instance's log."""
+
+    def consume(data: bytes) -> None:
+        if data:
+            log_file.feed(stream, data)
+        else:
+            log_file.close_stream(stream)
+
+    return consume

@@ -1,1 +1,2 @@
-"""Text and JSON output built from the wire models only (never from daemon objects)."""
+"""Text and JSON output built from the wire documents only (`engctl.documents`), never from
+daemon objects: no module of `engctl.render` imports `engctl.daemon`, the client or typer."""

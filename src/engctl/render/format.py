@@ -8,7 +8,10 @@ import time
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
+
+    from engctl.documents import EventDoc
 
 
 def duration(seconds: float | None) -> str:
@@ -44,7 +47,7 @@ def clock(at: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
 
 
-def last_exit(info: dict[str, Any] | None) -> str:
+def last_exit(info: Mapping[str, Any] | None) -> str:
     """`code 1`, `SIGKILL`, or the spawn error, for the status table."""
     if not info:
         return "-"
@@ -55,7 +58,7 @@ def last_exit(info: dict[str, Any] | None) -> str:
     return f"code {info.get('code')}"
 
 
-def eligibility(inst: dict[str, Any], now: float | None = None) -> str:
+def eligibility(inst: Mapping[str, Any], now: float | None = None) -> str:
     """`active`, `downweighted 0.25` (effective weight), `isolated 42s left` (`isolated` when
     by hand: no end), `draining`: an instance's dispatch eligibility for a person."""
     elig = str(inst.get("eligibility", "active"))
@@ -72,7 +75,7 @@ def eligibility(inst: dict[str, Any], now: float | None = None) -> str:
     return elig
 
 
-def standing_reason(inst: dict[str, Any]) -> str:
+def standing_reason(inst: Mapping[str, Any]) -> str:
     """Why an instance is not simply active and healthy ("" when it is)."""
     if inst.get("eligibility", "active") != "active" and inst.get("eligibility_reason"):
         return str(inst["eligibility_reason"])
@@ -91,8 +94,8 @@ def print_json(obj: Any) -> None:
         sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
 
 
-def event_line(ev: dict[str, Any]) -> str:
-    """One event as a line of text."""
+def event_line(ev: EventDoc | Mapping[str, Any]) -> str:
+    """One event as a line of text (fields an older daemon did not send show as `-`)."""
     subject = ev.get("instance") or ev.get("engine") or "daemon"
     edge = f" {ev['from']} -> {ev['to']}" if ev.get("from") else ""
     return f"{clock(ev.get('at'))}  {subject}{edge}: {ev.get('reason', '')}"

@@ -3,13 +3,16 @@ worst instances, policy actions and suggestions."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from engctl.render.format import clock, duration, size
+
+if TYPE_CHECKING:
+    from engctl.documents import ReportDoc, ReportFigures
 
 
 def _ms(v: float | None) -> str:
@@ -20,7 +23,7 @@ def _pct(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v * 100:.{digits}f}%"
 
 
-def _row(name: str, f: dict[str, Any], extra: list[str]) -> list[str]:
+def _row(name: str, f: ReportFigures, extra: list[str]) -> list[str]:
     lat = f["latency"]
     return [
         name,
@@ -37,7 +40,7 @@ def _row(name: str, f: dict[str, Any], extra: list[str]) -> list[str]:
     ]
 
 
-def report_view(r: dict[str, Any]) -> RenderableType:
+def report_view(r: ReportDoc) -> RenderableType:
     """Everything of one report, in reading order."""
     p = r["period"]
     parts: list[RenderableType] = []

@@ -13,7 +13,7 @@ from engctl.render.format import duration, eligibility, last_exit, size, standin
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from typing import Any
 
     # A cell: (text, rich style); a row: one cell per shown column.
@@ -70,7 +70,7 @@ DROPPABLE = ("LAST EXIT", "PID", "RESTARTS", "UPTIME", "CPU%")
 
 
 def status_cells(
-    status: dict[str, Any],
+    status: Mapping[str, Any],
     now: float | None = None,
     reason_column: bool = True,
     hidden: frozenset[str] = frozenset(),
@@ -78,7 +78,7 @@ def status_cells(
     """One row per instance (or per engine without instances); with `reason_column`, a
     REASON column when an instance is not simply active and healthy; `hidden` columns left
     out (narrow terminals)."""
-    pairs: list[tuple[dict[str, Any], dict[str, Any] | None]] = [
+    pairs: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = [
         (eng, inst) for eng in status["engines"] for inst in (eng["instances"] or [None])
     ]
     reasons = {id(inst): standing_reason(inst) for _, inst in pairs if inst is not None}
@@ -118,7 +118,7 @@ def status_cells(
 
 
 def status_layout(
-    status: dict[str, Any],
+    status: Mapping[str, Any],
     width: int,
     now: float | None,
     natural_width: Callable[[Columns, Rows], int],

@@ -4,7 +4,7 @@ them."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group, RenderableType
 from rich.measure import Measurement
@@ -14,9 +14,12 @@ from rich.text import Text
 from engctl.render.format import size
 from engctl.render.status import status_cells, status_layout
 
+if TYPE_CHECKING:
+    from engctl.documents import StatusDoc
+
 
 def status_table(
-    status: dict[str, Any],
+    status: StatusDoc,
     now: float | None = None,
     reason_column: bool = True,
     hidden: frozenset[str] = frozenset(),
@@ -37,7 +40,7 @@ def _table(columns: list[tuple[str, str]], rows: list[list[tuple[str, str]]]) ->
     return table
 
 
-def status_view(status: dict[str, Any], width: int, now: float | None = None) -> RenderableType:
+def status_view(status: StatusDoc, width: int, now: float | None = None) -> RenderableType:
     """The status table for a console `width` columns wide, every row on one line: reasons
     in a REASON column when it fits, else as lines under the table
     (`echo#1  isolated: 5 consecutive errors …`); then the least needed columns go."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -11,6 +12,9 @@ from rich.text import Text
 from engctl.render.format import eligibility, size
 from engctl.render.status import HEALTH_STYLE, STATE_STYLE
 from engctl.render.tables import natural_width
+
+if TYPE_CHECKING:
+    from engctl.documents import LiveDoc, StatusDoc
 
 # Worst first when sorting by state: what needs attention is on top.
 STATE_RANK = {
@@ -30,7 +34,7 @@ def _num(v: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def _oneshot_row(engine: dict[str, Any]) -> dict[str, Any]:
+def _oneshot_row(engine: Mapping[str, Any]) -> dict[str, Any]:
     """A oneshot engine as a row of its own (`NAME#oneshot`): it has no instances."""
     return {
         "id": f"{engine['name']}#oneshot",
@@ -44,14 +48,15 @@ def _oneshot_row(engine: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _joined(status: dict[str, Any], live: dict[str, Any], sort: str) -> list[tuple[Any, Any, Any]]:
+def _joined(status: StatusDoc, live: LiveDoc, sort: str) -> list[tuple[Any, Any, Any]]:
     rows = []
+    figures: Mapping[str, Any] = live.get("instances", {})
     for e in status["engines"]:
-        insts = e["instances"]
+        insts: list[Mapping[str, Any]] = list(e["instances"])
         if e.get("mode") == "oneshot":
             insts = [_oneshot_row(e)]  # its runs' figures, as one row
         for i in insts:
-            m = live.get("instances", {}).get(i["id"], {})
+            m = figures.get(i["id"], {})
             rows.append((e, i, m))
     keyers = {
         "name": lambda r: (r[1]["id"],),
@@ -65,7 +70,7 @@ def _joined(status: dict[str, Any], live: dict[str, Any], sort: str) -> list[tup
     return rows
 
 
-def top_rows(status: dict[str, Any], live: dict[str, Any], sort: str) -> list[dict[str, Any]]:
+def top_rows(status: StatusDoc, live: LiveDoc, sort: str) -> list[dict[str, Any]]:
     """The figures of one frame as plain objects (`engctl top --json`)."""
     out = []
     for _e, i, m in _joined(status, live, sort):
@@ -135,8 +140,8 @@ def _table(rows: list[tuple[Any, Any, Any]], hidden: frozenset[str], now: float 
 
 
 def top_view(
-    status: dict[str, Any],
-    live: dict[str, Any],
+    status: StatusDoc,
+    live: LiveDoc,
     sort: str,
     width: int | None = None,
     now: float | None = None,
@@ -151,8 +156,8 @@ def top_view(
             break
         hidden |= {col}
         table = _table(rows, hidden, now)
-    host = live.get("host") or {}
-    queue = live.get("queue") or {}
+    host: Mapping[str, Any] = live.get("host") or {}
+    queue: Mapping[str, int] = live.get("queue") or {}
     head = f"engctl top — {len(rows)} instances"
     if host:
         head += (

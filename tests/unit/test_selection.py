@@ -11,20 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engctl.daemon.dispatch import (
+from engctl.config import CapabilityWeights
+from engctl.daemon.selection import (
     Affinity,
     Candidate,
     CandidatePool,
     CandidateSet,
     Capability,
-    CapabilityWeights,
     ConsistentHash,
     FilterName,
     KeyMemory,
     LeastLoaded,
     Outcome,
     Selector,
-    StrategyName,
     default_strategies,
     parse_label,
     parse_strategy,
@@ -32,6 +31,7 @@ from engctl.daemon.dispatch import (
     smooth_schedule,
 )
 from engctl.errors import EXIT_NO_ELIGIBLE, NoEligibleEngineError, UsageError
+from engctl.protocol import StrategyName
 
 S = StrategyName
 

@@ -1,0 +1,376 @@
+"""The `engine.*` and `instance.*` calls: register, apply and unregister engines, list and
+export them, start, stop, restart and scale them, and the manual overrides (isolate, drain,
+restore) of their instances.
+
+Parameters are checked here (`params`); the work is `fleet`'s (engines as a whole) and the
+enforcer's (overrides). Each mutating call persists the registry before it answers. Imports no
+request code but the membership's `engines_changed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from engctl.errors import (
+    EngineNotFoundError,
+    InvalidParamsError,
+    SpecError,
+    StorageError,
+    UsageError,
+)
+from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
+from engctl.states import DesiredState, Eligibility, EventKind, InstanceState
+
+from .enforcer import Enforcer
+from .events import EventLog
+from .fleet import Fleet
+from .instance import Engine, Instance
+from .membership import Membership
+from .params import param, str_list
+from .registry import Entry, Registry
+from .selection import parse_label
+from .server import Connection
+from .supervisor import Supervisor
+
+
+def _up(engine: Engine) -> bool:
+    """Whether an engine is wanted running or still has a process."""
+    return engine.desired is DesiredState.RUNNING or any(
+        i.state is not InstanceState.STOPPED for i in engine.instances
+    )
+
+
+@dataclass(eq=False)
+class EngineCalls:
+    """The registry's and the engines' side of the RPC surface (bound by `Api.handlers`)."""
+
+    sup: Supervisor
+    fleet: Fleet
+    registry: Registry
+    events: EventLog
+    membership: Membership  # told of every change to the engines (oneshot candidates)
+    enforcer: Enforcer  # the manual overrides
+
+    async def _persist(self) -> None:
+        """After a change to the engines: keep dispatch in step, then make it durable."""
+        self.membership.engines_changed()
+        await self.registry.save()
+
+    def _parse_specs(self, params: dict[str, Any]) -> list[EngineSpec]:
+        raw = param(params, "engines", dict)
+        specs = [EngineSpec.from_dict(name, data) for name, data in raw.items()]
+        if not specs:
+            raise SpecError("no engines given (expected at least one [engines.NAME] table)")
+        return specs
+
+    async def _register_all(
+        self, specs: list[EngineSpec], start: bool, prune: bool
+    ) -> dict[str, Any]:
+        incoming = {s.name: s for s in specs}
+        after = {n: e.spec for n, e in self.sup.engines.items()}
+        if prune:
+            after = {n: s for n, s in after.items() if n in incoming}
+        after.update(incoming)
+        order = check_dependencies(after)  # unknown dependency or cycle: nothing is applied
+        results: list[dict[str, Any]] = []
+        removed: list[str] = []
+        removals = self._removal_order(set(self.sup.engines) - set(incoming)) if prune else []
+        desired = DesiredState.RUNNING if start else DesiredState.STOPPED
+        # Durable before anything changes: a registration the disk refuses leaves nothing
+        # behind (StorageError), and an acknowledged one survives kill -9.
+        staged: dict[str, Entry | None] = dict.fromkeys(removals)
+        for name, spec in incoming.items():
+            current = self.sup.engines.get(name)
+            if current is None:
+                staged[name] = Entry(spec, desired)
+            elif current.spec != spec:
+                entry = current.to_entry(self.enforcer.overrides(current))
+                staged[name] = dataclasses.replace(entry, spec=spec)
+        to_start: list[Engine] = []
+        async with self.registry.staged(staged):
+            for name in removals:
+                await self._unregister_one(name)
+                removed.append(name)
+            for name in order:
+                if name not in incoming:
+                    continue
+                spec = incoming[name]
+                engine = self.sup.engines.get(name)
+                if engine is None:
+                    engine = self.fleet.add_engine(spec, desired, set())
+                    self.events.emit(EventKind.ENGINE_REGISTERED, "registered", engine=name)
+                    results.append({"name": name, "action": "created", "detail": "registered"})
+                    if start:
+                        to_start.append(engine)
+                elif engine.spec == spec:
+                    results.append({"name": name, "action": "unchanged", "detail": "same spec"})
+                else:
+                    changed = sorted(spec.changed_fields(engine.spec))
+                    async with engine.lock:
+                        detail = await self.fleet.update_engine(engine, spec)
+                    self.events.emit(
+                        EventKind.ENGINE_UPDATED,
+                        f"changed {', '.join(changed)}: {detail}",
+                        engine=name,
+                    )
+                    results.append(
+                        {"name": name, "action": "updated", "detail": detail, "changed": changed}
+                    )
+            self.membership.engines_changed()
+        for engine in to_start:
+            # Dependencies first: `order` is topological.
+            await self.fleet.start_engine(engine, "registered")
+        return {"engines": results, "removed": removed}
+
+    async def register(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        specs = self._parse_specs(params)
+        return await self._register_all(specs, param(params, "start", bool, True), prune=False)
+
+    async def apply(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        specs = self._parse_specs(params)
+        return await self._register_all(
+            specs, param(params, "start", bool, True), prune=param(params, "prune", bool, False)
+        )
+
+    def _removal_order(self, names: set[str]) -> list[str]:
+        """`names` in a safe removal order (dependents first); refuse if a kept engine needs one."""
+        for name in sorted(names):
+            self.engine(name)  # all must exist before anything is removed
+        for e in self.sup.engines.values():
+            needed = sorted(set(e.spec.depends_on) & names)
+            if needed and e.spec.name not in names:
+                raise SpecError(
+                    f"cannot unregister {needed[0]!r}: {e.spec.name!r} depends on it"
+                    f" (unregister {e.spec.name!r} too, or drop the dependency first)"
+                )
+        order = check_dependencies({n: e.spec for n, e in self.sup.engines.items()})
+        return [n for n in reversed(order) if n in names]
+
+    async def _unregister_one(self, name: str) -> None:
+        engine = self.engine(name)
+        async with engine.lock:
+            await self.fleet.remove_engine(engine)
+        self.events.emit(EventKind.ENGINE_UNREGISTERED, "unregistered", engine=name)
+
+    async def unregister(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        names = str_list(params, "names")
+        removed = []
+        order = self._removal_order(set(names))
+        async with self.registry.staged(dict.fromkeys(order)):
+            for name in order:
+                await self._unregister_one(name)
+                removed.append(name)
+            self.membership.engines_changed()
+        return {"removed": removed}
+
+    def chosen(self, params: dict[str, Any]) -> list[Engine]:
+        """The engines `names` (all when none; an unknown one is an error), narrowed to
+        `type` and to every `labels` pair (`k=v`), in name order."""
+        names = str_list(params, "names", None)
+        type_ = param(params, "type", str, None)
+        try:
+            labels = [parse_label(t) for t in str_list(params, "labels", None) or []]
+        except UsageError as exc:
+            raise InvalidParamsError(exc.message) from None
+        engines = (
+            [self.engine(n) for n in dict.fromkeys(names)]
+            if names
+            else [self.sup.engines[n] for n in sorted(self.sup.engines)]
+        )
+        wanted = self.sup.index.find(type_, labels)
+        return engines if wanted is None else [e for e in engines if e.spec.name in wanted]
+
+    def list_engines(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        out = []
+        for e in self.chosen(params):
+            s = e.spec
+            out.append(
+                {
+                    "name": s.name,
+                    "type": s.type,
+                    "mode": s.mode.value,
+                    # As `status` counts them: a oneshot engine has no long-running instances.
+                    "instances": s.instances if s.mode.long_running else 0,
+                    "max_concurrency": s.max_concurrency,
+                    "desired": e.desired.value,
+                    "command": list(s.command),
+                    "capabilities": list(s.capabilities),
+                    "labels": dict(s.labels),
+                    "weight": s.weight,
+                    "depends_on": list(s.depends_on),
+                    "version": s.version,
+                    "registered_at": e.registered_at,
+                }
+            )
+        return {"engines": out}
+
+    def export(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        names = str_list(params, "names", None) or sorted(self.sup.engines)
+        return {"engines": {n: self.engine(n).spec.to_dict() for n in names}}
+
+    def engine(self, name: str) -> Engine:
+        try:
+            return self.sup.engines[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sup.engines)) or "none registered"
+            raise EngineNotFoundError(f"unknown engine {name!r} (known: {known})") from None
+
+    def _targets(self, params: dict[str, Any]) -> list[tuple[Engine, list[Instance] | None]]:
+        """Resolve NAME or NAME#K refs; None means the whole engine. All must exist."""
+        refs = str_list(params, "targets")
+        if not refs:
+            raise InvalidParamsError("no engine or instance given")
+        out: list[tuple[Engine, list[Instance] | None]] = []
+        for ref in refs:
+            name, idx = parse_instance_ref(ref)
+            engine = self.engine(name)
+            out.append((engine, None if idx is None else [self.sup.instance(engine, idx)]))
+        return out
+
+    async def start(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        started: list[str] = []
+        for engine, insts in self._targets(params):
+            async with engine.lock:
+                if insts is None:
+                    engine.stopped_instances.clear()
+                    started += await self.fleet.start_engine(engine, "started by user")
+                else:
+                    if engine.desired is DesiredState.STOPPED:
+                        # Only the named instances come up; the others stay stopped, also
+                        # after a daemon restart.
+                        engine.stopped_instances.update(i.index for i in engine.instances)
+                    for inst in insts:
+                        engine.stopped_instances.discard(inst.index)
+                    started += await self.fleet.start_engine(
+                        engine, "started by user", [i.index for i in insts]
+                    )
+        await self._persist()
+        return {"started": started}
+
+    async def stop(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        wait = param(params, "wait", bool, True)
+        refuse = param(params, "no_dependents", bool, False)
+        targets = self._targets(params)
+        whole = [engine for engine, insts in targets if insts is None]
+        names = {e.spec.name for e in whole}
+        # systemd's order: what depends on a stopping engine stops first (stopping one instance
+        # leaves the engine serving, so only whole engines count).
+        dependents = [e for e in self.fleet.dependents(names) if _up(e)]
+        if dependents and refuse:
+            listed = ", ".join(repr(e.spec.name) for e in dependents)
+            raise UsageError(
+                f"not stopping {', '.join(sorted(names))}: {listed}"
+                f" {'depends' if len(dependents) == 1 else 'depend'} on it and"
+                f" {'is' if len(dependents) == 1 else 'are'} running (stop"
+                f" {'it' if len(dependents) == 1 else 'them'} first, or leave out"
+                " --no-dependents to stop them too)",
+                {"dependents": [e.spec.name for e in dependents]},
+            )
+        before = [
+            (engine, engine.desired, set(engine.stopped_instances))
+            for engine in [e for e, _ in targets] + dependents
+        ]
+        for engine, insts in targets:
+            if insts is None:
+                engine.desired = DesiredState.STOPPED
+            else:
+                engine.stopped_instances.update(i.index for i in insts)
+        for engine in dependents:
+            engine.desired = DesiredState.STOPPED
+        # The wish is durable before any signal is sent: a restarted daemon will not undo it.
+        try:
+            await self._persist()
+        except StorageError:
+            for engine, desired, stopped_set in before:  # not durable: nothing is stopped
+                engine.desired, engine.stopped_instances = desired, stopped_set
+            raise
+        for engine in whole:
+            below = self.fleet.dependents({engine.spec.name})
+            mine = [e.spec.name for e in below if e in dependents]
+            if mine:
+                verb = "it depends" if len(mine) == 1 else "they depend"
+                self.events.emit(
+                    EventKind.ENGINE_STOPPING_DEPENDENTS,
+                    f"stopping {', '.join(mine)} first: {verb} on {engine.spec.name}",
+                    engine=engine.spec.name,
+                    data={"dependents": mine},
+                )
+        stopped = await self.fleet.stop_engines(
+            dependents + whole,
+            "stopped by user (dependents first)" if dependents else "stopped by user",
+            wait,
+        )
+        results = await asyncio.gather(
+            *(
+                self.fleet.stop_instances(insts, "stopped by user", wait)
+                for _engine, insts in targets
+                if insts is not None
+            )
+        )
+        return {
+            "stopped": stopped + [i for r in results for i in r],
+            "waited": wait,
+            "dependents": [e.spec.name for e in dependents],
+        }
+
+    async def restart(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        targets = self._targets(params)
+        restarted: list[str] = []
+        for engine, insts in targets:
+            async with engine.lock:
+                chosen = engine.instances if insts is None else insts
+                if insts is None:
+                    engine.stopped_instances.clear()
+                else:
+                    if engine.desired is DesiredState.STOPPED:
+                        engine.stopped_instances.update(i.index for i in engine.instances)
+                    engine.stopped_instances.difference_update(i.index for i in insts)
+                # Each running instance drains first: a restart loses no request.
+                restarted += await self.fleet.restart_instances(
+                    engine, chosen, "restart requested by user"
+                )
+        await self._persist()
+        return {"restarted": restarted}
+
+    async def scale(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        engine = self.engine(param(params, "name", str))
+        n = param(params, "instances", int)
+        if not engine.spec.mode.long_running:
+            raise SpecError(f"engine {engine.spec.name!r} is oneshot: it has no instances to scale")
+        async with engine.lock:
+            detail = await self.fleet.scale_engine(engine, n)
+        await self._persist()
+        return {"name": engine.spec.name, "instances": n, "detail": detail}
+
+    def _override_targets(self, params: dict[str, Any]) -> list[Instance]:
+        insts: list[Instance] = []
+        for engine, chosen in self._targets(params):
+            if not engine.spec.mode.long_running:
+                raise InvalidParamsError(
+                    f"{engine.spec.name} is a oneshot engine: it has no instances to"
+                    " isolate, drain or restore"
+                )
+            insts += engine.instances if chosen is None else chosen
+        return insts
+
+    async def _override(
+        self, params: dict[str, Any], eligibility: Eligibility | None
+    ) -> dict[str, Any]:
+        reason = param(params, "reason", str, None) or ""
+        insts = self._override_targets(params)
+        for inst in insts:
+            self.enforcer.set_manual(inst, eligibility, reason)
+        await self._persist()
+        return {"instances": [i.to_json() for i in insts]}
+
+    async def isolate(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return await self._override(params, Eligibility.ISOLATED)
+
+    async def drain(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return await self._override(params, Eligibility.DRAINING)
+
+    async def restore(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return await self._override(params, None)

@@ -1,0 +1,270 @@
+"""Engine-level operations over the supervisor: add an engine's instance slots, start it after
+its dependencies, stop engines dependents first, drain several instances at once, restart,
+scale, update in place or by a rolling replacement, remove, and shut everything down.
+
+The lifecycle of one instance is `supervisor`'s; this module composes it. Imports no policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from engctl.errors import RequestTimeoutError
+from engctl.models import EngineSpec, check_dependencies
+from engctl.states import DesiredState, EngineMode, EventKind, InstanceState
+
+from .instance import Engine, Instance
+from .logs import InstanceLog
+from .supervisor import Supervisor
+
+log = logging.getLogger("engctl.supervisor")
+
+S = InstanceState
+# How long `start` of a dependent waits for its dependencies to be ready.
+DEPENDENCY_WAIT = 30.0
+
+
+class Fleet:
+    """Every engine as a whole: what `engctl start/stop/restart/scale/register/unregister` and
+    the daemon's start and shutdown ask for."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def add_engine(
+        self,
+        spec: EngineSpec,
+        desired: DesiredState,
+        stopped_instances: set[int],
+        registered_at: float | None = None,
+    ) -> Engine:
+        """Create the runtime side of a registered engine (instances stay stopped)."""
+        engine = Engine(spec, desired, registered_at)
+        self.sup.engines[spec.name] = engine
+        self.sup.index.add(spec)
+        engine.stopped_instances = set(stopped_instances)
+        self._resize(engine)
+        return engine
+
+    def _resize(self, engine: Engine) -> list[Instance]:
+        """Add instance slots up to the spec's count; return the ones to remove (highest)."""
+        want = engine.spec.instances if engine.spec.mode.long_running else 0
+        while len(engine.instances) < want:
+            idx = len(engine.instances)
+            log_file = InstanceLog(
+                self.sup.paths.instance_log(engine.spec.name, idx),
+                self.sup.config.log_max_bytes,
+                self.sup.config.log_backups,
+                self.sup.write_health,
+            )
+            engine.instances.append(Instance(engine, idx, log_file, self.sup.clock))
+        extra = engine.instances[want:]
+        del engine.instances[want:]
+        oneshot = engine.spec.mode is EngineMode.ONESHOT
+        if oneshot and engine.oneshot_log is None:
+            name = engine.spec.name
+            engine.oneshot_log = InstanceLog(
+                self.sup.paths.log_dir / f"{name}.oneshot.log",
+                self.sup.config.log_max_bytes,
+                self.sup.config.log_backups,
+            )
+        elif not oneshot and engine.oneshot_log is not None:
+            engine.oneshot_log.close()
+            engine.oneshot_log = None
+        return extra
+
+    async def start_engine(
+        self, engine: Engine, reason: str, indices: list[int] | None = None
+    ) -> list[str]:
+        """Start the engine's instances (all, or `indices`) after its dependencies are ready."""
+        await self.sup.spawn_allowed.wait()
+        for dep in engine.spec.depends_on:
+            dep_engine = self.sup.engines.get(dep)
+            if dep_engine is None:
+                continue
+            if dep_engine.desired is not DesiredState.RUNNING or not any(
+                i.state.is_running for i in dep_engine.instances
+            ):
+                await self.start_engine(dep_engine, f"dependency of {engine.spec.name}")
+                try:
+                    await self.sup.wait_until(
+                        lambda d=dep_engine: all(  # type: ignore[misc]
+                            i.state.is_running or i.state is S.FATAL for i in d.instances
+                        ),
+                        DEPENDENCY_WAIT,
+                        f"dependency {dep} to be ready",
+                    )
+                except RequestTimeoutError as exc:
+                    self.sup.events.emit(
+                        EventKind.ENGINE_DEPENDENCY_TIMEOUT,
+                        f"starting anyway: {exc}",
+                        engine=engine.spec.name,
+                    )
+        engine.desired = DesiredState.RUNNING
+        started = []
+        for inst in engine.instances:
+            if indices is not None and inst.index not in indices:
+                continue
+            if inst.state is S.STOPPING:
+                # A start asked during a stop (`stop --no-wait`) takes effect once it ends.
+                await self.sup.wait_until(
+                    lambda i=inst: i.state is not S.STOPPING,  # type: ignore[misc]
+                    inst.spec.stop.timeout + 10.0,
+                    f"{inst.id} to stop",
+                )
+                if engine.desired is not DesiredState.RUNNING:
+                    break  # stopped again meanwhile: the later wish wins
+            if inst.state in (S.STOPPED, S.EXITED, S.FATAL, S.BACKOFF):
+                if inst.state is S.FATAL:
+                    inst.crashes.reset()
+                self.sup.start_instance(inst, reason)
+                started.append(inst.id)
+        return started
+
+    async def stop_instances(self, insts: list[Instance], reason: str, wait: bool) -> list[str]:
+        """Stop several instances at once; with `wait`, return when all are stopped."""
+        active = [i for i in insts if i.state is not S.STOPPED]
+        await asyncio.gather(*(self.sup.stop_instance(i, reason, wait) for i in active))
+        return [i.id for i in active]
+
+    async def drain_instances(
+        self, insts: list[Instance], reason: str, *, restart: bool = False, wait: bool = True
+    ) -> list[str]:
+        """Drain and stop several instances at once; returns the ids of those not stopped."""
+        active = [i for i in insts if i.state is not S.STOPPED]
+        await asyncio.gather(
+            *(self.sup.drain_and_stop(i, reason, restart=restart, wait=wait) for i in active)
+        )
+        return [i.id for i in active]
+
+    async def restart_instances(
+        self, engine: Engine, insts: list[Instance], reason: str
+    ) -> list[str]:
+        """`engctl restart`: every running one drains and stops, then each starts again (the
+        stopped ones just start). Call with the engine's lock held."""
+        running = [i for i in insts if i.state is not S.STOPPED]
+        for inst in running:
+            inst.restarting = True
+        try:
+            await self.drain_instances(running, reason, restart=True)
+            return await self.start_engine(engine, reason, [i.index for i in insts])
+        finally:
+            for inst in running:
+                inst.restarting = False
+
+    async def update_engine(self, engine: Engine, spec: EngineSpec) -> str:
+        """Apply a changed spec, restarting only what must change; returns what was done."""
+        old = engine.spec
+        if spec.needs_restart(old):
+            running = [i for i in engine.instances if i.state is not S.STOPPED]
+            for inst in running:
+                inst.restarting = True
+            try:
+                await self.drain_instances(running, "spec changed", restart=True)
+                for inst in engine.instances:
+                    inst.log.close()
+                self.sup.index.replace(engine.spec, spec)
+                engine.spec = spec
+                removed = self._resize(engine)
+                for inst in removed:
+                    inst.removed = True
+                if engine.desired is DesiredState.RUNNING:
+                    await self.start_engine(engine, "spec changed")
+            finally:
+                for inst in running:
+                    inst.restarting = False
+            return "restarted"
+        self.sup.index.replace(old, spec)
+        engine.spec = spec
+        if old.instances != spec.instances:
+            return await self.scale_engine(engine, spec.instances)
+        return "updated in place"
+
+    async def scale_engine(self, engine: Engine, n: int) -> str:
+        """Grow or shrink to `n` instances (the highest indices drain, then stop)."""
+        before = len(engine.instances)
+        engine.spec = engine.spec.with_instances(n)
+        leaving = engine.instances[n:]
+        for inst in leaving:
+            inst.removed = True  # never restarted, whatever happens while it drains
+        await self.drain_instances(leaving, f"scaled to {n}")
+        for inst in self._resize(engine):
+            inst.log.close()
+        if engine.desired is DesiredState.RUNNING:
+            await self.start_engine(engine, f"scaled to {n}")
+        self.sup.events.emit(
+            EventKind.ENGINE_SCALED, f"{before} -> {n} instances", engine=engine.spec.name
+        )
+        self.sup.publish_targets()
+        return f"scaled {before} -> {n}"
+
+    async def remove_engine(self, engine: Engine) -> None:
+        """Drain and stop every instance and forget the engine."""
+        engine.desired = DesiredState.STOPPED
+        for inst in engine.instances:
+            inst.removed = True
+        await self.drain_instances(engine.instances, "unregistered")
+        for inst in engine.instances:
+            inst.log.close()
+        if engine.oneshot_log is not None:
+            engine.oneshot_log.close()
+        self.sup.engines.pop(engine.spec.name, None)
+        self.sup.index.remove(engine.spec)
+        self.sup.publish_targets()
+
+    def dependents(self, names: set[str]) -> list[Engine]:
+        """Engines that depend on any of `names`, directly or through others (not those
+        named), dependents of dependents first."""
+        found: set[str] = set()
+        grew = True
+        while grew:
+            grew = False
+            for e in self.sup.engines.values():
+                n = e.spec.name
+                if n not in found and n not in names and set(e.spec.depends_on) & (names | found):
+                    found.add(n)
+                    grew = True
+        order = check_dependencies({n: e.spec for n, e in self.sup.engines.items()})
+        return [self.sup.engines[n] for n in reversed(order) if n in found]
+
+    async def stop_engines(self, engines: list[Engine], reason: str, wait: bool) -> list[str]:
+        """Stop whole engines, each once those among them that depend on it have stopped
+        (systemd's order: dependents first; independent engines stop at the same time)."""
+        tasks: dict[str, asyncio.Task[list[str]]] = {}
+
+        async def stop_one(engine: Engine) -> list[str]:
+            before = [
+                tasks[e.spec.name]
+                for e in engines
+                if engine.spec.name in e.spec.depends_on and e.spec.name in tasks
+            ]
+            if before:
+                await asyncio.wait(before)
+            return await self.stop_instances(engine.instances, reason, wait)
+
+        for engine in engines:
+            tasks[engine.spec.name] = self.sup.loop.create_task(stop_one(engine))
+        results = await asyncio.gather(*tasks.values())
+        return [i for r in results for i in r]
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop everything with each engine's stop policy, dependents first (daemon exit)."""
+        self.sup.closing = True
+        try:
+            await asyncio.wait_for(
+                self.stop_engines(list(self.sup.engines.values()), "daemon shutting down", True),
+                timeout,
+            )
+        except (TimeoutError, RequestTimeoutError):
+            self.sup.kill_all()
+        except Exception:
+            # A bug must not leave engines running after the daemon: kill them all.
+            log.exception("graceful stop failed; killing every engine")
+            self.sup.kill_all()
+        await self.sup.wait_sweeps(timeout)
+        for inst in self.sup.all_instances():
+            inst.log.close()
+        for engine in self.sup.engines.values():
+            if engine.oneshot_log is not None:
+                engine.oneshot_log.close()

@@ -1,0 +1,239 @@
+"""The runtime records of what the daemon supervises: an `Engine` (its spec, wish and
+instances), an `Instance` (one process slot, `name#k`, surviving restarts of its process) and
+the `EngineIndex` by type and label.
+
+Records, not behaviour: the supervisor changes an instance's state, the failure policies
+publish its health and eligibility here (their own state is the enforcer's), the router counts
+its requests. Imports no other daemon module than the ones whose values it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from engctl.models import EngineSpec, instance_id
+from engctl.policy_config import PolicySpec, effective_policy
+from engctl.states import DesiredState, Eligibility, EngineMode, Health, InstanceState
+
+from .backoff import CrashTracker
+from .logs import InstanceLog
+from .monitor import Sample
+from .process import ChildProcess
+from .registry import Entry
+from .stats import RequestStats
+
+if TYPE_CHECKING:
+    from engctl.documents import EngineStatus, InstanceStatus, LastExit
+
+S = InstanceState
+_K = TypeVar("_K")
+Clock = Callable[[], float]
+
+
+class Instance:
+    """One process slot of an engine, `name#index`; survives restarts of its process."""
+
+    def __init__(
+        self, engine: Engine, index: int, log_file: InstanceLog, clock: Clock = time.monotonic
+    ) -> None:
+        self.engine = engine
+        self.index = index
+        self.id = instance_id(engine.spec.name, index)
+        # -- lifecycle (the supervisor's) --
+        self.state = S.STOPPED
+        self.state_reason = "registered"
+        self.state_since = time.time()
+        self._clock = clock
+        self._state_mono = clock()
+        self._state_time: dict[str, float] = {}
+        self.proc: ChildProcess | None = None
+        self.restarts = 0
+        self.crashes = CrashTracker()  # the restart backoff's count (see `backoff`)
+        self.last_exit: LastExit | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.removed = False
+        self.ready_seen = False  # the worker announced `ready` before start_seconds passed
+        # A drain is under way (then a stop); `restarting`: and a start after it, so requests
+        # for it wait instead of failing.
+        self.draining = False
+        self.restarting = False
+        self.kill_cause = ""  # why the daemon killed the process (hang), for the exit record
+        self.spawn_retries = 0  # spawns in a row that failed for lack of fds or processes
+        # Set when the daemon ends a process it judged failed (no answer during warm-up, no
+        # stdout): its exit is then handled as a crash with this reason.
+        self.failure = ""
+        self.failed_start = False  # ... and counts as a failed start (towards max_retries)
+        self.warmup_note = ""  # the last protocol error seen while warming up
+        # -- observations: the monitor's latest reading, the router's request counts --
+        self.sample = Sample()
+        self.log = log_file
+        self.stats = RequestStats()
+        # -- the failure policies' verdict, published by the enforcer (status, dispatch) --
+        self.health = Health.UNKNOWN
+        self.health_reason = ""
+        self.eligibility = Eligibility.ACTIVE
+        self.eligibility_reason = ""
+        self.effective_weight = engine.spec.weight
+        self.isolated_until: float | None = None  # wall-clock time
+        self.isolations = 0  # isolations that still count toward the next one's length
+        self.isolations_total = 0  # by policy or by hand, since the daemon started
+
+    @property
+    def spec(self) -> EngineSpec:
+        return self.engine.spec
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.alive else None
+
+    def state_seconds(self) -> dict[str, float]:
+        """Seconds spent in each state since the daemon started, the current one included."""
+        out = dict(self._state_time)
+        cur = self.state.value
+        out[cur] = out.get(cur, 0.0) + (self._clock() - self._state_mono)
+        return out
+
+    def entered(self, old: InstanceState) -> None:
+        """The instance left `old` now (the supervisor's transition): its time is counted."""
+        now = self._clock()
+        self._state_time[old.value] = self._state_time.get(old.value, 0.0) + (
+            now - self._state_mono
+        )
+        self._state_mono = now
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    @property
+    def shown_state(self) -> InstanceState:
+        """The state `status` shows: `busy` is `ready` with every slot taken (derived from the
+        in-flight count, never entered: no transition or event per request)."""
+        if self.state is S.READY and self.stats.in_flight >= self.spec.max_concurrency:
+            return S.BUSY
+        return self.state
+
+    def to_json(self) -> InstanceStatus:
+        """The documented per-instance object of `status --json`."""
+        running = self.proc is not None and self.proc.alive
+        # Until the monitor's first reading of this process its figures are unknown, not 0.
+        sampled = running and self.sample.pid == self.pid
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "state": self.shown_state.value,
+            "state_reason": self.state_reason,
+            "state_since": self.state_since,
+            "health": self.health.value,
+            "health_reason": self.health_reason,
+            "eligibility": self.eligibility.value,
+            "eligibility_reason": self.eligibility_reason,
+            "isolated_until": self.isolated_until,
+            "weight": self.spec.weight,
+            "effective_weight": round(self.effective_weight, 4),
+            "isolations": self.isolations,
+            "restarts": self.restarts,
+            "uptime_s": round(time.monotonic() - self.proc.started_mono, 3)
+            if running and self.proc
+            else None,
+            "cpu_percent": round(self.sample.cpu_percent, 1) if sampled else None,
+            "rss_bytes": self.sample.rss_bytes if sampled else None,
+            "threads": self.sample.threads if sampled else None,
+            "fds": self.sample.fds if sampled else None,
+            "last_exit": self.last_exit,
+            "requests": self.stats.to_json(),
+        }
+
+
+class Engine:
+    """A registered engine's runtime side: its current spec and instances."""
+
+    def __init__(
+        self, spec: EngineSpec, desired: DesiredState, registered_at: float | None = None
+    ) -> None:
+        self.spec = spec
+        self.desired = desired
+        # First registration (kept across updates and daemon restarts); unknown in a registry
+        # written before it was recorded: then the first daemon to load it records its time.
+        self.registered_at = time.time() if registered_at is None else registered_at
+        # Indices stopped by hand: `start ENGINE` of the whole engine leaves them alone
+        # only if they were named; persisted with the registry.
+        self.stopped_instances: set[int] = set()
+        self.instances: list[Instance] = []
+        self.lock = asyncio.Lock()
+        self.stats = RequestStats()  # requests of a oneshot engine (it has no instances)
+        self.oneshot_log: InstanceLog | None = None  # stderr of a oneshot engine's runs
+        self._policy: tuple[EngineSpec, Any, PolicySpec] | None = None
+
+    def policy(self, daemon_policy: Any) -> PolicySpec:
+        """The effective failure policy (defaults < daemon config < this engine)."""
+        cached = self._policy
+        if cached is None or cached[0] is not self.spec or cached[1] is not daemon_policy:
+            merged = effective_policy(daemon_policy, self.spec.policy)[0]
+            cached = self._policy = (self.spec, daemon_policy, merged)
+        return cached[2]
+
+    def to_entry(self, overrides: Mapping[int, dict[str, Any]]) -> Entry:
+        """The registry entry, with the manual overrides of its instances (by index)."""
+        stopped = set(self.stopped_instances)
+        return Entry(self.spec, self.desired, stopped, dict(overrides), self.registered_at)
+
+    def to_json(self) -> EngineStatus:
+        """The documented per-engine object of `status --json`."""
+        out: EngineStatus = {
+            "name": self.spec.name,
+            "type": self.spec.type,
+            "mode": self.spec.mode.value,
+            "desired": self.desired.value,
+            "instances_wanted": self.spec.instances if self.spec.mode.long_running else 0,
+            "instances": [i.to_json() for i in self.instances],
+        }
+        if self.spec.mode is EngineMode.ONESHOT:
+            out["requests"] = self.stats.to_json()
+            out["max_concurrency"] = self.spec.max_concurrency
+        return out
+
+
+class EngineIndex:
+    """Engine names by type and by label (seed 003's registry indexes): `list` and `status`
+    filters look up instead of scanning the registry."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, set[str]] = {}
+        self._by_label: dict[tuple[str, str], set[str]] = {}
+
+    def add(self, spec: EngineSpec) -> None:
+        self._by_type.setdefault(spec.type, set()).add(spec.name)
+        for pair in spec.labels.items():
+            self._by_label.setdefault(pair, set()).add(spec.name)
+
+    def remove(self, spec: EngineSpec) -> None:
+        _discard(self._by_type, spec.type, spec.name)
+        for pair in spec.labels.items():
+            _discard(self._by_label, pair, spec.name)
+
+    def replace(self, old: EngineSpec, new: EngineSpec) -> None:
+        self.remove(old)
+        self.add(new)
+
+    def find(self, type: str | None, labels: list[tuple[str, str]]) -> set[str] | None:
+        """Names of the engines of `type` with every label in `labels`; None: no filter."""
+        found: set[str] | None = None
+        if type is not None:
+            found = set(self._by_type.get(type, ()))
+        for pair in labels:
+            names = self._by_label.get(pair, set())
+            found = set(names) if found is None else found & names
+        return found
+
+
+def _discard(index: dict[_K, set[str]], key: _K, name: str) -> None:
+    names = index.get(key)
+    if names is not None:
+        names.discard(name)
+        if not names:
+            del index[key]

@@ -1,0 +1,120 @@
+"""What one request asks of selection: its hard filters, preferences, key and strategy.
+
+Part of `engctl.daemon.selection` (see its privacy rule): imports the stdlib, the shared
+contract and `candidates` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from engctl.errors import UsageError
+from engctl.protocol import StrategyName
+
+from .candidates import Candidate, FilterKey, _matches_key
+
+
+class FilterName(StrEnum):
+    """The hard filters, in the order they are applied and reported."""
+
+    TYPE = "type"
+    ENGINE = "engine"
+    INSTANCE = "instance"
+    CAPABILITY = "capability"
+    LABEL = "label"
+    ELIGIBILITY = "eligibility"
+
+
+def parse_strategy(name: str) -> StrategyName:
+    """The strategy called `name`; a usage error lists the valid names."""
+    try:
+        return StrategyName(name)
+    except ValueError as exc:
+        valid = ", ".join(s.value for s in StrategyName)
+        raise UsageError(f"unknown strategy {name!r} (strategies: {valid})") from exc
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """One `--label k=v` as a pair; the value may contain '=' but the key may not be empty."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"label {text!r} is not key=value")
+    return key, value.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """What one request asks for: hard filters, preferences, a key and a strategy.
+
+    `require` (`--cap`) and `labels` (`--label k=v`, all must match) are hard filters like
+    type, engine and instance; `prefer` (`--prefer`) only scores. `key` drives `affinity` and
+    `consistent_hash`; `strategy` None means the pool's default. Build one with `Selector.of`.
+    """
+
+    type: str | None = None
+    engine: str | None = None
+    instance: str | None = None
+    require: frozenset[str] = frozenset()
+    prefer: frozenset[str] = frozenset()
+    labels: frozenset[tuple[str, str]] = frozenset()
+    key: str | None = None
+    strategy: StrategyName | None = None
+    filter_key: FilterKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: the pool looks its candidate set up by this on every request.
+        object.__setattr__(self, "filter_key", (self.type, self.engine, self.require, self.labels))
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        type: str | None = None,
+        engine: str | None = None,
+        instance: str | None = None,
+        require: Iterable[str] = (),
+        prefer: Iterable[str] = (),
+        labels: Mapping[str, str] | Iterable[str] | None = None,
+        key: str | None = None,
+        strategy: str | None = None,
+    ) -> Selector:
+        """A selector from CLI-shaped values: labels as a mapping or as `k=v` strings."""
+        if labels is None:
+            pairs: frozenset[tuple[str, str]] = frozenset()
+        elif isinstance(labels, Mapping):
+            pairs = frozenset((str(k), str(v)) for k, v in labels.items())
+        else:
+            pairs = frozenset(parse_label(text) for text in labels)
+        return cls(
+            type=type,
+            engine=engine,
+            instance=instance,
+            require=frozenset(require),
+            prefer=frozenset(prefer),
+            labels=pairs,
+            key=key,
+            strategy=None if strategy is None else parse_strategy(strategy),
+        )
+
+    def matches(self, candidate: Candidate) -> bool:
+        """Whether `candidate` passes every hard filter, eligibility included."""
+        if self.instance is not None and candidate._id != self.instance:
+            return False
+        return candidate._eligible and _matches_key(candidate, self.filter_key)
+
+    def to_json(self) -> dict[str, Any]:
+        """The selector for `--explain --json` and error data."""
+        return {
+            "type": self.type,
+            "engine": self.engine,
+            "instance": self.instance,
+            "require": sorted(self.require),
+            "prefer": sorted(self.prefer),
+            "labels": dict(sorted(self.labels)),
+            "key": self.key,
+            "strategy": None if self.strategy is None else self.strategy.value,
+        }
