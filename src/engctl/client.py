@@ -28,9 +28,9 @@ from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
     from pathlib import Path
-    from typing import Any
+    from typing import Any, Unpack
 
-    from engctl.documents import EventDoc, ExecResult, StatusDoc
+    from engctl.documents import EventDoc, ExecOptions, ExecResult, StatusDoc
 
 # Results can be larger than the requests the daemon accepts: the largest frame the daemon
 # sends (a worker's 64 MiB reply line, a oneshot's 16 MiB output as a JSON string, with the
@@ -401,45 +401,18 @@ class Client:
         """Past events, oldest first."""
         return self.call("events.list", engine=engine, since=since, limit=limit)["events"]  # type: ignore[no-any-return]
 
-    def exec(
-        self,
-        input: Any,
-        *,
-        type: str | None = None,
-        engine: str | None = None,
-        instance: str | None = None,
-        require: Iterable[str] = (),
-        prefer: Iterable[str] = (),
-        labels: Mapping[str, str] | Iterable[str] | None = None,
-        key: str | None = None,
-        strategy: str | None = None,
-        timeout: float | None = None,
-        retries: int = 0,
-        explain: bool = False,
-    ) -> ExecResult:
+    def exec(self, input: Any, **options: Unpack[ExecOptions]) -> ExecResult:
         """Run one request on the best instance; the result object, or the matching error.
 
         The object is `{"request_id", "engine", "instance", "ok", "result", "latency_ms",
         "attempts"}`; a failure raises RequestFailedError, NoEligibleEngineError,
         RequestTimeoutError or BusyError, with that object (ok false) in `.data`.
         """
-        params = exec_params(
-            type=type,
-            engine=engine,
-            instance=instance,
-            require=require,
-            prefer=prefer,
-            labels=labels,
-            key=key,
-            strategy=strategy,
-            timeout=timeout,
-            retries=retries,
-            explain=explain,
-        )
+        params = exec_params(**options)
         return self.call("request.exec", input=input, **params)  # type: ignore[no-any-return]
 
     def exec_many(
-        self, inputs: Iterable[Any], *, window: int = 16, **filters: Any
+        self, inputs: Iterable[Any], *, window: int = 16, **options: Unpack[ExecOptions]
     ) -> Iterator[ExecResult]:
         """Run many requests with up to `window` in flight on this connection.
 
@@ -450,7 +423,7 @@ class Client:
         """
         if window < 1:
             raise ValueError("window must be at least 1")
-        params = exec_params(**filters)
+        params = exec_params(**options)
         # The filters are the same for every request: encoded once, only the input varies.
         members = protocol.exec_members(params)
         # A frame over the daemon's limit would be answered with an error that names no
@@ -511,36 +484,30 @@ class Client:
             time.sleep(interval)
 
 
-def exec_params(
-    *,
-    type: str | None = None,
-    engine: str | None = None,
-    instance: str | None = None,
-    require: Iterable[str] = (),
-    prefer: Iterable[str] = (),
-    labels: Mapping[str, str] | Iterable[str] | None = None,
-    key: str | None = None,
-    strategy: str | None = None,
-    timeout: float | None = None,
-    retries: int = 0,
-    explain: bool = False,
-) -> dict[str, Any]:
+# The keys of `documents.ExecOptions` (a typing-only module): a misspelt option is a
+# TypeError, as for any keyword argument, not a filter silently left out.
+EXEC_OPTIONS = frozenset(
+    {
+        *("type", "engine", "instance", "require", "prefer", "labels", "key", "strategy"),
+        *("timeout", "retries", "explain"),
+    }
+)
+
+
+def exec_params(**options: Unpack[ExecOptions]) -> dict[str, Any]:
     """The `request.exec` parameters other than the input, without the unset ones."""
+    unknown = sorted(set(options) - EXEC_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    params: dict[str, Any] = dict(options)
+    labels = options.get("labels")
     if isinstance(labels, Mapping):
         labels = [f"{k}={v}" for k, v in labels.items()]
-    params: dict[str, Any] = {
-        "type": type,
-        "engine": engine,
-        "instance": instance,
-        "require": list(require) or None,
-        "prefer": list(prefer) or None,
-        "labels": list(labels) if labels else None,
-        "key": key,
-        "strategy": strategy,
-        "timeout": timeout,
-        "retries": retries or None,
-        "explain": explain or None,
-    }
+    params["labels"] = list(labels) if labels else None
+    params["require"] = list(options.get("require", ())) or None
+    params["prefer"] = list(options.get("prefer", ())) or None
+    params["retries"] = options.get("retries") or None
+    params["explain"] = options.get("explain") or None
     return {k: v for k, v in params.items() if v is not None}
 
 

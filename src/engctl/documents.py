@@ -8,6 +8,7 @@ pays for `typing` at start-up. Shared contract: imports the stdlib only.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, NotRequired, TypedDict
 
 # -- status.get ---------------------------------------------------------------------------------
@@ -92,6 +93,23 @@ class ExecError(TypedDict):
 
     code: int | None
     message: str
+
+
+class ExecOptions(TypedDict, total=False):
+    """The keyword options of `Client.exec` and `Client.exec_many` (all optional): the
+    request's filters, strategy, deadline and retries (docs/dispatch.md)."""
+
+    type: str | None
+    engine: str | None
+    instance: str | None
+    require: Iterable[str]
+    prefer: Iterable[str]
+    labels: Mapping[str, str] | Iterable[str] | None
+    key: str | None
+    strategy: str | None
+    timeout: float | None
+    retries: int
+    explain: bool
 
 
 class ExecResult(TypedDict):
