@@ -358,6 +358,16 @@ def test_daemon_shutdown_stops_dependents_first(daemon: Home) -> None:
 
 
 # -- 10.19: stopped and fatal say why ---------------------------------------------------------
+def test_a_registered_instance_never_started_is_unavailable_at_once(daemon: Home) -> None:
+    """An instance registered without a start is `unavailable` ("stopped: registered") in the
+    very first status, not `active` until the enforcer's first look."""
+    with daemon.client() as c:
+        c.register({"idle": {**QUICK, "command": engine_cmd("echo.py")}}, start=False)
+        inst = cast("dict[str, Any]", c.status(["idle"]))["engines"][0]["instances"][0]
+    assert (inst["state"], inst["eligibility"]) == ("stopped", "unavailable")
+    assert inst["eligibility_reason"] == "stopped: registered"
+
+
 def test_stopped_and_fatal_instances_are_unavailable_with_their_reason(daemon: Home) -> None:
     """A stopped or fatal instance is `unavailable` (not `active`), and its reason (the state
     and why) is in `eligibility_reason` and the status table's REASON column."""

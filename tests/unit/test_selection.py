@@ -772,12 +772,13 @@ def picked_shares(picks: Iterable[Candidate | None]) -> Counter[str]:
 
 def assert_proportional(got: Counter[str], shares: list[float], tolerance: float) -> None:
     """Each member's share of the picks is its share of the total weight, within `tolerance`
-    (absolute, on shares between 0 and 1)."""
+    (absolute, on shares between 0 and 1; a float's last bit is no excess: weights quantized
+    to 1/100 can land exactly on the tolerance, 25:12:12 for 2:1:1 gives 0.51 for 0.5)."""
     n = sum(got.values())
     total = sum(shares)
     for k, w in enumerate(shares):
         want = w / total
-        assert abs(got[f"e{k}#0"] / n - want) <= tolerance, (k, shares, got)
+        assert abs(got[f"e{k}#0"] / n - want) <= tolerance + 1e-9, (k, shares, got)
 
 
 @settings(max_examples=40, deadline=None)

@@ -74,8 +74,10 @@ class Instance:
         # -- the failure policies' verdict, published by the enforcer (status, dispatch) --
         self.health = Health.UNKNOWN
         self.health_reason = ""
-        self.eligibility = Eligibility.ACTIVE
-        self.eligibility_reason = ""
+        # A new slot has no process: unavailable, as the enforcer says of any instance that is
+        # not ready (until its first look, which may come a policy tick later).
+        self.eligibility = Eligibility.UNAVAILABLE
+        self.eligibility_reason = f"{self.state.value}: {self.state_reason}"
         self.effective_weight = engine.spec.weight
         self.isolated_until: float | None = None  # wall-clock time
         self.isolations = 0  # isolations that still count toward the next one's length
