@@ -75,9 +75,9 @@ def scale(
     instances: Annotated[int, typer.Argument(min=0, max=1000, help="Wanted number of instances.")],
     json: JsonFlag = False,
 ) -> None:
-    """Set an engine's number of instances (the highest indices drain, then stop).
+    r"""Set an engine's number of instances (the highest indices drain, then stop).
 
-    An autoscaled engine ([engines.NAME.scale]) gets its scale.min set instead: its count then
+    An autoscaled engine (\[engines.NAME.scale]) gets its scale.min set instead: its count then
     follows demand between that and scale.max (the command says so).
     """
     result = client(autostart=True).scale(name, instances)
