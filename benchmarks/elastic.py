@@ -21,6 +21,7 @@ The daemon and its engines are stopped and the home removed at the end, even on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 from common import exit_cleanly_on_sigterm, machine_info, source_state, stop_daemon, wait_for
@@ -62,7 +63,7 @@ def spec(**scale: Any) -> dict[str, Any]:
 
 
 def instances(c: Client, name: str) -> list[dict[str, Any]]:
-    return [i for e in c.status([name])["engines"] for i in e["instances"]]
+    return [cast("dict[str, Any]", i) for e in c.status([name])["engines"] for i in e["instances"]]
 
 
 def ready(c: Client, name: str) -> int:
@@ -186,7 +187,7 @@ def run_step(c: Client, home: str, name: str, before_s: float, step_s: float) ->
     return out
 
 
-# -- d. idle reclaim --------------------------------------------------------------------------------
+# -- d. idle reclaim ----------------------------------------------------------------------------
 def reclaim(c: Client, name: str) -> dict[str, Any]:
     """After the load stopped: the RSS of the instances that leave, and how long until the
     engine is back at its `min` (0)."""
@@ -194,10 +195,8 @@ def reclaim(c: Client, name: str) -> dict[str, Any]:
     pids = [i["pid"] for i in instances(c, name) if i["pid"]]
     rss = 0
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.Error):  # gone already
             rss += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            pass
     available = psutil.virtual_memory().available
     wait_for(lambda: not instances(c, name), IDLE_TIMEOUT + 60)
     back_at_min = time.perf_counter() - t
