@@ -238,7 +238,7 @@ def main() -> None:
         daemon_pid = int(c.daemon_info["pid"])
         c.register(
             {
-                "cold": spec(min=0, idle_timeout=0.2),
+                "cold": spec(min=0, target=1.0, idle_timeout=0.2),
                 "step": spec(min=0, idle_timeout=IDLE_TIMEOUT),
                 "fixed": spec(),
                 "warm": spec(min=0, min_idle=2, idle_timeout=IDLE_TIMEOUT),
