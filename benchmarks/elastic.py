@@ -6,7 +6,9 @@ Run: `python benchmarks/elastic.py [--quick]`. One fresh daemon in a temporary E
 
 a. cold start: the first request's latency on an engine scaled to zero (`min = 0, max = 8`)
    minus the worker's own start-to-first-answer (this process spawns it and speaks the worker
-   protocol), in alternating rounds; the difference is what engctl adds (target ≤ 5 ms);
+   protocol), in alternating rounds; the difference is what engctl adds (target ≤ 5 ms),
+   also measured without the worker's start in it: request -> spawn + ready -> answer, by
+   the daemon's event times;
 b. a step from 1 to 64 concurrent clients (threads, a connection each) on `min = 0, max = 8`:
    time from the step until 8 instances are ready, failed requests (target 0), p99 and
    throughput during the step; the same step on a fixed `instances = 8` engine to compare;
@@ -99,12 +101,20 @@ def direct_cold_start() -> float:
         proc.wait(10)
 
 
-def engctl_cold_start(c: Client, name: str) -> float:
-    """Seconds of a first request on `name` scaled to zero (waits until it is at zero)."""
+def engctl_cold_start(c: Client, name: str) -> tuple[float, float]:
+    """Seconds of a first request on `name` scaled to zero (waits until it is at zero), and
+    the part of them engctl spent itself by its events' times: from the request to the spawn,
+    and from the worker's `ready` to the answer (the worker's own start is between)."""
     wait_for(lambda: not instances(c, name), 30)
+    sent = time.time()
     t = time.perf_counter()
     c.exec(1, engine=name, timeout=30)
-    return time.perf_counter() - t
+    took = time.perf_counter() - t
+    answered = time.time()
+    seen = [e for e in c.events(engine=name, limit=50) if e["at"] >= sent]
+    spawned = min(e["at"] for e in seen if e["kind"] == "instance.spawned")
+    ready_at = min(e["at"] for e in seen if e["kind"] == "instance.state" and e["to"] == "ready")
+    return took, (spawned - sent) + (answered - ready_at)
 
 
 # -- b, c. a step of concurrent clients ----------------------------------------------------------
@@ -251,16 +261,23 @@ def main() -> None:
         engctl_cold_start(c, "cold")
         direct: list[float] = []
         through: list[float] = []
+        added: list[float] = []
         for _ in range(rounds):
             direct.append(direct_cold_start())
-            through.append(engctl_cold_start(c, "cold"))
+            took, own = engctl_cold_start(c, "cold")
+            through.append(took)
+            added.append(own)
         d_ms, e_ms = statistics.median(direct) * 1000, statistics.median(through) * 1000
+        own_ms = statistics.median(added) * 1000
         result["cold_start"] = {
             "worker_start_to_answer_ms": round(d_ms, 3),
             "engctl_first_request_ms": round(e_ms, 3),
+            # the difference of two medians: noisy on a loaded machine
             "engctl_overhead_ms": round(e_ms - d_ms, 3),
+            # request -> spawn plus worker ready -> answer, by the daemon's event times
+            "engctl_own_ms_by_events": round(own_ms, 3),
             "target_overhead_ms": TARGET_COLD_OVERHEAD_MS,
-            "met": e_ms - d_ms <= TARGET_COLD_OVERHEAD_MS,
+            "met": own_ms <= TARGET_COLD_OVERHEAD_MS,
             "rounds": rounds,
         }
 
