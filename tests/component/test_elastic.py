@@ -316,6 +316,48 @@ def test_a_lease_creates_an_instance_when_none_is_idle_and_the_engine_may_grow(
     assert grown and "a lease (job-2) found no idle instance" in grown[0]["reason"]
 
 
+def test_a_lease_acquire_with_wait_gets_the_instance_another_lease_releases(pair: Home) -> None:
+    """With every instance leased, `--wait` waits for one to be released and takes it."""
+    with pair.client() as c:
+        first = c.lease_acquire(engine="pair", ttl=60)
+        second = c.lease_acquire(engine="pair", ttl=60)
+        with pytest.raises(Exception, match="no idle instance to lease"):
+            c.lease_acquire(engine="pair", ttl=60)
+    got: list[dict[str, Any]] = []
+    asking = threading.Event()
+
+    def waiter() -> None:
+        with pair.client(timeout=60) as c:
+            c.connect()
+            asking.set()
+            got.append(cast("dict[str, Any]", c.lease_acquire(engine="pair", ttl=60, wait=30)))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    try:
+        assert asking.wait(10)
+        with pair.client() as c:
+            c.lease_release(second["lease"])
+    finally:
+        thread.join()
+    assert got and got[0]["instance"] == second["instance"]
+    assert got[0]["lease"] not in (first["lease"], second["lease"])
+
+
+def test_a_lease_ttl_above_max_lease_ttl_is_capped_and_said(home: Home) -> None:
+    """`[daemon] max_lease_ttl` caps the ttl asked; the command says so on stderr."""
+    home.start_daemon(max_lease_ttl=5.0)
+    with home.client() as c:
+        c.register({"pair": {"command": engine_cmd("echo.py"), "type": "pool", **QUICK}})
+    wait_until(lambda: ready_count(home, "pair") == 1, 30)
+    result = home.cli("lease", "acquire", "--engine", "pair", "--ttl", "1h", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "ttl 3600s capped to 5s (max_lease_ttl in config.toml)" in result.stderr
+    with home.client() as c:
+        (held,) = c.leases()
+    assert held["ttl"] == 5.0
+
+
 def test_client_lease_renews_while_held_and_releases_at_the_end(pair: Home) -> None:
     with pair.client() as c:
         with c.lease(engine="pair", ttl=0.6, holder="ctx") as held:
