@@ -30,7 +30,14 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any, Unpack
 
-    from engctl.documents import EventDoc, ExecOptions, ExecResult, StatusDoc
+    from engctl.documents import (
+        EventDoc,
+        ExecOptions,
+        ExecResult,
+        LeaseDoc,
+        LeasesDoc,
+        StatusDoc,
+    )
 
 # Results can be larger than the requests the daemon accepts: the largest frame the daemon
 # sends (a worker's 64 MiB reply line, a oneshot's 16 MiB output as a JSON string, with the
@@ -375,6 +382,86 @@ class Client:
         """Set an engine's number of instances."""
         return self.call("engine.scale", name=name, instances=instances)  # type: ignore[no-any-return]
 
+    def prewarm(self, name: str, instances: int, seconds: float | None = None) -> dict[str, Any]:
+        """Raise an autoscaled engine's floor to `instances` (for `seconds`, or until the next
+        prewarm; 0 ends it)."""
+        params: dict[str, Any] = {"name": name, "instances": instances}
+        if seconds is not None:
+            params["for"] = seconds
+        return self.call("engine.prewarm", **params)  # type: ignore[no-any-return]
+
+    def lease_acquire(
+        self,
+        *,
+        ttl: float | None = None,
+        holder: str | None = None,
+        wait: float | None = None,
+        type: str | None = None,
+        engine: str | None = None,
+        instance: str | None = None,
+        require: Iterable[str] = (),
+        labels: Mapping[str, str] | Iterable[str] | None = None,
+    ) -> LeaseDoc:
+        """Lease an idle ready instance that passes the filters (one is started if an engine
+        may grow; else wait up to `wait` seconds): `{"lease", "instance", "expires_at", …}`."""
+        params = exec_params(type=type, engine=engine, instance=instance, require=require)
+        params.update(
+            (k, v)
+            for k, v in (
+                ("ttl", ttl),
+                ("holder", holder),
+                ("wait", wait),
+                ("labels", _label_list(labels)),
+            )
+            if v is not None
+        )
+        return self.call("lease.acquire", **params)  # type: ignore[no-any-return]
+
+    def lease_renew(self, lease: str, ttl: float | None = None) -> LeaseDoc:
+        """Hold a lease `ttl` more seconds from now (by default its own ttl)."""
+        params: dict[str, Any] = {"lease": lease}
+        if ttl is not None:
+            params["ttl"] = ttl
+        return self.call("lease.renew", **params)  # type: ignore[no-any-return]
+
+    def lease_release(self, lease: str) -> dict[str, Any]:
+        """Give a leased instance back to the pool."""
+        return self.call("lease.release", lease=lease)  # type: ignore[no-any-return]
+
+    def leases(self) -> list[LeaseDoc]:
+        """Every lease held."""
+        doc: LeasesDoc = self.call("lease.list")
+        return doc["leases"]
+
+    def lease(
+        self,
+        *,
+        ttl: float = 30.0,
+        holder: str | None = None,
+        wait: float | None = None,
+        type: str | None = None,
+        engine: str | None = None,
+        instance: str | None = None,
+        require: Iterable[str] = (),
+        labels: Mapping[str, str] | Iterable[str] | None = None,
+    ) -> HeldLease:
+        """A context manager: lease an instance, renew it in the background while the block
+        runs (every third of its ttl, on a connection of its own), release it at the end.
+
+        `with client.lease(type="onnx", ttl=30) as held: held.exec({"x": 1})`
+        """
+        doc = self.lease_acquire(
+            ttl=ttl,
+            holder=holder,
+            wait=wait,
+            type=type,
+            engine=engine,
+            instance=instance,
+            require=require,
+            labels=labels,
+        )
+        return HeldLease(self, doc)
+
     def isolate(self, targets: list[str], reason: str | None = None) -> dict[str, Any]:
         """Take instances out of dispatch by hand (wins over policies until `restore`)."""
         return self.call("instance.isolate", targets=targets, reason=reason)  # type: ignore[no-any-return]
@@ -484,12 +571,76 @@ class Client:
             time.sleep(interval)
 
 
+class HeldLease:
+    """A lease held by `Client.lease`: `id`, `instance`, `exec(input, **options)` on it; a
+    thread renews it (its own connection) until the block ends, which releases it. A renewal
+    that fails (the lease expired, its instance died, the daemon restarted) stops the thread;
+    the next `exec` raises the LeaseError."""
+
+    def __init__(self, client: Client, doc: LeaseDoc) -> None:
+        import threading
+
+        self.client = client
+        self.doc = doc
+        self.id = doc["lease"]
+        self.instance = doc["instance"]
+        self.error: EngctlError | None = None  # why a renewal failed, if one did
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.id}", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        period = max(0.05, float(self.doc["ttl"]) / 3)
+        with Client(self.client.home, autostart=False, timeout=self.client.timeout) as renewer:
+            while not self._stop.wait(period):
+                try:
+                    self.doc = renewer.lease_renew(self.id, self.doc["ttl"])
+                except EngctlError as exc:
+                    self.error = exc
+                    return
+
+    def exec(self, input: Any, **options: Unpack[ExecOptions]) -> ExecResult:
+        """Run one request on the leased instance."""
+        options["lease"] = self.id
+        return self.client.exec(input, **options)
+
+    def release(self) -> None:
+        """Stop renewing and give the instance back (a lease already ended is left alone)."""
+        self._stop.set()
+        self._thread.join()
+        if self.error is None:
+            self.client.lease_release(self.id)
+
+    def __enter__(self) -> HeldLease:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.release()
+            return
+        # Leaving on an error (maybe the lease's own): that error is the one to see.
+        import contextlib
+
+        from engctl.errors import LeaseError
+
+        with contextlib.suppress(LeaseError):
+            self.release()
+
+
+def _label_list(labels: Mapping[str, str] | Iterable[str] | None) -> list[str] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, Mapping):
+        return [f"{k}={v}" for k, v in labels.items()]
+    return list(labels) or None
+
+
 # The keys of `documents.ExecOptions` (a typing-only module): a misspelt option is a
 # TypeError, as for any keyword argument, not a filter silently left out.
 EXEC_OPTIONS = frozenset(
     {
         *("type", "engine", "instance", "require", "prefer", "labels", "key", "strategy"),
-        *("timeout", "retries", "explain"),
+        *("timeout", "retries", "explain", "lease"),
     }
 )
 
@@ -500,10 +651,7 @@ def exec_params(**options: Unpack[ExecOptions]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
     params: dict[str, Any] = dict(options)
-    labels = options.get("labels")
-    if isinstance(labels, Mapping):
-        labels = [f"{k}={v}" for k, v in labels.items()]
-    params["labels"] = list(labels) if labels else None
+    params["labels"] = _label_list(options.get("labels"))
     params["require"] = list(options.get("require", ())) or None
     params["prefer"] = list(options.get("prefer", ())) or None
     params["retries"] = options.get("retries") or None

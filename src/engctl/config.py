@@ -6,7 +6,7 @@ Shared contract between CLI and daemon: stdlib only. Where the files are is `eng
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,18 @@ class CapabilityWeights:
 CAPABILITY_FACTORS: tuple[str, ...] = tuple(f.name for f in fields(CapabilityWeights))
 
 
+@dataclass(frozen=True, slots=True)
+class ScaleSettings:
+    """`[daemon.scale]`: the autoscaler's daemon-wide settings (docs/elastic.md)."""
+
+    # Host memory below this many bytes available: idle instances of autoscaled engines are
+    # reclaimed, largest RSS first, down to their `min` (0: off).
+    min_available_memory: int = 0
+    # Seconds between two looks at idle time, prewarm ends, predictions and memory (scaling
+    # up for requests that wait does not wait for it).
+    interval: float = 1.0
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """Daemon settings; every key is optional in `config.toml` under `[daemon]`."""
@@ -79,6 +91,10 @@ class DaemonConfig:
     history_max_mb: int = 256
     # Failure-policy defaults for every engine ([daemon.policy]); engines override them.
     policy: PolicyOverrides = field(default_factory=dict)
+    # The longest a lease may be held without a renewal (seconds); longer asks are capped.
+    max_lease_ttl: float = 3600.0
+    # The autoscaler's settings ([daemon.scale]).
+    scale: ScaleSettings = ScaleSettings()
 
     @classmethod
     def load(cls, path: Path) -> DaemonConfig:
@@ -128,6 +144,9 @@ class DaemonConfig:
             if key == "capability_weights":
                 values[key] = _capability_weights(value, path)
                 continue
+            if key == "scale":
+                values[key] = _scale_settings(value, path)
+                continue
             if key == "default_strategy":
                 if value not in STRATEGIES:
                     raise SpecError(
@@ -157,6 +176,8 @@ def config_table(config: DaemonConfig) -> dict[str, Any]:
             value = value.value
         elif f.name == "policy":
             value = overrides_to_toml(value)
+        elif f.name == "scale":
+            value = {"min_available_memory": value.min_available_memory, "interval": value.interval}
         out[f.name] = value
     return out
 
@@ -177,6 +198,34 @@ def _capability_weights(table: Any, path: Path) -> CapabilityWeights:
     if not any(weights.values()):
         raise SpecError(f"{where}: at least one factor must weigh more than 0")
     return CapabilityWeights(**weights)
+
+
+def _scale_settings(table: Any, path: Path) -> ScaleSettings:
+    from engctl.models import parse_size  # the engine file's size syntax (512MiB, 1GB)
+
+    where = f"{path}: daemon.scale"
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}: expected a table such as {{ min_available_memory = \"1GiB\" }}")
+    out = ScaleSettings()
+    for key, value in table.items():
+        if key == "min_available_memory":
+            # 0 is off; anything else is a size, as `limits.max_rss` takes it
+            off = value == 0 and not isinstance(value, bool)
+            size = 0 if off else parse_size(value, f"{where}.{key}")
+            out = replace(out, min_available_memory=size)
+        elif key == "interval":
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf
+            ):
+                raise SpecError(f"{where}.interval: expected a positive number, got {value!r}")
+            out = replace(out, interval=float(value))
+        else:
+            raise SpecError(
+                f"{where}.{key}: unknown key {key!r} (expected min_available_memory, interval)"
+            )
+    return out
 
 
 def decode_text(data: bytes, source: str) -> str:

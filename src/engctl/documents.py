@@ -38,6 +38,18 @@ class LastExit(TypedDict):
     cause: NotRequired[str]
 
 
+class LeaseDoc(TypedDict):
+    """A lease (`lease list --json`, `lease.acquire`, and `lease` of an instance in `status`)."""
+
+    lease: str
+    holder: str
+    engine: str
+    instance: str
+    ttl: float
+    acquired_at: float
+    expires_at: float
+
+
 class InstanceStatus(TypedDict):
     """One instance in `status --json`: its three axes (state, health, eligibility) and its
     figures."""
@@ -63,6 +75,47 @@ class InstanceStatus(TypedDict):
     fds: int | None
     last_exit: LastExit | None
     requests: RequestCounts
+    lease: LeaseDoc | None
+
+
+class ScaleDecision(TypedDict):
+    """The autoscaler's last decision for an engine (as its `engine.autoscaled` event)."""
+
+    at: float
+    to: int
+    cause: str
+    reason: str
+    data: dict[str, Any]
+
+
+class ScalePrewarm(TypedDict):
+    instances: int
+    until: float | None
+
+
+class ScalePrediction(TypedDict):
+    instances: int
+    reason: str
+
+
+class ScaleStatus(TypedDict):
+    """An autoscaled engine in `status --json`: its `[scale]` settings, its instances by use
+    (wanted: slots; ready; busy: running a request; idle; leased) and the last decision."""
+
+    min: int
+    max: int
+    min_idle: int
+    target: float
+    idle_timeout: float
+    predict: bool
+    wanted: int
+    ready: int
+    busy: int
+    idle: int
+    leased: int
+    prewarm: ScalePrewarm | None
+    predicted: ScalePrediction | None
+    last_decision: ScaleDecision | None
 
 
 class EngineStatus(TypedDict):
@@ -77,6 +130,7 @@ class EngineStatus(TypedDict):
     instances: list[InstanceStatus]
     requests: NotRequired[RequestCounts]
     max_concurrency: NotRequired[int]
+    scale: NotRequired[ScaleStatus]
 
 
 class StatusDoc(TypedDict):
@@ -110,6 +164,7 @@ class ExecOptions(TypedDict, total=False):
     timeout: float | None
     retries: int
     explain: bool
+    lease: str | None
 
 
 class ExecResult(TypedDict):
@@ -125,6 +180,15 @@ class ExecResult(TypedDict):
     result: NotRequired[Any]
     explain: NotRequired[dict[str, Any]]
     error: NotRequired[ExecError]
+
+
+# -- lease.* -----------------------------------------------------------------------------------
+
+
+class LeasesDoc(TypedDict):
+    """`lease.list`: every lease held, oldest first."""
+
+    leases: list[LeaseDoc]
 
 
 # -- events.list, events.follow -----------------------------------------------------------------

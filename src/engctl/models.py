@@ -260,6 +260,24 @@ class LimitsSpec:
     max_cpu_percent: float | None = None
 
 
+@dataclass(frozen=True)
+class ScaleSpec:
+    """Autoscaling of a worker engine (`[engines.NAME.scale]`, docs/elastic.md): its instance
+    count follows demand between `min` and `max`, keeping `min_idle` ready spares."""
+
+    min: int = 1  # 0: scale to zero (a request then waits for a cold start)
+    max: int = 4
+    min_idle: int = 0  # ready, idle instances kept beyond current demand (a warm pool)
+    target: float = 0.8  # the share of busy slots to aim for; above it, add instances
+    idle_timeout: float = 60.0  # seconds of surplus before an instance is reclaimed
+    predict: bool = False  # raise the floor ahead of recurring peaks seen in the history
+
+    @property
+    def floor(self) -> int:
+        """The instances wanted with no demand: `min`, or the warm pool if larger."""
+        return max(self.min, min(self.min_idle, self.max))
+
+
 # Fields whose change needs new processes; any other change is applied in place.
 RESTART_FIELDS = frozenset({"command", "shell", "mode", "cwd", "env"})
 
@@ -295,6 +313,8 @@ class EngineSpec:
     policy: PolicyOverrides = field(default_factory=dict)
     # A free string shown by `list` (seed 000's EngineRegistration version).
     version: str = ""
+    # Autoscaling (`[engines.NAME.scale]`): None keeps `instances` a fixed count.
+    scale: ScaleSpec | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -324,6 +344,18 @@ class EngineSpec:
         if not 0 <= n <= MAX_INSTANCES:
             raise SpecError(f"instances: must be from 0 to {MAX_INSTANCES}, got {n}")
         return replace(self, instances=n)
+
+    def with_scale_min(self, n: int) -> EngineSpec:
+        """The same autoscaled spec with `scale.min` set to `n` (`engctl scale`)."""
+        assert self.scale is not None
+        if not 0 <= n <= self.scale.max:
+            raise SpecError(
+                f"scale.min: {n} is above scale.max {self.scale.max} of engine {self.name!r}"
+                " (raise max in its engine file)"
+                if n > self.scale.max
+                else f"scale.min: must be 0 or more, got {n}"
+            )
+        return replace(self, scale=replace(self.scale, min=n))
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any], where: str | None = None) -> EngineSpec:
@@ -366,6 +398,7 @@ class EngineSpec:
             limits=_limits(r.table("limits")),
             policy=_policy(r),
             version=r.string("version", ""),
+            scale=_scale(r, mode),
         )
         r.done()
         if name in spec.depends_on:
@@ -416,6 +449,8 @@ class EngineSpec:
             out["limits"] = limits
         if self.policy:
             out["policy"] = overrides_to_toml(self.policy)
+        if self.scale is not None:
+            out["scale"] = _diff(self.scale, ScaleSpec())
         return out
 
 
@@ -539,6 +574,44 @@ def _on_unhealthy(r: _Reader, default: OnUnhealthy) -> OnUnhealthy:
 def _policy(r: _Reader) -> PolicyOverrides:
     raw = r.raw("policy")
     return {} if raw is None else parse_policy_table(raw, r.path("policy"))
+
+
+def _scale(r: _Reader, mode: EngineMode) -> ScaleSpec | None:
+    """`[engines.NAME.scale]`: for worker engines only, and then `instances` is the
+    autoscaler's (not a key of the file)."""
+    if not r.has("scale"):
+        return None
+    where = r.path("scale")
+    if mode is EngineMode.SERVICE:
+        raise SpecError(
+            f"{where}: autoscaling applies to worker engines; a service takes no requests to"
+            " scale on (set instances instead)"
+        )
+    if mode is EngineMode.ONESHOT:
+        raise SpecError(
+            f"{where}: autoscaling applies to worker engines; a oneshot engine starts a"
+            " process per request (set max_concurrency, its runs at once, instead)"
+        )
+    if r.has("instances"):
+        raise SpecError(
+            f"{r.path('instances')}: not with [{where}]: the autoscaler sets the count between"
+            " scale.min and scale.max (leave instances out)"
+        )
+    t = r.table("scale")
+    spec = ScaleSpec(
+        min=t.integer("min", ScaleSpec.min, 0, MAX_INSTANCES),
+        max=t.integer("max", ScaleSpec.max, 1, MAX_INSTANCES),
+        min_idle=t.integer("min_idle", ScaleSpec.min_idle, 0, MAX_INSTANCES),
+        target=t.number("target", ScaleSpec.target, 0.0, 1.0, open_lo=True),
+        idle_timeout=t.number("idle_timeout", ScaleSpec.idle_timeout, 0.0, 86400.0, open_lo=True),
+        predict=t.boolean("predict", ScaleSpec.predict),
+    )
+    t.done()
+    if spec.min > spec.max:
+        raise SpecError(f"{t.path('min')}: {spec.min} is above scale.max {spec.max}")
+    if spec.min_idle > spec.max:
+        raise SpecError(f"{t.path('min_idle')}: {spec.min_idle} is above scale.max {spec.max}")
+    return spec
 
 
 def _limits(r: _Reader) -> LimitsSpec:

@@ -174,6 +174,17 @@ class EventKind(StrEnum):
     ENGINE_DEPENDENCY_TIMEOUT = "engine.dependency_timeout"
     ENGINE_STOPPING_DEPENDENTS = "engine.stopping_dependents"
     ENGINE_START_FAILED = "engine.start_failed"
+    # elastic pools (the autoscaler, docs/elastic.md): each with its reason and numbers
+    ENGINE_AUTOSCALED = "engine.autoscaled"  # data from, to, cause, and the figures
+    ENGINE_RECLAIMED = "engine.reclaimed"  # idle instances stopped for host memory
+    ENGINE_PREWARMED = "engine.prewarmed"  # `engctl prewarm`: a floor until a time
+    ENGINE_PREWARM_ENDED = "engine.prewarm_ended"
+    ENGINE_PREDICTED = "engine.predicted"  # the predictor raised or lowered the floor
+    # leases (exclusive use of one instance)
+    LEASE_ACQUIRED = "lease.acquired"
+    LEASE_RELEASED = "lease.released"
+    LEASE_EXPIRED = "lease.expired"  # not renewed within its ttl
+    LEASE_ENDED = "lease.ended"  # its instance stopped, died or was removed
     REGISTRY_ENTRY_SKIPPED = "registry.entry_skipped"
     # the daemon
     DAEMON_STARTED = "daemon.started"
@@ -185,6 +196,18 @@ class EventKind(StrEnum):
     DAEMON_WRITE_FAILED = "daemon.write_failed"
     DAEMON_WRITE_RECOVERED = "daemon.write_recovered"
     DAEMON_DATABASE_RESET = "daemon.database_reset"
+
+
+class ScaleCause(StrEnum):
+    """Why the autoscaler changed an engine's instance count (`engine.autoscaled` data
+    `cause`, and `status`'s last decision)."""
+
+    BURST = "burst"  # requests had to wait
+    TARGET = "target"  # the share of busy slots was above scale.target
+    FLOOR = "floor"  # below scale.min, the warm pool (min_idle), a prewarm or a prediction
+    IDLE = "idle"  # more than demand needed for idle_timeout
+    MEMORY = "memory"  # host memory below [daemon.scale] min_available_memory
+    LEASE = "lease"  # a lease asked for an instance and none was idle
 
 
 class DrainCause(StrEnum):

@@ -20,6 +20,7 @@ SMOKE_ARGS = {
     "cli.py": ["--quick"],
     "dispatch.py": ["--quick"],
     "durability.py": ["--quick", "--rounds", "2"],
+    "elastic.py": ["--quick"],
     "faults.py": ["--quick", "--faults", "crash,failing"],
     "overhead.py": [
         "--quick", "--instances", "4", "--warmup", "0", "--idle-seconds", "17",

@@ -305,3 +305,43 @@ def test_database_passes_integrity_check_after_close(
     w2.flush()
     assert w2.written == before + 1
     assert read(path, "SELECT MAX(ts) FROM rollup")[0][0] == clock.now + 1
+
+
+def test_the_predictor_reads_the_same_time_of_day_on_previous_days(tmp_path: Path) -> None:
+    """Issue 14: `read_day_slots` gives, per previous day, the peak of requests in flight on
+    the engine's instances (summed per 5-minute bucket) in the coming 10 minutes of that day,
+    and None for a day without history then; `predict` turns that into a floor."""
+    from engctl.daemon.autoscale import DaySlot, predict
+    from engctl.daemon.scaler import read_day_slots
+    from engctl.models import ScaleSpec
+
+    db = tmp_path / "history.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(history.SCHEMA)
+
+    def bucket(ts: float, peaks: dict[str, int]) -> None:
+        rows: list[tuple[Any, ...]] = [(COARSE_SECONDS, ts, 300.0, "host", "host", None, None)]
+        for inst, peak in peaks.items():
+            engine = inst.split("#")[0]
+            data = json.dumps({"in_flight_peak": peak})
+            rows.append((COARSE_SECONDS, ts, 300.0, "instance", inst, engine, "t", data))
+        for r in rows:
+            cols = ("tier", "ts", "seconds", "kind", "name", "engine", "type", "data")[: len(r)]
+            conn.execute(
+                f"INSERT INTO rollup ({', '.join(cols)}) VALUES ({', '.join('?' * len(r))})", r
+            )
+
+    now = T0
+    bucket(now - DAY + 300, {"pool#0": 4, "pool#1": 2, "other#0": 50})  # day 1: 6 at once
+    bucket(now - DAY + 600, {"pool#0": 3})
+    bucket(now - DAY + 900, {"pool#0": 40})  # after the 10 minutes looked at
+    bucket(now - 2 * DAY + 300, {"pool#0": 4})  # day 2: 4
+    bucket(now - 3 * DAY - 300, {"pool#0": 30})  # day 3: nothing in the window: no history
+    conn.commit()
+    conn.close()
+
+    days = read_day_slots(db, "pool", now)
+    assert days[:3] == [DaySlot(1, 6.0), DaySlot(2, 4.0), DaySlot(3, None)]
+    found = predict(days, ScaleSpec(min=0, max=8, target=1.0), max_concurrency=1)
+    assert found is not None and found.floor == 5  # the median of 6 and 4
+    assert "peaked at 6, 4 requests in flight on the last 2 days" in found.reason

@@ -51,6 +51,8 @@ COMMAND_MODULES = {
     "stop": "lifecycle",
     "restart": "lifecycle",
     "scale": "lifecycle",
+    "prewarm": "lifecycle",
+    "lease": "lease",
     "isolate": "overrides",
     "drain": "overrides",
     "restore": "overrides",

@@ -33,7 +33,8 @@ order, with -j requests in flight; a failed request is an object with "ok": fals
 "error": {"code", "message"}, and the exit code is then 1.
 
 exit codes: 0 ok, 1 request failed, 2 usage, 3 daemon unreachable, 4 no eligible engine,
-5 timeout, 6 busy (queue full).
+5 timeout, 6 busy (queue full), 8 the --lease is not held (expired, released, its instance
+gone, or granted before a daemon restart).
 
 examples:
   engctl exec --type onnx -- '{"x": [1, 2, 3]}'
@@ -57,6 +58,7 @@ selection:
   -s, --strategy NAME     round_robin, weighted_round_robin, least_loaded, weighted_random,
                           capability, affinity, consistent_hash (default: daemon config)
   -k, --key KEY           stickiness key (needed by affinity and consistent_hash)
+  --lease L-…             run on the instance this lease holds (only there)
 
 request:
   --timeout SECONDS       deadline (default: the daemon's default_timeout)
@@ -86,6 +88,7 @@ _OPTIONS: dict[str, tuple[str, object]] = {
     "-s": ("strategy", str),
     "--key": ("key", str),
     "-k": ("key", str),
+    "--lease": ("lease", str),
     "--timeout": ("timeout", float),
     "--retries": ("retries", int),
     "--json-input": ("json_input", "flag"),
@@ -118,6 +121,7 @@ class ExecOptions:
         self.label: list[str] = []
         self.strategy: str | None = None
         self.key: str | None = None
+        self.lease: str | None = None
         self.timeout: float | None = None
         self.retries = 0
         self.json_input = False
@@ -224,6 +228,7 @@ def main(args: list[str]) -> int:
         "strategy": opts.strategy,
         "timeout": opts.timeout,
         "retries": opts.retries,
+        "lease": opts.lease,
     }
     from engctl.client import Client
 

@@ -1,7 +1,9 @@
-"""`engctl start|stop|restart|scale`: act on engines (NAME) or single instances (NAME#K)."""
+"""`engctl start|stop|restart|scale|prewarm`: act on engines (NAME) or single instances
+(NAME#K)."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
@@ -73,9 +75,44 @@ def scale(
     instances: Annotated[int, typer.Argument(min=0, max=1000, help="Wanted number of instances.")],
     json: JsonFlag = False,
 ) -> None:
-    """Set an engine's number of instances (the highest indices drain, then stop)."""
+    r"""Set an engine's number of instances (the highest indices drain, then stop).
+
+    An autoscaled engine (\[engines.NAME.scale]) gets its scale.min set instead: its count then
+    follows demand between that and scale.max (the command says so).
+    """
     result = client(autostart=True).scale(name, instances)
     if json:
         emit_json(result)
     else:
         out(f"{name}: {result['detail']}")
+
+
+@app.command()
+def prewarm(
+    name: Annotated[str, typer.Argument(help="Engine name (an autoscaled one).")],
+    instances: Annotated[
+        int, typer.Argument(min=0, max=1000, help="The floor: instances kept up (0 ends it).")
+    ],
+    for_: Annotated[
+        str | None,
+        typer.Option("--for", help="How long, e.g. 90s, 10m, 1h (default: until changed)."),
+    ] = None,
+    json: JsonFlag = False,
+) -> None:
+    """Raise an autoscaled engine's floor to INSTANCES (started now), for a while.
+
+    When the time passes (an event at both ends), idle instances go after idle_timeout.
+    """
+    from engctl.timespec import parse_duration
+
+    seconds = None if for_ is None else parse_duration(for_, "--for")
+    result = client(autostart=True).prewarm(name, instances, seconds)
+    if json:
+        emit_json(result)
+        return
+    if not instances:
+        out(f"{name}: prewarm ended")
+        return
+    until = result.get("until")
+    when = "" if until is None else f" until {time.strftime('%H:%M:%S', time.localtime(until))}"
+    out(f"{name}: floor raised to {instances} instances{when}")

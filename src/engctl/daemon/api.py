@@ -37,17 +37,22 @@ from engctl.states import EngineMode
 from . import allow_ssl
 from .engine_calls import EngineCalls
 from .events import Event, EventLog
+from .leases import Leases
 from .logs import InstanceLog
 from .metrics import Rollups
 from .params import param, str_list
 from .prometheus import prometheus_text, snapshot
 from .registry import Registry
 from .router import Router
+from .selection import Selector
 from .server import Connection, Handler, Reply
 from .supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from engctl.documents import EventsDoc, LiveDoc, StatusDoc
+    from engctl.documents import EventsDoc, LeasesDoc, LiveDoc, StatusDoc
+
+# A lease's ttl when `lease acquire` gives none (seconds).
+DEFAULT_LEASE_TTL = 60.0
 
 
 class DaemonControl(Protocol):
@@ -70,6 +75,7 @@ class Api:
     router: Router
     request_shutdown: Callable[[], None]
     rollups: Rollups | None = None
+    leases: Leases | None = None
     # Set by the daemon: `daemon.config` and `daemon.reload` go to it.
     control: DaemonControl | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
@@ -92,6 +98,11 @@ class Api:
             "engine.stop": self.engines.stop,
             "engine.restart": self.engines.restart,
             "engine.scale": self.engines.scale,
+            "engine.prewarm": self.engines.prewarm,
+            "lease.acquire": self.lease_acquire,
+            "lease.renew": self.lease_renew,
+            "lease.release": self.lease_release,
+            "lease.list": self.lease_list,
             "status.get": self.status,
             "events.list": self.events_list,
             "events.follow": self.events_follow,
@@ -111,6 +122,39 @@ class Api:
     def request_exec(self, params: dict[str, Any], conn: Connection) -> Reply:
         # A Reply, not a coroutine: completed by callbacks, no task per request.
         return self.router.submit(params)
+
+    # -- leases ----------------------------------------------------------------------------
+    def _leases(self) -> Leases:
+        if self.leases is None:
+            raise InvalidParamsError("this daemon holds no leases")
+        return self.leases
+
+    async def lease_acquire(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        ttl = _seconds(params, "ttl", None) or DEFAULT_LEASE_TTL
+        wait = param(params, "wait", (int, float), 0.0)
+        if wait < 0:
+            raise InvalidParamsError(f"parameter 'wait' must be 0 or more seconds, got {wait}")
+        selector = Selector.of(
+            type=param(params, "type", str, None),
+            engine=param(params, "engine", str, None),
+            instance=param(params, "instance", str, None),
+            require=str_list(params, "require", None) or (),
+            labels=str_list(params, "labels", None) or [],
+        )
+        holder = param(params, "holder", str, "")
+        lease, asked = await self._leases().acquire(selector, ttl, holder, float(wait))
+        return {**lease, "ttl_asked": asked}
+
+    def lease_renew(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        ttl = _seconds(params, "ttl", None)
+        lease, asked = self._leases().renew(param(params, "lease", str), ttl)
+        return {**lease, "ttl_asked": asked}
+
+    def lease_release(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return self._leases().release(param(params, "lease", str))
+
+    def lease_list(self, params: dict[str, Any], conn: Connection) -> LeasesDoc:
+        return self._leases().list()
 
     # -- session and daemon ----------------------------------------------------------------
     def hello(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -367,3 +411,13 @@ class Api:
 
         conn.on_close.append(unsubscribe)
         return {"lines": tail}
+
+
+def _seconds(params: dict[str, Any], key: str, default: float | None) -> float | None:
+    """A duration parameter in seconds: a number above 0 (`default` when absent)."""
+    value = param(params, key, (int, float), None)
+    if value is None:
+        return default
+    if value <= 0:
+        raise InvalidParamsError(f"parameter {key!r} must be above 0 seconds, got {value}")
+    return float(value)

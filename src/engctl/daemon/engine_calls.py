@@ -31,6 +31,7 @@ from .instance import Engine, Instance
 from .membership import Membership
 from .params import param, str_list
 from .registry import Entry, Registry
+from .scaler import Scaler
 from .selection import parse_label
 from .server import Connection
 from .supervisor import Supervisor
@@ -53,10 +54,15 @@ class EngineCalls:
     events: EventLog
     membership: Membership  # told of every change to the engines (oneshot candidates)
     enforcer: Enforcer  # the manual overrides
+    scaler: Scaler  # told of every change to the engines (autoscaled ones), and prewarm
+
+    def _engines_changed(self) -> None:
+        self.membership.engines_changed()
+        self.scaler.engines_changed()
 
     async def _persist(self) -> None:
         """After a change to the engines: keep dispatch in step, then make it durable."""
-        self.membership.engines_changed()
+        self._engines_changed()
         await self.registry.save()
 
     def _parse_specs(self, params: dict[str, Any]) -> list[EngineSpec]:
@@ -119,7 +125,7 @@ class EngineCalls:
                     results.append(
                         {"name": name, "action": "updated", "detail": detail, "changed": changed}
                     )
-            self.membership.engines_changed()
+            self._engines_changed()
         for engine in to_start:
             # Dependencies first: `order` is topological.
             await self.fleet.start_engine(engine, "registered")
@@ -163,7 +169,7 @@ class EngineCalls:
             for name in order:
                 await self._unregister_one(name)
                 removed.append(name)
-            self.membership.engines_changed()
+            self._engines_changed()
         return {"removed": removed}
 
     def chosen(self, params: dict[str, Any]) -> list[Engine]:
@@ -340,10 +346,45 @@ class EngineCalls:
         n = param(params, "instances", int)
         if not engine.spec.mode.long_running:
             raise SpecError(f"engine {engine.spec.name!r} is oneshot: it has no instances to scale")
+        if engine.spec.scale is not None:
+            return await self._scale_min(engine, n)
         async with engine.lock:
             detail = await self.fleet.scale_engine(engine, n)
         await self._persist()
         return {"name": engine.spec.name, "instances": n, "detail": detail}
+
+    async def _scale_min(self, engine: Engine, n: int) -> dict[str, Any]:
+        """`engctl scale` of an autoscaled engine sets its `scale.min` (kept in the registry,
+        as a scaled count is); the autoscaler then keeps at least that many."""
+        name = engine.spec.name
+        old = engine.spec
+        new = old.with_scale_min(n)  # SpecError above scale.max: nothing changes
+        assert old.scale is not None and new.scale is not None
+        entry = engine.to_entry(self.enforcer.overrides(engine))
+        async with self.registry.staged({name: dataclasses.replace(entry, spec=new)}):
+            engine.spec = new
+            self._engines_changed()
+        detail = (
+            f"autoscaled: scale.min set to {n} (was {old.scale.min}); its instances follow"
+            f" demand between {n} and {new.scale.max}"
+        )
+        self.events.emit(
+            EventKind.ENGINE_SCALED,
+            f"scale.min {old.scale.min} -> {n} (autoscaled)",
+            engine=name,
+            data={"min": n, "was": old.scale.min},
+        )
+        return {"name": name, "instances": n, "detail": detail, "autoscaled": True}
+
+    async def prewarm(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        engine = self.engine(param(params, "name", str))
+        n = param(params, "instances", int)
+        if n < 0:
+            raise InvalidParamsError(f"parameter 'instances' must be 0 or more, got {n}")
+        seconds = param(params, "for", (int, float), None)
+        if seconds is not None and seconds <= 0:
+            raise InvalidParamsError(f"parameter 'for' must be above 0 seconds, got {seconds}")
+        return self.scaler.prewarm(engine, n, None if seconds is None else float(seconds))
 
     def _override_targets(self, params: dict[str, Any]) -> list[Instance]:
         insts: list[Instance] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from engctl.errors import RequestTimeoutError
 from engctl.models import EngineSpec, check_dependencies
@@ -44,12 +45,15 @@ class Fleet:
         self.sup.engines[spec.name] = engine
         self.sup.index.add(spec)
         engine.stopped_instances = set(stopped_instances)
-        self._resize(engine)
+        # An autoscaled engine starts with what it wants with no demand (its floor).
+        self._resize(engine, spec.scale.floor if spec.scale is not None else None)
         return engine
 
-    def _resize(self, engine: Engine) -> list[Instance]:
-        """Add instance slots up to the spec's count; return the ones to remove (highest)."""
-        want = engine.spec.instances if engine.spec.mode.long_running else 0
+    def _resize(self, engine: Engine, want: int | None = None) -> list[Instance]:
+        """Add instance slots up to `want` (by default what the engine wants: its spec's
+        count, or an autoscaled engine's current one); return the ones to remove (highest)."""
+        if want is None or not engine.spec.mode.long_running:
+            want = engine.wanted
         while len(engine.instances) < want:
             idx = len(engine.instances)
             log_file = InstanceLog(
@@ -177,7 +181,7 @@ class Fleet:
             return "restarted"
         self.sup.index.replace(old, spec)
         engine.spec = spec
-        if old.instances != spec.instances:
+        if spec.scale is None and len(engine.instances) != spec.instances:
             return await self.scale_engine(engine, spec.instances)
         return "updated in place"
 
@@ -198,6 +202,32 @@ class Fleet:
         )
         self.sup.publish_targets()
         return f"scaled {before} -> {n}"
+
+    async def resize(
+        self,
+        engine: Engine,
+        n: int,
+        reason: str,
+        prepare: Callable[[Instance], None] | None = None,
+    ) -> list[str]:
+        """The autoscaler's resize to `n` slots (the spec is left alone): new slots start
+        (`prepare` sees each first), the highest ones drain, then stop and go (the ids stay
+        NAME#0..NAME#n-1). Returns the ids started. Call with the engine's lock held."""
+        leaving = engine.instances[n:]
+        for inst in leaving:
+            inst.removed = True  # never restarted, whatever happens while it drains
+        await self.drain_instances(leaving, reason)
+        before = len(engine.instances)
+        for inst in self._resize(engine, n):
+            inst.log.close()
+        if prepare is not None:
+            for inst in engine.instances[before:]:
+                prepare(inst)
+        started: list[str] = []
+        if engine.desired is DesiredState.RUNNING and n > before:
+            started = await self.start_engine(engine, reason, list(range(before, n)))
+        self.sup.publish_targets()
+        return started
 
     async def remove_engine(self, engine: Engine) -> None:
         """Drain and stop every instance and forget the engine."""

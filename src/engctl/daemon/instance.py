@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engctl.models import EngineSpec, instance_id
@@ -26,11 +27,44 @@ from .registry import Entry
 from .stats import RequestStats
 
 if TYPE_CHECKING:
-    from engctl.documents import EngineStatus, InstanceStatus, LastExit
+    from engctl.documents import (
+        EngineStatus,
+        InstanceStatus,
+        LastExit,
+        LeaseDoc,
+        ScaleDecision,
+        ScaleStatus,
+    )
 
 S = InstanceState
 _K = TypeVar("_K")
 Clock = Callable[[], float]
+
+
+@dataclass(eq=False)
+class Lease:
+    """Exclusive use of one instance by a holder until `expires_at` (renewable); kept by the
+    daemon's memory only, so a restart ends every lease."""
+
+    id: str
+    holder: str
+    instance: str
+    engine: str
+    ttl: float
+    acquired_at: float  # wall-clock
+    expires_at: float  # wall-clock, for display; the timer runs on the loop's clock
+    held: bool = True  # False while the instance it waits for starts (not yet handed out)
+
+    def to_json(self) -> LeaseDoc:
+        return {
+            "lease": self.id,
+            "holder": self.holder,
+            "engine": self.engine,
+            "instance": self.instance,
+            "ttl": self.ttl,
+            "acquired_at": self.acquired_at,
+            "expires_at": self.expires_at,
+        }
 
 
 class Instance:
@@ -82,6 +116,8 @@ class Instance:
         self.isolated_until: float | None = None  # wall-clock time
         self.isolations = 0  # isolations that still count toward the next one's length
         self.isolations_total = 0  # by policy or by hand, since the daemon started
+        # -- a lease that holds it (leases): no request but the lease's may be placed here --
+        self.lease: Lease | None = None
 
     @property
     def spec(self) -> EngineSpec:
@@ -148,6 +184,7 @@ class Instance:
             "fds": self.sample.fds if sampled else None,
             "last_exit": self.last_exit,
             "requests": self.stats.to_json(),
+            "lease": self.lease.to_json() if self.lease is not None and self.lease.held else None,
         }
 
 
@@ -170,6 +207,17 @@ class Engine:
         self.stats = RequestStats()  # requests of a oneshot engine (it has no instances)
         self.oneshot_log: InstanceLog | None = None  # stderr of a oneshot engine's runs
         self._policy: tuple[EngineSpec, Any, PolicySpec] | None = None
+        # -- autoscaling (engines with [scale]; the scaler's) --
+        self.last_scaling: ScaleDecision | None = None  # the last decision, for `status`
+        self.prewarm: tuple[int, float | None] | None = None  # floor, until (wall-clock)
+        self.predicted: tuple[int, str] | None = None  # the predictor's floor and reason
+
+    @property
+    def wanted(self) -> int:
+        """The instances it should have: the spec's count, or the autoscaler's (its slots)."""
+        if not self.spec.mode.long_running:
+            return 0
+        return len(self.instances) if self.spec.scale is not None else self.spec.instances
 
     def policy(self, daemon_policy: Any) -> PolicySpec:
         """The effective failure policy (defaults < daemon config < this engine)."""
@@ -191,13 +239,42 @@ class Engine:
             "type": self.spec.type,
             "mode": self.spec.mode.value,
             "desired": self.desired.value,
-            "instances_wanted": self.spec.instances if self.spec.mode.long_running else 0,
+            "instances_wanted": self.wanted,
             "instances": [i.to_json() for i in self.instances],
         }
         if self.spec.mode is EngineMode.ONESHOT:
             out["requests"] = self.stats.to_json()
             out["max_concurrency"] = self.spec.max_concurrency
+        if self.spec.scale is not None:
+            out["scale"] = self.scale_json()
         return out
+
+    def scale_json(self) -> ScaleStatus:
+        """An autoscaled engine's settings, its instances by use, and the last decision."""
+        scale = self.spec.scale
+        assert scale is not None
+        ready = [i for i in self.instances if i.state is S.READY]
+        leased = sum(1 for i in ready if i.lease is not None)
+        busy = sum(1 for i in ready if i.lease is None and i.stats.in_flight > 0)
+        prewarm = self.prewarm
+        return {
+            "min": scale.min,
+            "max": scale.max,
+            "min_idle": scale.min_idle,
+            "target": scale.target,
+            "idle_timeout": scale.idle_timeout,
+            "predict": scale.predict,
+            "wanted": len(self.instances),
+            "ready": len(ready),
+            "busy": busy,
+            "idle": len(ready) - busy - leased,
+            "leased": leased,
+            "prewarm": None if prewarm is None else {"instances": prewarm[0], "until": prewarm[1]},
+            "predicted": None
+            if self.predicted is None
+            else {"instances": self.predicted[0], "reason": self.predicted[1]},
+            "last_decision": self.last_scaling,
+        }
 
 
 class EngineIndex:

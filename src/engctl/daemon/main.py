@@ -38,12 +38,14 @@ from .engine_calls import EngineCalls
 from .events import EventLog
 from .fleet import Fleet
 from .history import HistoryWriter, Retention
+from .leases import Leases
 from .membership import Membership
 from .metrics import Rollups
 from .monitor import HostSample, Monitor, Sample
 from .prometheus import MetricsServer
 from .registry import Entry, Registry
 from .router import Router
+from .scaler import Scaler
 from .selection import CandidatePool, Capability, default_strategies
 from .server import Outbox, Server
 from .storage import WriteHealth
@@ -206,6 +208,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._signals = 0
         self.enforcer: Enforcer | None = None
+        self.scaler: Scaler | None = None
+        self.leases: Leases | None = None
         self.events: EventLog | None = None
         self.writer: HistoryWriter | None = None
 
@@ -290,8 +294,28 @@ class Daemon:
                 paths.history_db, _retention(config), health=health, on_reset=self._notify
             )
         rollups = self.rollups = Rollups(sup, router, writer)
-        engine_calls = EngineCalls(sup, fleet, registry, events, membership, enforcer)
-        api = Api(paths, sup, engine_calls, registry, events, router, self.stopping.set, rollups)
+        # Elastic pools and leases: the autoscaler is told of every request that has to wait
+        # (only while an engine autoscales), the leases pin their requests and hear of a
+        # leased instance that stops.
+        scaler = self.scaler = Scaler(
+            sup, fleet, router, events, config, paths.history_db if config.metrics else None
+        )
+        leases = self.leases = Leases(
+            sup,
+            pool,
+            scaler,
+            events,
+            config,
+            on_standing=membership.standing_changed,
+            on_ended=lambda: router.retry_waiting(len(router.queue)),
+        )
+        router.leases = leases
+        membership.leases = leases
+        scaler.engines_changed()
+        engine_calls = EngineCalls(sup, fleet, registry, events, membership, enforcer, scaler)
+        api = Api(
+            paths, sup, engine_calls, registry, events, router, self.stopping.set, rollups, leases
+        )
         api.control = self
         server = Server(
             paths.socket,
@@ -338,6 +362,8 @@ class Daemon:
         roll_timer.cancel()
         if self._roll_handle is not None:
             self._roll_handle.cancel()
+        scaler.close()
+        leases.close()
         enforcer.close()
         router.close()
         if metrics_server is not None:
@@ -407,6 +433,10 @@ class Daemon:
             self.pool.strategies[StrategyName.CAPABILITY] = capability
         if self.enforcer is not None:
             self.enforcer.config = cfg  # its next look comes policy_interval later
+        if self.scaler is not None:
+            self.scaler.config = cfg
+        if self.leases is not None:
+            self.leases.config = cfg
         if self.events is not None:
             self.events.retention = cfg.events_retention
         self.monitor.interval = cfg.sample_interval
@@ -451,6 +481,8 @@ class Daemon:
             self.enforcer.samples_taken(samples)
         if self.rollups is not None:
             self.rollups.sampled(host)
+        if self.scaler is not None:
+            self.scaler.host_sampled(host)
 
     _roll_handle: asyncio.TimerHandle | None = None
 

@@ -37,6 +37,12 @@ class PolicyHooks(Protocol):
     def draining(self, inst: Instance, reason: str) -> None: ...
 
 
+class LeaseHooks(Protocol):
+    """What the leases hear (see `leases`): a leased instance stopped taking requests."""
+
+    def instance_gone(self, inst: Instance, reason: str) -> None: ...
+
+
 class Membership:
     """The supervisor's observer: the pool follows each instance's state, eligibility and
     weight, and each oneshot engine's registration."""
@@ -49,6 +55,7 @@ class Membership:
         self.dispatcher = dispatcher
         self.router = router
         self.policies: PolicyHooks | None = None  # wired by the daemon (main.py)
+        self.leases: LeaseHooks | None = None  # wired by the daemon (main.py)
 
     # -- supervision events (InstanceObserver) -------------------------------------------------
     def spawned(self, inst: Instance, proc: ChildProcess) -> Callable[[bytes], None]:
@@ -80,6 +87,8 @@ class Membership:
                     self.router.retry_waiting(len(self.router.queue))
         if new is not S.READY and self.router.draining(inst.id):
             self.router.drained(inst.id)  # it stopped taking requests another way
+        if inst.lease is not None and old is S.READY and self.leases is not None:
+            self.leases.instance_gone(inst, f"{inst.id} {new.value}: {inst.state_reason}")
 
     def drain(self, inst: Instance, reason: str) -> asyncio.Future[None]:
         """No new request for `inst` (its standing now says draining, with `reason`); the
@@ -96,8 +105,9 @@ class Membership:
         if inst.id not in self.pool:
             return
         cand = self.pool.get(inst.id)
-        eligible = inst.eligibility in _IN_SERVICE
+        eligible = inst.eligibility in _IN_SERVICE and inst.lease is None
         cand.ineligible_reason = "" if eligible else _ineligible(inst)
+        cand.lease = _lease_of(inst)
         cand.effective_weight = inst.effective_weight
         was = cand.eligible
         cand.eligible = eligible
@@ -108,22 +118,22 @@ class Membership:
         spec = inst.spec
         if inst.id in self.pool:
             self.pool.remove(inst.id)
-        eligible = inst.eligibility in _IN_SERVICE
-        self.pool.add(
-            Candidate(
-                inst.id,
-                spec.name,
-                spec.type,
-                capabilities=spec.capabilities,
-                labels=spec.labels,
-                weight=spec.weight,
-                effective_weight=min(inst.effective_weight, spec.weight),
-                max_concurrency=spec.max_concurrency,
-                latency_ms=inst.stats.latency_ewma_ms,
-                eligible=eligible,
-                ineligible_reason="" if eligible else _ineligible(inst),
-            )
+        eligible = inst.eligibility in _IN_SERVICE and inst.lease is None
+        cand = Candidate(
+            inst.id,
+            spec.name,
+            spec.type,
+            capabilities=spec.capabilities,
+            labels=spec.labels,
+            weight=spec.weight,
+            effective_weight=min(inst.effective_weight, spec.weight),
+            max_concurrency=spec.max_concurrency,
+            latency_ms=inst.stats.latency_ewma_ms,
+            eligible=eligible,
+            ineligible_reason="" if eligible else _ineligible(inst),
         )
+        cand.lease = _lease_of(inst)
+        self.pool.add(cand)
         self.router.retry_waiting()
 
     # -- registrations -----------------------------------------------------------------------
@@ -159,8 +169,18 @@ class Membership:
 
 
 def _ineligible(inst: Instance) -> str:
+    lease = inst.lease
+    if lease is not None and inst.eligibility in _IN_SERVICE:
+        return f"leased: {lease.id} held by {lease.holder or 'an unnamed holder'}"
     reason = inst.eligibility_reason
     return f"{inst.eligibility.value}: {reason}" if reason else inst.eligibility.value
+
+
+def _lease_of(inst: Instance) -> str | None:
+    """The lease whose requests the instance takes (one handed out, not one still waiting
+    for its instance to start)."""
+    lease = inst.lease
+    return lease.id if lease is not None and lease.held else None
 
 
 def _oneshot_capacity(spec: EngineSpec) -> int:

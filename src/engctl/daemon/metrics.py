@@ -79,6 +79,8 @@ class _Tier:
     bases_before: dict[Member, _Base] = field(default_factory=dict)
     cpu: dict[Member, _Gauge] = field(default_factory=dict)
     rss: dict[Member, _Gauge] = field(default_factory=dict)
+    # the most requests in flight seen per instance (the autoscaler's predictor reads it)
+    in_flight_peak: dict[Member, int] = field(default_factory=dict)
     # per type: samples taken, samples with requests waiting, the longest queue seen
     queue: dict[str, list[int]] = field(default_factory=dict)
     host_cpu: _Gauge = field(default_factory=_Gauge)
@@ -121,7 +123,7 @@ def _row_data(member: Member) -> dict[str, Any]:
         "eligibility": member.eligibility.value,
         "weight": spec.weight,
         "max_rss": spec.limits.max_rss,
-        "instances": spec.instances,  # the setting, for report
+        "instances": member.engine.wanted,  # the setting (autoscaled: the count), for report
     }
 
 
@@ -178,6 +180,9 @@ class Rollups:
                     continue
                 tier.cpu.setdefault(inst, _Gauge()).add(inst.sample.cpu_percent)
                 tier.rss.setdefault(inst, _Gauge()).add(float(inst.sample.rss_bytes))
+                peak = tier.in_flight_peak.get(inst, 0)
+                if inst.stats.in_flight > peak:
+                    tier.in_flight_peak[inst] = inst.stats.in_flight
             for t in types:
                 q = tier.queue.setdefault(t, [0, 0, 0])
                 n = waiting.get(t, 0)
@@ -274,7 +279,13 @@ class Rollups:
                     None if rss is None or rss.n == 0 else int(rss.peak),
                     max(0, cur.restarts - base.restarts),
                     max(0, cur.isolations - base.isolations),
-                    json.dumps({"states": states, **_row_data(inst)}),
+                    json.dumps(
+                        {
+                            "states": states,
+                            **_row_data(inst),
+                            "in_flight_peak": tier.in_flight_peak.get(inst, 0),
+                        }
+                    ),
                 )
             )
             tier.bases_before[inst] = base
@@ -343,6 +354,7 @@ class Rollups:
         tier.started = now
         tier.cpu.clear()
         tier.rss.clear()
+        tier.in_flight_peak.clear()
         tier.queue.clear()
         tier.host_cpu = _Gauge()
         tier.host_mem = _Gauge()

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from engctl import protocol
@@ -53,6 +54,17 @@ class PolicyHooks(Protocol):
     def request_failed(self, inst_id: str) -> None: ...
 
 
+class LeaseHooks(Protocol):
+    """What the router asks the leases (see `leases`), for requests that carry one only."""
+
+    def pin(self, selector: Selector) -> Selector:
+        """The selector pinned to the lease's instance; LeaseError when the lease is not
+        held, UsageError when a filter contradicts it."""
+
+    def not_held(self, lease_id: str) -> EngctlError | None:
+        """The error for a request of a lease that ended meanwhile (None: still held)."""
+
+
 class _Wait:
     """`_place` result: the request waits in the queue."""
 
@@ -79,6 +91,10 @@ class Router:
         self._explained: dict[str, Any] = {}
         self.deadlines = Deadlines(self.loop, self._timed_out)
         self.policies: PolicyHooks | None = None  # wired by the daemon (main.py)
+        self.leases: LeaseHooks | None = None  # wired by the daemon (main.py)
+        # Told of each request that has to wait (the autoscaler's cue to grow): set only while
+        # an engine autoscales, so nothing is called otherwise.
+        self.on_wait: Callable[[Request], None] | None = None
         self.record_latency = config.metrics  # the histograms behind report, metrics and top
         # Instance or oneshot-engine id -> its counters; rebuilt when the engines change.
         self._stats_by_id: dict[str, RequestStats] = {}
@@ -120,6 +136,7 @@ class Router:
                 _as_tuple(params.get("labels")),
                 params.get("key"),
                 params.get("strategy"),
+                params.get("lease"),
             )
         try:
             selector = self._selectors.get(key)
@@ -127,6 +144,12 @@ class Router:
             selector = key = None
         if selector is None:
             selector = _selector(params)  # InvalidParamsError for values of the wrong type
+            if selector.lease is not None:
+                if self.leases is None:
+                    raise InvalidParamsError("this daemon holds no leases")
+                # Pinned to the lease's instance once; a lease that ends later is caught
+                # where the request is placed (its instance no longer carries the lease).
+                selector = self.leases.pin(selector)
             if len(self._selectors) >= 1024:
                 self._selectors.clear()  # bounded: many distinct keys (affinity) churn it
             if key is not None:
@@ -173,6 +196,8 @@ class Router:
                 )
                 return
             self.queue.append(req)
+            if self.on_wait is not None:
+                self.on_wait(req)
         elif isinstance(outcome, EngctlError):
             self._fail(req, outcome)
 
@@ -208,6 +233,10 @@ class Router:
             return None
         if sel.outcome is Outcome.ALL_FULL:
             return _WAIT
+        if selector.lease is not None and self.leases is not None:
+            ended = self.leases.not_held(selector.lease)
+            if ended is not None:
+                return ended
         waiting = self._standby(selector)
         if waiting is not None and waiting.wait:
             # Registered and on its way (starting, warming up, restarting, or not started
@@ -237,7 +266,17 @@ class Router:
             if spec.mode is EngineMode.ONESHOT:
                 views.append(InstanceView(spec.name, spec.name, "ready" if running else "stopped"))
                 continue
-            if not engine.instances:
+            if (
+                spec.scale is not None
+                and running
+                and selector.instance is None
+                and len(engine.instances) < spec.scale.max
+                and not getattr(engine, "rollout", None)
+            ):
+                # It may grow: the autoscaler starts an instance for the request (told by
+                # `on_wait`), which waits for it within its deadline (a cold start).
+                views.append(InstanceView(spec.name, spec.name, "scaling"))
+            elif not engine.instances:
                 views.append(InstanceView(spec.name, spec.name, "stopped", "it has 0 instances"))
             for inst in engine.instances:
                 if selector.instance not in (None, inst.id) or (tried and inst.id in tried):
@@ -538,6 +577,7 @@ def _selector(params: dict[str, Any]) -> Selector:
         labels=strings("labels"),
         key=opt("key"),
         strategy=opt("strategy"),
+        lease=opt("lease"),
     )
     if selector.strategy in _KEYED and selector.key is None:
         raise UsageError(f"strategy {selector.strategy} needs --key (the stickiness key)")

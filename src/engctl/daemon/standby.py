@@ -21,7 +21,8 @@ from .selection import Selector
 class InstanceView:
     """An instance (or a oneshot engine) as `standby` judges it: its id, engine, and where it
     is headed: `ready`, `starting`, `restarting` (with the seconds to its next start when
-    known), or down (`stopping`, `stopped`, `exited`, `fatal`) with its reason."""
+    known), or down (`stopping`, `stopped`, `exited`, `fatal`) with its reason; or an
+    autoscaled engine that may grow (`scaling`, its id the engine's name)."""
 
     id: str
     engine: str
@@ -39,7 +40,7 @@ class Standby:
     error: str = ""
 
 
-_COMING = ("starting", "restarting")
+_COMING = ("starting", "restarting", "scaling")
 
 
 def standby(views: list[InstanceView], services: list[str], whole: bool = True) -> Standby | None:
@@ -66,6 +67,8 @@ def standby(views: list[InstanceView], services: list[str], whole: bool = True) 
 def _coming_phrase(views: list[InstanceView]) -> str:
     if all(v.state == "starting" for v in views):
         return "starting"
+    if all(v.state == "scaling" for v in views):
+        return "scaling up (a new instance starts)"
     starts = [v.next_start for v in views if v.next_start is not None]
     when = f" (next start in {min(starts):.1f}s)" if starts else ""
     return f"restarting{when}"

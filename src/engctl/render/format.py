@@ -76,9 +76,15 @@ def eligibility(inst: Mapping[str, Any], now: float | None = None) -> str:
 
 
 def standing_reason(inst: Mapping[str, Any]) -> str:
-    """Why an instance is not simply active and healthy ("" when it is)."""
+    """Why an instance is not simply active and healthy, or whose lease holds it ("" when
+    it is simply active)."""
     if inst.get("eligibility", "active") != "active" and inst.get("eligibility_reason"):
         return str(inst["eligibility_reason"])
+    lease = inst.get("lease")
+    if lease:
+        holder = lease.get("holder") or "an unnamed holder"
+        until = time.strftime("%H:%M:%S", time.localtime(lease.get("expires_at", 0)))
+        return f"leased: {lease.get('lease')} held by {holder} until {until}"
     if inst.get("health") in ("degraded", "unhealthy", "recovering"):
         return str(inst.get("health_reason") or "")
     return ""
@@ -99,3 +105,27 @@ def event_line(ev: EventDoc | Mapping[str, Any]) -> str:
     subject = ev.get("instance") or ev.get("engine") or "daemon"
     edge = f" {ev['from']} -> {ev['to']}" if ev.get("from") else ""
     return f"{clock(ev.get('at'))}  {subject}{edge}: {ev.get('reason', '')}"
+
+
+def scale_line(engine: Mapping[str, Any], now: float | None = None) -> str:
+    """An autoscaled engine in one line: its range, wanted / ready / busy / idle / leased,
+    a floor raised by prewarm or prediction, and the last decision with its reason."""
+    sc = engine["scale"]
+    parts = [
+        f"{engine['name']}: autoscaled {sc['min']}..{sc['max']}",
+        f"wanted {sc['wanted']}, ready {sc['ready']}, busy {sc['busy']}, idle {sc['idle']}"
+        + (f", leased {sc['leased']}" if sc.get("leased") else ""),
+    ]
+    prewarm = sc.get("prewarm")
+    if prewarm:
+        until = prewarm.get("until")
+        when = "" if until is None else time.strftime(" until %H:%M:%S", time.localtime(until))
+        parts.append(f"prewarm {prewarm['instances']}{when}")
+    predicted = sc.get("predicted")
+    if predicted:
+        parts.append(f"predicted {predicted['instances']}")
+    last = sc.get("last_decision")
+    if last:
+        ago = (time.time() if now is None else now) - float(last.get("at", 0))
+        parts.append(f"last: {last.get('reason', '')} ({duration(max(0.0, ago))} ago)")
+    return "; ".join(parts)

@@ -9,7 +9,14 @@ the text to rich's, byte for byte. Stdlib only.
 from __future__ import annotations
 
 from engctl.render import styled
-from engctl.render.format import duration, eligibility, last_exit, size, standing_reason
+from engctl.render.format import (
+    duration,
+    eligibility,
+    last_exit,
+    scale_line,
+    size,
+    standing_reason,
+)
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
@@ -91,6 +98,8 @@ def status_cells(
         if inst is None:
             if eng["mode"] == "oneshot":
                 note = f"oneshot ×{eng.get('max_concurrency', 1)}"
+            elif eng.get("scale") and eng["desired"] == "running":
+                note = "0 instances (scaled to zero)"
             else:
                 note = f"0 instances ({eng['desired']})"
             cells: dict[str, Cell] = {"INSTANCE": (eng["name"], ""), "STATE": (note, "dim")}
@@ -126,10 +135,12 @@ def status_layout(
     """The columns and rows for a console `width` columns wide, every row on one line, and
     the notes to print under them: reasons in a REASON column when it fits, else as lines
     under the table (`echo#1  isolated: 5 consecutive errors …`); then the least needed
-    columns go. `natural_width` measures a table (rich's measure, or `text_width`)."""
+    columns go. An autoscaled engine adds a line of its figures and last decision.
+    `natural_width` measures a table (rich's measure, or `text_width`)."""
     columns, rows = status_cells(status, now)
+    scaled = [(f"\n{scale_line(eng, now)}", "") for eng in status["engines"] if eng.get("scale")]
     if natural_width(columns, rows) <= width:
-        return columns, rows, []
+        return columns, rows, scaled
     notes: list[Cell] = []
     for eng in status["engines"]:
         for inst in eng["instances"]:
@@ -151,7 +162,7 @@ def status_layout(
     if hidden:
         left_out = ", ".join(c for c in DROPPABLE if c in hidden)
         notes.append((f"\n(too narrow for {left_out}: see --json)", "dim"))
-    return columns, rows, notes
+    return columns, rows, notes + scaled
 
 
 def text_width(columns: Columns, rows: Rows) -> int:

@@ -144,6 +144,7 @@ class Candidate:
         "_vt",
         "_weight",
         "ineligible_reason",
+        "lease",
     )
 
     def __init__(
@@ -182,6 +183,9 @@ class Candidate:
         self._latency_ms = None if latency_ms is None else _check_weight(latency_ms, "latency_ms")
         self._eligible = eligible
         self.ineligible_reason = ineligible_reason
+        # The lease that holds the instance: it is then ineligible for every request but the
+        # ones that carry this lease (which name it: see `explain.exclusion`).
+        self.lease: str | None = None
         self._seq = next(_SEQ)
         self._sets: list[CandidateSet] = []
         self._pool: CandidatePool | None = None

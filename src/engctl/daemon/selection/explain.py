@@ -144,6 +144,11 @@ def exclusion(c: Candidate, selector: Selector) -> tuple[FilterName, str] | None
     wrong = [(k, v) for k, v in selector.labels if c._labels.get(k) != v]
     if wrong:
         return FilterName.LABEL, f"lacks label {', '.join(_labels_text(wrong))}"
+    if selector.lease is not None:
+        # A lease's request goes to its instance while the lease holds it, and nowhere else.
+        if c.lease != selector.lease:
+            return FilterName.LEASE, f"not held by lease {selector.lease}"
+        return None
     if not c._eligible:
         return FilterName.ELIGIBILITY, c.ineligible_reason or "not eligible"
     return None

@@ -25,6 +25,7 @@ class FilterName(StrEnum):
     INSTANCE = "instance"
     CAPABILITY = "capability"
     LABEL = "label"
+    LEASE = "lease"
     ELIGIBILITY = "eligibility"
 
 
@@ -63,6 +64,8 @@ class Selector:
     labels: frozenset[tuple[str, str]] = frozenset()
     key: str | None = None
     strategy: StrategyName | None = None
+    # A lease's requests: only its instance (`instance`, pinned by the router) may take them.
+    lease: str | None = None
     filter_key: FilterKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +84,7 @@ class Selector:
         labels: Mapping[str, str] | Iterable[str] | None = None,
         key: str | None = None,
         strategy: str | None = None,
+        lease: str | None = None,
     ) -> Selector:
         """A selector from CLI-shaped values: labels as a mapping or as `k=v` strings."""
         if labels is None:
@@ -98,12 +102,15 @@ class Selector:
             labels=pairs,
             key=key,
             strategy=None if strategy is None else parse_strategy(strategy),
+            lease=lease,
         )
 
     def matches(self, candidate: Candidate) -> bool:
         """Whether `candidate` passes every hard filter, eligibility included."""
         if self.instance is not None and candidate._id != self.instance:
             return False
+        if self.lease is not None or candidate.lease is not None:
+            return candidate.lease == self.lease and _matches_key(candidate, self.filter_key)
         return candidate._eligible and _matches_key(candidate, self.filter_key)
 
     def to_json(self) -> dict[str, Any]:
@@ -117,4 +124,5 @@ class Selector:
             "labels": dict(sorted(self.labels)),
             "key": self.key,
             "strategy": None if self.strategy is None else self.strategy.value,
+            "lease": self.lease,
         }
