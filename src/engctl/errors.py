@@ -180,6 +180,19 @@ class BusyError(EngctlError):
     exit_code = EXIT_BUSY
 
 
+class RolloutInProgressError(BusyError):
+    """`reload` of an engine whose rollout is still under way (wait for it, or watch it)."""
+
+    rpc_code = -32034
+
+
+class RolloutFailedError(EngctlError):
+    """A rollout stopped: a new process failed to start or become ready; the old ones serve."""
+
+    rpc_code = -32050
+    exit_code = EXIT_FAILED
+
+
 class InternalError(EngctlError):
     """A bug in the daemon; the message points at its log."""
 

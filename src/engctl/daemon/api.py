@@ -92,6 +92,7 @@ class Api:
             "engine.stop": self.engines.stop,
             "engine.restart": self.engines.restart,
             "engine.scale": self.engines.scale,
+            "engine.reload": self.engines.reload,
             "status.get": self.status,
             "events.list": self.events_list,
             "events.follow": self.events_follow,
