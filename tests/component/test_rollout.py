@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, cast
+from typing import Any
 
 import psutil
 
@@ -347,4 +347,4 @@ def test_daemon_killed_mid_rollout_comes_back_with_the_wanted_spec(daemon: Home)
         for p in wait_until(lambda: len(home_processes(daemon)) == 2 and home_processes(daemon))
     }
     assert live == set(pids(daemon, "w").values())
-    assert cast("dict[str, Any]", eng)["instances_wanted"] == 2
+    assert eng["instances_wanted"] == 2
