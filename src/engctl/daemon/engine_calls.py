@@ -543,7 +543,8 @@ def _outcome(rollout: Rollout) -> str:
     """An ended rollout in a few words (`register`/`apply`'s detail)."""
     if rollout.ok:
         n = len(rollout.replaced)
-        return f"rolled out generation {rollout.generation}: {n} replaced"
+        verb = "recreated" if rollout.strategy is RolloutStrategy.RECREATE else "rolled out"
+        return f"{verb} generation {rollout.generation}: {n} replaced"
     return f"rollout of generation {rollout.generation} failed: {rollout.failure}"
 
 
