@@ -348,3 +348,42 @@ def test_daemon_killed_mid_rollout_comes_back_with_the_wanted_spec(daemon: Home)
     }
     assert live == set(pids(daemon, "w").values())
     assert eng["instances_wanted"] == 2
+
+
+# -- 12.4: every replacement drains ------------------------------------------------------------
+def test_recreate_drains_every_instance_and_loses_no_request(daemon: Home) -> None:
+    """`reload --recreate` (and `apply --recreate`) replace every instance at once, but each
+    drains first and the requests meanwhile wait for the new processes: 0 fail."""
+    workers(daemon, "w", 2, "0", "0.1")
+    before = pids(daemon, "w")
+    with Load(daemon, engine="w") as load:
+        r = daemon.cli("reload", "w", "--recreate", "--json")
+        assert r.returncode == 0, r.stderr
+        load.wait_for(20)
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True and doc["strategy"] == "recreate"
+    assert load.failures == []
+    after = pids(daemon, "w")
+    assert all(after[k] != before[k] for k in before)
+    drained = events(daemon, "instance.draining", engine="w")
+    assert {e["instance"] for e in drained} >= {"w#0", "w#1"}
+
+
+# -- 12.5: progress ----------------------------------------------------------------------------
+def test_reload_prints_a_progress_line_per_step_on_a_terminal(daemon: Home) -> None:
+    """On a terminal `reload` prints the rollout's start, one line per replaced instance with
+    the old and new pid, then the summary."""
+    import pexpect
+
+    workers(daemon, "w", 2)
+    child = pexpect.spawn(
+        PY, ["-m", "engctl", "reload", "w"], env=daemon.env, dimensions=(24, 120),
+        encoding="utf-8",
+    )  # fmt: skip
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
+    text = str(child.before)
+    assert child.exitstatus == 0, text
+    assert "rolling out generation 2" in text, text
+    assert "[1/2]" in text and "[2/2]" in text and "pid" in text, text
+    assert "generation 2 rolled out: 2 replaced" in text, text
