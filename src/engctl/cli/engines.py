@@ -247,7 +247,5 @@ def apply(
     if file is None:
         raise UsageError("apply needs -f FILE (or -f - for stdin)")
     engines = read_engines_file(file)  # a bad file starts no daemon
-    result = client(autostart=True).apply(
-        engines, prune=prune, recreate=recreate, wait=not no_wait
-    )
+    result = client(autostart=True).apply(engines, prune=prune, recreate=recreate, wait=not no_wait)
     _show_results(result, json)
