@@ -14,8 +14,9 @@ import time
 from typing import Any
 
 import psutil
+import pytest
 
-from engctl.errors import RolloutFailedError
+from engctl.errors import RolloutFailedError, RolloutInProgressError
 from tests.component.test_lifecycle import Load, events
 from tests.conftest import PY, Home, engine_cmd, wait_until
 
@@ -286,7 +287,7 @@ def test_reload_bad_input_and_edge_cases(daemon: Home) -> None:
     nothing to replace, exit 0 saying why. A second reload during a rollout: refused (exit 6)."""
     r = daemon.cli("reload", "nope")
     assert r.returncode == 7 and "nope" in r.stderr, r.stderr
-    workers(daemon, "w", 1, "0.8")
+    workers(daemon, "w", 1, "1.5")
     r = daemon.cli("reload", "w", "--max-surge", "0", "--max-unavailable", "0")
     assert r.returncode == 2 and "max-surge" in r.stderr, r.stderr
     with daemon.client() as c:
@@ -298,14 +299,18 @@ def test_reload_bad_input_and_edge_cases(daemon: Home) -> None:
         c.register({"off": {"command": engine_cmd("late.py", "0")}}, start=False)
     r = daemon.cli("reload", "off")
     assert r.returncode == 0 and "is stopped" in r.stdout, r.stdout
-    r = daemon.cli("reload", "w", "--no-wait")
-    assert r.returncode == 0 and "started" in r.stdout, r.stderr
-    r = daemon.cli("reload", "w")
-    assert r.returncode == 6 and "under way" in r.stderr, r.stderr
+    with daemon.client() as c:
+        assert c.reload("w", wait=False)["state"] == "running"
+        with pytest.raises(RolloutInProgressError) as caught:
+            c.reload("w")
+    assert caught.value.exit_code == 6 and "under way" in caught.value.message
     wait_until(lambda: engine(daemon, "w")["rollout"]["state"] == "finished", timeout=20)
     r = daemon.cli("reload", "w#0", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["replaced"] == ["w#0"]
+    r = daemon.cli("reload", "w", "--no-wait")
+    assert r.returncode == 0 and "rollout of generation" in r.stdout and "started" in r.stdout
+    wait_until(lambda: engine(daemon, "w")["rollout"]["state"] == "finished", timeout=20)
 
 
 def test_reload_during_a_flood_that_fills_the_queue(home: Home) -> None:
