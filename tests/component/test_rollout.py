@@ -102,11 +102,12 @@ def test_reload_under_load_loses_no_request_and_replaces_every_process(daemon: H
 def test_surge_step_shows_both_processes_of_a_slot(daemon: Home) -> None:
     """During a surge step the slot's old process and its successor are both in status (the
     successor in the engine's `surge` with its generation); the ids of the slots never repeat
-    among the current instances."""
-    workers(daemon, "w", 2, "0.6")
+    among the current instances. (The new version takes 3 s to get ready: `status` has time.)"""
+    workers(daemon, "w", 2)
+    slow = {**QUICK, "command": engine_cmd("late.py", "3"), "instances": 2}
     with daemon.client() as c:
-        started = c.reload("w", wait=False)
-    assert started["state"] == "running" and started["ok"] is None
+        [r] = c.register({"w": slow}, wait=False)["engines"]
+    assert r["rollout"]["state"] == "running" and r["rollout"]["ok"] is None
 
     def successor() -> dict[str, Any] | None:
         eng = engine(daemon, "w")
@@ -117,7 +118,7 @@ def test_surge_step_shows_both_processes_of_a_slot(daemon: Home) -> None:
     assert succ["generation"] == 2 and succ["eligibility"] == "unavailable"
     r = daemon.cli("status", "w")
     assert "rolling out" in r.stdout and "successor" in r.stdout, r.stdout
-    wait_until(lambda: engine(daemon, "w")["rollout"]["state"] == "finished", timeout=20)
+    wait_until(lambda: engine(daemon, "w")["rollout"]["state"] == "finished", timeout=30)
     eng = engine(daemon, "w")
     assert eng["rollout"]["ok"] is True and eng["surge"] == []
 
@@ -333,7 +334,7 @@ def test_daemon_killed_mid_rollout_comes_back_with_the_wanted_spec(daemon: Home)
     """kill -9 of the daemon while a successor warms up: the next daemon stops what the last
     one left, then runs the wanted generation with the wanted count: no duplicates, no
     orphans."""
-    workers(daemon, "w", 2, "1.0")
+    workers(daemon, "w", 2, "1.5")
     with daemon.client() as c:
         c.reload("w", wait=False)
     wait_until(lambda: engine(daemon, "w")["surge"])
