@@ -27,6 +27,7 @@ from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
     from typing import Any, Unpack
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
         ExecResult,
         LeaseDoc,
         LeasesDoc,
+        RolloutDoc,
         StatusDoc,
     )
 
@@ -347,15 +349,78 @@ class Client:
         """`status --json`: every engine with its instances."""
         return self.call("status.get", names=names)  # type: ignore[no-any-return]
 
-    def register(self, engines: dict[str, dict[str, Any]], start: bool = True) -> dict[str, Any]:
-        """Register or update engines given as `{name: spec table}`."""
-        return self.call("engine.register", engines=engines, start=start)  # type: ignore[no-any-return]
+    def register(
+        self,
+        engines: dict[str, dict[str, Any]],
+        start: bool = True,
+        *,
+        recreate: bool = False,
+        wait: bool = True,
+    ) -> dict[str, Any]:
+        """Register or update engines given as `{name: spec table}`. A change that needs new
+        processes rolls out (`recreate`: all at once); with `wait`, the answer comes once it
+        ended (each updated engine's `rollout` says how: check its `ok`)."""
+        return self.call(  # type: ignore[no-any-return]
+            "engine.register", engines=engines, start=start, recreate=recreate, wait=wait
+        )
 
     def apply(
-        self, engines: dict[str, dict[str, Any]], prune: bool = False, start: bool = True
+        self,
+        engines: dict[str, dict[str, Any]],
+        prune: bool = False,
+        start: bool = True,
+        *,
+        recreate: bool = False,
+        wait: bool = True,
     ) -> dict[str, Any]:
-        """Make the registry match `engines` (`prune` removes the others)."""
-        return self.call("engine.apply", engines=engines, prune=prune, start=start)  # type: ignore[no-any-return]
+        """Make the registry match `engines` (`prune` removes the others); changes roll out
+        as with `register`."""
+        return self.call(  # type: ignore[no-any-return]
+            "engine.apply",
+            engines=engines,
+            prune=prune,
+            start=start,
+            recreate=recreate,
+            wait=wait,
+        )
+
+    def reload(
+        self,
+        name: str,
+        *,
+        max_surge: int | None = None,
+        max_unavailable: int | None = None,
+        timeout: float | None = None,
+        recreate: bool = False,
+        wait: bool = True,
+        progress: Callable[[EventDoc], None] | None = None,
+    ) -> RolloutDoc:
+        """Replace the processes of engine `name` (or instance `name#k`) with new ones of its
+        wanted spec, one slot after another; `max_surge`/`max_unavailable` default to the
+        engine's `rollout` table. With `wait`, return the final rollout object (a failed
+        rollout raises RolloutFailedError, the object in `.data`); `progress` is called with
+        each of its events (`engine.rollout_started`, `instance.replaced`, …) meanwhile."""
+        params: dict[str, Any] = {
+            "target": name,
+            "max_surge": max_surge,
+            "max_unavailable": max_unavailable,
+            "timeout": timeout,
+            "recreate": recreate,
+            "wait": wait,
+            "progress": progress is not None,
+        }
+        req_id = self._send("engine.reload", params)
+        while True:
+            msg = self._read()
+            if msg.get("id") == req_id:
+                break
+            if progress is not None and msg.get("method") == "event" and "id" not in msg:
+                progress(msg.get("params", {}))
+            elif "id" in msg and msg.get("id") is None and "error" in msg:
+                raise from_wire(msg["error"])
+        if "error" in msg:
+            raise from_wire(msg["error"])
+        return msg["result"]  # type: ignore[no-any-return]
 
     def unregister(self, names: list[str]) -> dict[str, Any]:
         """Stop and forget engines."""

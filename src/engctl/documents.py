@@ -55,6 +55,8 @@ class InstanceStatus(TypedDict):
     figures."""
 
     id: str
+    role: str  # current, or during a rollout successor / retiring (in the engine's `surge`)
+    generation: int
     pid: int | None
     state: str
     state_reason: str
@@ -118,9 +120,29 @@ class ScaleStatus(TypedDict):
     last_decision: ScaleDecision | None
 
 
+class RolloutDoc(TypedDict):
+    """An engine's rollout (`reload --json`, `status --json` "rollout"); `ok` is null while
+    it runs, `reason` why it failed ("" otherwise)."""
+
+    engine: str
+    generation: int
+    strategy: str
+    cause: str
+    state: str
+    ok: bool | None
+    reason: str
+    steps: int
+    replaced: list[str]
+    total: int
+    max_surge: int
+    max_unavailable: int
+    started_at: float
+    duration_s: float
+
+
 class EngineStatus(TypedDict):
     """One engine in `status --json`; a oneshot engine has counters of its own instead of
-    instances."""
+    instances. `surge`: a rollout's processes beyond the slots' current ones."""
 
     name: str
     type: str
@@ -128,6 +150,9 @@ class EngineStatus(TypedDict):
     desired: str
     instances_wanted: int
     instances: list[InstanceStatus]
+    generation: int
+    surge: list[InstanceStatus]
+    rollout: RolloutDoc | None
     requests: NotRequired[RequestCounts]
     max_concurrency: NotRequired[int]
     scale: NotRequired[ScaleStatus]

@@ -187,6 +187,17 @@ class LeaseError(EngctlError):
 
     rpc_code = -32050
     exit_code = EXIT_LEASE
+class RolloutInProgressError(BusyError):
+    """`reload` of an engine whose rollout is still under way (wait for it, or watch it)."""
+
+    rpc_code = -32034
+
+
+class RolloutFailedError(EngctlError):
+    """A rollout stopped: a new process failed to start or become ready; the old ones serve."""
+
+    rpc_code = -32051
+    exit_code = EXIT_FAILED
 
 
 class InternalError(EngctlError):

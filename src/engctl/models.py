@@ -278,6 +278,25 @@ class ScaleSpec:
         return max(self.min, min(self.min_idle, self.max))
 
 
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How a rolling reload replaces the instances (Kubernetes' RollingUpdate): at most
+    `max_surge` processes beyond `instances`, and never fewer than `instances -
+    max_unavailable` serving. Services with a fixed port per index want 0 and 1."""
+
+    max_surge: int = 1
+    max_unavailable: int = 0
+
+
+def check_rollout(max_surge: int, max_unavailable: int, where: str = "rollout") -> None:
+    """Refuse a rollout that could never replace anything (no surge and no unavailability)."""
+    if max_surge == 0 and max_unavailable == 0:
+        raise SpecError(
+            f"{where}: max_surge and max_unavailable cannot both be 0 (no instance could be"
+            " replaced: allow a surge process, or one instance down at a time)"
+        )
+
+
 # Fields whose change needs new processes; any other change is applied in place.
 RESTART_FIELDS = frozenset({"command", "shell", "mode", "cwd", "env"})
 
@@ -309,6 +328,7 @@ class EngineSpec:
     stop: StopSpec = field(default_factory=StopSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
     # Failure-policy settings this engine overrides (`[engines.NAME.policy]`).
     policy: PolicyOverrides = field(default_factory=dict)
     # A free string shown by `list` (seed 000's EngineRegistration version).
@@ -338,6 +358,11 @@ class EngineSpec:
     def needs_restart(self, other: EngineSpec) -> bool:
         """Whether going from `other` to this spec needs new processes."""
         return bool(self.changed_fields(other) & RESTART_FIELDS)
+
+    def with_process_of(self, other: EngineSpec) -> EngineSpec:
+        """This spec, with the process of `other` (its RESTART_FIELDS): what an instance still
+        running `other` follows after an in-place change (weight, limits, …)."""
+        return replace(self, **{f: getattr(other, f) for f in RESTART_FIELDS})
 
     def with_instances(self, n: int) -> EngineSpec:
         """The same spec scaled to `n` instances."""
@@ -396,6 +421,7 @@ class EngineSpec:
             stop=_stop(r.table("stop")),
             health=_health(r.table("health"), mode),
             limits=_limits(r.table("limits")),
+            rollout=_rollout(r.table("rollout")),
             policy=_policy(r),
             version=r.string("version", ""),
             scale=_scale(r, mode),
@@ -442,6 +468,9 @@ class EngineSpec:
                 sub["check"] = "none"  # a disabled default check must survive the round trip
             if sub:
                 out[key] = sub
+        rollout = _diff(self.rollout, RolloutSpec())
+        if rollout:
+            out["rollout"] = rollout
         limits = _diff(self.limits, LimitsSpec())
         if "max_rss" in limits:
             limits["max_rss"] = format_size(limits["max_rss"])
@@ -569,6 +598,16 @@ def _on_unhealthy(r: _Reader, default: OnUnhealthy) -> OnUnhealthy:
         raise SpecError(
             f"{r.path('on_unhealthy')}: must be isolate or restart, got {text!r}"
         ) from None
+
+
+def _rollout(r: _Reader) -> RolloutSpec:
+    spec = RolloutSpec(
+        max_surge=r.integer("max_surge", 1, 0, MAX_INSTANCES),
+        max_unavailable=r.integer("max_unavailable", 0, 0, MAX_INSTANCES),
+    )
+    r.done()
+    check_rollout(spec.max_surge, spec.max_unavailable, r.where)
+    return spec
 
 
 def _policy(r: _Reader) -> PolicyOverrides:

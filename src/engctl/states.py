@@ -135,6 +135,35 @@ class RequestOutcome(StrEnum):
     LOST = "lost"  # its process died or stopped (or closed its stdout) with it in flight
 
 
+class InstanceRole(StrEnum):
+    """Which process of its slot an instance record is (`status --json` "role").
+
+    A rolling reload that surges runs two processes for one slot `NAME#K` for a moment: the
+    slot's current one, and its successor until it takes the slot (then the old one retires:
+    it drains and stops). Only the current one is ever in dispatch.
+    """
+
+    CURRENT = "current"
+    SUCCESSOR = "successor"  # started by a rollout, warming up; takes the slot once ready
+    RETIRING = "retiring"  # replaced by its successor: draining, then stopped
+
+
+class RolloutState(StrEnum):
+    """Where an engine's rollout is (`status --json` "rollout.state")."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class RolloutStrategy(StrEnum):
+    """How a rollout replaces processes: one slot after another within max_surge and
+    max_unavailable (rolling), or every one at once (recreate: the old stop-all-then-start)."""
+
+    ROLLING = "rolling"
+    RECREATE = "recreate"
+
+
 class DesiredState(StrEnum):
     """What the user asked an engine to be; survives daemon restarts."""
 
@@ -154,6 +183,7 @@ class EventKind(StrEnum):
     INSTANCE_DRAINING = "instance.draining"  # before a stop or a restart (data `cause`)
     INSTANCE_DRAIN_TIMEOUT = "instance.drain_timeout"
     INSTANCE_KILLED = "instance.killed"  # did not stop within its stop timeout
+    INSTANCE_REPLACED = "instance.replaced"  # a rollout's step: a new process took the slot
     # instances: failure policies and manual overrides (enforcer)
     INSTANCE_ELIGIBILITY = "instance.eligibility"
     INSTANCE_HEALTH = "instance.health"  # data from_health, to_health
@@ -185,6 +215,9 @@ class EventKind(StrEnum):
     LEASE_RELEASED = "lease.released"
     LEASE_EXPIRED = "lease.expired"  # not renewed within its ttl
     LEASE_ENDED = "lease.ended"  # its instance stopped, died or was removed
+    ENGINE_ROLLOUT_STARTED = "engine.rollout_started"
+    ENGINE_ROLLOUT_FINISHED = "engine.rollout_finished"
+    ENGINE_ROLLOUT_FAILED = "engine.rollout_failed"
     REGISTRY_ENTRY_SKIPPED = "registry.entry_skipped"
     # the daemon
     DAEMON_STARTED = "daemon.started"

@@ -77,13 +77,14 @@ def test_changing_weight_and_labels_updates_in_place(daemon: Home) -> None:
 
 
 def test_changing_command_restarts_with_new_pids(daemon: Home) -> None:
-    """A changed command replaces every process: new pids, the old ones gone."""
+    """A changed command replaces every process (rolled out, issue 12): new pids, the old ones
+    gone."""
     _register(daemon, "s", instances=2)
     old = _pids(daemon, "s", 2)
     result = _register(daemon, "s", instances=2, command=[*engine_cmd("sleeper.py"), "--changed"])
     assert result["action"] == "updated"
     assert result["changed"] == ["command"]
-    assert result["detail"] == "restarted"
+    assert result["detail"] == "rolled out generation 2: 2 replaced"
     new = _pids(daemon, "s", 2)
     assert set(new) == set(old)
     assert not set(new.values()) & set(old.values())

@@ -26,6 +26,7 @@ SMOKE_ARGS = {
         "--quick", "--instances", "4", "--warmup", "0", "--idle-seconds", "17",
         "--scrape-seconds", "3", "--rounds", "3", "--requests", "300",
     ],
+    "reload.py": ["--quick"],
     "selection.py": ["--quick"],
     "supervise.py": ["--quick"],
 }  # fmt: skip

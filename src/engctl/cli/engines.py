@@ -11,11 +11,22 @@ import typer
 
 from engctl.cli.app import app
 from engctl.cli.common import JsonFlag, client, emit_json, out, warn
-from engctl.errors import SpecError, UsageError
+from engctl.errors import RolloutFailedError, SpecError, UsageError
 
 FileOpt = Annotated[
     str | None,
     typer.Option("--file", "-f", help=r"Engines file (TOML, \[engines.NAME] tables); - for stdin."),
+]
+RecreateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recreate",
+        help="A changed spec replaces every instance at once (drain, stop, start), not one by one.",
+    ),
+]
+NoWaitOpt = Annotated[
+    bool,
+    typer.Option("--no-wait", help="Return once a rollout started, not when it ended."),
 ]
 
 
@@ -50,6 +61,23 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
             raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
         out_[key] = value
     return out_
+
+
+def _show_results(result: dict[str, Any], json: bool) -> None:
+    """Print the result, then fail (exit 1) if a rollout it waited for failed."""
+    if json:
+        emit_json(result)
+    else:
+        _print_results(result)
+    failed = [r for r in result["engines"] if (r.get("rollout") or {}).get("ok") is False]
+    if failed:
+        r = failed[0]
+        raise RolloutFailedError(
+            f"rollout of {r['name']} stopped: {r['rollout']['reason']} (the new spec is"
+            " registered; the old processes keep serving: apply the old spec to roll back,"
+            " or fix it and apply again)",
+            {"rollout": r["rollout"]},
+        )
 
 
 def _print_results(result: dict[str, Any]) -> None:
@@ -90,6 +118,8 @@ def register(
     no_start: Annotated[
         bool, typer.Option("--no-start", help="Register without starting.")
     ] = False,
+    recreate: RecreateOpt = False,
+    no_wait: NoWaitOpt = False,
     json: JsonFlag = False,
 ) -> None:
     """Register engines from a file (-f) or one from flags; a changed spec updates the engine."""
@@ -128,11 +158,10 @@ def register(
 
         EngineSpec.from_dict(name, table, where=name)  # flag errors before any daemon start
         engines = {name: table}
-    result = client(autostart=True).register(engines, start=not no_start)
-    if json:
-        emit_json(result)
-    else:
-        _print_results(result)
+    result = client(autostart=True).register(
+        engines, start=not no_start, recreate=recreate, wait=not no_wait
+    )
+    _show_results(result, json)
 
 
 @app.command()
@@ -209,14 +238,14 @@ def apply(
     prune: Annotated[
         bool, typer.Option("--prune", help="Unregister engines that are not in the file.")
     ] = False,
+    recreate: RecreateOpt = False,
+    no_wait: NoWaitOpt = False,
     json: JsonFlag = False,
 ) -> None:
-    """Make the registry match a file: create, update (restarting only what must), --prune."""
+    """Make the registry match a file: create, update (a change that needs new processes rolls
+    out one instance at a time, as `reload` does), --prune."""
     if file is None:
         raise UsageError("apply needs -f FILE (or -f - for stdin)")
     engines = read_engines_file(file)  # a bad file starts no daemon
-    result = client(autostart=True).apply(engines, prune=prune)
-    if json:
-        emit_json(result)
-    else:
-        _print_results(result)
+    result = client(autostart=True).apply(engines, prune=prune, recreate=recreate, wait=not no_wait)
+    _show_results(result, json)

@@ -74,8 +74,9 @@ HELP: dict[str, Any] = {'panels': [{'border_style': 'dim',
                         ('` reads back.', '', False)]),
                       ([('apply     ', 'bold cyan', False), (' ', 'bold cyan', True)],
                        [('           ', 'bold cyan', True)],
-                       [('Make the registry match a file: create, update (restarting only what '
-                         'must), ',
+                       [('Make the registry match a file: create, update (a change that needs new '
+                         'processes rolls\n'
+                         'out one instance at a time, as `reload` does), ',
                          '',
                          False),
                         ('-', 'bold cyan', True),
@@ -108,6 +109,18 @@ HELP: dict[str, Any] = {'panels': [{'border_style': 'dim',
                        [('           ', 'bold cyan', True)],
                        [("Raise an autoscaled engine's floor to INSTANCES (started now), for a "
                          'while.',
+                         '',
+                         False)]),
+                      ([('reload    ', 'bold cyan', False), (' ', 'bold cyan', True)],
+                       [('           ', 'bold cyan', True)],
+                       [("Replace the processes with new ones of the engine's spec, one slot "
+                         'after another: start\n'
+                         'a new one, wait until it is ready (and passes its health check), put it '
+                         'into dispatch,\n'
+                         'drain the old one. No request is lost. A new process that fails to '
+                         'start stops the\n'
+                         'rollout (exit 1, with the reason) and the old ones keep serving; a '
+                         'later reload goes on.',
                          '',
                          False)]),
                       ([('isolate   ', 'bold cyan', False), (' ', 'bold cyan', True)],

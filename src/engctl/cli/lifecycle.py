@@ -1,15 +1,22 @@
-"""`engctl start|stop|restart|scale|prewarm`: act on engines (NAME) or single instances
+"""`engctl start|stop|restart|scale|prewarm|reload`: act on engines (NAME) or single instances
 (NAME#K)."""
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, emit_json, out
+from engctl.cli.common import JsonFlag, client, console, emit_json, finite, out
+from engctl.errors import RolloutFailedError, UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from engctl.documents import EventDoc
 
 Targets = Annotated[list[str], typer.Argument(help="Engines (NAME) or instances (NAME#K).")]
 
@@ -116,3 +123,98 @@ def prewarm(
     until = result.get("until")
     when = "" if until is None else f" until {time.strftime('%H:%M:%S', time.localtime(until))}"
     out(f"{name}: floor raised to {instances} instances{when}")
+
+
+@app.command()
+def reload(
+    target: Annotated[str, typer.Argument(help="An engine (NAME) or one instance (NAME#K).")],
+    max_surge: Annotated[
+        int | None,
+        typer.Option(
+            "--max-surge",
+            min=0,
+            help="New processes at once beyond the instance count (default: the engine's"
+            " rollout.max_surge, 1).",
+        ),
+    ] = None,
+    max_unavailable: Annotated[
+        int | None,
+        typer.Option(
+            "--max-unavailable",
+            min=0,
+            help="Instances that may be out of service at once (default: the engine's"
+            " rollout.max_unavailable, 0).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001, help="Stop it (failed) if not done after S seconds.", callback=finite
+        ),
+    ] = None,
+    recreate: Annotated[
+        bool,
+        typer.Option("--recreate", help="Replace every instance at once (drain, stop, start)."),
+    ] = False,
+    no_wait: Annotated[
+        bool,
+        typer.Option("--no-wait", help="Return once it started (follow it in `status`, `events`)."),
+    ] = False,
+    json: JsonFlag = False,
+) -> None:
+    """Replace the processes with new ones of the engine's spec, one slot after another: start
+    a new one, wait until it is ready (and passes its health check), put it into dispatch,
+    drain the old one. No request is lost. A new process that fails to start stops the
+    rollout (exit 1, with the reason) and the old ones keep serving; a later reload goes on.
+    """
+    if max_surge == 0 and max_unavailable == 0 and not recreate:
+        raise UsageError(
+            "--max-surge 0 --max-unavailable 0: no instance could ever be replaced (allow a"
+            " surge process, or one instance down at a time)"
+        )
+    progress = None if json or no_wait or not sys.stdout.isatty() else _progress_line()
+    c = client(autostart=True)
+    try:
+        doc: Mapping[str, Any] = c.reload(
+            target,
+            max_surge=max_surge,
+            max_unavailable=max_unavailable,
+            timeout=timeout,
+            recreate=recreate,
+            wait=not no_wait,
+            progress=progress,
+        )
+    except RolloutFailedError as exc:
+        if json and exc.data:
+            emit_json(exc.data)
+        raise
+    if json:
+        emit_json(doc)
+    elif no_wait:
+        out(f"{doc['engine']}: rollout of generation {doc['generation']} started")
+    elif not doc["steps"] and doc["reason"]:
+        out(f"{doc['engine']}: nothing to replace: {doc['reason']}")
+    else:
+        out(
+            f"{doc['engine']}: generation {doc['generation']} rolled out:"
+            f" {len(doc['replaced'])} replaced in {doc['duration_s']:.1f}s"
+        )
+
+
+def _progress_line() -> Callable[[EventDoc], None]:
+    """A line on the terminal for each step of the rollout (its events)."""
+    from rich.text import Text
+
+    con = console()
+
+    def show(ev: EventDoc) -> None:
+        data = ev.get("data") or {}
+        kind = ev.get("kind")
+        if kind == "engine.rollout_started":
+            con.print(Text.assemble((str(ev["engine"]), "bold"), f": {ev['reason']}"))
+        elif kind == "instance.replaced":
+            what = ev["reason"].split(" (step")[0]
+            step = f"  [{data.get('step')}/{data.get('total')}] "
+            con.print(Text.assemble(step, (str(ev["instance"]), "green"), f" {what}"))
+
+    return show

@@ -103,6 +103,7 @@ class Api:
             "lease.renew": self.lease_renew,
             "lease.release": self.lease_release,
             "lease.list": self.lease_list,
+            "engine.reload": self.engines.reload,
             "status.get": self.status,
             "events.list": self.events_list,
             "events.follow": self.events_follow,

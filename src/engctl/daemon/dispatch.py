@@ -3,8 +3,9 @@ a process of its own (`oneshot`). Where a request goes is decided before (`selec
 router); how it ended goes back to the router (`Outcomes`).
 
 Owns every worker channel and every oneshot run: opens a channel when a worker is spawned,
-pings through it, fails what was in flight when it breaks or its process ends. Imports neither
-the router nor the failure policies.
+pings through it, fails what was in flight when it breaks or its process ends. Channels are
+filed under the instance's `key` (its id, but for a rollout's second process of a slot).
+Imports neither the router nor the failure policies.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Outcomes(Protocol):
     ) -> None:
         """One attempt ended; `blame` False: lost with its process, not failed by it."""
 
-    def blame(self, inst_id: str, why: str) -> None:
+    def blame(self, inst: Instance, why: str) -> None:
         """An error of an instance outside any request."""
 
 
@@ -135,26 +136,26 @@ class Dispatcher:
 
     def blame(self, inst: Instance, why: str) -> None:
         assert self.outcomes is not None
-        self.outcomes.blame(inst.id, why)
+        self.outcomes.blame(inst, why)
 
     def channel_broken(self, channel: WorkerChannel, why: str) -> None:
         """The protocol pipe is gone: nothing in flight can be answered, nothing new can be
         sent. If the process lives on without it, it is a failed instance: restarted."""
         channel.close()
         inst = channel.inst
-        if self.channels.get(inst.id) is not channel:
+        if self.channels.get(inst.key) is not channel:
             return  # the pipe of a process already replaced
-        if inst.id in self.pool:
-            self.pool.remove(inst.id)  # no new requests
+        if inst.key in self.pool:
+            self.pool.remove(inst.key)  # no new requests
         # A process that ends closes its pipes a moment before its exit is seen: give the
         # exit time to fail the requests in flight with its own reason (exit code, signal).
         self.loop.call_later(CHANNEL_GRACE, self._without_channel, channel, why)
 
     def _without_channel(self, channel: WorkerChannel, why: str) -> None:
         inst, proc = channel.inst, channel.proc
-        if self.channels.get(inst.id) is not channel:
+        if self.channels.get(inst.key) is not channel:
             return  # its exit was handled meanwhile
-        self.lose_pending(inst.id, f"{inst.id} {why}")
+        self.lose_pending(inst.key, f"{inst.id} {why}")
         if not proc.alive or inst.proc is not proc or inst.state in (S.STOPPING, S.STOPPED):
             return
         self.sup.fail_instance(
@@ -168,17 +169,24 @@ class Dispatcher:
     def open_channel(self, inst: Instance, proc: ChildProcess) -> Callable[[bytes], None]:
         """A worker process started: its channel, replacing the old process's; returns the
         consumer of its stdout."""
-        old = self.channels.pop(inst.id, None)
+        old = self.channels.pop(inst.key, None)
         if old is not None:
             old.close()
         channel = WorkerChannel(self, inst, proc)
-        self.channels[inst.id] = channel
+        self.channels[inst.key] = channel
         return channel.feed
 
-    def lose_pending(self, inst_id: str, why: str) -> None:
+    def refile(self, inst: Instance, previous_key: str) -> None:
+        """`inst`'s key changed (a rollout's swap): its channel follows."""
+        channel = self.channels.get(previous_key)
+        if channel is not None and channel.inst is inst:
+            del self.channels[previous_key]
+            self.channels[inst.key] = channel
+
+    def lose_pending(self, key: str, why: str) -> None:
         """The process is gone: its requests in flight fail here (and may be retried), so
-        none waits forever on an instance that will never answer."""
-        channel = self.channels.pop(inst_id, None)
+        none waits forever on an instance that will never answer. `key`: the instance's."""
+        channel = self.channels.pop(key, None)
         if channel is None:
             return
         pending = list(channel.pending.values())
@@ -191,19 +199,19 @@ class Dispatcher:
 
     def ping_sender(self, inst: Instance) -> Callable[[Callable[[], None]], None] | None:
         """How to ping the instance's worker, or None when it has no open channel."""
-        channel = self.channels.get(inst.id)
+        channel = self.channels.get(inst.key)
         if channel is None or channel.closed:
             return None
         return channel.ping
 
     def last_read(self, inst: Instance) -> float:
         """Loop time of the last bytes the instance's worker wrote (0 without a channel)."""
-        channel = self.channels.get(inst.id)
+        channel = self.channels.get(inst.key)
         return channel.last_read if channel is not None else 0.0
 
     def stuck_requests(self, inst: Instance) -> int:
         """Requests of `inst` already answered with a timeout that it has not answered."""
-        channel = self.channels.get(inst.id)
+        channel = self.channels.get(inst.key)
         if channel is None:
             return 0
         return sum(1 for r in channel.pending.values() if r.future.done)
@@ -211,7 +219,7 @@ class Dispatcher:
     def unanswered_ages(self, inst: Instance) -> list[tuple[str, float]]:
         """(request id, seconds since it was sent) of every request `inst` has not answered,
         oldest first (timed-out ones included: their slots are still held)."""
-        channel = self.channels.get(inst.id)
+        channel = self.channels.get(inst.key)
         if channel is None or not channel.pending:
             return []
         now = time.perf_counter()

@@ -32,6 +32,7 @@ from engctl.states import (
     EngineMode,
     EventKind,
     Health,
+    InstanceRole,
     InstanceState,
     OnUnhealthy,
 )
@@ -161,7 +162,8 @@ class Enforcer:
         elif not new.has_process:
             st.standing.draining_reason = ""  # a drain ends with its process
         if new is S.READY and old in (S.STARTING, S.WARMING):
-            self._arm_probe(inst, inst.spec.health.interval)
+            # A rollout waits for this process to pass its check: the first probe at once.
+            self._arm_probe(inst, 0.0 if inst.gated else inst.spec.health.interval)
         elif not new.has_process:
             handle = self._probe_timers.pop(inst, None)
             if handle is not None:
@@ -181,6 +183,12 @@ class Enforcer:
             # Nothing to pick, whatever the policies think of it: say which state and why.
             elig, weight, until = Eligibility.UNAVAILABLE, 0.0, None
             reason = f"{inst.state.value}: {inst.state_reason}"
+        elif inst.role is InstanceRole.SUCCESSOR:
+            elig, weight, until = Eligibility.UNAVAILABLE, 0.0, None
+            reason = f"successor: in dispatch once it takes the place of {inst.id}'s process"
+        elif inst.role is InstanceRole.RETIRING:
+            elig, weight, until = Eligibility.DRAINING, 0.0, None
+            reason = standing.draining_reason or "replaced by its successor: draining"
         probed = st.health.state
         if not inst.state.has_process:
             health = Health.UNKNOWN
@@ -189,6 +197,7 @@ class Enforcer:
         else:
             health = probed
         old = inst.eligibility
+        health_was = inst.health
         inst.health = health
         inst.eligibility = elig
         inst.eligibility_reason = reason
@@ -206,6 +215,8 @@ class Enforcer:
             )
         if self.listener is not None:
             self.listener.standing_changed(inst)
+        if elig is not old or health is not health_was:
+            self.sup.changed()  # a rollout waits for readiness and counts who serves
 
     def _serving(self, inst: Instance) -> tuple[list[Instance], str]:
         """The guard rail's group of `inst` and its name: the instances that serve its type,
@@ -340,7 +351,7 @@ class Enforcer:
         """RSS and CPU of running instances: the memory and CPU policies."""
         now = self.clock()
         for inst in self.sup.all_instances():
-            sample = samples.get(inst.id)
+            sample = samples.get(inst.key)
             if sample is None or sample.pid != inst.pid or not inst.state.is_running:
                 continue
             if inst.restarting or inst.draining:
@@ -576,6 +587,18 @@ class Enforcer:
             self.refresh(inst, announce=False)
         finally:
             self._returning.discard(inst)
+
+    def replaced(self, old: Instance, new: Instance) -> None:
+        """A rollout's new process took the slot of `old`: a manual override of the slot
+        (isolate, drain by hand) stays with the slot, as it does across restarts."""
+        was = self._states.get(old)
+        if was is not None and was.standing.manual is not None:
+            standing = self._state(new).standing
+            standing.manual = was.standing.manual
+            standing.manual_reason = was.standing.manual_reason
+            standing.manual_since = was.standing.manual_since
+        self.refresh(new, announce=False)
+        self.refresh(old, announce=False)
 
     def draining(self, inst: Instance, reason: str) -> None:
         """The supervisor drains `inst` before a stop or restart: no dispatch, with `reason`

@@ -1,6 +1,6 @@
 """The `engine.*` and `instance.*` calls: register, apply and unregister engines, list and
-export them, start, stop, restart and scale them, and the manual overrides (isolate, drain,
-restore) of their instances.
+export them, start, stop, restart, scale and reload them, and the manual overrides (isolate,
+drain, restore) of their instances.
 
 Parameters are checked here (`params`); the work is `fleet`'s (engines as a whole) and the
 enforcer's (overrides). Each mutating call persists the registry before it answers. Imports no
@@ -11,30 +11,56 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from engctl import protocol
 from engctl.errors import (
     EngineNotFoundError,
     InvalidParamsError,
+    RolloutFailedError,
+    RolloutInProgressError,
     SpecError,
     StorageError,
     UsageError,
 )
-from engctl.models import EngineSpec, check_dependencies, parse_instance_ref
-from engctl.states import DesiredState, Eligibility, EventKind, InstanceState
+from engctl.models import EngineSpec, check_dependencies, check_rollout, parse_instance_ref
+from engctl.states import (
+    DesiredState,
+    Eligibility,
+    EngineMode,
+    EventKind,
+    InstanceState,
+    RolloutState,
+    RolloutStrategy,
+)
 
 from .enforcer import Enforcer
-from .events import EventLog
+from .events import Event, EventLog
 from .fleet import Fleet
 from .instance import Engine, Instance
 from .membership import Membership
 from .params import param, str_list
 from .registry import Entry, Registry
+from .rollout import Rollout
 from .scaler import Scaler
 from .selection import parse_label
 from .server import Connection
 from .supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from engctl.documents import RolloutDoc
+
+# The events a waiting `reload` streams to its caller (its progress).
+ROLLOUT_EVENTS = frozenset(
+    {
+        EventKind.ENGINE_ROLLOUT_STARTED,
+        EventKind.INSTANCE_REPLACED,
+        EventKind.ENGINE_ROLLOUT_FINISHED,
+        EventKind.ENGINE_ROLLOUT_FAILED,
+    }
+)
 
 
 def _up(engine: Engine) -> bool:
@@ -73,7 +99,12 @@ class EngineCalls:
         return specs
 
     async def _register_all(
-        self, specs: list[EngineSpec], start: bool, prune: bool
+        self,
+        specs: list[EngineSpec],
+        start: bool,
+        prune: bool,
+        recreate: bool = False,
+        wait: bool = True,
     ) -> dict[str, Any]:
         incoming = {s.name: s for s in specs}
         after = {n: e.spec for n, e in self.sup.engines.items()}
@@ -96,6 +127,7 @@ class EngineCalls:
                 entry = current.to_entry(self.enforcer.overrides(current))
                 staged[name] = dataclasses.replace(entry, spec=spec)
         to_start: list[Engine] = []
+        rollouts: list[tuple[dict[str, Any], Rollout]] = []
         async with self.registry.staged(staged):
             for name in removals:
                 await self._unregister_one(name)
@@ -115,30 +147,65 @@ class EngineCalls:
                     results.append({"name": name, "action": "unchanged", "detail": "same spec"})
                 else:
                     changed = sorted(spec.changed_fields(engine.spec))
-                    async with engine.lock:
-                        detail = await self.fleet.update_engine(engine, spec)
+                    detail, rollout = await self._update(engine, spec, recreate)
                     self.events.emit(
                         EventKind.ENGINE_UPDATED,
                         f"changed {', '.join(changed)}: {detail}",
                         engine=name,
                     )
-                    results.append(
-                        {"name": name, "action": "updated", "detail": detail, "changed": changed}
-                    )
+                    result: dict[str, Any] = {
+                        "name": name,
+                        "action": "updated",
+                        "detail": detail,
+                        "changed": changed,
+                    }
+                    results.append(result)
+                    if rollout is not None:
+                        result["rollout"] = rollout.to_json()
+                        rollouts.append((result, rollout))
             self._engines_changed()
         for engine in to_start:
             # Dependencies first: `order` is topological.
             await self.fleet.start_engine(engine, "registered")
+        for result, rollout in rollouts:
+            if wait:
+                await asyncio.shield(rollout.finished)
+                result["detail"] = _outcome(rollout)
+            result["rollout"] = rollout.to_json()
         return {"engines": results, "removed": removed}
+
+    async def _update(
+        self, engine: Engine, spec: EngineSpec, recreate: bool
+    ) -> tuple[str, Rollout | None]:
+        """Apply a changed spec. A rollout under way goes on if only settings change (they
+        apply at once); a change that needs new processes or another count supersedes it."""
+        old = engine.spec
+        settings_only = not spec.needs_restart(old) and spec.instances == old.instances
+        if settings_only and engine.rolling_out:
+            # No await on this path: the rollout holding the lock sees one spec or the other.
+            return await self.fleet.update_engine(engine, spec)
+        await self.fleet.stop_rollout(engine, "superseded by a newer spec")
+        async with engine.lock:
+            return await self.fleet.update_engine(engine, spec, recreate=recreate)
 
     async def register(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         specs = self._parse_specs(params)
-        return await self._register_all(specs, param(params, "start", bool, True), prune=False)
+        return await self._register_all(
+            specs,
+            param(params, "start", bool, True),
+            prune=False,
+            recreate=param(params, "recreate", bool, False),
+            wait=param(params, "wait", bool, True),
+        )
 
     async def apply(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         specs = self._parse_specs(params)
         return await self._register_all(
-            specs, param(params, "start", bool, True), prune=param(params, "prune", bool, False)
+            specs,
+            param(params, "start", bool, True),
+            prune=param(params, "prune", bool, False),
+            recreate=param(params, "recreate", bool, False),
+            wait=param(params, "wait", bool, True),
         )
 
     def _removal_order(self, names: set[str]) -> list[str]:
@@ -157,6 +224,7 @@ class EngineCalls:
 
     async def _unregister_one(self, name: str) -> None:
         engine = self.engine(name)
+        await self.fleet.stop_rollout(engine, "the engine was unregistered")
         async with engine.lock:
             await self.fleet.remove_engine(engine)
         self.events.emit(EventKind.ENGINE_UNREGISTERED, "unregistered", engine=name)
@@ -386,6 +454,101 @@ class EngineCalls:
             raise InvalidParamsError(f"parameter 'for' must be above 0 seconds, got {seconds}")
         return self.scaler.prewarm(engine, n, None if seconds is None else float(seconds))
 
+    async def reload(self, params: dict[str, Any], conn: Connection) -> RolloutDoc:
+        """`engctl reload NAME|NAME#K`: replace the processes with new ones of the wanted
+        spec, one slot after another (or all at once with `recreate`)."""
+        name, index = parse_instance_ref(param(params, "target", str))
+        engine = self.engine(name)
+        target = engine.instances if index is None else [self.sup.instance(engine, index)]
+        surge = param(params, "max_surge", int, None)
+        down = param(params, "max_unavailable", int, None)
+        timeout = param(params, "timeout", (int, float), None)
+        recreate = param(params, "recreate", bool, False)
+        for key, value in (("max_surge", surge), ("max_unavailable", down)):
+            if value is not None and value < 0:
+                raise InvalidParamsError(f"{key} must be 0 or more, got {value}")
+        if timeout is not None and not timeout > 0:
+            raise InvalidParamsError(f"timeout must be positive, got {timeout}")
+        limits = engine.spec.rollout
+        if not recreate:
+            check_rollout(
+                limits.max_surge if surge is None else surge,
+                limits.max_unavailable if down is None else down,
+                "--max-surge and --max-unavailable",
+            )
+        if engine.spec.mode is EngineMode.ONESHOT:
+            return _nothing(
+                engine,
+                f"{name} is a oneshot engine: each request runs a new process of its current"
+                " spec, so there is no process to replace",
+            )
+        rollout = engine.rollout
+        if engine.rolling_out and rollout is not None:
+            now = rollout.to_json()
+            raise RolloutInProgressError(
+                f"a rollout of {name} is under way (generation {now['generation']}:"
+                f" {len(now['replaced'])} of {now['total']} replaced): wait for it (`engctl"
+                f" status {name}`), or apply a new spec to supersede it",
+                {"rollout": dict(now)},
+            )
+        if engine.desired is DesiredState.STOPPED:
+            return _nothing(
+                engine,
+                f"{name} is stopped: nothing to replace (it runs generation"
+                f" {engine.generation} when started)",
+            )
+        running = [i for i in target if i.state.has_process or i.state is InstanceState.BACKOFF]
+        if not running:
+            return _nothing(engine, f"{', '.join(i.id for i in target)}: no process to replace")
+        cause = "reload" if index is None else f"reload of {target[0].id}"
+        if index is None and all(i.generation >= engine.generation for i in running):
+            await self._bump_generation(engine)
+        elif index is None:
+            cause = f"reload: goes on with generation {engine.generation}"
+        rollout = self.fleet.start_rollout(
+            engine,
+            cause=cause,
+            strategy=RolloutStrategy.RECREATE if recreate else RolloutStrategy.ROLLING,
+            max_surge=surge,
+            max_unavailable=down,
+            timeout=timeout,
+            only=None if index is None else {index},
+        )
+        if param(params, "progress", bool, False):
+            self._stream_progress(conn, rollout)
+        if not param(params, "wait", bool, True):
+            return rollout.to_json()
+        await asyncio.shield(rollout.finished)
+        doc = rollout.to_json()
+        if not rollout.ok:
+            raise RolloutFailedError(f"rollout of {name} stopped: {rollout.failure}", dict(doc))
+        return doc
+
+    async def _bump_generation(self, engine: Engine) -> None:
+        """A new wanted generation of the same spec (durable before anything is replaced)."""
+        engine.set_spec(engine.spec, generation=engine.generation + 1)
+        try:
+            await self._persist()
+        except StorageError:
+            engine.set_spec(engine.spec, generation=engine.generation - 1)
+            raise
+
+    def _stream_progress(self, conn: Connection, rollout: Rollout) -> None:
+        """Send `conn` the rollout's events as notifications until it ends (`reload`'s
+        progress lines)."""
+        name = rollout.engine.spec.name
+
+        def push(ev: Event) -> None:
+            if ev.engine == name and ev.kind in ROLLOUT_EVENTS:
+                conn.write(protocol.notification("event", ev.to_json()))
+
+        def unsubscribe(*_: object) -> None:
+            self.events.subscribers.discard(push)
+
+        self.events.subscribers.add(push)
+        rollout.finished.add_done_callback(unsubscribe)
+        conn.on_close.append(unsubscribe)
+
     def _override_targets(self, params: dict[str, Any]) -> list[Instance]:
         insts: list[Instance] = []
         for engine, chosen in self._targets(params):
@@ -415,3 +578,32 @@ class EngineCalls:
 
     async def restore(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         return await self._override(params, None)
+
+
+def _outcome(rollout: Rollout) -> str:
+    """An ended rollout in a few words (`register`/`apply`'s detail)."""
+    if rollout.ok:
+        n = len(rollout.replaced)
+        verb = "recreated" if rollout.strategy is RolloutStrategy.RECREATE else "rolled out"
+        return f"{verb} generation {rollout.generation}: {n} replaced"
+    return f"rollout of generation {rollout.generation} failed: {rollout.failure}"
+
+
+def _nothing(engine: Engine, why: str) -> RolloutDoc:
+    """The rollout object of a `reload` with nothing to replace (`reason` says why)."""
+    return {
+        "engine": engine.spec.name,
+        "generation": engine.generation,
+        "strategy": RolloutStrategy.ROLLING.value,
+        "cause": "reload",
+        "state": RolloutState.FINISHED.value,
+        "ok": True,
+        "reason": why,
+        "steps": 0,
+        "replaced": [],
+        "total": 0,
+        "max_surge": engine.spec.rollout.max_surge,
+        "max_unavailable": engine.spec.rollout.max_unavailable,
+        "started_at": time.time(),
+        "duration_s": 0.0,
+    }

@@ -1,8 +1,10 @@
 """Engine-level operations over the supervisor: add an engine's instance slots, start it after
 its dependencies, stop engines dependents first, drain several instances at once, restart,
-scale, update in place or by a rolling replacement, remove, and shut everything down.
+scale, update in place or by a rollout (`rollout`, run holding the engine's lock), remove, and
+shut everything down.
 
-The lifecycle of one instance is `supervisor`'s; this module composes it. Imports no policy.
+The lifecycle of one instance is `supervisor`'s; this module composes it. Imports no failure
+policy.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from engctl.errors import RequestTimeoutError
-from engctl.models import EngineSpec, check_dependencies
-from engctl.states import DesiredState, EngineMode, EventKind, InstanceState
+from engctl.models import RESTART_FIELDS, EngineSpec, check_dependencies
+from engctl.states import DesiredState, EngineMode, EventKind, InstanceState, RolloutStrategy
 
 from .instance import Engine, Instance
 from .logs import InstanceLog
+from .rollout import Rollout
 from .supervisor import Supervisor
 
 log = logging.getLogger("engctl.supervisor")
@@ -32,6 +36,7 @@ class Fleet:
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
+        self._rollouts: set[asyncio.Task[None]] = set()
 
     def add_engine(
         self,
@@ -39,9 +44,10 @@ class Fleet:
         desired: DesiredState,
         stopped_instances: set[int],
         registered_at: float | None = None,
+        generation: int = 1,
     ) -> Engine:
         """Create the runtime side of a registered engine (instances stay stopped)."""
-        engine = Engine(spec, desired, registered_at)
+        engine = Engine(spec, desired, registered_at, generation)
         self.sup.engines[spec.name] = engine
         self.sup.index.add(spec)
         engine.stopped_instances = set(stopped_instances)
@@ -157,38 +163,86 @@ class Fleet:
             for inst in running:
                 inst.restarting = False
 
-    async def update_engine(self, engine: Engine, spec: EngineSpec) -> str:
-        """Apply a changed spec, restarting only what must change; returns what was done."""
+    async def update_engine(
+        self, engine: Engine, spec: EngineSpec, *, recreate: bool = False
+    ) -> tuple[str, Rollout | None]:
+        """Apply a changed spec, replacing only what must change: in place, by scaling, or a
+        new generation rolled out (`recreate`: every instance at once). Returns what was done
+        and the rollout started, which runs once the caller (holding the lock) lets go."""
         old = engine.spec
-        if spec.needs_restart(old):
-            running = [i for i in engine.instances if i.state is not S.STOPPED]
-            for inst in running:
-                inst.restarting = True
-            try:
-                await self.drain_instances(running, "spec changed", restart=True)
-                for inst in engine.instances:
-                    inst.log.close()
-                self.sup.index.replace(engine.spec, spec)
-                engine.spec = spec
-                removed = self._resize(engine)
-                for inst in removed:
-                    inst.removed = True
-                if engine.desired is DesiredState.RUNNING:
-                    await self.start_engine(engine, "spec changed")
-            finally:
-                for inst in running:
-                    inst.restarting = False
-            return "restarted"
         self.sup.index.replace(old, spec)
-        engine.spec = spec
+        if not spec.needs_restart(old):
+            engine.set_spec(spec)
+            if spec.scale is None and len(engine.instances) != spec.instances:
+                return await self.scale_engine(engine, spec.instances), None
+            return "updated in place", None
+        if spec.mode.long_running != old.mode.long_running:
+            # To or from oneshot: there is no process of the other kind to roll over to.
+            await self._recreate_now(engine, spec)
+            return "restarted", None
+        engine.set_spec(spec, generation=engine.generation + 1)
         if spec.scale is None and len(engine.instances) != spec.instances:
-            return await self.scale_engine(engine, spec.instances)
-        return "updated in place"
+            await self.scale_engine(engine, spec.instances)
+        if not any(i.state.has_process or i.state is S.BACKOFF for i in engine.instances):
+            for inst in engine.instances:
+                inst.adopt_wanted()
+            return f"generation {engine.generation}: no process to replace", None
+        changed = ", ".join(sorted(spec.changed_fields(old) & RESTART_FIELDS))
+        rollout = self.start_rollout(
+            engine,
+            cause=f"spec changed: {changed}",
+            strategy=RolloutStrategy.RECREATE if recreate else RolloutStrategy.ROLLING,
+        )
+        verb = "recreating" if recreate else "rolling out"
+        return f"{verb} generation {engine.generation}", rollout
+
+    async def _recreate_now(self, engine: Engine, spec: EngineSpec) -> None:
+        """Every instance drains and stops, the engine takes `spec`, then starts again."""
+        running = [i for i in engine.records() if i.state is not S.STOPPED]
+        for inst in running:
+            inst.restarting = True
+        try:
+            await self.drain_instances(running, "spec changed", restart=True)
+            for inst in engine.records():
+                inst.log.close()
+            engine.set_spec(spec, generation=engine.generation + 1)
+            for inst in engine.instances:
+                inst.adopt_wanted()
+            removed = self._resize(engine)
+            for inst in removed:
+                inst.removed = True
+            if engine.desired is DesiredState.RUNNING:
+                await self.start_engine(engine, "spec changed")
+        finally:
+            for inst in running:
+                inst.restarting = False
+
+    # -- rollouts --------------------------------------------------------------------------
+    def start_rollout(self, engine: Engine, **options: Any) -> Rollout:
+        """Start a rollout of `engine` (`Rollout`'s options); it runs holding the engine's
+        lock, so after whatever holds it now."""
+        rollout = Rollout(self.sup, engine, **options)
+        engine.rollout = rollout
+        task = self.sup.loop.create_task(self._run_rollout(engine, rollout))
+        self._rollouts.add(task)
+        task.add_done_callback(self._rollouts.discard)
+        return rollout
+
+    async def _run_rollout(self, engine: Engine, rollout: Rollout) -> None:
+        async with engine.lock:
+            await rollout.run()
+
+    async def stop_rollout(self, engine: Engine, reason: str) -> None:
+        """Stop the engine's rollout under way, if any, and wait until it has ended."""
+        rollout = engine.rollout
+        if isinstance(rollout, Rollout) and rollout.running:
+            rollout.stop(reason)
+            await asyncio.shield(rollout.finished)
 
     async def scale_engine(self, engine: Engine, n: int) -> str:
         """Grow or shrink to `n` instances (the highest indices drain, then stop)."""
         before = len(engine.instances)
-        engine.spec = engine.spec.with_instances(n)
+        engine.set_spec(engine.spec.with_instances(n))
         leaving = engine.instances[n:]
         for inst in leaving:
             inst.removed = True  # never restarted, whatever happens while it drains
@@ -232,10 +286,10 @@ class Fleet:
     async def remove_engine(self, engine: Engine) -> None:
         """Drain and stop every instance and forget the engine."""
         engine.desired = DesiredState.STOPPED
-        for inst in engine.instances:
+        for inst in engine.records():
             inst.removed = True
-        await self.drain_instances(engine.instances, "unregistered")
-        for inst in engine.instances:
+        await self.drain_instances(engine.records(), "unregistered")
+        for inst in engine.records():
             inst.log.close()
         if engine.oneshot_log is not None:
             engine.oneshot_log.close()
@@ -271,16 +325,20 @@ class Fleet:
             ]
             if before:
                 await asyncio.wait(before)
-            return await self.stop_instances(engine.instances, reason, wait)
+            return await self.stop_instances(engine.records(), reason, wait)
 
         for engine in engines:
             tasks[engine.spec.name] = self.sup.loop.create_task(stop_one(engine))
         results = await asyncio.gather(*tasks.values())
-        return [i for r in results for i in r]
+        return list(dict.fromkeys(i for r in results for i in r))  # a slot's two processes: once
 
     async def shutdown(self, timeout: float) -> None:
         """Stop everything with each engine's stop policy, dependents first (daemon exit)."""
         self.sup.closing = True
+        for engine in self.sup.engines.values():
+            rollout = engine.rollout
+            if isinstance(rollout, Rollout) and rollout.running:
+                rollout.stop("the daemon is shutting down")
         try:
             await asyncio.wait_for(
                 self.stop_engines(list(self.sup.engines.values()), "daemon shutting down", True),
@@ -292,8 +350,10 @@ class Fleet:
             # A bug must not leave engines running after the daemon: kill them all.
             log.exception("graceful stop failed; killing every engine")
             self.sup.kill_all()
+        if self._rollouts:
+            await asyncio.wait(set(self._rollouts), timeout=timeout)
         await self.sup.wait_sweeps(timeout)
-        for inst in self.sup.all_instances():
+        for inst in self.sup.all_records():
             inst.log.close()
         for engine in self.sup.engines.values():
             if engine.oneshot_log is not None:

@@ -1,6 +1,7 @@
-"""The runtime records of what the daemon supervises: an `Engine` (its spec, wish and
-instances), an `Instance` (one process slot, `name#k`, surviving restarts of its process) and
-the `EngineIndex` by type and label.
+"""The runtime records of what the daemon supervises: an `Engine` (its spec, wish, generation,
+instances and rollout), an `Instance` (one process slot, `name#k`, surviving restarts of its
+process; during a rollout also a slot's successor or retiring process) and the `EngineIndex` by
+type and label.
 
 Records, not behaviour: the supervisor changes an instance's state, the failure policies
 publish its health and eligibility here (their own state is the enforcer's), the router counts
@@ -10,14 +11,22 @@ its requests. Imports no other daemon module than the ones whose values it holds
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from engctl.models import EngineSpec, instance_id
 from engctl.policy_config import PolicySpec, effective_policy
-from engctl.states import DesiredState, Eligibility, EngineMode, Health, InstanceState
+from engctl.states import (
+    DesiredState,
+    Eligibility,
+    EngineMode,
+    Health,
+    InstanceRole,
+    InstanceState,
+)
 
 from .backoff import CrashTracker
 from .logs import InstanceLog
@@ -32,6 +41,7 @@ if TYPE_CHECKING:
         InstanceStatus,
         LastExit,
         LeaseDoc,
+        RolloutDoc,
         ScaleDecision,
         ScaleStatus,
     )
@@ -39,6 +49,17 @@ if TYPE_CHECKING:
 S = InstanceState
 _K = TypeVar("_K")
 Clock = Callable[[], float]
+# Tells the records of one slot apart (a successor or a retiring process shares its id).
+_SERIALS = itertools.count(1)
+
+
+class RolloutRecord(Protocol):
+    """What an engine shows of its rollout (`rollout.Rollout`): under way or how it ended."""
+
+    @property
+    def running(self) -> bool: ...
+
+    def to_json(self) -> RolloutDoc: ...
 
 
 @dataclass(eq=False)
@@ -68,14 +89,32 @@ class Lease:
 
 
 class Instance:
-    """One process slot of an engine, `name#index`; survives restarts of its process."""
+    """One process slot of an engine, `name#index`; survives restarts of its process.
+
+    During a rollout a slot may have a second record for a moment: its successor (a new
+    process warming up, not in dispatch) and, once that took the slot, the retiring one
+    (draining, then stopped). Both share the slot's `id`; `key` tells them apart wherever
+    the daemon files a process (channels, drains, the monitor)."""
 
     def __init__(
-        self, engine: Engine, index: int, log_file: InstanceLog, clock: Clock = time.monotonic
+        self,
+        engine: Engine,
+        index: int,
+        log_file: InstanceLog,
+        clock: Clock = time.monotonic,
+        role: InstanceRole = InstanceRole.CURRENT,
     ) -> None:
         self.engine = engine
         self.index = index
         self.id = instance_id(engine.spec.name, index)
+        self.role = role
+        self.serial = next(_SERIALS)
+        # The spec of its generation: what its process runs (its command, env, …) with the
+        # engine's current in-place settings; a restart keeps it, a rollout replaces it.
+        self.spec = engine.spec
+        self.generation = engine.generation
+        # A rollout waits for this process to be ready: its health check runs at once.
+        self.gated = False
         # -- lifecycle (the supervisor's) --
         self.state = S.STOPPED
         self.state_reason = "registered"
@@ -120,8 +159,20 @@ class Instance:
         self.lease: Lease | None = None
 
     @property
-    def spec(self) -> EngineSpec:
-        return self.engine.spec
+    def key(self) -> str:
+        """Its id while it holds the slot; a successor's or a retiring process's own key."""
+        return self.id if self.role is InstanceRole.CURRENT else f"{self.id}/{self.serial}"
+
+    def follow(self, spec: EngineSpec) -> None:
+        """The engine's spec changed: take its settings; one of an older generation keeps
+        the process it runs (command, env, cwd, shell, mode) until a rollout replaces it."""
+        current = self.generation == self.engine.generation
+        self.spec = spec if current else spec.with_process_of(self.spec)
+
+    def adopt_wanted(self) -> None:
+        """Run the engine's wanted spec and generation from its next start on."""
+        self.spec = self.engine.spec
+        self.generation = self.engine.generation
 
     @property
     def pid(self) -> int | None:
@@ -162,6 +213,8 @@ class Instance:
         sampled = running and self.sample.pid == self.pid
         return {
             "id": self.id,
+            "role": self.role.value,
+            "generation": self.generation,
             "pid": self.pid,
             "state": self.shown_state.value,
             "state_reason": self.state_reason,
@@ -192,10 +245,17 @@ class Engine:
     """A registered engine's runtime side: its current spec and instances."""
 
     def __init__(
-        self, spec: EngineSpec, desired: DesiredState, registered_at: float | None = None
+        self,
+        spec: EngineSpec,
+        desired: DesiredState,
+        registered_at: float | None = None,
+        generation: int = 1,
     ) -> None:
         self.spec = spec
         self.desired = desired
+        # The wanted generation: bumped by every change that needs new processes and by each
+        # `reload`; an instance runs the spec of its own (`Instance.generation`).
+        self.generation = generation
         # First registration (kept across updates and daemon restarts); unknown in a registry
         # written before it was recorded: then the first daemon to load it records its time.
         self.registered_at = time.time() if registered_at is None else registered_at
@@ -203,6 +263,10 @@ class Engine:
         # only if they were named; persisted with the registry.
         self.stopped_instances: set[int] = set()
         self.instances: list[Instance] = []
+        # A rollout's extra processes: successors warming up, retiring ones draining.
+        self.surge: list[Instance] = []
+        # The last rollout (under way, finished or failed); None before the first.
+        self.rollout: RolloutRecord | None = None
         self.lock = asyncio.Lock()
         self.stats = RequestStats()  # requests of a oneshot engine (it has no instances)
         self.oneshot_log: InstanceLog | None = None  # stderr of a oneshot engine's runs
@@ -219,6 +283,24 @@ class Engine:
             return 0
         return len(self.instances) if self.spec.scale is not None else self.spec.instances
 
+    @property
+    def rolling_out(self) -> bool:
+        """Whether a rollout is under way (the autoscaler and the other callers check)."""
+        return self.rollout is not None and self.rollout.running
+
+    def records(self) -> list[Instance]:
+        """Every instance record: the slots' current ones, then a rollout's extra ones."""
+        return [*self.instances, *self.surge] if self.surge else self.instances
+
+    def set_spec(self, spec: EngineSpec, generation: int | None = None) -> None:
+        """Make `spec` the wanted spec (and `generation` the wanted generation): every
+        record takes its settings (`Instance.follow`)."""
+        self.spec = spec
+        if generation is not None:
+            self.generation = generation
+        for inst in self.records():
+            inst.follow(spec)
+
     def policy(self, daemon_policy: Any) -> PolicySpec:
         """The effective failure policy (defaults < daemon config < this engine)."""
         cached = self._policy
@@ -230,7 +312,9 @@ class Engine:
     def to_entry(self, overrides: Mapping[int, dict[str, Any]]) -> Entry:
         """The registry entry, with the manual overrides of its instances (by index)."""
         stopped = set(self.stopped_instances)
-        return Entry(self.spec, self.desired, stopped, dict(overrides), self.registered_at)
+        return Entry(
+            self.spec, self.desired, stopped, dict(overrides), self.registered_at, self.generation
+        )
 
     def to_json(self) -> EngineStatus:
         """The documented per-engine object of `status --json`."""
@@ -241,6 +325,9 @@ class Engine:
             "desired": self.desired.value,
             "instances_wanted": self.wanted,
             "instances": [i.to_json() for i in self.instances],
+            "generation": self.generation,
+            "surge": [i.to_json() for i in self.surge],
+            "rollout": None if self.rollout is None else self.rollout.to_json(),
         }
         if self.spec.mode is EngineMode.ONESHOT:
             out["requests"] = self.stats.to_json()

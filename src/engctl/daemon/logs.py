@@ -48,7 +48,9 @@ class InstanceLog:
         self.backups = backups
         self.health = health if health is not None else WriteHealth()
         self.followers: set[Follower] = set()
-        self._partial: dict[str, bytes] = {}
+        # Unfinished lines by (writer, stream): during a rollout two processes of one slot
+        # write to its log at once.
+        self._partial: dict[tuple[int, str], bytes] = {}
         self._file: IO[bytes] | None = None
         self._size = 0
 
@@ -62,9 +64,10 @@ class InstanceLog:
             self._size = self._file.seek(0, os.SEEK_END)
         return self._file
 
-    def feed(self, stream: str, data: bytes) -> None:
-        """Append raw output of `stream` (stdout/stderr); complete lines are written."""
-        buf = self._partial.pop(stream, b"") + data
+    def feed(self, stream: str, data: bytes, writer: int = 0) -> None:
+        """Append raw output of `stream` (stdout/stderr) of `writer` (a pid); complete lines
+        are written."""
+        buf = self._partial.pop((writer, stream), b"") + data
         *lines, rest = buf.split(b"\n")
         if any(len(line) > MAX_LINE_BYTES for line in lines):
             # Cap every line the same way, however the output was chunked by the pipe.
@@ -77,13 +80,13 @@ class InstanceLog:
             lines.append(rest[:MAX_LINE_BYTES])
             rest = rest[MAX_LINE_BYTES:]
         if rest:
-            self._partial[stream] = rest
+            self._partial[writer, stream] = rest
         if lines:
             self._write_lines(stream, lines)
 
-    def close_stream(self, stream: str) -> None:
+    def close_stream(self, stream: str, writer: int = 0) -> None:
         """The stream reached EOF: write what is left of a last unterminated line."""
-        rest = self._partial.pop(stream, b"")
+        rest = self._partial.pop((writer, stream), b"")
         if rest:
             self._write_lines(stream, [rest])
 

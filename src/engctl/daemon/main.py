@@ -263,7 +263,9 @@ class Daemon:
         # start-up lists them, and a registration then cannot save a registry without them.
         for entry in entries:
             spec, desired = entry.spec, entry.desired
-            fleet.add_engine(spec, desired, entry.stopped_instances, entry.registered_at)
+            fleet.add_engine(
+                spec, desired, entry.stopped_instances, entry.registered_at, entry.generation
+            )
         outbox = Outbox(loop)
         pool = self.pool = CandidatePool(
             default_strategy=config.default_strategy,
@@ -440,7 +442,7 @@ class Daemon:
         if self.events is not None:
             self.events.retention = cfg.events_retention
         self.monitor.interval = cfg.sample_interval
-        for inst in self.sup.all_instances():
+        for inst in self.sup.all_records():
             inst.log.max_bytes = cfg.log_max_bytes
             inst.log.backups = cfg.log_backups
         if self.writer is not None:
@@ -473,8 +475,8 @@ class Daemon:
                     self.sup.events.emit(EventKind.ENGINE_START_FAILED, f"{exc}", engine=name)
 
     def _apply_samples(self, samples: dict[str, Sample], host: HostSample | None) -> None:
-        for inst in self.sup.all_instances():
-            s = samples.get(inst.id)
+        for inst in self.sup.all_records():
+            s = samples.get(inst.key)
             if s is not None and s.pid == inst.pid:
                 inst.sample = s
         if self.enforcer is not None:

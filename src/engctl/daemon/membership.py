@@ -3,8 +3,10 @@
 oneshot engine is a candidate of its own; eligibility and weight follow the failure policies.
 
 It hands a spawned worker's stdout to the dispatcher (its channel), fails what a dead process
-had in flight, and lets waiting requests try again when what they wait for changes. Decides
-nothing about requests itself.
+had in flight, and lets waiting requests try again when what they wait for changes. During a
+rollout it makes the swap: the old process of a slot leaves the pool as its successor enters
+it under the slot's id, so the pool never holds two candidates of one id. Decides nothing
+about requests itself.
 
 Must not import the enforcer (it is wired in as `PolicyHooks`).
 """
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from engctl.models import EngineSpec, instance_id
-from engctl.states import DesiredState, Eligibility, EngineMode, InstanceState
+from engctl.states import DesiredState, Eligibility, EngineMode, InstanceRole, InstanceState
 
 from .dispatch import Dispatcher
 from .instance import Instance
@@ -35,6 +37,8 @@ class PolicyHooks(Protocol):
     def state_changed(self, inst: Instance, old: InstanceState, new: InstanceState) -> None: ...
 
     def draining(self, inst: Instance, reason: str) -> None: ...
+
+    def replaced(self, old: Instance, new: Instance) -> None: ...
 
 
 class LeaseHooks(Protocol):
@@ -75,18 +79,20 @@ class Membership:
         if new is S.STARTING:
             inst.stats.new_process()
         if new is S.READY and inst.spec.mode is EngineMode.WORKER:
-            self._admit(inst)
+            if inst.role is InstanceRole.CURRENT:  # a successor enters at the swap
+                self._admit(inst)
         else:
-            if old is S.READY and inst.id in self.pool:
-                self.pool.remove(inst.id)  # no new requests; those in flight may still finish
+            if old is S.READY and inst.key in self.pool:
+                self.pool.remove(inst.key)  # no new requests; those in flight may still finish
             if not new.has_process:
-                self.dispatcher.lose_pending(inst.id, f"{inst.id} {new.value}: {inst.state_reason}")
+                why = f"{inst.id} {new.value}: {inst.state_reason}"
+                self.dispatcher.lose_pending(inst.key, why)
                 if new in (S.FATAL, S.EXITED, S.STOPPED):
                     # Requests waiting for it may have nothing left to wait for: they fail
                     # now, saying why, rather than at their deadline.
                     self.router.retry_waiting(len(self.router.queue))
-        if new is not S.READY and self.router.draining(inst.id):
-            self.router.drained(inst.id)  # it stopped taking requests another way
+        if new is not S.READY and self.router.draining(inst):
+            self.router.drained(inst)  # it stopped taking requests another way
         if inst.lease is not None and old is S.READY and self.leases is not None:
             self.leases.instance_gone(inst, f"{inst.id} {new.value}: {inst.state_reason}")
 
@@ -95,16 +101,32 @@ class Membership:
         future is done when none it runs is still awaited. Waiting requests pick again."""
         if self.policies is not None:
             self.policies.draining(inst, reason)
-        elif inst.id in self.pool:
-            self.pool.get(inst.id).eligible = False
+        elif inst.key in self.pool:
+            self.pool.get(inst.key).eligible = False
         return self.router.drain(inst)
+
+    def replaced(self, old: Instance, new: Instance, keys: tuple[str, str]) -> None:
+        """A rollout's swap: `new` takes the slot of `old` (now retiring, drained next). In
+        one step the old candidate leaves the pool and the new one enters it under the slot's
+        id; requests in flight on the old process finish on it (their attempt holds its
+        candidate and its channel)."""
+        old_key, new_key = keys
+        self.dispatcher.refile(old, old_key)  # first: it frees the slot's id
+        self.dispatcher.refile(new, new_key)
+        if old_key in self.pool:
+            self.pool.remove(old_key)
+        if self.policies is not None:
+            self.policies.replaced(old, new)  # its verdict (and a manual override) first
+        self.router.slot_changed(new.id)
+        if new.state is S.READY and new.spec.mode is EngineMode.WORKER:
+            self._admit(new)
 
     # -- the failure policies' verdicts ----------------------------------------------------------
     def standing_changed(self, inst: Instance) -> None:
         """The instance's eligibility or effective weight changed: tell the selection pool."""
-        if inst.id not in self.pool:
+        if inst.key not in self.pool:
             return
-        cand = self.pool.get(inst.id)
+        cand = self.pool.get(inst.key)
         eligible = inst.eligibility in _IN_SERVICE and inst.lease is None
         cand.ineligible_reason = "" if eligible else _ineligible(inst)
         cand.lease = _lease_of(inst)

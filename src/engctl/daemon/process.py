@@ -24,6 +24,9 @@ import psutil
 DAEMON_ID_ENV = "ENGCTL_DAEMON_ID"
 INSTANCE_ENV = "ENGCTL_INSTANCE"
 INSTANCE_INDEX_ENV = "ENGCTL_INSTANCE_INDEX"  # the k of NAME#k (PM2's NODE_APP_INSTANCE)
+# The generation of the spec the process runs: a rollout's new and old process of one slot
+# share ENGCTL_INSTANCE, not this.
+GENERATION_ENV = "ENGCTL_GENERATION"
 
 
 @dataclass(frozen=True)
@@ -288,19 +291,22 @@ def kill_tree_now(pgid: int, extra_pids: Iterable[tuple[int, float]] = ()) -> No
                 p.kill()
 
 
-def adopted_orphans(instance_id: str) -> list[tuple[int, float]]:
-    """Children of the daemon that are not instances but carry `instance_id`'s marker.
+def adopted_orphans(marker: tuple[str, str]) -> list[tuple[int, float]]:
+    """Children of the daemon that are not instances but carry `marker` (instance id,
+    generation) in their environment.
 
     They are descendants that left the instance's process group (setsid) and were adopted
     when their parent died; identified by (pid, create time) against pid reuse.
     """
+    instance_id, generation = marker
     found = []
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process().children():
             if child.pid in _children:
                 continue
             with contextlib.suppress(psutil.Error):
-                if child.environ().get(INSTANCE_ENV) == instance_id:
+                env = child.environ()
+                if env.get(INSTANCE_ENV) == instance_id and env.get(GENERATION_ENV) == generation:
                     found.append((child.pid, child.create_time()))
     return found
 
@@ -308,15 +314,15 @@ def adopted_orphans(instance_id: str) -> list[tuple[int, float]]:
 async def sweep_tree(
     pgid: int,
     escaped: list[tuple[int, float]],
-    instance_id: str,
+    marker: tuple[str, str],
     grace: float,
     live_groups: Callable[[], set[int]],
 ) -> None:
     """After a group's leader exited: give what is left of its tree `grace` seconds, then
     SIGKILL it. "What is left" is the process group, `escaped` descendants (pid, create time)
-    seen leaving it, and orphans carrying `instance_id`'s marker that the daemon adopted as
-    subreaper, except those in a group of `live_groups()` (a successor's)."""
-    found = await asyncio.to_thread(adopted_orphans, instance_id)
+    seen leaving it, and orphans carrying its `marker` (instance id, generation) that the
+    daemon adopted as subreaper, except those in a group of `live_groups()` (a successor's)."""
+    found = await asyncio.to_thread(adopted_orphans, marker)
     # The scan runs in a thread: a successor spawned meanwhile (a restart) carries the same
     # marker and may not have been registered yet when it was seen. Back on the loop it is:
     # keep out every process of a live instance's group.

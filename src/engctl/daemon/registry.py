@@ -41,6 +41,9 @@ class Entry:
     overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
     # When it was first registered (epoch seconds); kept across updates and daemon restarts.
     registered_at: float | None = None
+    # The wanted generation of its processes (bumped by spec changes that need new processes
+    # and by `reload`); 1 in a registry written before it was recorded.
+    generation: int = 1
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -50,12 +53,14 @@ class Entry:
         }
         if self.registered_at is not None:
             out["registered_at"] = self.registered_at
+        if self.generation != 1:
+            out["generation"] = self.generation
         if self.overrides:
             out["overrides"] = {str(k): v for k, v in sorted(self.overrides.items())}
         return out
 
 
-ENTRY_KEYS = ("spec", "desired", "stopped_instances", "overrides", "registered_at")
+ENTRY_KEYS = ("spec", "desired", "stopped_instances", "overrides", "registered_at", "generation")
 RESET_HINT = (
     "fix the file, or start with an empty registry: `engctl daemon start --reset-registry`"
     " (moves the file aside, deletes nothing)"
@@ -78,12 +83,16 @@ def parse_entry(name: str, item: Any) -> Entry:
         raise SpecError("stopped_instances must be a list and overrides an object")
     for saved in overrides.values():
         Eligibility(saved["eligibility"])
+    generation = item.get("generation", 1)
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
+        raise SpecError(f"generation must be a positive integer, got {generation!r}")
     return Entry(
         spec,
         DesiredState(item.get("desired", "running")),
         {int(i) for i in stopped},
         {int(k): dict(v) for k, v in overrides.items()},
         _registered_at(item.get("registered_at")),
+        generation,
     )
 
 

@@ -99,8 +99,9 @@ class Router:
         # Instance or oneshot-engine id -> its counters; rebuilt when the engines change.
         self._stats_by_id: dict[str, RequestStats] = {}
         self._selectors: dict[tuple[Any, ...], Selector] = {}
-        # Instances draining before a stop, and what waits for their last request.
-        self._drains: dict[str, tuple[Instance, asyncio.Future[None]]] = {}
+        # Instances draining before a stop, and what waits for their last request (by record:
+        # a rollout's retiring process drains under the id of the slot its successor serves).
+        self._drains: dict[Instance, asyncio.Future[None]] = {}
         self._seq = 0
         self._id_prefix = f"r{os.getpid():x}-"
 
@@ -271,7 +272,7 @@ class Router:
                 and running
                 and selector.instance is None
                 and len(engine.instances) < spec.scale.max
-                and not getattr(engine, "rollout", None)
+                and not engine.rolling_out
             ):
                 # It may grow: the autoscaler starts an instance for the request (told by
                 # `on_wait`), which waits for it within its deadline (a cold start).
@@ -367,12 +368,13 @@ class Router:
             elif blame:
                 assert error is not None
                 stats.record_error(error.message)
-                if cand is not None:
+                if cand is not None and cand.id in self.pool and self.pool.get(cand.id) is cand:
+                    # (not a process already replaced under the same id: not the new one's)
                     self._failed(cand.id, cand.kind)
             else:
                 stats.record_lost()
-        if self._drains and cand is not None and cand.id in self._drains:
-            self._check_drain(cand.id)
+        if self._drains and cand is not None:
+            self._check_drains(cand.id)
         if req.future.done:
             self.retry_waiting()
             return
@@ -393,12 +395,11 @@ class Router:
         if self.policies is not None and kind is CandidateKind.INSTANCE:
             self.policies.request_failed(cand_id)
 
-    def blame(self, inst_id: str, why: str) -> None:
+    def blame(self, inst: Instance, why: str) -> None:
         """An error of an instance outside any request (protocol garbage between answers)."""
-        inst = self.sup.find_instance(inst_id)
-        if inst is not None:
-            inst.stats.blame(why)
-            self._failed(inst_id, CandidateKind.INSTANCE)
+        inst.stats.blame(why)
+        if inst.key == inst.id:  # the slot's current process (not a rollout's other one)
+            self._failed(inst.id, CandidateKind.INSTANCE)
 
     def queue_by_type(self) -> dict[str, int]:
         """Requests waiting for a free instance, by the type they asked for ("" for none)."""
@@ -460,8 +461,8 @@ class Router:
             req.settled = True
         if self.dispatcher.cancel(req):
             self.finished(req, False, None, None)
-        if running and target in self._drains:
-            self._check_drain(target)  # a drain does not wait for it any more
+        if running and target is not None and self._drains:
+            self._check_drains(target)  # a drain does not wait for it any more
 
     def _succeed(self, req: Request, result: Any) -> None:
         self.deadlines.discard(req)
@@ -513,36 +514,42 @@ class Router:
         """A future done when no request `inst` runs is still awaited (at once when it runs
         none); the caller has made it ineligible. Requests waiting in the queue pick again."""
         fut: asyncio.Future[None] = self.loop.create_future()
-        old = self._drains.pop(inst.id, None)
-        if old is not None and not old[1].done():
-            old[1].set_result(None)
-        self._drains[inst.id] = (inst, fut)
-        self._check_drain(inst.id)
+        old = self._drains.pop(inst, None)
+        if old is not None and not old.done():
+            old.set_result(None)
+        self._drains[inst] = fut
+        self._check_drain(inst)
         return fut
 
-    def _check_drain(self, inst_id: str) -> None:
-        entry = self._drains.get(inst_id)
-        if entry is None:
-            return
-        inst = entry[0]
+    def _check_drains(self, inst_id: str) -> None:
+        """A request of `inst_id` ended: the drains of its records may be over."""
+        for inst in [i for i in self._drains if i.id == inst_id]:
+            self._check_drain(inst)
+
+    def _check_drain(self, inst: Instance) -> None:
         # Requests already answered with a timeout that it never answers are not waited for.
         if inst.stats.in_flight - self.dispatcher.stuck_requests(inst) <= 0:
-            self.drained(inst_id)
+            self.drained(inst)
 
-    def drained(self, inst_id: str) -> None:
-        """`inst_id` takes no requests any more, one way or another: its drain is over."""
-        entry = self._drains.pop(inst_id, None)
-        if entry is not None and not entry[1].done():
-            entry[1].set_result(None)
+    def drained(self, inst: Instance) -> None:
+        """`inst` takes no requests any more, one way or another: its drain is over."""
+        fut = self._drains.pop(inst, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
-    def draining(self, inst_id: str) -> bool:
-        """Whether a drain of `inst_id` waits for its requests."""
-        return inst_id in self._drains
+    def draining(self, inst: Instance) -> bool:
+        """Whether a drain of `inst` waits for its requests."""
+        return inst in self._drains
+
+    def slot_changed(self, inst_id: str) -> None:
+        """Another process serves `inst_id` (a rollout's swap): its counters are looked up
+        afresh."""
+        self._stats_by_id.pop(inst_id, None)
 
     def close(self) -> None:
         """Fail everything still waiting (daemon shutdown)."""
-        for inst_id in list(self._drains):
-            self.drained(inst_id)
+        for inst in list(self._drains):
+            self.drained(inst)
         for req in list(self.queue):
             self._fail(req, RequestFailedError("daemon shutting down"))
         self.queue.clear()

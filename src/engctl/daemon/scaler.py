@@ -7,7 +7,7 @@ per engine, each an event with its reason and numbers.
 It reacts within a loop turn when a request has to wait (the router's `on_wait`, set only while
 an engine autoscales: nothing is called per request otherwise) and looks at idle time, prewarm
 ends and predictions every `[daemon.scale] interval`, at memory on every host sample. An engine
-under a rollout (`engine.rollout`, issue 12) is left alone. The history is read on a thread.
+under a rollout (`engine.rolling_out`) is left alone. The history is read on a thread.
 
 Decides nothing itself (`autoscale` does). Imports `autoscale`, `fleet`, `history`, `instance`,
 `monitor`, `router`, `standby`, `supervisor`, `events`, `request` and the shared contract.
@@ -227,7 +227,7 @@ class Scaler:
             scaler is None
             or name in self._resizing
             or engine.desired is not DesiredState.RUNNING
-            or getattr(engine, "rollout", None)  # a rollout resizes nothing (issue 12)
+            or engine.rolling_out  # a rollout resizes nothing
         ):
             return
         decision = scaler.decide(self._observe(engine, waiting), now)
@@ -298,7 +298,7 @@ class Scaler:
             if (
                 scale is None
                 or engine.desired is not DesiredState.RUNNING
-                or getattr(engine, "rollout", None)
+                or engine.rolling_out
                 or self._closed
             ):
                 continue
@@ -446,7 +446,7 @@ class Scaler:
                 scale is None
                 or name in self._resizing
                 or engine.desired is not DesiredState.RUNNING
-                or getattr(engine, "rollout", None)
+                or engine.rolling_out
             ):
                 continue
             offers[name] = []

@@ -1,11 +1,14 @@
 """The lifecycle of each instance: start, warm up, watch its exit, restart with backoff, give
-up (fatal), stop, drain, kill. Engine-level operations (dependencies, scale, update) are
-`fleet`'s.
+up (fatal), stop, drain, kill; and a rollout's records of a slot (start a successor beside the
+current process, let it take the slot). Engine-level operations (dependencies, scale, update,
+rollouts) are `fleet`'s and `rollout`'s.
 
 Every state change goes through `Supervisor.transition`, which checks the edge and records the
 event with its reason. Spawning, signalling and reading pipes are `process`'s job; this module
 decides when, with the restart backoff's decisions (`backoff`). It imports neither the enforcer
 nor any request code: both hear of each change through `InstanceObserver` (wired in `main`).
+One piece past 600 lines: start, exit, backoff, stop, drain and a rollout's swap all change
+the same records through the one `transition` and the timers it cancels.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from engctl.config import DaemonConfig
 from engctl.errors import InstanceNotFoundError, RequestTimeoutError
 from engctl.models import split_instance_id
 from engctl.paths import Paths
-from engctl.states import DesiredState, EngineMode, EventKind, InstanceState, can_transition
+from engctl.states import (
+    DesiredState,
+    EngineMode,
+    EventKind,
+    InstanceRole,
+    InstanceState,
+    can_transition,
+)
 
 from . import process
 from .backoff import spawn_retry_delay
@@ -56,6 +66,10 @@ class InstanceObserver(Protocol):
     def drain(self, inst: Instance, reason: str) -> asyncio.Future[None]:
         """Send `inst` no new request (its eligibility now says draining, with `reason`); the
         future is done once no request it runs is still awaited (at once when it runs none)."""
+
+    def replaced(self, old: Instance, new: Instance, keys: tuple[str, str]) -> None:
+        """`new` took the slot of `old` (a rollout's swap): what was filed under their keys
+        before (`keys`: old's, new's) follows them; `new` enters dispatch in `old`'s place."""
 
 
 class Supervisor:
@@ -98,6 +112,9 @@ class Supervisor:
         inst.state = new
         inst.state_reason = reason
         inst.state_since = time.time()
+        if inst.role is not InstanceRole.CURRENT:
+            # A second record of the slot: say which process the event is about.
+            data = {**data, "role": inst.role.value, "generation": inst.generation}
         self.events.emit(
             EventKind.INSTANCE_STATE,
             reason,
@@ -111,6 +128,11 @@ class Supervisor:
             self.publish_targets()
         if self.observer is not None:
             self.observer.state_changed(inst, old, new)
+        self._check_waiters()
+
+    def changed(self) -> None:
+        """Something a waiter may wait for changed outside a transition (health, a record
+        gone): `wait_until` predicates are checked again."""
         self._check_waiters()
 
     def _check_waiters(self) -> None:
@@ -140,9 +162,9 @@ class Supervisor:
     def publish_targets(self) -> None:
         """Tell the monitor which pids to sample (every live instance's)."""
         targets = {
-            i.id: i.proc.pid
+            i.key: i.proc.pid
             for e in self.engines.values()
-            for i in e.instances
+            for i in e.records()
             if i.proc is not None and i.proc.alive
         }
         self._on_targets_changed(targets)
@@ -160,7 +182,12 @@ class Supervisor:
         )
 
     def all_instances(self) -> list[Instance]:
+        """The current instance of every slot (what status, metrics and policies look at)."""
         return [i for e in self.engines.values() for i in e.instances]
+
+    def all_records(self) -> list[Instance]:
+        """Every record with or without a process: also a rollout's successors and retiring."""
+        return [i for e in self.engines.values() for i in e.records()]
 
     def find_instance(self, inst_id: str) -> Instance | None:
         """The instance `name#k`, or None."""
@@ -185,6 +212,7 @@ class Supervisor:
         env[process.DAEMON_ID_ENV] = self.paths.daemon_id
         env[process.INSTANCE_ENV] = inst.id
         env[process.INSTANCE_INDEX_ENV] = str(inst.index)
+        env[process.GENERATION_ENV] = str(inst.generation)
         argv = spec.argv_for(inst.index)
         try:
             proc = process.spawn(
@@ -313,7 +341,10 @@ class Supervisor:
             # A worker's stdout carries the request protocol: it goes to the request layer.
             stdout = self.observer.spawned(inst, proc)
         process.read_output(
-            self.loop, proc, stdout or _to_log(inst.log, "stdout"), _to_log(inst.log, "stderr")
+            self.loop,
+            proc,
+            stdout or _to_log(inst.log, "stdout", proc.pid),
+            _to_log(inst.log, "stderr", proc.pid),
         )
 
     # -- exits -----------------------------------------------------------------------------
@@ -357,6 +388,10 @@ class Supervisor:
         self, inst: Instance, desc: str, *, quick: bool, wants_restart: bool, uptime: float = 0.0
     ) -> None:
         spec = inst.spec
+        if inst.role is InstanceRole.SUCCESSOR:
+            # A rollout's new process that ended: the rollout stops (it judges), nothing restarts.
+            self.transition(inst, S.EXITED, f"{desc}; not restarted (a rollout's new process)")
+            return
         if inst.removed or self.closing or inst.engine.desired is DesiredState.STOPPED:
             self.transition(inst, S.EXITED, f"{desc}; not restarted (engine stopping)")
             return
@@ -414,12 +449,13 @@ class Supervisor:
         def live_groups() -> set[int]:
             return {
                 i.proc.pgid
-                for i in self.all_instances()
+                for i in self.all_records()
                 if i.proc is not None and i.proc is not proc and i.proc.alive
             }
 
+        marker = (inst.id, str(inst.generation))
         sweep = process.sweep_tree(
-            proc.pgid, list(inst.sample.descendants), inst.id, inst.spec.stop.timeout, live_groups
+            proc.pgid, list(inst.sample.descendants), marker, inst.spec.stop.timeout, live_groups
         )
         task = self.loop.create_task(sweep)
         self._sweeps.add(task)
@@ -545,6 +581,40 @@ class Supervisor:
             finally:
                 inst.restarting = False
 
+    # -- a rollout's records: a successor beside the slot's process, then the swap -----------
+    def start_successor(self, inst: Instance, reason: str) -> Instance:
+        """Start a process of the engine's wanted spec beside `inst`'s, for its slot; it takes
+        no request until it takes the slot (`swap`)."""
+        engine = inst.engine
+        succ = Instance(engine, inst.index, inst.log, self.clock, InstanceRole.SUCCESSOR)
+        succ.gated = True
+        engine.surge.append(succ)
+        self.start_instance(succ, reason)
+        return succ
+
+    def swap(self, old: Instance, new: Instance) -> None:
+        """`new` (a ready successor) takes the slot of `old`, which retires: it is never
+        restarted, and the caller drains and stops it."""
+        engine = old.engine
+        keys = (old.key, new.key)
+        engine.instances[engine.instances.index(old)] = new
+        engine.surge.remove(new)
+        engine.surge.append(old)
+        old.role, new.role = InstanceRole.RETIRING, InstanceRole.CURRENT
+        old.removed = True
+        new.gated = False
+        if self.observer is not None:
+            self.observer.replaced(old, new, keys)
+        self.publish_targets()
+        self._check_waiters()
+
+    def forget(self, inst: Instance) -> None:
+        """Drop a successor or retiring record whose process is gone."""
+        surge = inst.engine.surge
+        if inst in surge:
+            surge.remove(inst)
+        self._check_waiters()
+
     def _emit(
         self, inst: Instance, kind: EventKind, reason: str, data: dict[str, Any] | None
     ) -> None:
@@ -566,18 +636,18 @@ class Supervisor:
 
     def kill_all(self) -> None:
         """SIGKILL every process tree now (second signal during shutdown)."""
-        for inst in self.all_instances():
+        for inst in self.all_records():
             if inst.proc is not None and inst.proc.alive:
                 process.kill_tree_now(inst.proc.pgid, inst.sample.descendants)
 
 
-def _to_log(log_file: InstanceLog, stream: str) -> Callable[[bytes], None]:
-    """A consumer of a pipe that writes what it reads to the instance's log."""
+def _to_log(log_file: InstanceLog, stream: str, pid: int) -> Callable[[bytes], None]:
+    """A consumer of a pipe that writes what process `pid` writes to the instance's log."""
 
     def consume(data: bytes) -> None:
         if data:
-            log_file.feed(stream, data)
+            log_file.feed(stream, data, pid)
         else:
-            log_file.close_stream(stream)
+            log_file.close_stream(stream, pid)
 
     return consume

@@ -82,11 +82,11 @@ def status_cells(
     reason_column: bool = True,
     hidden: frozenset[str] = frozenset(),
 ) -> tuple[Columns, Rows]:
-    """One row per instance (or per engine without instances); with `reason_column`, a
-    REASON column when an instance is not simply active and healthy; `hidden` columns left
-    out (narrow terminals)."""
+    """One row per instance (or per engine without instances), a rollout's extra processes
+    under their slot's; with `reason_column`, a REASON column when an instance is not simply
+    active and healthy; `hidden` columns left out (narrow terminals)."""
     pairs: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = [
-        (eng, inst) for eng in status["engines"] for inst in (eng["instances"] or [None])
+        (eng, inst) for eng in status["engines"] for inst in _rows(eng)
     ]
     reasons = {id(inst): standing_reason(inst) for _, inst in pairs if inst is not None}
     columns = list(COLUMNS)
@@ -110,7 +110,7 @@ def status_cells(
         elig = inst.get("eligibility", "active")
         cpu = inst.get("cpu_percent")
         cells = {
-            "INSTANCE": (inst["id"], ""),
+            "INSTANCE": (_label(eng, inst), ""),
             "PID": (str(inst["pid"]) if inst.get("pid") else "-", ""),
             "STATE": (state, STATE_STYLE.get(state, "")),
             "HEALTH": (health, HEALTH_STYLE.get(health, "")),
@@ -140,7 +140,7 @@ def status_layout(
     columns, rows = status_cells(status, now)
     scaled = [(f"\n{scale_line(eng, now)}", "") for eng in status["engines"] if eng.get("scale")]
     if natural_width(columns, rows) <= width:
-        return columns, rows, scaled
+        return columns, rows, scaled + rollout_notes(status)
     notes: list[Cell] = []
     for eng in status["engines"]:
         for inst in eng["instances"]:
@@ -162,7 +162,59 @@ def status_layout(
     if hidden:
         left_out = ", ".join(c for c in DROPPABLE if c in hidden)
         notes.append((f"\n(too narrow for {left_out}: see --json)", "dim"))
-    return columns, rows, notes + scaled
+    return columns, rows, notes + scaled + rollout_notes(status)
+
+
+def _rows(eng: Mapping[str, Any]) -> list[Mapping[str, Any] | None]:
+    """An engine's rows: each slot's current instance, then a rollout's successor or retiring
+    process of that slot right under it."""
+    surge = eng.get("surge") or []
+    if not surge:
+        return eng["instances"] or [None]
+    rows: list[Mapping[str, Any] | None] = []
+    for inst in eng["instances"]:
+        rows.append(inst)
+        rows.extend(s for s in surge if s["id"] == inst["id"])
+    known = {inst["id"] for inst in eng["instances"]}
+    rows.extend(s for s in surge if s["id"] not in known)
+    return rows or [None]
+
+
+def _label(eng: Mapping[str, Any], inst: Mapping[str, Any]) -> str:
+    """The INSTANCE cell: the id, with the generation while generations are mixed (a rollout
+    under way or stopped) and the role of a rollout's extra process."""
+    gen = inst.get("generation")
+    role = inst.get("role", "current")
+    if role != "current":
+        return f"{inst['id']} (gen {gen}, {role})"
+    mixed = eng.get("surge") or any(
+        i.get("generation") != eng.get("generation") for i in eng["instances"] if i.get("pid")
+    )
+    return f"{inst['id']} (gen {gen})" if mixed and gen is not None else inst["id"]
+
+
+def rollout_notes(status: Mapping[str, Any]) -> list[Cell]:
+    """A line under the table for each engine whose rollout is under way or failed."""
+    notes: list[Cell] = []
+    for eng in status["engines"]:
+        r = eng.get("rollout")
+        if not r or r["state"] == "finished":
+            continue
+        notes.append((f"\n{eng['name']}  ", ""))
+        if r["state"] == "running":
+            notes.append(("rolling out", "yellow"))
+            notes.append(
+                (
+                    f": generation {r['generation']}, {len(r['replaced'])} of {r['total']}"
+                    f" replaced (max_surge {r['max_surge']}, max_unavailable"
+                    f" {r['max_unavailable']})",
+                    "",
+                )
+            )
+        else:
+            notes.append(("rollout failed", "bold red"))
+            notes.append((f": {r['reason']}", ""))
+    return notes
 
 
 def text_width(columns: Columns, rows: Rows) -> int:
