@@ -489,7 +489,7 @@ class Client:
 EXEC_OPTIONS = frozenset(
     {
         *("type", "engine", "instance", "require", "prefer", "labels", "key", "strategy"),
-        *("timeout", "retries", "explain"),
+        *("timeout", "retries", "explain", "priority", "caller"),
     }
 )
 

@@ -77,12 +77,15 @@ class EngineStatus(TypedDict):
     instances: list[InstanceStatus]
     requests: NotRequired[RequestCounts]
     max_concurrency: NotRequired[int]
+    # The engine's admission gate (docs/json.md#status), None without limits of its own.
+    admission: NotRequired[dict[str, Any] | None]
 
 
 class StatusDoc(TypedDict):
-    """`status.get`: the chosen engines, in name order."""
+    """`status.get`: the chosen engines, in name order, and the daemon's admission limits."""
 
     engines: list[EngineStatus]
+    admission: NotRequired[dict[str, Any]]
 
 
 # -- request.exec -------------------------------------------------------------------------------
@@ -110,6 +113,8 @@ class ExecOptions(TypedDict, total=False):
     timeout: float | None
     retries: int
     explain: bool
+    priority: int | str | None
+    caller: str | None
 
 
 class ExecResult(TypedDict):
@@ -176,6 +181,7 @@ class LiveDoc(TypedDict):
 
     instances: dict[str, LiveFigures]
     queue: dict[str, int]
+    admission: NotRequired[dict[str, dict[str, Any]]]
     host: LiveHost | None
 
 
