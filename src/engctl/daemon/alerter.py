@@ -96,7 +96,9 @@ class Alerter:
     def tick(self, now: float) -> list[Transition]:
         """Evaluate every rule now; emit an event for each alert that moved."""
         router = self.router
-        self._window.roll(now, router.gate.queue_wait_by_type, dict(router.gate.rate_limited_by_type))
+        self._window.roll(
+            now, router.gate.queue_wait_by_type, dict(router.gate.rate_limited_by_type)
+        )
         series = self._series({r.expr.scope for r in self.rules}, self._figures())
         moved = self.book.evaluate(self.rules, series, now, self.wall())
         self.evaluations += 1
