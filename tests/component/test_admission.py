@@ -310,3 +310,38 @@ def test_hooks_test_fires_a_synthetic_event_and_a_failing_hook_harms_nothing(
         lambda: json.loads(home.cli("hooks", "list", "--json").stdout)["hooks"][2]["failed"] >= 2
     )
     assert by_name["file"]["delivered"] >= 1
+
+
+def test_policy_show_and_config_list_the_limits_alerts_and_hooks(home: Home) -> None:
+    start(
+        home,
+        '[daemon.limits]\nmax_in_flight = 9\ntypes.echo = { rate = "5/s", queue = "sjf" }\n'
+        '[alerts.slow]\nexpr = "p99_ms > 100"\n[hooks.log]\non = ["alert.*"]\ncommand = ["cat"]\n',
+    )
+    workers(
+        home,
+        echo={
+            "command": engine_cmd("echo.py"),
+            "type": "echo",
+            "limits": {"rate": "30/m", "max_in_flight": 3, "adaptive": True},
+        },
+    )
+    shown = json.loads(home.cli("policy", "show", "--json").stdout)["engines"][0]
+    assert shown["limits"]["rate"] == 0.5 and shown["limits"]["burst"] == 1
+    assert shown["limits"]["max_in_flight"] == 3 and shown["limits"]["adaptive"] is True
+    assert shown["admission"]["max_in_flight"] == 9
+    assert shown["admission"]["type"] == {
+        "rate": 5.0,
+        "burst": 5,
+        "max_in_flight": None,
+        "queue": "sjf",
+    }
+    table = home.cli("policy", "show").stdout
+    assert "0.5/s" in table and "daemon.limits.types.echo" in table
+    config = json.loads(home.cli("config", "--json").stdout)
+    assert config["daemon"]["limits"]["types"]["echo"] == {"rate": "5/s", "queue": "sjf"}
+    assert config["alerts"] == {"slow": {"expr": "p99_ms > 100", "severity": "warning"}}
+    assert config["hooks"]["log"]["command"] == ["cat"]
+    assert "[alerts.slow]" in home.cli("config").stdout
+    gate = home.status()["engines"][0]["admission"]
+    assert gate["adaptive"]["phase"] == "measuring" and gate["limit"] == 1
