@@ -1,11 +1,13 @@
 """A worker with a latency knee, for benchmarks/admission.py: `knee_worker.py CORES SECONDS`.
 
-It serves `CORES` requests at once, each in `SECONDS`; more in flight queue inside it, so its
-latency is flat up to CORES in flight and grows linearly beyond (the curve an adaptive limit
-must find). Speaks the worker protocol through engctl.worker.
+It serves `CORES` requests at once, each in `SECONDS` ± 50 % (uniform: real services vary, and
+their slots do not free in step); more in flight queue inside it, so its latency is flat up to
+CORES in flight and grows linearly beyond (the curve an adaptive limit must find). Speaks the
+worker protocol through engctl.worker.
 """
 
 import asyncio
+import random
 import sys
 
 from engctl.worker import serve
@@ -20,7 +22,7 @@ async def handle(value: object) -> object:
     if _cores is None:
         _cores = asyncio.Semaphore(CORES)
     async with _cores:
-        await asyncio.sleep(SECONDS)
+        await asyncio.sleep(SECONDS * random.uniform(0.5, 1.5))
     return value
 
 

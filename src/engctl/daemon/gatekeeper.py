@@ -127,9 +127,14 @@ class Gatekeeper:
         """`req` meets a closed gate: it waits for it, or is refused at once when a rate gives
         it no token before its deadline, or an adaptive engine has enough waiting already."""
         bucket = gate.bucket
-        if bucket is not None and gate.by_rate(now):
-            ahead = gate.waiting_ahead(req.priority) - (1 if req.blocked is gate else 0)
-            wait = bucket.wait(now, max(0, ahead))
+        if req.blocked is gate:
+            # Already waiting for this gate: it was judged on arrival (a token in time, room to
+            # wait) and keeps its place; its deadline still bounds the wait. Judging it again
+            # would count the requests behind it too, and refuse it late instead of at once.
+            pass
+        elif bucket is not None and gate.by_rate(now):
+            ahead = gate.waiting_ahead(req.priority)
+            wait = bucket.wait(now, ahead)
             left = req.deadline - now
             if wait > left:
                 gate.rate_limited += 1
@@ -141,7 +146,7 @@ class Gatekeeper:
                     {"scope": gate.kind.value, "name": gate.name, "retry_after_s": round(wait, 3)},
                 )
         elif gate.adaptive is not None and gate.in_flight >= gate.adaptive.limit:
-            waiting = sum(gate.waiting) - (1 if req.blocked is gate else 0)
+            waiting = sum(gate.waiting)
             allowance = adaptive_allowance(gate)
             if waiting >= allowance:
                 gate.shed += 1
