@@ -199,7 +199,8 @@ async def part_a(sock: str, seconds: float) -> dict[str, Any]:
         "refused": len(refused),
         # Requests that waited for a token but whose run ended after the deadline, by code.
         "other_outcomes": summary(
-            [r for r in rows if r not in admitted and r not in refused], seconds
+            [r for r in rows if "result" not in r[2] and r[2]["error"]["code"] != RATE_LIMITED],
+            seconds,
         )["errors"],
         "refusal_p99_ms_in_daemon": pct(in_daemon, 0.99),
         "refusal_p99_ms_round_trip": pct(round_trip, 0.99),
