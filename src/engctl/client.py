@@ -201,9 +201,7 @@ class Client:
             while rest:
                 readable, writable, _ = select.select([sock], [sock], [], self.timeout)
                 if not readable and not writable:
-                    raise DaemonUnreachableError(
-                        f"the daemon took no input within {self.timeout}s"
-                    )
+                    raise DaemonUnreachableError(f"the daemon took no input within {self.timeout}s")
                 if readable:
                     chunk = sock.recv(262144)
                     if not chunk:

@@ -134,7 +134,7 @@ class DaemonConfig:
                     isinstance(h, str) and h.strip() for h in value
                 ):
                     raise SpecError(
-                        f'{path}: daemon.hook_hosts: expected a list of host names such as'
+                        f"{path}: daemon.hook_hosts: expected a list of host names such as"
                         f' ["alertmanager.lan"], got {value!r}'
                     )
                 values[key] = tuple(h.strip() for h in value)

@@ -574,9 +574,7 @@ def _limits(r: _Reader) -> LimitsSpec:
         ),
         rate=None if bucket is None else bucket.rate,
         burst=r.raw("burst"),
-        max_in_flight=read_cap(
-            {"max_in_flight": r.raw("max_in_flight")}, "max_in_flight", r.where
-        ),
+        max_in_flight=read_cap({"max_in_flight": r.raw("max_in_flight")}, "max_in_flight", r.where),
         adaptive=r.boolean("adaptive", False),
     )
     r.done()

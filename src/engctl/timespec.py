@@ -47,6 +47,6 @@ def parse_duration(value: object, where: str) -> float:
         if m:
             return float(m.group(1)) * _SPAN_UNITS[m.group(2) or "s"]
     raise SpecError(
-        f"{where}: expected a duration such as \"30s\", \"500ms\", \"5m\" or a number of"
+        f'{where}: expected a duration such as "30s", "500ms", "5m" or a number of'
         f" seconds, got {value!r}"
     )

@@ -345,3 +345,17 @@ def test_policy_show_and_config_list_the_limits_alerts_and_hooks(home: Home) -> 
     assert "[alerts.slow]" in home.cli("config").stdout
     gate = home.status()["engines"][0]["admission"]
     assert gate["adaptive"]["phase"] == "measuring" and gate["limit"] == 1
+
+
+def test_requests_admitted_to_wait_for_a_token_run_before_their_deadline(home: Home) -> None:
+    """A burst far over the rate: each request either waits for a token that comes in time to
+    run (and succeeds) or is refused at once; none times out waiting or running."""
+    start(home, "")
+    limits = {"rate": "20/s", "burst": 1}
+    workers(home, echo={"command": engine_cmd("echo.py"), "max_concurrency": 64, "limits": limits})
+    with home.client() as c:
+        results = list(c.exec_many(range(60), window=60, engine="echo", timeout=1))
+    codes = [r["error"]["code"] for r in results if not r["ok"]]
+    assert set(codes) <= {RateLimitedError.rpc_code}, codes
+    ok = sum(1 for r in results if r["ok"])
+    assert 10 <= ok <= 21  # one token at first, then 20/s within the 1 s deadline

@@ -293,3 +293,17 @@ def test_gradient_never_exceeds_the_engine_capacity() -> None:
     assert ctl.limit <= 200
     ctl.set_max(10)
     assert ctl.limit <= 10
+
+
+def test_a_newcomer_does_not_take_a_token_from_requests_waiting_for_it() -> None:
+    """A token that came while requests of the same or a higher priority wait for it is theirs:
+    for a request not waiting yet the bucket counts as closed; a higher priority passes."""
+    adm = Admission()
+    adm.configure(DaemonLimits(), {"a": _engine(rate=10)}, 0.0)
+    gates = adm.route_gates("a", "onnx")
+    gate = adm.engines["a"]
+    gate.waiting[5] = 1  # one request of priority 5 waits for this bucket
+    assert passes(gates, 0.0) is None  # a token is there (for the waiting one)
+    assert passes(gates, 0.0, fresh=5) is gate
+    assert passes(gates, 0.0, fresh=2) is gate
+    assert passes(gates, 0.0, fresh=8) is None

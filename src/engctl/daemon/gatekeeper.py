@@ -35,6 +35,9 @@ from .admission import (
 from .request import Request
 from .selection import Candidate, CandidatePool
 
+# Seconds a request admitted to wait for a token keeps for its run, at the least.
+RUN_MARGIN = 0.02
+
 
 class Wait:
     """A placement's outcome: the request waits in the queue."""
@@ -62,6 +65,7 @@ class Gatekeeper:
         self._token_timer: asyncio.TimerHandle | None = None
         self._token_at = math.inf
         self._rate_waits: set[Gate] = set()  # gates with a bucket that requests wait for
+        self._scan_soon = False  # a scan of the queue is due at the loop's next turn
         # Time requests waited in the queue: by priority (Prometheus) and by type (the
         # `queue_wait_ms` figure of alert rules); requests refused by a rate, by type.
         self.record = True
@@ -81,9 +85,13 @@ class Gatekeeper:
         adm = self.admission
         now = self.loop.time()
         caller_gate = adm.caller_gate(req.caller, now)
-        for gate in (adm.global_gate, caller_gate, adm.type_gate(req.selector.type)):
-            if gate is not None and not gate.is_open(now):
-                return caller_gate, self.closed(req, gate, now)
+        fresh = None if req.queued_at else req.priority
+        known = tuple(
+            g for g in (adm.global_gate, caller_gate, adm.type_gate(req.selector.type)) if g
+        )
+        closed = passes(known, now, fresh)
+        if closed is not None:
+            return caller_gate, self.closed(req, closed, now)
         return caller_gate, None
 
     def admit(
@@ -99,7 +107,8 @@ class Gatekeeper:
         adm = self.admission
         now = self.loop.time()
         gates = adm.route_gates(cand.engine, cand.type)
-        closed = passes(gates, now)
+        fresh = None if req.queued_at else req.priority
+        closed = passes(gates, now, fresh)
         if closed is not None:
             # Another engine of the request's filters may have room (a scan: only when the
             # pick's engine or type is held back).
@@ -110,7 +119,7 @@ class Gatekeeper:
                 if c.engine != cand.engine
                 and not c.full
                 and req.selector.instance in (None, c.id)
-                and passes(adm.route_gates(c.engine, c.type), now) is None
+                and passes(adm.route_gates(c.engine, c.type), now, fresh) is None
             ]
             if not others:
                 return self.closed(req, closed, now)
@@ -132,17 +141,27 @@ class Gatekeeper:
             # wait) and keeps its place; its deadline still bounds the wait. Judging it again
             # would count the requests behind it too, and refuse it late instead of at once.
             pass
-        elif bucket is not None and gate.by_rate(now):
+        elif bucket is not None and (gate.by_rate(now) or gate.waiting_ahead(req.priority)):
+            if not self._scan_soon and bucket.has_token(now):
+                # A token is there and older requests wait for it: they take it now (one scan
+                # soon for any number of arrivals), rather than at the next timer.
+                self._scan_soon = True
+                self.loop.call_soon(self._scan_now)
             ahead = gate.waiting_ahead(req.priority)
             wait = bucket.wait(now, ahead)
-            left = req.deadline - now
+            # The token must come in time for the request to run, not just before its deadline:
+            # the run takes what the matching instances' latency says, and at least RUN_MARGIN
+            # (the loop's own delays between a token and the dispatch).
+            run = max(RUN_MARGIN, self._expected_seconds(req)) if wait else 0.0
+            left = req.deadline - now - run
             if wait > left:
                 gate.rate_limited += 1
                 self.rate_limited_by_type[req.selector.type or ""] += 1
                 return RateLimitedError(
                     f"rate limited: {gate.label()} allows {format_rate(bucket.rate)}"
                     f" (burst {bucket.burst}); the next token for this request comes in"
-                    f" {wait:.2f}s, after its deadline ({max(0.0, left):.2f}s left)",
+                    f" {wait:.2f}s, too late for its deadline ({max(0.0, left):.2f}s left to"
+                    " start)",
                     {"scope": gate.kind.value, "name": gate.name, "retry_after_s": round(wait, 3)},
                 )
         elif gate.adaptive is not None and gate.in_flight >= gate.adaptive.limit:
@@ -290,6 +309,10 @@ class Gatekeeper:
             self._token_timer.cancel()
         self._token_at = at
         self._token_timer = self.loop.call_at(at, self._token_due)
+
+    def _scan_now(self) -> None:
+        self._scan_soon = False
+        self.retry()
 
     def _token_due(self) -> None:
         self._token_timer = None

@@ -317,7 +317,6 @@ class Admission:
         return [*out, *self.types.values(), *self.engines.values(), *self.callers.values()]
 
 
-
 def next_token_at(gates: Iterable[Gate], now: float) -> float | None:
     """When the next token comes for one of `gates` that requests wait for a token of (None:
     none waits for a token)."""
@@ -329,10 +328,14 @@ def next_token_at(gates: Iterable[Gate], now: float) -> float | None:
     return soon
 
 
-def passes(gates: tuple[Gate, ...], now: float) -> Gate | None:
-    """The first gate of `gates` that is closed now, or None when all are open."""
+def passes(gates: tuple[Gate, ...], now: float, fresh: int | None = None) -> Gate | None:
+    """The first gate of `gates` that is closed now, or None when all are open. For a request
+    not waiting yet (`fresh`: its priority), a bucket that requests of that priority or a
+    higher one wait for is closed too: the tokens are theirs first (no overtaking the queue)."""
     for gate in gates:
         if not gate.is_open(now):
+            return gate
+        if fresh is not None and gate.bucket is not None and gate.waiting_ahead(fresh):
             return gate
     return None
 
