@@ -75,7 +75,7 @@ def hooks_list(json: JsonFlag = False) -> None:
 
 @hooks_app.command("test")
 def hooks_test(
-    name: Annotated[str, typer.Argument(help="The hook ([hooks.NAME]).")],
+    name: Annotated[str, typer.Argument(help=r"The hook (\[hooks.NAME]).")],
     json: JsonFlag = False,
 ) -> None:
     """Fire a synthetic event through a hook now and show what happened.
