@@ -359,3 +359,25 @@ def test_requests_admitted_to_wait_for_a_token_run_before_their_deadline(home: H
     assert set(codes) <= {RateLimitedError.rpc_code}, codes
     ok = sum(1 for r in results if r["ok"])
     assert 10 <= ok <= 21  # one token at first, then 20/s within the 1 s deadline
+
+
+def test_daemon_reload_applies_new_limits_and_rules_at_once(home: Home) -> None:
+    start(home, "")
+    workers(home, slow={"command": engine_cmd("slow.py", "0.2"), "type": "t", "max_concurrency": 8})
+    assert home.status()["admission"]["types"] == {}
+    home.paths.config_file.write_text(
+        "[daemon]\npolicy_interval = 0.2\n[daemon.limits]\ntypes.t = { max_in_flight = 1 }\n"
+        "[alerts.any]\nexpr = \"up{engine='slow'} == 1\"\n"
+    )
+    assert home.cli("daemon", "reload").returncode == 0
+    assert home.status()["admission"]["types"]["t"]["max_in_flight"] == 1
+    with home.client() as c:
+        results = list(c.exec_many([{} for _ in range(4)], window=4, engine="slow", timeout=20))
+    assert max(cast("dict[str, Any]", r["result"])["in_flight"] for r in results) == 1
+    wait_until(lambda: [e for e in events(home, "alert.firing") if e["data"]["name"] == "any"])
+    home.paths.config_file.write_text('[daemon]\nlimits = { max_in_flight = "x" }\n')
+    bad = home.cli("daemon", "reload")
+    assert (
+        bad.returncode == 2 and "daemon.limits.max_in_flight: expected a whole number" in bad.stderr
+    )
+    assert home.status()["admission"]["types"]["t"]["max_in_flight"] == 1  # nothing applied
