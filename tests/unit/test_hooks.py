@@ -23,7 +23,7 @@ def test_a_full_hook_queue_drops_the_oldest_events_and_counts_them() -> None:
         hooks = Hooks(asyncio.get_running_loop(), _config(slow={"on": ["*"], "command": ["true"]}))
         for n in range(5):  # the drain task has not run yet: all five meet a queue of two
             hooks.event(Event(n, 0.0, "engine.registered", "x"))
-        doc = hooks.to_json()["hooks"][0]
+        doc: dict[str, object] = hooks.to_json()["hooks"][0]
         hooks.close()
         return doc
 
