@@ -381,3 +381,26 @@ def test_daemon_reload_applies_new_limits_and_rules_at_once(home: Home) -> None:
         bad.returncode == 2 and "daemon.limits.max_in_flight: expected a whole number" in bad.stderr
     )
     assert home.status()["admission"]["types"]["t"]["max_in_flight"] == 1  # nothing applied
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"rate": "fast"}, 'engines.e.limits.rate: expected a rate such as "200/s"'),
+        ({"rate": "5/s", "burst": -1}, "engines.e.limits.burst: must be from 1 to 1000000, got -1"),
+        ({"burst": 3}, "engines.e.limits.burst: needs a rate"),
+        ({"max_in_flight": 0}, "engines.e.limits.max_in_flight: must be from 1 to 1000000, got 0"),
+        ({"adaptive": "yes"}, "engines.e.limits.adaptive"),
+    ],
+)
+def test_bad_engine_limits_are_refused_and_nothing_is_registered(
+    daemon: Home, limits: dict[str, Any], message: str
+) -> None:
+    spec = daemon.path / "engines.toml"
+    import tomli_w
+
+    spec.write_text(tomli_w.dumps({"engines": {"e": {"command": ["true"], "limits": limits}}}))
+    r = daemon.cli("register", "-f", str(spec))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    assert daemon.status()["engines"] == []
