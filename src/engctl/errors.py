@@ -4,8 +4,8 @@ Shared contract between CLI and daemon: stdlib only.
 
 Exit codes (documented in docs/cli.md, the JSON-RPC codes in docs/protocol.md):
 0 ok · 1 failed · 2 usage or invalid input · 3 daemon unreachable or incompatible ·
-4 no eligible engine · 5 timeout · 6 busy · 7 not found · 8 rate limited ·
-130 interrupted (Ctrl-C) · 141 stdout closed by its reader
+4 no eligible engine · 5 timeout · 6 busy · 7 not found · 9 rate limited (8 is taken by
+issue 14's leases) · 130 interrupted (Ctrl-C) · 141 stdout closed by its reader
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ EXIT_NO_ELIGIBLE = 4
 EXIT_TIMEOUT = 5
 EXIT_BUSY = 6
 EXIT_NOT_FOUND = 7
-EXIT_RATE_LIMITED = 8
+EXIT_RATE_LIMITED = 9  # 8 is EXIT_LEASE (issue 14, the elastic branch)
 # As a shell reports a command ended by a signal (128 + its number): Ctrl-C, and a reader
 # that went away (`engctl events | head -1`).
 EXIT_INTERRUPTED = 130

@@ -33,7 +33,7 @@ order, with -j requests in flight; a failed request is an object with "ok": fals
 "error": {"code", "message"}, and the exit code is then 1.
 
 exit codes: 0 ok, 1 request failed, 2 usage, 3 daemon unreachable, 4 no eligible engine,
-5 timeout, 6 busy (queue full, or shed by an adaptive limit), 8 rate limited (no token
+5 timeout, 6 busy (queue full, or shed by an adaptive limit), 9 rate limited (no token
 before the deadline).
 
 examples:
