@@ -57,10 +57,10 @@ def test_rate_limit_waits_for_a_token_before_the_deadline_else_refuses_at_once(
         began = time.monotonic()
         assert c.exec(2, engine="echo", timeout=5)["ok"]  # waits ~0.5 s for the next token
         assert time.monotonic() - began >= 0.3
-        began = time.monotonic()
         with pytest.raises(RateLimitedError) as info:
             c.exec(3, engine="echo", timeout=0.1)  # the next token comes after the deadline
-        assert time.monotonic() - began < 0.1  # refused at once, not at the deadline
+    # Refused on arrival, not at the deadline (the daemon's own measure of its answer time).
+    assert info.value.data["latency_ms"] < 100
     assert info.value.data["scope"] == "engine" and info.value.data["name"] == "echo"
     assert "rate limited: engine echo allows 2/s (burst 1)" in info.value.message
     cli = home.cli("exec", "--engine", "echo", "--timeout", "0.05", "--", "4")
