@@ -210,9 +210,7 @@ class Client:
             while rest:
                 readable, writable, _ = select.select([sock], [sock], [], self.timeout)
                 if not readable and not writable:
-                    raise DaemonUnreachableError(
-                        f"the daemon took no input within {self.timeout}s"
-                    )
+                    raise DaemonUnreachableError(f"the daemon took no input within {self.timeout}s")
                 if readable:
                     chunk = sock.recv(262144)
                     if not chunk:
@@ -705,7 +703,7 @@ def _label_list(labels: Mapping[str, str] | Iterable[str] | None) -> list[str] |
 EXEC_OPTIONS = frozenset(
     {
         *("type", "engine", "instance", "require", "prefer", "labels", "key", "strategy"),
-        *("timeout", "retries", "explain", "lease"),
+        *("timeout", "retries", "explain", "lease", "priority", "caller"),
     }
 )
 

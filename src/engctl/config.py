@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from engctl import trust
+from engctl.admission_config import DaemonLimits, parse_daemon_limits
+from engctl.alerting import AlertRule, HookSpec, parse_alerts, parse_hooks
 from engctl.errors import SpecError
 from engctl.policy_config import PolicyOverrides, overrides_to_toml, parse_policy_table
 from engctl.protocol import STRATEGIES, StrategyName
@@ -95,6 +97,16 @@ class DaemonConfig:
     max_lease_ttl: float = 3600.0
     # The autoscaler's settings ([daemon.scale]).
     scale: ScaleSettings = ScaleSettings()
+    # Admission: a global in-flight cap, per-type and per-caller limits ([daemon.limits]).
+    limits: DaemonLimits = field(default_factory=DaemonLimits)
+    # Hooks: hosts a url hook may post to besides loopback ones ("name" or "name:port"),
+    # commands running at once (daemon-wide), events waiting per hook before drops.
+    hook_hosts: tuple[str, ...] = ()
+    hook_max_running: int = 4
+    hook_queue: int = 100
+    # Top-level tables of config.toml, not of [daemon]: `[alerts.NAME]` and `[hooks.NAME]`.
+    alerts: tuple[AlertRule, ...] = ()
+    hooks: tuple[HookSpec, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> DaemonConfig:
@@ -113,16 +125,35 @@ class DaemonConfig:
         except OSError as exc:
             raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
         doc = parse_toml(decode_text(data, str(path)), str(path))
+        unknown = sorted(set(doc) - {"daemon", "alerts", "hooks"})
+        if unknown:
+            raise SpecError(
+                f"{path}: {unknown[0]}: unknown table (expected [daemon], [alerts.NAME],"
+                " [hooks.NAME])"
+            )
         section = doc.get("daemon", {})
         if not isinstance(section, dict):
             raise SpecError(f"{path}: [daemon] must be a table")
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in section.items():
-            if key not in known:
+            if key not in known or key in TOP_LEVEL:
                 raise SpecError(f"{path}: daemon.{key}: unknown key {key!r}")
             if key == "policy":
                 values[key] = parse_policy_table(value, f"{path}: daemon.policy")
+                continue
+            if key == "limits":
+                values[key] = parse_daemon_limits(value, f"{path}: daemon.limits")
+                continue
+            if key == "hook_hosts":
+                if not isinstance(value, list) or not all(
+                    isinstance(h, str) and h.strip() for h in value
+                ):
+                    raise SpecError(
+                        f"{path}: daemon.hook_hosts: expected a list of host names such as"
+                        f' ["alertmanager.lan"], got {value!r}'
+                    )
+                values[key] = tuple(h.strip() for h in value)
                 continue
             if key == "metrics":
                 if not isinstance(value, bool):
@@ -162,7 +193,15 @@ class DaemonConfig:
                 # int(0.5) would silently become 0
                 raise SpecError(f"{path}: daemon.{key}: expected a positive integer, got {value!r}")
             values[key] = type(default)(value)
+        values["alerts"] = parse_alerts(doc.get("alerts", {}), f"{path}: alerts")
+        values["hooks"] = parse_hooks(
+            doc.get("hooks", {}), values.get("hook_hosts", ()), f"{path}: hooks"
+        )
         return cls(**values)
+
+
+# Fields of DaemonConfig that are top-level tables of config.toml, not keys of [daemon].
+TOP_LEVEL = ("alerts", "hooks")
 
 
 def config_table(config: DaemonConfig) -> dict[str, Any]:
@@ -170,6 +209,8 @@ def config_table(config: DaemonConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
+        if f.name in TOP_LEVEL:
+            continue
         if f.name == "capability_weights":
             value = asdict(value)
         elif f.name == "default_strategy":
@@ -178,8 +219,20 @@ def config_table(config: DaemonConfig) -> dict[str, Any]:
             value = overrides_to_toml(value)
         elif f.name == "scale":
             value = {"min_available_memory": value.min_available_memory, "interval": value.interval}
+        elif f.name == "limits":
+            value = value.to_toml()
+        elif f.name == "hook_hosts":
+            value = list(value)
         out[f.name] = value
     return out
+
+
+def rules_tables(config: DaemonConfig) -> dict[str, dict[str, Any]]:
+    """`[alerts.NAME]` and `[hooks.NAME]` as config.toml writes them: {"alerts", "hooks"}."""
+    return {
+        "alerts": {r.name: r.to_toml() for r in config.alerts},
+        "hooks": {h.name: h.to_toml() for h in config.hooks},
+    }
 
 
 def _capability_weights(table: Any, path: Path) -> CapabilityWeights:

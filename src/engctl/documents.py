@@ -156,12 +156,15 @@ class EngineStatus(TypedDict):
     requests: NotRequired[RequestCounts]
     max_concurrency: NotRequired[int]
     scale: NotRequired[ScaleStatus]
+    # The engine's admission gate (docs/json.md#status), None without limits of its own.
+    admission: NotRequired[dict[str, Any] | None]
 
 
 class StatusDoc(TypedDict):
-    """`status.get`: the chosen engines, in name order."""
+    """`status.get`: the chosen engines, in name order, and the daemon's admission limits."""
 
     engines: list[EngineStatus]
+    admission: NotRequired[dict[str, Any]]
 
 
 # -- request.exec -------------------------------------------------------------------------------
@@ -190,6 +193,8 @@ class ExecOptions(TypedDict, total=False):
     retries: int
     explain: bool
     lease: str | None
+    priority: int | str | None
+    caller: str | None
 
 
 class ExecResult(TypedDict):
@@ -265,6 +270,7 @@ class LiveDoc(TypedDict):
 
     instances: dict[str, LiveFigures]
     queue: dict[str, int]
+    admission: NotRequired[dict[str, dict[str, Any]]]
     host: LiveHost | None
 
 

@@ -4,7 +4,7 @@ Shared contract between CLI and daemon: stdlib only.
 
 Exit codes (documented in docs/cli.md, the JSON-RPC codes in docs/protocol.md):
 0 ok · 1 failed · 2 usage or invalid input · 3 daemon unreachable or incompatible ·
-4 no eligible engine · 5 timeout · 6 busy · 7 not found · 8 lease not held ·
+4 no eligible engine · 5 timeout · 6 busy · 7 not found · 8 lease not held · 9 rate limited ·
 130 interrupted (Ctrl-C) · 141 stdout closed by its reader
 """
 
@@ -23,6 +23,7 @@ EXIT_TIMEOUT = 5
 EXIT_BUSY = 6
 EXIT_NOT_FOUND = 7
 EXIT_LEASE = 8
+EXIT_RATE_LIMITED = 9
 # As a shell reports a command ended by a signal (128 + its number): Ctrl-C, and a reader
 # that went away (`engctl events | head -1`).
 EXIT_INTERRUPTED = 130
@@ -187,10 +188,12 @@ class LeaseError(EngctlError):
 
     rpc_code = -32050
     exit_code = EXIT_LEASE
+
+
 class RolloutInProgressError(BusyError):
     """`reload` of an engine whose rollout is still under way (wait for it, or watch it)."""
 
-    rpc_code = -32034
+    rpc_code = -32035
 
 
 class RolloutFailedError(EngctlError):
@@ -198,6 +201,13 @@ class RolloutFailedError(EngctlError):
 
     rpc_code = -32051
     exit_code = EXIT_FAILED
+
+
+class RateLimitedError(EngctlError):
+    """A rate limit (engine, type or caller) refused the request: no token before its deadline."""
+
+    rpc_code = -32034
+    exit_code = EXIT_RATE_LIMITED
 
 
 class InternalError(EngctlError):

@@ -15,6 +15,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from engctl.admission_config import (
+    RateLimit,
+    default_burst,
+    format_rate,
+    read_cap,
+    read_rate,
+)
 from engctl.errors import SpecError
 from engctl.policy_config import PolicyOverrides, overrides_to_toml, parse_policy_table
 from engctl.states import EngineMode, OnUnhealthy, RestartPolicy
@@ -254,10 +261,22 @@ class HealthSpec:
 
 @dataclass(frozen=True)
 class LimitsSpec:
-    """Resource limits watched by the monitor."""
+    """Resource limits watched by the monitor (max_rss, max_cpu_percent), and the engine's
+    admission limits (rate and burst, max_in_flight across its instances, adaptive)."""
 
     max_rss: int | None = None
     max_cpu_percent: float | None = None
+    rate: float | None = None  # requests per second (a token bucket)
+    burst: int | None = None  # tokens the bucket holds (default: one second's worth)
+    max_in_flight: int | None = None
+    adaptive: bool = False  # a gradient controller sets the in-flight limit
+
+    @property
+    def rate_limit(self) -> RateLimit | None:
+        """The engine's token bucket, if it has a rate."""
+        if self.rate is None:
+            return None
+        return RateLimit(self.rate, default_burst(self.rate) if self.burst is None else self.burst)
 
 
 @dataclass(frozen=True)
@@ -474,6 +493,8 @@ class EngineSpec:
         limits = _diff(self.limits, LimitsSpec())
         if "max_rss" in limits:
             limits["max_rss"] = format_size(limits["max_rss"])
+        if "rate" in limits:
+            limits["rate"] = format_rate(limits["rate"])
         if limits:
             out["limits"] = limits
         if self.policy:
@@ -655,6 +676,7 @@ def _scale(r: _Reader, mode: EngineMode) -> ScaleSpec | None:
 
 def _limits(r: _Reader) -> LimitsSpec:
     rss = r.raw("max_rss")
+    bucket = read_rate({k: r.raw(k) for k in ("rate", "burst") if r.has(k)}, r.where)
     spec = LimitsSpec(
         max_rss=None if rss is None else parse_size(rss, r.path("max_rss")),
         max_cpu_percent=(
@@ -662,6 +684,10 @@ def _limits(r: _Reader) -> LimitsSpec:
             if r.has("max_cpu_percent")
             else None
         ),
+        rate=None if bucket is None else bucket.rate,
+        burst=r.raw("burst"),
+        max_in_flight=read_cap({"max_in_flight": r.raw("max_in_flight")}, "max_in_flight", r.where),
+        adaptive=r.boolean("adaptive", False),
     )
     r.done()
     return spec

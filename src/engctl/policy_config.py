@@ -37,19 +37,22 @@ class HangPolicy:
 
 @dataclass(frozen=True)
 class MemoryPolicy:
-    """RSS above the engine's `limits.max_rss`, or growing steadily (a leak) → drain, restart."""
+    """RSS above the engine's `limits.max_rss`, or growing steadily (a leak) → drain, restart;
+    with `action = "alert"`, RSS above max_rss fires the built-in `memory` alert instead."""
 
     leak_window: float = 60.0
     leak_rate: int = 1024 * 1024  # bytes per second of sustained growth; 0 turns it off
     drain_timeout: float = 10.0
+    action: str = "restart"
 
 
 @dataclass(frozen=True)
 class CpuPolicy:
-    """CPU above `limits.max_cpu_percent` for `window` seconds → an event, or a restart."""
+    """CPU above `limits.max_cpu_percent` for `window` seconds → the built-in `cpu` alert, or
+    a restart."""
 
     window: float = 30.0
-    action: str = "event"
+    action: str = "alert"
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,12 @@ _RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
     ("failing", "isolation_max"): (0.0, 86400.0, True),
     ("failing", "slow_start"): (0.0, 3600.0, False),
 }
-_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("cpu", "action"): ("event", "restart")}
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cpu", "action"): ("alert", "restart"),
+    ("memory", "action"): ("restart", "alert"),
+}
+# Old spellings still read: the cpu policy's "event" became the built-in `cpu` alert.
+_ALIASES: dict[tuple[str, str, str], str] = {("cpu", "action", "event"): "alert"}
 
 
 def _read_value(section: str, key: str, default: Any, value: Any, where: str) -> Any:
@@ -150,6 +158,8 @@ def _read_value(section: str, key: str, default: Any, value: Any, where: str) ->
         return value
     if isinstance(default, str):
         choices = _CHOICES[(section, key)]
+        if isinstance(value, str):
+            value = _ALIASES.get((section, key, value), value)
         if value not in choices:
             raise SpecError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
         return value

@@ -192,10 +192,13 @@ class EventKind(StrEnum):
     INSTANCE_RESTORED = "instance.restored"
     INSTANCE_DRAIN = "instance.drain"  # drained by hand
     INSTANCE_HUNG = "instance.hung"
-    INSTANCE_CPU = "instance.cpu"
     INSTANCE_DOWNWEIGHTED = "instance.downweighted"
     INSTANCE_WEIGHT_RESTORED = "instance.weight_restored"
     POLICY_GUARD_RAIL = "policy.guard_rail"
+    # alert rules (`[alerts.NAME]` and the built-in cpu and memory rules), on the policy tick
+    ALERT_PENDING = "alert.pending"
+    ALERT_FIRING = "alert.firing"
+    ALERT_RESOLVED = "alert.resolved"
     # engines
     ENGINE_REGISTERED = "engine.registered"
     ENGINE_UPDATED = "engine.updated"

@@ -424,6 +424,7 @@ def test_full_disk_loses_no_exit_and_refuses_registrations_cleanly(
     assert [p.name for p in home.paths.state_dir.iterdir() if p.name.endswith(".tmp")] == []
     # Space is back: writes work again and an event says so.
     full_disk.unlink()
+
     def recovered() -> list[dict[str, Any]]:
         return [e for e in _events(home, "daemon.write_recovered") if e["data"]["target"] == "logs"]
 

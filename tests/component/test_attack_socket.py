@@ -232,7 +232,6 @@ class Flood:
                 self.answers += chunk.count(b"\n")
 
 
-
 STATUS_FRAMES = 200_000
 FLOOD = b"".join(
     b'{"jsonrpc":"2.0","id":%d,"method":"status.get","params":{}}\n' % i

@@ -365,8 +365,9 @@ def test_memory_over_max_rss_or_leaking_is_drained_and_restarted(fast: Home) -> 
     assert fast.cli("stop", "big", "leak").returncode == 0
 
 
-def test_cpu_above_the_limit_for_the_window_is_an_event_or_a_restart(fast: Home) -> None:
-    """CPU above max_cpu_percent for cpu.window: an event, or (action restart) a restart."""
+def test_cpu_above_the_limit_for_the_window_is_an_alert_or_a_restart(fast: Home) -> None:
+    """CPU above max_cpu_percent for cpu.window: the built-in `cpu` alert fires (issue 15:
+    no more `instance.cpu` special case), or (action restart) a restart."""
     spin = [sys.executable, "-c", "while True: pass"]
     limits = {"max_cpu_percent": 5}  # a spinning process stays above it even on a busy host
     with fast.client() as c:
@@ -378,13 +379,18 @@ def test_cpu_above_the_limit_for_the_window_is_an_event_or_a_restart(fast: Home)
                 ),
             }
         )
-    warned = wait_until(lambda: events(fast, "instance.cpu", "warn#0"), timeout=10)[0]
-    assert warned["reason"].startswith("cpu: above max_cpu_percent 5% for ")
-    assert warned["data"]["max_cpu_percent"] == 5
+    warned = wait_until(lambda: events(fast, "alert.firing", "warn#0"), timeout=10)[0]
+    assert warned["data"]["name"] == "cpu" and warned["data"]["builtin"] is True
+    assert warned["data"]["threshold"] == 5 and warned["data"]["value"] > 5
+    assert warned["data"]["for_s"] == 0.6
+    assert "cpu_percent > max_cpu_percent" in warned["reason"]
+    pending = events(fast, "alert.pending", "warn#0")
+    assert pending and pending[0]["id"] < warned["id"]  # pending for the window first
     drained = wait_until(lambda: events(fast, "instance.draining", "cycle#0"), timeout=10)[0]
     assert drained["reason"].startswith("cpu: above max_cpu_percent 5% for ")
     wait_until(lambda: fast.instance("cycle#0")["restarts"] >= 1, timeout=10)
-    assert fast.instance("warn#0")["restarts"] == 0  # an event only
+    assert fast.instance("warn#0")["restarts"] == 0  # an alert only
+    assert not events(fast, "alert.firing", "cycle#0")  # restarted, not alerted
     assert fast.cli("stop", "warn", "cycle").returncode == 0
 
 

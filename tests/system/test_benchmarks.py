@@ -13,10 +13,11 @@ from tests.conftest import PY
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 # Imported or run by the scripts, not run on their own.
-HELPERS = {"common.py", "faulty_worker.py"}
+HELPERS = {"common.py", "faulty_worker.py", "knee_worker.py"}
 # Each script's smoke run: `--quick`, narrowed further where a quick run still takes most of a
 # minute. overhead needs a full 10 s history bucket, so ~20 s of idle windows.
 SMOKE_ARGS = {
+    "admission.py": ["--quick", "--seconds", "1"],
     "cli.py": ["--quick"],
     "dispatch.py": ["--quick"],
     "durability.py": ["--quick", "--rounds", "2"],

@@ -350,6 +350,7 @@ def test_policy_show_text_lists_every_setting_with_its_source(home: Home) -> Non
     policy = doc["policy"]
     settings = 1 + sum(len(v) for v in policy.values() if isinstance(v, dict))
     spec_settings = len(doc["health"]) + len(doc["limits"]) + len(doc["restart"]) - 1 + 4
+    spec_settings += 2 + len(doc["admission"]["type"] or {})  # [daemon.limits] for its type
     rows = out.split("\n\n")[1].splitlines()[2:]  # engine w, without its two header lines
     assert len(rows) == settings + spec_settings
 

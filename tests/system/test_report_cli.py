@@ -187,7 +187,7 @@ def test_top_json_prints_one_frame(served: Home) -> None:
     r = served.cli("top", "--json", "--sort", "rps")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"host", "queue", "instances"}
+    assert set(doc) == {"host", "queue", "admission", "instances"}
     rows = doc["instances"]
     assert sorted(i["id"] for i in rows) == ["e#0", "e#1", "z#0"]
     assert set(rows[0]) == {

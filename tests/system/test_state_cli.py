@@ -130,7 +130,7 @@ def test_config_marks_settings_the_file_changes_and_reload_applies_them(daemon: 
         assert c.call("daemon.config")["settings"]["default_timeout"] == 30.0
     daemon.paths.config_file.write_text(
         "[daemon]\ndefault_timeout = 7.5\nmax_frame_bytes = 2000000\n"
-        '[daemon.policy.failing]\nconsecutive_errors = 2\n'
+        "[daemon.policy.failing]\nconsecutive_errors = 2\n"
     )
     r = daemon.cli("config")
     assert "default_timeout = 30.0  # config.toml says 7.5: `engctl daemon reload` applies it" in (
@@ -191,7 +191,7 @@ def test_reload_changes_dispatch_defaults_live(daemon: Home) -> None:
     wait_until(lambda: all_ready(daemon, "slow", 1), 20)
     daemon.paths.config_file.write_text("[daemon]\ndefault_timeout = 0.3\n")
     assert daemon.cli("daemon", "reload").returncode == 0
-    r = daemon.cli("exec", "--type", "slow", "--", "{\"delay\": 2}")
+    r = daemon.cli("exec", "--type", "slow", "--", '{"delay": 2}')
     assert r.returncode == 5, (r.stdout, r.stderr)
     assert "0.3" in r.stderr
 

@@ -16,6 +16,9 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "engctl"
 
 # The shared contract between the CLI and the daemon (docs/architecture.md).
 SHARED = {
+    "engctl.admission_config",
+    "engctl.alertexpr",
+    "engctl.alerting",
     "engctl.config",
     "engctl.documents",
     "engctl.errors",
@@ -48,9 +51,18 @@ SELECTION = {
     f"{D}.selection.strategies.load",
     f"{D}.selection.strategies.rotation",
 }
+# Admission control (issue 15): pure, like selection.
+ADMISSION = {
+    f"{D}.admission",
+    f"{D}.admission.bucket",
+    f"{D}.admission.gates",
+    f"{D}.admission.gradient",
+    f"{D}.admission.queue",
+}
 MAY_IMPORT: dict[str, set[str]] = {
     # pure decisions and plain records
     "policies": set(),
+    "alerts": set(),
     "backoff": {"policies"},
     "standby": {"selection"},
     "autoscale": set(),
@@ -84,7 +96,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "rollout": {"instance", "process", "rollout_plan", "supervisor"},
     "fleet": {"instance", "logs", "rollout", "supervisor"},
     # requests
-    "request": {"selection", "server", "stats"},
+    "request": {"admission", "selection", "server", "stats"},
     "deadlines": {"request"},
     "channel": {"instance", "output", "process", "request", "server"},
     "dispatch": {
@@ -98,9 +110,12 @@ MAY_IMPORT: dict[str, set[str]] = {
         "server",
         "supervisor",
     },
+    "gatekeeper": {"admission", "request", "selection"},
     "router": {
+        "admission",
         "deadlines",
         "dispatch",
+        "gatekeeper",
         "instance",
         "request",
         "selection",
@@ -126,9 +141,12 @@ MAY_IMPORT: dict[str, set[str]] = {
     "leases": {"events", "instance", "scaler", "selection", "standby", "supervisor"},
     # the failure policies' enforcement
     "enforcer": {"dispatch", "events", "health", "instance", "monitor", "policies", "supervisor"},
+    # alert rules on the policy tick, and the hooks that hear every event
+    "alerter": {"alerts", "events", "instance", "metrics", "router", "supervisor"},
+    "hooks": {"events", "oneshot"},
     # figures and the RPC surface
     "metrics": {"history", "instance", "monitor", "router", "stats", "supervisor"},
-    "prometheus": {"monitor", "router", "stats", "supervisor"},
+    "prometheus": {"alerter", "hooks", "monitor", "router", "stats", "supervisor"},
     "engine_calls": {
         "enforcer",
         "events",
@@ -144,8 +162,10 @@ MAY_IMPORT: dict[str, set[str]] = {
         "supervisor",
     },
     "api": {
+        "alerter",
         "engine_calls",
         "events",
+        "hooks",
         "instance",
         "leases",
         "logs",
@@ -161,7 +181,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 }
 # The wiring: `main` may import every part, `__main__` only `main`.
 WIRING = {"main", "__main__"}
-POLICY = {f"{D}.policies", f"{D}.backoff", f"{D}.enforcer"}
+POLICY = {f"{D}.policies", f"{D}.backoff", f"{D}.enforcer", f"{D}.alerts", f"{D}.alerter"}
 MECHANISM = [
     f"{D}.{m}"
     for m in (
@@ -176,6 +196,7 @@ MECHANISM = [
         "history",
         "registry",
         "server",
+        "hooks",
     )
 ]
 
@@ -275,7 +296,11 @@ def test_render_reads_documents_not_the_client_or_typer(name: str) -> None:
 
 def test_every_daemon_module_has_its_allowed_imports_written_down() -> None:
     daemon = {m.removeprefix(D + ".") for m in modules() if under(m, D) and m != D}
-    outside_selection = {m for m in daemon if not under(f"{D}.{m}", f"{D}.selection")}
+    outside_selection = {
+        m
+        for m in daemon
+        if not under(f"{D}.{m}", f"{D}.selection") and not under(f"{D}.{m}", f"{D}.admission")
+    }
     assert outside_selection - WIRING == set(MAY_IMPORT), "update MAY_IMPORT and the header"
 
 
@@ -283,6 +308,7 @@ def test_every_daemon_module_has_its_allowed_imports_written_down() -> None:
 def test_daemon_modules_import_only_what_their_header_allows(short: str) -> None:
     allowed = {f"{D}.{m}" for m in MAY_IMPORT[short]}
     allowed |= SELECTION if f"{D}.selection" in allowed else set()
+    allowed |= ADMISSION if f"{D}.admission" in allowed else set()
     name = f"{D}.{short}"
     daemon = {m for m in engctl_imports(name) if under(m, D) and m != D}
     assert daemon <= allowed, f"{name} imports {sorted(daemon - allowed)}"
@@ -293,6 +319,13 @@ def test_selection_imports_nothing_of_the_rest_of_the_daemon(name: str) -> None:
     """Selection is pure: its package, the shared contract and the stdlib."""
     for module in engctl_imports(name):
         assert module in SHARED or module in SELECTION, f"{name} imports {module}"
+
+
+@pytest.mark.parametrize("name", sorted(ADMISSION))
+def test_admission_imports_nothing_of_the_rest_of_the_daemon(name: str) -> None:
+    """Admission control is pure (issue 15): its package, the shared contract, the stdlib."""
+    for module in engctl_imports(name):
+        assert module in SHARED or module in ADMISSION, f"{name} imports {module}"
 
 
 @pytest.mark.parametrize("name", MECHANISM)

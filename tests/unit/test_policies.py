@@ -479,14 +479,15 @@ def test_memory_keeps_only_the_window_of_samples() -> None:
 # --- CPU ------------------------------------------------------------------------------------
 
 
-def test_cpu_sustained_above_the_limit_for_the_window_warns() -> None:
-    """Above max_cpu_percent in every sample for `window` seconds → an event (the default)."""
+def test_cpu_sustained_above_the_limit_for_the_window_restarts() -> None:
+    """Above max_cpu_percent in every sample for `window` seconds → a drain and restart (the
+    watch runs for action "restart" only: "alert", the default, is the built-in cpu rule)."""
     w = CpuWatch()
-    policy = CpuPolicy(window=30.0)
+    policy = CpuPolicy(window=30.0, action="restart")
     decisions = [w.observe(float(t), 95.0 + (t == 7) * 2, 90.0, policy) for t in range(31)]
     assert decisions[:30] == [None] * 30
     d = decisions[30]
-    assert d is not None and d.action is Action.WARN
+    assert d is not None and d.action is Action.DRAIN_RESTART
     assert d.reason == "cpu: above max_cpu_percent 90% for 30s (peak 97%)"
     assert d.data == {"cpu_percent": 95.0, "max_cpu_percent": 90.0}
 

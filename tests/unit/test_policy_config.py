@@ -137,9 +137,9 @@ FAILING_KEYS = (
         ({"hang": {"enabled": 1}}, f"{WHERE}.hang.enabled: expected true or false, got 1"),
         (
             {"cpu": {"action": "reboot"}},
-            f"{WHERE}.cpu.action: expected one of event, restart, got 'reboot'",
+            f"{WHERE}.cpu.action: expected one of alert, restart, got 'reboot'",
         ),
-        ({"cpu": {"action": 1}}, f"{WHERE}.cpu.action: expected one of event, restart, got 1"),
+        ({"cpu": {"action": 1}}, f"{WHERE}.cpu.action: expected one of alert, restart, got 1"),
         (
             {"max_isolated_percent": [50]},
             f"{WHERE}.max_isolated_percent: expected a number, got [50]",
@@ -284,7 +284,7 @@ def test_effective_policy_engine_beats_daemon_beats_default_key_by_key() -> None
     assert sources["slow"]["threshold"] == "daemon"
     assert sources["cpu"]["action"] == "engine"
     assert sources["memory"] == dict.fromkeys(
-        ("leak_window", "leak_rate", "drain_timeout"), "default"
+        ("leak_window", "leak_rate", "drain_timeout", "action"), "default"
     )
 
 

@@ -61,6 +61,8 @@ COMMAND_MODULES = {
     "policy": "policy",
     "top": "top",
     "report": "report",
+    "alerts": "alerts",
+    "hooks": "alerts",
     "metrics": "report",
     "logs": "logs",
     "events": "logs",

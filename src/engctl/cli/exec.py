@@ -33,8 +33,9 @@ order, with -j requests in flight; a failed request is an object with "ok": fals
 "error": {"code", "message"}, and the exit code is then 1.
 
 exit codes: 0 ok, 1 request failed, 2 usage, 3 daemon unreachable, 4 no eligible engine,
-5 timeout, 6 busy (queue full), 8 the --lease is not held (expired, released, its instance
-gone, or granted before a daemon restart).
+5 timeout, 6 busy (queue full, or shed by an adaptive limit), 8 the --lease is not held
+(expired, released, its instance gone, or granted before a daemon restart), 9 rate limited
+(no token before the deadline).
 
 examples:
   engctl exec --type onnx -- '{"x": [1, 2, 3]}'
@@ -63,6 +64,8 @@ selection:
 request:
   --timeout SECONDS       deadline (default: the daemon's default_timeout)
   --retries N             retry a failed request on other instances (default 0)
+  --priority P            low, normal, high or 0-9; higher is served first (default normal)
+  --caller NAME           who asks: fair share and [daemon.limits.callers] limits
   --json-input            refuse payloads that are not JSON
 
 output:
@@ -91,6 +94,8 @@ _OPTIONS: dict[str, tuple[str, object]] = {
     "--lease": ("lease", str),
     "--timeout": ("timeout", float),
     "--retries": ("retries", int),
+    "--priority": ("priority", str),
+    "--caller": ("caller", str),
     "--json-input": ("json_input", "flag"),
     "--json": ("json", "flag"),
     "--explain": ("explain", "flag"),
@@ -124,6 +129,8 @@ class ExecOptions:
         self.lease: str | None = None
         self.timeout: float | None = None
         self.retries = 0
+        self.priority: str | None = None
+        self.caller: str | None = None
         self.json_input = False
         self.json = False
         self.explain = False
@@ -179,6 +186,13 @@ def parse_args(args: list[str]) -> ExecOptions:
                 setattr(opts, dest, number(f"option {name}", parsed, **_BOUNDS.get(dest, {})))
             except InvalidParamsError as exc:
                 raise UsageError(exc.message) from None
+    if opts.priority is not None:
+        from engctl.admission_config import parse_priority
+
+        try:
+            parse_priority(opts.priority, "option --priority")
+        except InvalidParamsError as exc:
+            raise UsageError(exc.message) from None
     if opts.strategy is not None and opts.strategy not in STRATEGIES:
         raise UsageError(
             f"unknown strategy {opts.strategy!r} (choose from {', '.join(STRATEGIES)})"
@@ -229,6 +243,8 @@ def main(args: list[str]) -> int:
         "timeout": opts.timeout,
         "retries": opts.retries,
         "lease": opts.lease,
+        "priority": opts.priority,
+        "caller": opts.caller,
     }
     from engctl.client import Client
 

@@ -174,9 +174,7 @@ def _print_events(past: list[EventDoc], json: bool) -> None:
             out(event_line(ev))
 
 
-def _events_from_file(
-    engine: str | None, since: float | None, lines: int
-) -> list[EventDoc]:
+def _events_from_file(engine: str | None, since: float | None, lines: int) -> list[EventDoc]:
     """What `events.list` answers, from the event log of a home whose daemon is stopped."""
     from engctl import trust
     from engctl.homefiles import read_events

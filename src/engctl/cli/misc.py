@@ -45,15 +45,17 @@ def config(json: JsonFlag = False) -> None:
     config.toml changes marked with a comment (`engctl daemon reload` applies it, or a
     restart). With none: what config.toml gives (the defaults where it says nothing).
     """
-    from engctl.config import DaemonConfig, config_table
+    from engctl.config import DaemonConfig, config_table, rules_tables
     from engctl.errors import DaemonNotRunningError, SpecError
     from engctl.paths import resolve_paths
 
     paths = resolve_paths()
     file_error = None
     in_file: dict[str, Any] | None = None
+    rules: dict[str, Any] = {"alerts": {}, "hooks": {}}
     try:
-        in_file = config_table(DaemonConfig.load(paths.config_file))
+        loaded = DaemonConfig.load(paths.config_file)
+        in_file, rules = config_table(loaded), rules_tables(loaded)
     except SpecError as exc:
         file_error = exc.message
     running: dict[str, Any] | None = None
@@ -63,6 +65,7 @@ def config(json: JsonFlag = False) -> None:
         with client() as c:
             answer = c.call("daemon.config")
         running, pid = answer["settings"], answer["pid"]
+        rules = {k: answer.get(k, {}) for k in ("alerts", "hooks")}
         restart_needed = answer.get("restart_needed", [])
     except DaemonNotRunningError:
         if in_file is None:
@@ -81,6 +84,8 @@ def config(json: JsonFlag = False) -> None:
         "source": "daemon" if running is not None else "file",
         "daemon_pid": pid,
         "daemon": settings,
+        "alerts": rules["alerts"],
+        "hooks": rules["hooks"],
         "file_differs": {k: v for k, (_, v) in sorted(differs.items())},
         "file_error": file_error,
         "restart_needed": restart_needed,
@@ -137,6 +142,10 @@ def _config_text(info: dict[str, Any], differs: dict[str, tuple[Any, Any]]) -> s
             if key in differs:
                 line += _file_says(differs[key][1], key.split(".")[0] in RESTART_SETTINGS)
         lines.append(line)
+    if info["alerts"] or info["hooks"]:
+        lines.append("")
+        tables = {k: info[k] for k in ("alerts", "hooks") if info[k]}
+        lines += tomli_w.dumps(tables).splitlines()
     only_in_file = [k for k, (now, _) in differs.items() if now is None]
     if only_in_file:
         lines.append("")

@@ -78,6 +78,7 @@ def top(
                 {
                     "host": live.get("host"),
                     "queue": live.get("queue", {}),
+                    "admission": live.get("admission", {}),
                     "instances": top_rows(c.status(), live, sort),
                 }
             )

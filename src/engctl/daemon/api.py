@@ -35,8 +35,10 @@ from engctl.policy_config import effective_policy
 from engctl.states import EngineMode
 
 from . import allow_ssl
+from .alerter import Alerter
 from .engine_calls import EngineCalls
 from .events import Event, EventLog
+from .hooks import Hooks
 from .leases import Leases
 from .logs import InstanceLog
 from .metrics import Rollups
@@ -78,6 +80,9 @@ class Api:
     leases: Leases | None = None
     # Set by the daemon: `daemon.config` and `daemon.reload` go to it.
     control: DaemonControl | None = field(default=None, init=False)
+    # Set by the daemon: the alert rules (`alerts.list`) and the hooks (`hooks.*`).
+    alerter: Alerter | None = field(default=None, init=False)
+    hooks: Hooks | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
     _self_proc: psutil.Process = field(default_factory=psutil.Process, init=False)
     _prometheus_ready: bool = field(default=False, init=False)
@@ -117,6 +122,9 @@ class Api:
             "metrics.get": self.metrics_get,
             "metrics.live": self.metrics_live,
             "metrics.flush": self.metrics_flush,
+            "alerts.list": self.alerts_list,
+            "hooks.list": self.hooks_list,
+            "hooks.test": self.hooks_test,
         }
 
     # -- requests --------------------------------------------------------------------------
@@ -156,6 +164,21 @@ class Api:
 
     def lease_list(self, params: dict[str, Any], conn: Connection) -> LeasesDoc:
         return self._leases().list()
+    # -- alerts and hooks ----------------------------------------------------------------------
+    def alerts_list(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        if self.alerter is None:
+            raise InvalidParamsError("this daemon runs no alert rules")
+        return self.alerter.to_json()
+
+    def hooks_list(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        if self.hooks is None:
+            raise InvalidParamsError("this daemon runs no hooks")
+        return self.hooks.to_json()
+
+    async def hooks_test(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        if self.hooks is None:
+            raise InvalidParamsError("this daemon runs no hooks")
+        return await self.hooks.test(param(params, "name", str))
 
     # -- session and daemon ----------------------------------------------------------------
     def hello(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -256,6 +279,7 @@ class Api:
         out = []
         for engine in engines:
             spec = engine.spec
+            bucket = spec.limits.rate_limit
             policy, sources = effective_policy(self.sup.config.policy, spec.policy)
             out.append(
                 {
@@ -287,11 +311,44 @@ class Api:
                     "limits": {
                         "max_rss": spec.limits.max_rss,
                         "max_cpu_percent": spec.limits.max_cpu_percent,
+                        "rate": spec.limits.rate,
+                        "burst": None if bucket is None else bucket.burst,
+                        "max_in_flight": spec.limits.max_in_flight,
+                        "adaptive": spec.limits.adaptive,
                     },
+                    "admission": self._admission_settings(spec.type),
                     "applies": spec.mode is not EngineMode.ONESHOT,
                 }
             )
         return {"engines": out}
+
+    def _admission_settings(self, type_: str) -> dict[str, Any]:
+        """The daemon's limits that apply to an engine of `type_` (`policy show`)."""
+        limits = self.sup.config.limits
+        t = limits.types.get(type_)
+        return {
+            "max_in_flight": limits.max_in_flight,
+            "aging": limits.aging,
+            "type": None
+            if t is None
+            else {
+                "rate": None if t.rate is None else t.rate.rate,
+                "burst": None if t.rate is None else t.rate.burst,
+                "max_in_flight": t.max_in_flight,
+                "queue": t.queue.value,
+            },
+        }
+
+    def _admission_status(self) -> dict[str, Any]:
+        """The admission limits now: gates with their counts, and the queue (status, top)."""
+        adm = self.router.admission
+        now, wall = self.router.loop.time(), time.time()
+        return {
+            "global": None if adm.global_gate is None else adm.global_gate.to_json(now, wall),
+            "types": {t: g.to_json(now, wall) for t, g in sorted(adm.types.items())},
+            "callers": {c: g.to_json(now, wall) for c, g in sorted(adm.callers.items())},
+            "queue": {"waiting": len(self.router.queue), "max_queue": self.sup.config.max_queue},
+        }
 
     # -- metrics -----------------------------------------------------------------------------
     async def metrics_text(self) -> bytes:
@@ -303,7 +360,7 @@ class Api:
             self._prometheus_ready = True
         host = self.rollups.host if self.rollups is not None else None
         # The copy is cheap and on the loop; the rendering is not, so it runs on a thread.
-        snap = snapshot(self.sup, self.router, host)
+        snap = snapshot(self.sup, self.router, host, self.alerter, self.hooks)
         return await asyncio.to_thread(prometheus_text, snap)
 
     async def metrics_get(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -324,9 +381,12 @@ class Api:
 
     def metrics_live(self, params: dict[str, Any], conn: Connection) -> LiveDoc:
         host = self.rollups.host if self.rollups is not None else None
+        adm = self.router.admission
+        now, wall = self.router.loop.time(), time.time()
         return {
             "instances": self.rollups.recent() if self.rollups is not None else {},
             "queue": self.router.queue_by_type(),
+            "admission": {n: g.to_json(now, wall) for n, g in sorted(adm.engines.items())},
             "host": None
             if host is None
             else {
@@ -338,7 +398,15 @@ class Api:
 
     # -- reading ---------------------------------------------------------------------------
     def status(self, params: dict[str, Any], conn: Connection) -> StatusDoc:
-        return {"engines": [e.to_json() for e in self.engines.chosen(params)]}
+        gates = self.router.admission.engines
+        now, wall = self.router.loop.time(), time.time()
+        engines = []
+        for engine in self.engines.chosen(params):
+            doc = engine.to_json()
+            gate = gates.get(engine.spec.name)
+            doc["admission"] = None if gate is None else gate.to_json(now, wall)
+            engines.append(doc)
+        return {"engines": engines, "admission": self._admission_status()}
 
     async def events_list(self, params: dict[str, Any], conn: Connection) -> EventsDoc:
         engine = param(params, "engine", str, None)

@@ -74,6 +74,12 @@ class StandingListener(Protocol):
     def standing_changed(self, inst: Instance) -> None: ...
 
 
+class TickListener(Protocol):
+    """What else runs on the policy tick: the alert rules (`alerting`)."""
+
+    def tick(self, now: float) -> object: ...
+
+
 class Enforcer:
     """Applies every engine's effective policy to its instances."""
 
@@ -89,6 +95,7 @@ class Enforcer:
         self.clock = clock  # monotonic, the `now` of every decision (the loop's own clock)
         self.channels = channels  # the workers' pipes: pings, unanswered requests
         self.listener: StandingListener | None = None  # wired by the daemon (main.py)
+        self.alerts: TickListener | None = None  # wired by the daemon (main.py)
         self.config = config
         self.events = events
         self.loop = sup.loop
@@ -348,7 +355,8 @@ class Enforcer:
 
     # -- monitor samples -----------------------------------------------------------------------
     def samples_taken(self, samples: dict[str, Sample]) -> None:
-        """RSS and CPU of running instances: the memory and CPU policies."""
+        """RSS and CPU of running instances: the memory and CPU policies (their restarts; with
+        `action = "alert"` the built-in alert rules watch the limits instead)."""
         now = self.clock()
         for inst in self.sup.all_instances():
             sample = samples.get(inst.key)
@@ -359,16 +367,13 @@ class Enforcer:
             policy = self.policy(inst)
             limits = inst.spec.limits
             st = self._state(inst)
-            decision = st.memory.observe(now, sample.rss_bytes, limits.max_rss, policy.memory)
-            if decision is None:
+            max_rss = None if policy.memory.action == "alert" else limits.max_rss
+            decision = st.memory.observe(now, sample.rss_bytes, max_rss, policy.memory)
+            if decision is None and policy.cpu.action == "restart":
                 decision = st.cpu.observe(
                     now, sample.cpu_percent, limits.max_cpu_percent, policy.cpu
                 )
-            if decision is None:
-                continue
-            if decision.action is Action.WARN:
-                self._emit(inst, EventKind.INSTANCE_CPU, decision.reason, **decision.data)
-            else:
+            if decision is not None:
                 self._drain_restart(inst, decision, policy.memory.drain_timeout)
 
     def _drain_restart(self, inst: Instance, decision: Decision, timeout: float | None) -> None:
@@ -497,10 +502,16 @@ class Enforcer:
         if self._closed:
             return
         self._timer = self.loop.call_later(self.config.policy_interval, self._tick)
+        now = self.clock()
         try:
-            self._evaluate(self.clock())
+            self._evaluate(now)
         except Exception:
             log.exception("policy tick failed")
+        if self.alerts is not None:
+            try:
+                self.alerts.tick(now)
+            except Exception:  # a broken rule must not stop the policies' next look
+                log.exception("alert rules failed")
 
     def _evaluate(self, now: float) -> None:
         latencies: dict[str, dict[str, float]] = {}

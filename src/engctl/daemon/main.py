@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engctl import __version__, trust
-from engctl.config import RESTART_SETTINGS, DaemonConfig, config_table
+from engctl.config import RESTART_SETTINGS, DaemonConfig, config_table, rules_tables
 from engctl.errors import DaemonUnreachableError, EngctlError
 from engctl.models import check_dependencies
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
@@ -31,6 +31,7 @@ from engctl.protocol import StrategyName
 from engctl.states import DesiredState, EventKind
 
 from . import process
+from .alerter import Alerter
 from .api import Api
 from .dispatch import Dispatcher
 from .enforcer import Enforcer
@@ -38,6 +39,7 @@ from .engine_calls import EngineCalls
 from .events import EventLog
 from .fleet import Fleet
 from .history import HistoryWriter, Retention
+from .hooks import Hooks
 from .leases import Leases
 from .membership import Membership
 from .metrics import Rollups
@@ -210,6 +212,8 @@ class Daemon:
         self.enforcer: Enforcer | None = None
         self.scaler: Scaler | None = None
         self.leases: Leases | None = None
+        self.alerter: Alerter | None = None
+        self.hooks: Hooks | None = None
         self.events: EventLog | None = None
         self.writer: HistoryWriter | None = None
 
@@ -314,11 +318,18 @@ class Daemon:
         router.leases = leases
         membership.leases = leases
         scaler.engines_changed()
+        # Alert rules run on the policy tick; hooks hear every event (alerts included).
+        alerter = self.alerter = Alerter(sup, router, rollups, events, config)
+        enforcer.alerts = alerter
+        hooks = self.hooks = Hooks(loop, config)
+        events.subscribers.add(hooks.event)
         engine_calls = EngineCalls(sup, fleet, registry, events, membership, enforcer, scaler)
         api = Api(
             paths, sup, engine_calls, registry, events, router, self.stopping.set, rollups, leases
         )
         api.control = self
+        api.alerter = alerter
+        api.hooks = hooks
         server = Server(
             paths.socket,
             api.handlers(),
@@ -367,6 +378,7 @@ class Daemon:
         scaler.close()
         leases.close()
         enforcer.close()
+        hooks.close()
         router.close()
         if metrics_server is not None:
             await metrics_server.close()
@@ -391,6 +403,7 @@ class Daemon:
         return {
             "config_file": str(self.paths.config_file),
             "settings": config_table(running),
+            **rules_tables(running),
             "restart_needed": sorted(self.restart_needed),
         }
 
@@ -428,7 +441,11 @@ class Daemon:
         """Make `cfg` the running settings: every part that keeps one is told."""
         old, self.config = self.config, cfg
         self.sup.config = cfg
-        self.router.config = cfg
+        self.router.configure(cfg)
+        if self.alerter is not None:
+            self.alerter.configure(cfg)
+        if self.hooks is not None:
+            self.hooks.configure(cfg)
         self.pool.default_strategy = cfg.default_strategy
         if cfg.capability_weights != old.capability_weights:
             capability = Capability(cfg.capability_weights)

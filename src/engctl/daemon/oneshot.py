@@ -15,18 +15,27 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from engctl.models import EngineSpec
 
 from . import output, process
-from .logs import MAX_LINE_BYTES, InstanceLog
+from .logs import MAX_LINE_BYTES
 from .process import ChildProcess, ExitStatus, SpawnError
 
 PLACEHOLDER = "{input}"
 STDERR_TAIL_BYTES = 2048
 
 Done = Callable[[bool, Any, str], None]
+
+
+class LogSink(Protocol):
+    """Where a run's stderr lines and notes go: an engine's log (`InstanceLog`), or the
+    daemon's own log for a hook's command."""
+
+    def feed(self, stream: str, data: bytes) -> None: ...
+
+    def note(self, text: str) -> None: ...
 
 
 def decode_output(data: bytes) -> Any:
@@ -61,7 +70,7 @@ class OneshotRun:
         *,
         max_stdout: int,
         timeout: float | None = None,
-        log: InstanceLog | None = None,
+        log: LogSink | None = None,
         label: str = "",
     ) -> None:
         self._loop = loop

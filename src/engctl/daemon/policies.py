@@ -40,7 +40,6 @@ class Action(StrEnum):
     ISOLATE = "isolate"  # no dispatch until a time
     DOWNWEIGHT = "downweight"  # lower the effective weight
     RESTORE_WEIGHT = "restore_weight"  # raise it back a step
-    WARN = "warn"  # an event only
 
 
 @dataclass(frozen=True)
@@ -237,7 +236,8 @@ def _slope(points: Iterable[tuple[float, float]]) -> float:
 
 
 class CpuWatch:
-    """CPU above `max_cpu_percent` in every sample of `window` seconds."""
+    """CPU above `max_cpu_percent` in every sample of `window` seconds: a restart (the cpu
+    policy's `action = "restart"`; its default, "alert", is the built-in `cpu` alert rule)."""
 
     def __init__(self) -> None:
         self.over_since: float | None = None
@@ -259,9 +259,8 @@ class CpuWatch:
         since, peak = self.over_since, self.peak
         self.over_since = now  # the next decision needs another full window
         self.peak = 0.0
-        action = Action.DRAIN_RESTART if policy.action == "restart" else Action.WARN
         return Decision(
-            action,
+            Action.DRAIN_RESTART,
             f"cpu: above max_cpu_percent {max_cpu:g}% for {now - since:.0f}s (peak {peak:.0f}%)",
             data={"cpu_percent": cpu_percent, "max_cpu_percent": max_cpu},
             cause=DrainCause.CPU,

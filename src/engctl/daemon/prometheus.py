@@ -23,6 +23,8 @@ from .stats import RequestStats
 from .supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from .alerter import Alerter
+    from .hooks import Hooks
     from .router import Router
 
 log = logging.getLogger("engctl.metrics")
@@ -67,6 +69,19 @@ class _Member:
 
 
 @dataclass
+class _GateFigures:
+    """One admission gate's figures (scope: global, type, engine or caller)."""
+
+    scope: str
+    name: str
+    in_flight: int
+    limit: int | None
+    rate_limited: int
+    shed: int
+    adaptive: int | None
+
+
+@dataclass
 class Snapshot:
     """Every figure of the exposition as plain values: taken on the loop in about a
     millisecond, rendered on a thread (prometheus-client needs tens of ms at 100 instances)."""
@@ -75,6 +90,13 @@ class Snapshot:
     queue: list[tuple[str, int]]
     host: HostSample | None
     protocol_errors: int
+    gates: list[_GateFigures] = field(default_factory=list)
+    # priority -> (bucket counts, sum in µs) of the queue wait
+    queue_wait: dict[int, tuple[list[int], int]] = field(default_factory=dict)
+    # (alertname, state, severity, engine, instance, type) of each pending or firing alert
+    alerts: list[tuple[str, str, str, str, str, str]] = field(default_factory=list)
+    # hook -> {outcome: count}
+    hooks: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _requests_of(labels: list[str], st: RequestStats) -> _Member:
@@ -90,7 +112,13 @@ def _requests_of(labels: list[str], st: RequestStats) -> _Member:
     )
 
 
-def snapshot(sup: Supervisor, router: Router, host: HostSample | None) -> Snapshot:
+def snapshot(
+    sup: Supervisor,
+    router: Router,
+    host: HostSample | None,
+    alerter: Alerter | None = None,
+    hooks: Hooks | None = None,
+) -> Snapshot:
     """Copy the live figures (on the event loop)."""
     members: list[_Member] = []
     for engine in sup.engines.values():
@@ -114,7 +142,41 @@ def snapshot(sup: Supervisor, router: Router, host: HostSample | None) -> Snapsh
             members.append(m)
     waiting = router.queue_by_type()
     queue = [(t, waiting.get(t, 0)) for t in sorted({e.spec.type for e in sup.engines.values()})]
-    return Snapshot(members, queue, host, router.protocol_errors)
+    snap = Snapshot(members, queue, host, router.protocol_errors)
+    for gate in router.admission.all_gates():
+        adaptive = gate.adaptive.limit if gate.adaptive is not None else None
+        snap.gates.append(
+            _GateFigures(
+                gate.kind.value,
+                gate.name,
+                gate.in_flight,
+                gate.limit,
+                gate.rate_limited,
+                gate.shed,
+                adaptive,
+            )
+        )
+    for priority, hist in sorted(router.gate.queue_wait_by_priority.items()):
+        snap.queue_wait[priority] = (list(hist.counts), hist.sum_us)
+    if alerter is not None:
+        for alert in alerter.book.alerts():
+            labels = alert.labels
+            snap.alerts.append(
+                (
+                    alert.rule.name,
+                    alert.state.value,
+                    alert.rule.severity.value,
+                    labels.get("engine", ""),
+                    labels.get("instance", ""),
+                    labels.get("type", ""),
+                )
+            )
+    if hooks is not None:
+        for doc in hooks.to_json()["hooks"]:
+            snap.hooks[doc["name"]] = {
+                outcome: doc[outcome] for outcome in ("delivered", "failed", "dropped", "skipped")
+            }
+    return snap
 
 
 def prometheus_text(snap: Snapshot) -> bytes:
@@ -245,6 +307,7 @@ def prometheus_text(snap: Snapshot) -> bytes:
             value=snap.protocol_errors,
         )
     )
+    families += _admission_families(snap)
 
     class _Collector:
         def collect(self) -> list[Any]:
@@ -254,6 +317,75 @@ def prometheus_text(snap: Snapshot) -> bytes:
     registry.register(_Collector())
     data: bytes = generate_latest(registry)
     return data
+
+
+def _admission_families(snap: Snapshot) -> list[Any]:
+    """Rate limits, in-flight limits, the adaptive limit, the queue wait, alerts and hooks."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    scope = ["scope", "name"]
+    limited = CounterMetricFamily(
+        "engctl_rate_limited",
+        "Requests refused at once by a rate limit (no token before their deadline).",
+        labels=scope,
+    )
+    shed = CounterMetricFamily(
+        "engctl_shed",
+        "Requests refused at once by an adaptive limit with enough requests waiting.",
+        labels=scope,
+    )
+    in_flight = GaugeMetricFamily(
+        "engctl_admission_in_flight", "Requests holding a slot of a limit.", labels=scope
+    )
+    limit = GaugeMetricFamily(
+        "engctl_admission_limit",
+        "The in-flight limit in force (max_in_flight, or the adaptive limit).",
+        labels=scope,
+    )
+    adaptive = GaugeMetricFamily(
+        "engctl_adaptive_limit",
+        "An engine's adaptive concurrency limit (the gradient controller's).",
+        labels=["engine"],
+    )
+    for g in snap.gates:
+        lv = [g.scope, g.name]
+        limited.add_metric(lv, g.rate_limited)
+        shed.add_metric(lv, g.shed)
+        in_flight.add_metric(lv, g.in_flight)
+        if g.limit is not None:
+            limit.add_metric(lv, g.limit)
+        if g.adaptive is not None:
+            adaptive.add_metric([g.name], g.adaptive)
+    wait = HistogramMetricFamily(
+        "engctl_queue_wait_seconds",
+        "Time requests waited in the queue before they ran, by priority.",
+        labels=["priority"],
+    )
+    for priority, (counts, sum_us) in snap.queue_wait.items():
+        hist = Histogram.from_list(counts, sum_us)
+        buckets = [(_le(b), float(n)) for b, n in hist.cumulative_at(PROM_BOUNDS_US)]
+        buckets.append(("+Inf", float(hist.count)))
+        wait.add_metric([str(priority)], buckets, sum_us / 1e6)
+    alerts = GaugeMetricFamily(
+        "engctl_alerts",
+        "1 for each pending or firing alert (as Prometheus' ALERTS).",
+        labels=["alertname", "alertstate", "severity", "engine", "engine_instance", "type"],
+    )
+    for labels in snap.alerts:
+        alerts.add_metric(list(labels), 1)
+    hooks = CounterMetricFamily(
+        "engctl_hook_deliveries",
+        "Events a hook delivered, failed to deliver, dropped (queue full) or skipped.",
+        labels=["hook", "outcome"],
+    )
+    for name, outcomes in snap.hooks.items():
+        for outcome, n in outcomes.items():
+            hooks.add_metric([name, outcome], n)
+    return [limited, shed, in_flight, limit, adaptive, wait, alerts, hooks]
 
 
 class MetricsServer:

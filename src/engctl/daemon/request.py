@@ -1,8 +1,8 @@
 """One `engctl exec` request on its way through the daemon: the record the router, the
 dispatcher and a worker channel pass along (no task per request: callbacks move it).
 
-Plain data: imports the selection package (its selector and candidate) and the server's reply
-type only.
+Plain data: imports the selection package (its selector and candidate), the admission
+package (its gates and queue entries) and the server's reply type only.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from engctl.errors import EngctlError
 
 if TYPE_CHECKING:
+    from .admission import Entry, Gate
     from .selection import Candidate, Selector
     from .server import Reply
     from .stats import RequestStats
@@ -23,13 +24,19 @@ class Request:
 
     __slots__ = (
         "attempts",
+        "blocked",
+        "caller",
         "cand",
         "deadline",
+        "entry",
         "explain",
         "future",
+        "gates",
         "id",
         "input_json",
         "last_error",
+        "priority",
+        "queued_at",
         "retries_left",
         "selector",
         "sent_at",
@@ -51,6 +58,8 @@ class Request:
         retries: int,
         explain: bool,
         future: Reply,
+        priority: int = 5,
+        caller: str = "",
     ) -> None:
         self.id = req_id
         self.input_json = input_json
@@ -72,3 +81,12 @@ class Request:
         # until the late answer, or the loss, frees it, and then nothing more is counted.
         self.settled = False
         self.waiting_for = ""  # what a waiting request waits for, for its timeout message
+        # Admission (`admission`): who asks and how urgently; the gates the attempt in flight
+        # passed (their slots are given back when it ends); while it waits, its place in the
+        # queue, since when (loop time) and the gate that holds it (None: no free instance).
+        self.priority = priority
+        self.caller = caller
+        self.gates: tuple[Gate, ...] = ()
+        self.entry: Entry | None = None
+        self.queued_at = 0.0
+        self.blocked: Gate | None = None

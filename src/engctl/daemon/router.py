@@ -1,6 +1,7 @@
-"""Routes `engctl exec` requests: place each on an instance (`selection`), queue it when all are
-full, retry elsewhere, time it out, make it wait for instances on their way (`standby`), let
-drains finish, count every attempt's outcome (`stats`) and answer the caller.
+"""Routes `engctl exec` requests: place each on an instance (`selection`) through the admission
+limits (`gatekeeper`), queue it when it cannot run (by priority, fairly between callers), retry
+elsewhere, time it out, make it wait for instances on their way (`standby`), let drains finish,
+count every attempt's outcome (`stats`) and answer the caller.
 
 Sending is `dispatch`'s job, processes are `supervisor`'s. The hot path creates no task per
 request: a Request is a plain object moved along by callbacks and one loop timer (`deadlines`).
@@ -10,8 +11,6 @@ Imports no failure policy: failed requests are reported through `PolicyHooks`.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import json
 import os
 import time
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from engctl import protocol
+from engctl.admission_config import ANONYMOUS, DEFAULT_PRIORITY, parse_priority
 from engctl.config import DaemonConfig
 from engctl.errors import (
     BusyError,
@@ -27,25 +27,37 @@ from engctl.errors import (
     NoEligibleEngineError,
     RequestFailedError,
     RequestTimeoutError,
-    UsageError,
 )
-from engctl.protocol import StrategyName
 from engctl.states import DesiredState, EngineMode, InstanceState
 
+from .admission import EngineLimits, Gate
 from .deadlines import Deadlines
 from .dispatch import Dispatcher
+from .gatekeeper import WAIT as _WAIT
+from .gatekeeper import Gatekeeper
+from .gatekeeper import Wait as _Wait
 from .instance import Engine, Instance
 from .request import Request
-from .selection import Candidate, CandidateKind, CandidatePool, Outcome, Selector
+from .selection import (
+    Candidate,
+    CandidateKind,
+    CandidatePool,
+    Outcome,
+    Selector,
+    selector_from_params,
+    selector_key,
+)
 from .server import RawJSON, Reply
 from .standby import InstanceView, Standby, spec_matches, standby
 from .stats import RequestStats
 from .supervisor import Supervisor
 
 S = InstanceState
-# On each completion, this many waiting requests are tried against the freed capacity.
+# On each completion, this many waiting requests are tried against the freed capacity (the
+# classes found blocked on the way are skipped without a try).
 QUEUE_SCAN = 8
-_KEYED = (StrategyName.AFFINITY, StrategyName.CONSISTENT_HASH)
+# A caller's name: printable and short (a label of figures, a key of the settings).
+MAX_CALLER_LENGTH = 128
 
 
 class PolicyHooks(Protocol):
@@ -65,13 +77,6 @@ class LeaseHooks(Protocol):
         """The error for a request of a lease that ended meanwhile (None: still held)."""
 
 
-class _Wait:
-    """`_place` result: the request waits in the queue."""
-
-
-_WAIT = _Wait()
-
-
 class Router:
     """Owns the wait queue and every request in flight; places, retries and answers them."""
 
@@ -87,7 +92,11 @@ class Router:
         self.dispatcher = dispatcher
         self.config = config
         self.loop = sup.loop
-        self.queue: collections.deque[Request] = collections.deque()
+        # The wait queue (priorities, fairness, aging) and the admission limits in force.
+        self.gate = Gatekeeper(self.loop, pool, config.limits, self.retry_waiting)
+        self.gate.record = config.metrics
+        self.queue = self.gate.queue
+        self.admission = self.gate.admission
         self._explained: dict[str, Any] = {}
         self.deadlines = Deadlines(self.loop, self._timed_out)
         self.policies: PolicyHooks | None = None  # wired by the daemon (main.py)
@@ -111,9 +120,21 @@ class Router:
         return self.dispatcher.protocol_errors
 
     def engines_changed(self) -> None:
-        """The registered engines changed: counters are looked up afresh, and what waiting
-        requests wait for may be gone now."""
+        """The registered engines changed: counters are looked up afresh, their limits apply,
+        and what waiting requests wait for may be gone now."""
         self._stats_by_id.clear()
+        self.configure(self.config)
+
+    def configure(self, config: DaemonConfig) -> None:
+        """New settings (`daemon reload`) or engines: their limits apply now."""
+        self.config = config
+        engines = {}
+        for name, engine in self.sup.engines.items():
+            spec = engine.spec
+            instances = 1 if spec.mode is EngineMode.ONESHOT else spec.instances
+            slots = max(1, spec.max_concurrency * instances)
+            engines[name] = EngineLimits(spec.type, spec.limits, slots)
+        self.gate.configure(config.limits, engines)
         if self.queue:
             self.retry_waiting(len(self.queue))
 
@@ -122,29 +143,13 @@ class Router:
         """Start one request from `request.exec` params; the Reply gets its result object."""
         if "input" not in params:
             raise InvalidParamsError("missing parameter 'input'")
-        common_type = params.get("type") if len(params) == 2 else None
-        if type(common_type) is str:
-            # The common call, {input, type}: its key is the type (a str never equals the
-            # tuples below), one lookup instead of eight.
-            key: Any = common_type
-        else:
-            key = (
-                params.get("type"),
-                params.get("engine"),
-                params.get("instance"),
-                _as_tuple(params.get("require")),
-                _as_tuple(params.get("prefer")),
-                _as_tuple(params.get("labels")),
-                params.get("key"),
-                params.get("strategy"),
-                params.get("lease"),
-            )
+        key: Any = selector_key(params)
         try:
             selector = self._selectors.get(key)
         except TypeError:  # unhashable: a list or an object where a string belongs
             selector = key = None
         if selector is None:
-            selector = _selector(params)  # InvalidParamsError for values of the wrong type
+            selector = selector_from_params(params)  # refuses values of the wrong type
             if selector.lease is not None:
                 if self.leases is None:
                     raise InvalidParamsError("this daemon holds no leases")
@@ -167,6 +172,22 @@ class Router:
             if raw_retries is None
             else protocol.number("retries", raw_retries, integer=True, minimum=0)
         )
+        raw_priority = params.get("priority")
+        priority = (
+            DEFAULT_PRIORITY
+            if raw_priority is None
+            else parse_priority(raw_priority, "parameter 'priority'")
+        )
+        caller = params.get("caller")
+        if caller is None:
+            caller = ANONYMOUS
+        elif type(caller) is not str or not 0 < len(caller) <= MAX_CALLER_LENGTH:
+            raise InvalidParamsError(
+                f"parameter 'caller' must be a name of 1 to {MAX_CALLER_LENGTH} characters,"
+                f" got {caller!r}"
+            )
+        elif not caller.isprintable():
+            raise InvalidParamsError(f"parameter 'caller' must be printable, got {caller!r}")
         self._seq += 1
         fut = Reply()
         req = Request(
@@ -178,6 +199,8 @@ class Router:
             retries,
             bool(params.get("explain")),
             fut,
+            priority,
+            caller,
         )
         self.deadlines.add(req)
         self._route(req)
@@ -188,6 +211,7 @@ class Router:
         outcome = self._place(req, req.explain)
         if outcome is _WAIT:
             if len(self.queue) >= self.config.max_queue:
+                self.gate.unblock(req)
                 self._fail(
                     req,
                     BusyError(
@@ -196,15 +220,22 @@ class Router:
                     ),
                 )
                 return
-            self.queue.append(req)
+            self.gate.enqueue(req)
             if self.on_wait is not None:
                 self.on_wait(req)
         elif isinstance(outcome, EngctlError):
+            self.gate.unblock(req)
             self._fail(req, outcome)
 
     def _place(self, req: Request, explain: bool = False) -> EngctlError | _Wait | None:
         """Dispatch `req` now (None), leave it to wait (_WAIT), or the error that ends it."""
         selector = req.selector
+        admission = self.admission.active
+        caller_gate: Gate | None = None
+        if admission:
+            caller_gate, closed = self.gate.before_pick(req)
+            if closed is not None:
+                return closed
         if req.tried:
             # A retry goes to an instance not tried yet, through every hard filter of the
             # first attempt: the set is keyed by type, engine, capabilities and labels, and
@@ -214,14 +245,17 @@ class Router:
             untried = [c for c in members if c.id not in req.tried and pinned in (None, c.id)]
             free = [c for c in untried if not c.full]
             if free:
-                self._dispatch(req, min(free, key=lambda c: (c.load, c.id)))
+                cand = min(free, key=lambda c: (c.load, c.id))
+                if admission:
+                    return self._admit(req, cand, caller_gate, free)
+                self._dispatch(req, cand)
                 return None
             if untried:
-                return _WAIT
+                return self._wait(req)
             waiting = self._standby(selector, req.tried)
             if waiting is not None and waiting.wait:
                 req.waiting_for = waiting.wait
-                return _WAIT
+                return self._wait(req)
             if req.last_error is not None:
                 return req.last_error
             return RequestFailedError("no other instance to retry on")
@@ -230,10 +264,12 @@ class Router:
             assert sel.candidate is not None
             if explain and sel.explanation is not None:
                 self._explained[req.id] = sel.explanation.to_json()
+            if admission:
+                return self._admit(req, sel.candidate, caller_gate, None)
             self._dispatch(req, sel.candidate)
             return None
         if sel.outcome is Outcome.ALL_FULL:
-            return _WAIT
+            return self._wait(req)
         if selector.lease is not None and self.leases is not None:
             ended = self.leases.not_held(selector.lease)
             if ended is not None:
@@ -243,12 +279,29 @@ class Router:
             # Registered and on its way (starting, warming up, restarting, or not started
             # yet by a daemon that is starting): not "no engine". Wait within the deadline.
             req.waiting_for = waiting.wait
-            return _WAIT
+            return self._wait(req)
         assert sel.no_match is not None
         error = sel.no_match.error(sel.explanation)
         if waiting is not None and waiting.error:
             return NoEligibleEngineError(waiting.error, error.data)
         return error
+
+    def _wait(self, req: Request) -> _Wait:
+        """`req` waits for a free instance (no gate holds it)."""
+        if req.blocked is not None:
+            self.gate.unblock(req)
+        return _WAIT
+
+    def _admit(
+        self, req: Request, cand: Candidate, caller_gate: Gate | None, free: list[Candidate] | None
+    ) -> EngctlError | _Wait | None:
+        """Send `req` through the admission limits (to `cand`, or another free candidate whose
+        gates are open), or say why it waits or is refused."""
+        found = self.gate.admit(req, cand, caller_gate, free)
+        if isinstance(found, Candidate):
+            self._dispatch(req, found)
+            return None
+        return found
 
     def _standby(self, selector: Selector, tried: list[str] | None = None) -> Standby | None:
         """What the registered engines say about a request nothing in the pool can take:
@@ -309,6 +362,8 @@ class Router:
         return InstanceView(inst.id, name, state.value, why)
 
     def _dispatch(self, req: Request, cand: Candidate) -> None:
+        if req.queued_at:
+            self.gate.waited(req)
         req.attempts += 1
         req.tried.append(cand.id)
         req.target = req.cand = cand
@@ -352,6 +407,8 @@ class Router:
         latency_ms = (time.perf_counter() - req.sent_at) * 1000
         cand, stats = req.cand, req.stats
         req.cand = req.stats = None
+        if req.gates:
+            self.gate.finished(req, ok, latency_ms)
         if cand is not None and cand.in_flight > 0:
             cand.in_flight -= 1  # harmless on a candidate already withdrawn from the pool
         if stats is not None:
@@ -402,35 +459,14 @@ class Router:
             self._failed(inst.id, CandidateKind.INSTANCE)
 
     def queue_by_type(self) -> dict[str, int]:
-        """Requests waiting for a free instance, by the type they asked for ("" for none)."""
-        out: dict[str, int] = {}
-        for req in self.queue:
-            if not req.future.done:
-                t = req.selector.type or ""
-                out[t] = out.get(t, 0) + 1
-        return out
+        """Requests waiting, by the type they asked for ("" for none)."""
+        return self.gate.by_type()
 
     def retry_waiting(self, scan: int = QUEUE_SCAN) -> None:
-        """Offer freed capacity to the oldest `scan` waiting requests (a bounded scan)."""
-        if not self.queue:
-            return
-        kept: list[Request] = []
-        blocked: set[object] = set()  # filters that found nothing free in this scan
-        for _ in range(min(scan, len(self.queue))):
-            req = self.queue.popleft()
-            if req.future.done:
-                continue
-            key = req.selector.filter_key
-            if key in blocked and not req.tried:
-                kept.append(req)
-                continue
-            outcome = self._place(req)
-            if outcome is _WAIT:
-                blocked.add(key)
-                kept.append(req)
-            elif isinstance(outcome, EngctlError):
-                self._fail(req, outcome)
-        self.queue.extendleft(reversed(kept))
+        """Offer freed capacity (or new tokens) to waiting requests in service order: up to
+        `scan` tries, the classes found blocked on the way skipped (a bounded scan)."""
+        if self.queue:
+            self.gate.scan(self._place, self._fail, scan)
 
     def _timed_out(self, req: Request) -> None:
         if req.future.done:
@@ -450,8 +486,7 @@ class Router:
             where = " waiting in the queue"
         if not running:
             # Free its slot now: max_queue bounds live waiters, not requests already answered.
-            with contextlib.suppress(ValueError):
-                self.queue.remove(req)
+            self.gate.dequeue(req)
         self._fail(req, RequestTimeoutError(f"request timed out after {req.timeout:g}s{where}"))
         if running and req.stats is not None:
             # The caller gave up: that is this attempt's outcome. It says nothing about the
@@ -550,42 +585,7 @@ class Router:
         """Fail everything still waiting (daemon shutdown)."""
         for inst in list(self._drains):
             self.drained(inst)
-        for req in list(self.queue):
+        for req in self.gate.close():
             self._fail(req, RequestFailedError("daemon shutting down"))
-        self.queue.clear()
         for req in self.dispatcher.close():
             self._fail(req, RequestFailedError("daemon shutting down"))
-
-
-def _as_tuple(value: Any) -> Any:
-    """A hashable form of a list parameter (unhashable junk is left for validation)."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _selector(params: dict[str, Any]) -> Selector:
-    def strings(key: str) -> list[str]:
-        value = params.get(key) or []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InvalidParamsError(f"parameter {key!r} must be a list of strings")
-        return value
-
-    def opt(key: str) -> str | None:
-        value = params.get(key)
-        if value is not None and not isinstance(value, str):
-            raise InvalidParamsError(f"parameter {key!r} must be a string")
-        return value
-
-    selector = Selector.of(
-        type=opt("type"),
-        engine=opt("engine"),
-        instance=opt("instance"),
-        require=strings("require"),
-        prefer=strings("prefer"),
-        labels=strings("labels"),
-        key=opt("key"),
-        strategy=opt("strategy"),
-        lease=opt("lease"),
-    )
-    if selector.strategy in _KEYED and selector.key is None:
-        raise UsageError(f"strategy {selector.strategy} needs --key (the stickiness key)")
-    return selector

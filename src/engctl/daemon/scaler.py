@@ -173,9 +173,7 @@ class Scaler:
             return out
         engines = self._autoscaled()
         seen: dict[object, list[str]] = {}
-        for req in self.router.queue:
-            if req.future.done:
-                continue
+        for req in self.router.gate.waiting():
             sel = req.selector
             key = (sel.filter_key, sel.instance)
             names = seen.get(key)

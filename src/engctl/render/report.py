@@ -131,9 +131,7 @@ def report_view(r: ReportDoc) -> RenderableType:
         actions.add_column("")
         actions.add_column("")
         for a in r["actions"]:
-            actions.add_row(
-                clock(a["at"])[11:19], a["instance"] or a["engine"] or "-", a["reason"]
-            )
+            actions.add_row(clock(a["at"])[11:19], a["instance"] or a["engine"] or "-", a["reason"])
         parts.append(actions)
     else:
         parts.append(Text("No policy actions in this period."))

@@ -120,6 +120,8 @@ def setting_value(key: str, value: Any) -> str:
         return size(value)
     if key == "leak_rate":
         return f"{size(value)}/s"
+    if key == "rate":
+        return f"{value:g}/s"
     if key.endswith("_percent"):
         return f"{value:g}%"
     if key in _SECONDS:
@@ -160,6 +162,18 @@ def policy_rows(engine: dict[str, Any]) -> list[tuple[str, str, Any, str]]:
         for key, value in values.items():
             source = "default" if key in known and known[key] == value else "engine"
             rows.append((section, key, value, source))
+    # The daemon's admission limits for the engine's type ([daemon.limits], admission.md).
+    admission = engine.get("admission")
+    if admission:
+        from engctl.admission_config import DEFAULT_AGING
+
+        cap, aging = admission.get("max_in_flight"), admission.get("aging")
+        rows.append(("daemon.limits", "max_in_flight", cap, "default" if cap is None else "daemon"))
+        rows.append(
+            ("daemon.limits", "aging", aging, "default" if aging == DEFAULT_AGING else "daemon")
+        )
+        for key, value in (admission.get("type") or {}).items():
+            rows.append((f"daemon.limits.types.{engine['type']}", key, value, "daemon"))
     policy, sources = engine["policy"], engine["sources"]
     for key, value in policy.items():
         if not isinstance(value, dict):

@@ -169,4 +169,21 @@ def top_view(
     keys = Text("q quit · sort 1 name 2 rps 3 p99 4 cpu 5 rss 6 state", style="dim")
     if not rows:
         return Group(Text(head, style="bold"), Text("no instances (try `engctl demo`)"), keys)
-    return Group(Text(head, style="bold"), table, keys)
+    limits = admission_lines(live.get("admission") or {})
+    return Group(Text(head, style="bold"), table, *limits, keys)
+
+
+def admission_lines(gates: Mapping[str, Mapping[str, Any]]) -> list[Text]:
+    """One line per engine with admission limits: in flight against the limit, waiting,
+    refusals, and (adaptive) why the limit last moved."""
+    out = []
+    for name, g in sorted(gates.items()):
+        line = f"{name}: in flight {g['in_flight']}/{g['limit'] if g['limit'] is not None else '∞'}"
+        line += f" · waiting {g['waiting']}" if g["waiting"] else ""
+        line += f" · rate limited {g['rate_limited']}" if g["rate_limited"] else ""
+        line += f" · shed {g['shed']}" if g["shed"] else ""
+        adaptive = g.get("adaptive")
+        if adaptive:
+            line += f" · adaptive limit {adaptive['limit']} ({adaptive['reason']})"
+        out.append(Text(line, style="dim", no_wrap=True, overflow="ellipsis"))
+    return out

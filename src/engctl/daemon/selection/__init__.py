@@ -23,7 +23,14 @@ from __future__ import annotations
 from .candidates import Candidate, CandidateKind, CandidateSet, Change, KeyMemory
 from .explain import Assessment, Explanation, NoMatch, Outcome, exclusion
 from .pool import CandidatePool, Selection
-from .selector import FilterName, Selector, parse_label, parse_strategy
+from .selector import (
+    FilterName,
+    Selector,
+    parse_label,
+    parse_strategy,
+    selector_from_params,
+    selector_key,
+)
 from .strategies import default_strategies
 from .strategies.base import Strategy, Verdict
 from .strategies.capability import Capability, capability_match, performance_factor
@@ -68,5 +75,7 @@ __all__ = [
     "quantize_weights",
     "ring_hash",
     "ring_points",
+    "selector_from_params",
+    "selector_key",
     "smooth_schedule",
 ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from engctl.errors import UsageError
+from engctl.errors import InvalidParamsError, UsageError
 from engctl.protocol import StrategyName
 
 from .candidates import Candidate, FilterKey, _matches_key
@@ -126,3 +126,63 @@ class Selector:
             "strategy": None if self.strategy is None else self.strategy.value,
             "lease": self.lease,
         }
+
+
+_KEYED = (StrategyName.AFFINITY, StrategyName.CONSISTENT_HASH)
+
+
+def selector_key(params: Mapping[str, Any]) -> Any:
+    """A hashable key of an `exec` call's selection parameters (for a cache of selectors;
+    unhashable junk is left in, for validation to refuse)."""
+    common_type = params.get("type") if len(params) == 2 else None
+    if type(common_type) is str:
+        # The common call, {input, type}: its key is the type (a str never equals the
+        # tuples below), one lookup instead of eight.
+        return common_type
+    return (
+        params.get("type"),
+        params.get("engine"),
+        params.get("instance"),
+        _as_tuple(params.get("require")),
+        _as_tuple(params.get("prefer")),
+        _as_tuple(params.get("labels")),
+        params.get("key"),
+        params.get("strategy"),
+        params.get("lease"),
+    )
+
+
+def _as_tuple(value: Any) -> Any:
+    """A hashable form of a list parameter (unhashable junk is left for validation)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def selector_from_params(params: Mapping[str, Any]) -> Selector:
+    """The selector of an `exec` call's parameters; InvalidParamsError for a value of the
+    wrong type, UsageError for a keyed strategy without its key."""
+    def strings(key: str) -> list[str]:
+        value = params.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidParamsError(f"parameter {key!r} must be a list of strings")
+        return value
+
+    def opt(key: str) -> str | None:
+        value = params.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidParamsError(f"parameter {key!r} must be a string")
+        return value
+
+    selector = Selector.of(
+        type=opt("type"),
+        engine=opt("engine"),
+        instance=opt("instance"),
+        require=strings("require"),
+        prefer=strings("prefer"),
+        labels=strings("labels"),
+        key=opt("key"),
+        strategy=opt("strategy"),
+        lease=opt("lease"),
+    )
+    if selector.strategy in _KEYED and selector.key is None:
+        raise UsageError(f"strategy {selector.strategy} needs --key (the stickiness key)")
+    return selector
