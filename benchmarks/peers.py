@@ -38,8 +38,14 @@ from typing import Any
 
 import orjson
 import psutil
-from common import all_ready, exit_cleanly_on_sigterm, machine_info, source_state, stop_daemon
-from common import wait_for
+from common import (
+    all_ready,
+    exit_cleanly_on_sigterm,
+    machine_info,
+    source_state,
+    stop_daemon,
+    wait_for,
+)
 
 from engctl.client import Client
 
@@ -206,13 +212,20 @@ def pool_run(
 
 
 # -- Ray Serve (optional) --------------------------------------------------------------------
-def ray_peer() -> tuple[Callable[[Any, int, int], list[float]] | None, str, Callable[[], None]]:
+Run = Callable[[Any, int, int], list[float]]
+
+
+def _nothing() -> None:
+    pass
+
+
+def ray_peer() -> tuple[Run | None, str, Callable[[], None]]:
     """Ray Serve's handle over a 2-replica echo deployment, or None and why not."""
     try:
         import ray  # type: ignore[import-not-found, unused-ignore]
         from ray import serve  # type: ignore[import-not-found, unused-ignore]
     except ImportError as exc:
-        return None, f"skipped: ray is not installed ({exc})", lambda: None
+        return None, f"skipped: ray is not installed ({exc})", _nothing
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
     @serve.deployment(num_replicas=2, max_ongoing_requests=32)  # type: ignore[misc, unused-ignore]
@@ -220,7 +233,7 @@ def ray_peer() -> tuple[Callable[[Any, int, int], list[float]] | None, str, Call
         def __call__(self, value: Any) -> Any:
             return echo(value)
 
-    handle = serve.run(Echo.bind())
+    handle = serve.run(Echo.bind())  # type: ignore[attr-defined, unused-ignore]
 
     def run(value: Any, total: int, window: int) -> list[float]:
         times: list[float] = []
@@ -271,7 +284,8 @@ def main() -> None:
     daemon_pid: int | None = None
     direct: Direct | None = None
     pool = concurrent.futures.ProcessPoolExecutor(2)
-    ray_run, ray_note, ray_close = None, "", lambda: None
+    ray_run: Run | None = None
+    ray_note, ray_close = "", _nothing
     try:
         direct = Direct()
         c.connect()
@@ -292,7 +306,7 @@ def main() -> None:
         wait_for(lambda: all_ready(c, "echo", 2))
         ray_run, ray_note, ray_close = ray_peer()
         d, e = direct, c
-        peers: dict[str, Callable[[Any, int, int], list[float]]] = {
+        peers: dict[str, Run] = {
             "direct": lambda v, n, w: d.run(v, n, w),
             "engctl": lambda v, n, w: engctl_run(e, v, n, w),
             "ppe2": lambda v, n, w: pool_run(pool, v, n, w),
@@ -332,9 +346,9 @@ def main() -> None:
                     row[name] = {"rps": round(total / seconds[key], 1)}
             figure = "p50_ms" if window == 1 else "rps"
             mine = row["engctl"][figure]
-            better = (lambda a, b: a <= b) if window == 1 else (lambda a, b: a >= b)
+            others = [row[p][figure] for p in peers if p not in ("engctl", "direct")]
             row["engctl_leads"] = all(
-                better(mine, row[p][figure]) for p in peers if p not in ("engctl", "direct")
+                mine <= other if window == 1 else mine >= other for other in others
             )
             row["engctl_daemon_cpu_us_per_request"] = round(
                 daemon_cpu[size, window] / total * 1e6, 1
@@ -352,8 +366,7 @@ def main() -> None:
         result["targets"] = {
             "engctl_leads_every_peer_on_every_row": all(r["engctl_leads"] for r in rows),
             "large_c64_ge_0_9x_direct": large_c64["engctl_over_direct"] >= TARGET_LARGE_RATIO,
-            "large_added_p50_le_1ms": large_c1["engctl_added_p50_ms"]
-            <= TARGET_LARGE_ADDED_P50_MS,
+            "large_added_p50_le_1ms": large_c1["engctl_added_p50_ms"] <= TARGET_LARGE_ADDED_P50_MS,
         }
         result["table"] = table(rows, list(peers))
         result["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)

@@ -25,6 +25,7 @@ SMOKE_ARGS = {
         "--quick", "--instances", "4", "--warmup", "0", "--idle-seconds", "17",
         "--scrape-seconds", "3", "--rounds", "3", "--requests", "300",
     ],
+    "peers.py": ["--quick", "--rounds", "1"],
     "selection.py": ["--quick"],
     "supervise.py": ["--quick"],
 }  # fmt: skip

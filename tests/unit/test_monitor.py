@@ -7,6 +7,8 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -128,3 +130,30 @@ def test_sample_once_forgets_processes_that_exit(
 def test_sample_once_with_no_targets_is_empty(monitor: Monitor) -> None:
     """No targets, no samples."""
     assert monitor.sample_once() == {}
+
+
+def test_one_stat_read_gives_what_psutil_reads(monitor: Monitor) -> None:
+    """Issue 13.1: the sampler's one read of /proc/PID/stat per process gives the RSS, threads,
+    fds and CPU % that psutil reads in four, and a spinning process shows its CPU."""
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import threading,time\nwhile True: pass"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        monitor.set_targets({"spin#0": spinner.pid})
+        monitor.sample_once()  # the first reading of a process has no CPU % yet (as psutil)
+        p = psutil.Process(spinner.pid)
+        deadline = time.monotonic() + 10
+        while True:
+            time.sleep(0.2)
+            s = monitor.sample_once()["spin#0"]
+            with p.oneshot():
+                rss, threads, fds = p.memory_info().rss, p.num_threads(), p.num_fds()
+            if s.cpu_percent > 20 or time.monotonic() > deadline:
+                break
+        assert s.cpu_percent > 20
+        assert abs(s.rss_bytes - rss) <= 1 << 20
+        assert (s.threads, s.fds) == (threads, fds)
+    finally:
+        spinner.kill()
+        spinner.wait()

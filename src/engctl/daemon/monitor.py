@@ -1,8 +1,9 @@
-"""psutil sampling of every live instance, in a thread of its own so the event loop never waits.
+"""Sampling of every live instance, in a thread of its own so the event loop never waits.
 
-Each tick reads CPU %, RSS, threads and fds of each instance's process and its descendants; the
+Each tick reads CPU %, RSS, threads and fds of each instance's process and its descendants: one
+read of /proc/PID/stat each (the fields psutil would read in four) and a count of its fds; the
 descendant tree is rediscovered every few ticks from one pass over /proc rather than one per
-instance. Results are handed to the loop with `call_soon_threadsafe`.
+instance. psutil reads the host. Results are handed to the loop with `call_soon_threadsafe`.
 
 Mechanism: imports no other daemon module (the daemon applies what it reports).
 """
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,9 @@ log = logging.getLogger("engctl.monitor")
 
 # Descendants are rediscovered every this many ticks; engines rarely fork after start-up.
 DISCOVER_EVERY = 5
+# Units of /proc/PID/stat: CPU times in clock ticks, RSS in pages, start time in ticks since boot.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -79,6 +84,46 @@ def descendants_of(pid: int, children: dict[int, list[int]]) -> list[int]:
     return out
 
 
+@dataclass
+class ProcStat:
+    """The fields of /proc/PID/stat a sample needs (proc(5))."""
+
+    cpu_ticks: int  # utime + stime
+    threads: int
+    start_ticks: int  # since boot: with the pid, names the process against pid reuse
+    rss_pages: int
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """One read of /proc/PID/stat; None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself contain spaces or ')': the fields are
+    # counted after the last ')', from field 3 (state) on.
+    fields = data[data.rfind(b")") + 2 :].split()
+    if fields[:1] == [b"Z"]:
+        return None  # a zombie: it has exited, only its exit status is left to reap
+    try:
+        return ProcStat(
+            int(fields[11]) + int(fields[12]),  # utime, stime (fields 14, 15)
+            int(fields[17]),  # num_threads (20)
+            int(fields[19]),  # starttime (22)
+            int(fields[21]),  # rss (24)
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def count_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
 class Monitor:
     """Samples the pids in `targets` every `interval` seconds and reports through `on_samples`."""
 
@@ -92,9 +137,12 @@ class Monitor:
         self.targets: dict[str, int] = {}
         self._loop = loop
         self._on_samples = on_samples
-        self._procs: dict[int, psutil.Process] = {}
+        # (start ticks, CPU ticks, when) of each pid's last reading: its CPU % is the ticks
+        # used since then over the time since then (what psutil's cpu_percent computes).
+        self._procs: dict[int, tuple[int, int, float]] = {}
         self._tree: dict[int, list[int]] = {}
         self._tick = 0
+        self._boot = psutil.boot_time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engctl-monitor", daemon=True)
 
@@ -120,16 +168,6 @@ class Monitor:
             with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
                 self._loop.call_soon_threadsafe(self._on_samples, samples, host)
 
-    def _proc(self, pid: int) -> psutil.Process | None:
-        p = self._procs.get(pid)
-        if p is None:
-            try:
-                p = psutil.Process(pid)
-            except psutil.Error:
-                return None
-            self._procs[pid] = p
-        return p
-
     def sample_once(self) -> dict[str, Sample]:
         """One reading of every target; vanished processes are skipped, never raised."""
         targets = self.targets
@@ -137,29 +175,29 @@ class Monitor:
             children = ppid_map()
             self._tree = {pid: descendants_of(pid, children) for pid in targets.values()}
         self._tick += 1
-        seen: set[int] = set()
+        procs = self._procs
+        seen: dict[int, tuple[int, int, float]] = {}
         out: dict[str, Sample] = {}
         for inst_id, pid in targets.items():
             sample = Sample(pid=pid)
             for i, p_id in enumerate([pid, *self._tree.get(pid, ())]):
-                p = self._proc(p_id)
-                if p is None:
+                stat = read_stat(p_id)
+                if stat is None:
                     continue
-                try:
-                    with p.oneshot():
-                        sample.cpu_percent += p.cpu_percent()
-                        sample.rss_bytes += p.memory_info().rss
-                        sample.threads += p.num_threads()
-                        sample.fds += p.num_fds()
-                        if i > 0:
-                            sample.descendants.append((p_id, p.create_time()))
-                except psutil.Error:
-                    self._procs.pop(p_id, None)
-                    continue
-                seen.add(p_id)
+                now = time.monotonic()
+                last = procs.get(p_id)
+                if last is not None and last[0] == stat.start_ticks and now > last[2]:
+                    used = (stat.cpu_ticks - last[1]) / CLOCK_TICKS
+                    sample.cpu_percent += max(used, 0.0) / (now - last[2]) * 100
+                seen[p_id] = (stat.start_ticks, stat.cpu_ticks, now)
+                sample.rss_bytes += stat.rss_pages * PAGE_SIZE
+                sample.threads += stat.threads
+                sample.fds += count_fds(p_id)
+                if i > 0:
+                    created = self._boot + stat.start_ticks / CLOCK_TICKS
+                    sample.descendants.append((p_id, created))
             out[inst_id] = sample
-        for stale in set(self._procs) - seen:
-            del self._procs[stale]
+        self._procs = seen  # the pids read this tick: the others have exited or left
         return out
 
 
