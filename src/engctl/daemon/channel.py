@@ -147,8 +147,10 @@ class WorkerChannel:
             self.owner.channel_broken(self, "closed its stdout")
             return
         self.last_read = self.owner.loop.time()
-        with self.owner.outbox:
-            self._receive(data)
+        # The answers read here leave with those every other worker pipe ready in this loop
+        # turn gave (the outbox is flushed once they are all read): with many instances each
+        # pipe holds one answer, and flushing per pipe made one client write per request.
+        self._receive(data)
 
     def _receive(self, data: bytes) -> None:
         """Split `data` into lines in time linear in its size: the unfinished line waits in a

@@ -96,11 +96,18 @@ class ProcStat:
 
 def read_stat(pid: int) -> ProcStat | None:
     """One read of /proc/PID/stat; None when the process is gone."""
+    # os.open/os.read: a third of the cost of open() and its buffered file, once per process
+    # and tick (a fleet of 1,000 is 1,000 reads a second).
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # The command name is in parentheses and may itself contain spaces or ')': the fields are
     # counted after the last ')', from field 3 (state) on.
     fields = data[data.rfind(b")") + 2 :].split()
@@ -118,8 +125,11 @@ def read_stat(pid: int) -> ProcStat | None:
 
 
 def count_fds(pid: int) -> int:
+    """The open fds of `pid`: the size of /proc/PID/fd (Linux 6.2 and later count them there,
+    a stat instead of a listing), else the length of its listing."""
+    where = f"/proc/{pid}/fd"
     try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
+        return os.stat(where).st_size or len(os.listdir(where))
     except OSError:
         return 0
 
