@@ -1,12 +1,13 @@
 """JSON-RPC 2.0 framing, one object per line, shared by the daemon socket and the CLI.
 
-Shared contract between CLI and daemon: the stdlib, and orjson (imported on first use, so that
-commands which send no frame, such as `--version`, do not load it).
+Shared contract between CLI and daemon: the stdlib, and orjson (used once it is loaded: the
+daemon loads it, a client when it sends its first large input; see `encode_input`).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from enum import StrEnum
 
 from engctl.errors import EngctlError, InvalidParamsError, ParseError, ProtocolError
@@ -77,6 +78,10 @@ _DIGIT_RUNS = bytes(57 if 48 <= b <= 57 else 32 for b in range(256))
 _LONG_RUN = b"9" * 19
 # Most of the bytes before an input `split_exec` reads to find it (the other parameters).
 _EXEC_MEMBERS_MAX = 4096
+# orjson's import loads dataclasses, uuid, datetime and inspect: 5-10 ms, more than it saves a
+# command that sends and reads frames of ordinary size. A client loads it once it has encoded
+# an input this large (a program that sends one sends more); until then `json` does the work.
+ORJSON_AFTER_BYTES = 64 * 1024
 
 
 def dumps(obj: Any) -> bytes:
@@ -158,12 +163,11 @@ def number(
 
 
 def loads(data: bytes) -> Any:
-    """`json.loads(data)`, same results and errors: by orjson (about twice as fast) where it
-    gives the same value, by `json` for what orjson reads otherwise or refuses (integers past
-    64 bits, NaN and Infinity, lone surrogates, a BOM, UTF-16, every error)."""
-    if _LONG_RUN not in data.translate(_DIGIT_RUNS):
-        import orjson
-
+    """`json.loads(data)`, same results and errors: by orjson (about twice as fast), once loaded,
+    where it gives the same value; by `json` for what orjson reads otherwise or refuses
+    (integers past 64 bits, NaN and Infinity, lone surrogates, a BOM, UTF-16, every error)."""
+    orjson: Any = sys.modules.get("orjson")
+    if orjson is not None and _LONG_RUN not in data.translate(_DIGIT_RUNS):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -188,9 +192,14 @@ def encode_input(value: Any) -> bytes:
     """`encode_value(value)` by orjson (some 20× faster), for a request's input: the same value
     once decoded, maybe other bytes (`1e16` for `1e+16`). What orjson would write otherwise
     (NaN and Infinity as null) or refuses (big integers, non-str keys, subclasses, lone
-    surrogates) goes through `encode_value`, with its errors."""
-    import orjson
-
+    surrogates) goes through `encode_value`, with its errors. Until orjson is loaded, by
+    `encode_value`, which loads it after an input of ORJSON_AFTER_BYTES or more."""
+    orjson: Any = sys.modules.get("orjson")
+    if orjson is None:
+        encoded = encode_value(value)
+        if len(encoded) >= ORJSON_AFTER_BYTES:
+            import orjson  # the next inputs are encoded by orjson
+        return encoded
     try:
         # Types orjson encodes where `json` refuses them (datetimes, dataclasses, subclasses
         # of str or dict) pass through to its `default`: none is given, so they raise.
@@ -199,7 +208,7 @@ def encode_input(value: Any) -> bytes:
             | orjson.OPT_PASSTHROUGH_DATETIME
             | orjson.OPT_PASSTHROUGH_DATACLASS
         )
-        out = orjson.dumps(value, option=strict)
+        out: bytes = orjson.dumps(value, option=strict)
     except TypeError:  # orjson.JSONEncodeError: what `json` encodes alike, or refuses
         return encode_value(value)
     if b"null" in out:

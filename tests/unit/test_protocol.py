@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson  # noqa: F401  # loaded: protocol's orjson paths are the ones tested
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

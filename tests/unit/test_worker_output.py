@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+import orjson  # noqa: F401  # loaded: protocol's orjson paths are the ones tested
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
