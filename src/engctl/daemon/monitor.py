@@ -62,10 +62,8 @@ def ppid_map() -> dict[int, list[int]]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
+        data = _read_proc(f"/proc/{entry.name}/stat")
+        if data is None:
             continue
         # The command name is in parentheses and may itself contain spaces or ')'.
         rest = data[data.rfind(b")") + 2 :].split(b" ", 2)
@@ -94,20 +92,26 @@ class ProcStat:
     rss_pages: int
 
 
-def read_stat(pid: int) -> ProcStat | None:
-    """One read of /proc/PID/stat; None when the process is gone."""
-    # os.open/os.read: a third of the cost of open() and its buffered file, once per process
-    # and tick (a fleet of 1,000 is 1,000 reads a second).
+def _read_proc(path: str) -> bytes | None:
+    """A small /proc file, None if it is gone. os.open/os.read: a third of the cost of open()
+    and its buffered file, once per process and tick (a fleet of 1,000 is 1,000 a second)."""
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        data = os.read(fd, 4096)
+        return os.read(fd, 4096)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """One read of /proc/PID/stat; None when the process is gone."""
+    data = _read_proc(f"/proc/{pid}/stat")
+    if data is None:
+        return None
     # The command name is in parentheses and may itself contain spaces or ')': the fields are
     # counted after the last ')', from field 3 (state) on.
     fields = data[data.rfind(b")") + 2 :].split()
