@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from engctl.daemon import monitor as monitor_mod
 from engctl.daemon.monitor import Monitor, descendants_of, ppid_map
 
 
@@ -157,3 +158,16 @@ def test_one_stat_read_gives_what_psutil_reads(monitor: Monitor) -> None:
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_children_files_find_the_tree_the_ppid_scan_finds(
+    tree: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """Issue 13.1: the descendants read from each process's `children` files (a few reads per
+    instance) are those one pass over every process of /proc finds (what idle hosts paid for)."""
+    child, grandchild = tree
+    assert monitor_mod.HAS_CHILDREN_FILES
+    scanned = descendants_of(child.pid, ppid_map())
+    assert grandchild in scanned
+    assert sorted(monitor_mod.tree_of([child.pid])[child.pid]) == sorted(scanned)
+    assert child.pid in monitor_mod.children_of(os.getpid())

@@ -1,9 +1,10 @@
 """Sampling of every live instance, in a thread of its own so the event loop never waits.
 
-Each tick reads CPU %, RSS, threads and fds of each instance's process and its descendants: one
-read of /proc/PID/stat each (the fields psutil would read in four) and a count of its fds; the
-descendant tree is rediscovered every few ticks from one pass over /proc rather than one per
-instance. psutil reads the host. Results are handed to the loop with `call_soon_threadsafe`.
+Each tick reads CPU %, RSS, threads and fds of each instance's process and its descendants:
+/proc/PID/stat and statm (the fields psutil reads in four files) and a count of its fds. The
+descendant trees are rediscovered every few ticks from the `children` files of the instances'
+processes (or, without them, one pass over /proc). psutil reads the host. Results are handed to
+the loop with `call_soon_threadsafe`.
 
 Mechanism: imports no other daemon module (the daemon applies what it reports).
 """
@@ -17,7 +18,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import psutil
@@ -26,6 +27,8 @@ log = logging.getLogger("engctl.monitor")
 
 # Descendants are rediscovered every this many ticks; engines rarely fork after start-up.
 DISCOVER_EVERY = 5
+# /proc/PID/task/TID/children exists (CONFIG_PROC_CHILDREN, in every common distribution's kernel).
+HAS_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 # Units of /proc/PID/stat: CPU times in clock ticks, RSS in pages, start time in ticks since boot.
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -72,6 +75,39 @@ def ppid_map() -> dict[int, list[int]]:
     return children
 
 
+def children_of(pid: int) -> list[int]:
+    """Children of `pid`, from the `children` file of each of its threads (CONFIG_PROC_CHILDREN):
+    a few reads per process, where `ppid_map` reads every process of the machine."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    out: list[int] = []
+    for tid in tids:
+        data = _read_proc(f"/proc/{pid}/task/{tid}/children")
+        if data:
+            out += map(int, data.split())
+    return out
+
+
+def tree_of(pids: Iterable[int]) -> dict[int, list[int]]:
+    """The descendants of each of `pids`: from the `children` files where the kernel has them
+    (the cost grows with the fleet, not with the machine's processes), else from `ppid_map`."""
+    if not HAS_CHILDREN_FILES:
+        children = ppid_map()
+        return {pid: descendants_of(pid, children) for pid in pids}
+    out = {}
+    for pid in pids:
+        found: list[int] = []
+        stack = children_of(pid)
+        while stack:
+            p = stack.pop()
+            found.append(p)
+            stack.extend(children_of(p))
+        out[pid] = found
+    return out
+
+
 def descendants_of(pid: int, children: dict[int, list[int]]) -> list[int]:
     out: list[int] = []
     stack = list(children.get(pid, ()))
@@ -84,12 +120,12 @@ def descendants_of(pid: int, children: dict[int, list[int]]) -> list[int]:
 
 @dataclass
 class ProcStat:
-    """The fields of /proc/PID/stat a sample needs (proc(5))."""
+    """The fields of /proc/PID/stat and statm a sample needs (proc(5))."""
 
     cpu_ticks: int  # utime + stime
     threads: int
     start_ticks: int  # since boot: with the pid, names the process against pid reuse
-    rss_pages: int
+    rss_pages: int  # statm's: stat's own is a per-CPU estimate, some 100 KiB off
 
 
 def _read_proc(path: str) -> bytes | None:
@@ -108,7 +144,7 @@ def _read_proc(path: str) -> bytes | None:
 
 
 def read_stat(pid: int) -> ProcStat | None:
-    """One read of /proc/PID/stat; None when the process is gone."""
+    """One read of /proc/PID/stat and one of statm; None when the process is gone."""
     data = _read_proc(f"/proc/{pid}/stat")
     if data is None:
         return None
@@ -117,12 +153,13 @@ def read_stat(pid: int) -> ProcStat | None:
     fields = data[data.rfind(b")") + 2 :].split()
     if fields[:1] == [b"Z"]:
         return None  # a zombie: it has exited, only its exit status is left to reap
+    statm = _read_proc(f"/proc/{pid}/statm")
     try:
         return ProcStat(
             int(fields[11]) + int(fields[12]),  # utime, stime (fields 14, 15)
             int(fields[17]),  # num_threads (20)
             int(fields[19]),  # starttime (22)
-            int(fields[21]),  # rss (24)
+            int(statm.split()[1]) if statm else 0,  # resident (what psutil reads)
         )
     except (IndexError, ValueError):
         return None
@@ -186,8 +223,7 @@ class Monitor:
         """One reading of every target; vanished processes are skipped, never raised."""
         targets = self.targets
         if self._tick % DISCOVER_EVERY == 0 or set(targets.values()) - set(self._tree):
-            children = ppid_map()
-            self._tree = {pid: descendants_of(pid, children) for pid in targets.values()}
+            self._tree = tree_of(targets.values())
         self._tick += 1
         procs = self._procs
         seen: dict[int, tuple[int, int, float]] = {}
