@@ -30,7 +30,6 @@ import json
 import os
 import pty
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -38,23 +37,23 @@ import sys
 import tempfile
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from common import (
+    SLEEP,
     all_ready,
     exit_cleanly_on_sigterm,
     machine_info,
     source_state,
     stop_daemon,
+    supervisord,
     wait_for,
 )
 
 from engctl.client import Client
 
 PY = sys.executable
-SLEEP = shutil.which("sleep") or "/bin/sleep"
 # The pseudo-terminal the human commands write to.
 COLUMNS, LINES = 160, 50
 
@@ -98,56 +97,6 @@ def interleaved(
             elapsed = how(cmd, env) * 1000
             if round_:
                 times.setdefault(name, []).append(elapsed)
-
-
-@contextlib.contextmanager
-def supervisord(venv: Path, programs: int) -> Iterator[list[str]]:
-    """A supervisord running `programs` sleep programs; yields the supervisorctl command."""
-    folder = Path(tempfile.mkdtemp(prefix="svbench", dir="/tmp"))
-    conf = folder / "supervisord.conf"
-    lines = [
-        "[unix_http_server]", f"file={folder}/s.sock",
-        "[supervisord]", f"logfile={folder}/d.log", f"pidfile={folder}/d.pid",
-        f"childlogdir={folder}", "nodaemon=false",
-        "[rpcinterface:supervisor]",
-        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
-        "[supervisorctl]", f"serverurl=unix://{folder}/s.sock",
-    ]  # fmt: skip
-    for k in range(programs):
-        lines += [
-            f"[program:p{k}]", f"command={SLEEP} 3600", "startsecs=0",
-            "stdout_logfile=NONE", "stderr_logfile=NONE",
-        ]  # fmt: skip
-    conf.write_text("\n".join(lines) + "\n")
-    ctl = [str(venv / "bin" / "supervisorctl"), "-c", str(conf)]
-    subprocess.run([str(venv / "bin" / "supervisord"), "-c", str(conf)], check=True)
-    pid_file = folder / "d.pid"
-    try:
-        wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
-
-        def all_running() -> bool:
-            out = subprocess.run([*ctl, "status"], capture_output=True, text=True).stdout
-            return out.count(" RUNNING ") == programs
-
-        wait_for(all_running, 120)
-        yield ctl
-    finally:
-        pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
-        subprocess.run([*ctl, "shutdown"], capture_output=True)
-        if pid is not None:
-            try:
-                wait_for(lambda: not _alive(pid), 30)
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def fleet(c: Client, instances: int, settle: float) -> None:

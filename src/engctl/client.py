@@ -152,14 +152,18 @@ class Client:
         self.close()
 
     def _send(self, method: str, params: dict[str, Any]) -> int:
-        if self._sock is not None and time.monotonic() - self._used_at > IDLE_CHECK_SECONDS:
-            self._drop_if_closed()
-        if self._sock is None:
-            self.connect()
+        self._ready()
         req_id = self._next_id
         self._next_id += 1
         self._send_raw(protocol.request(req_id, method, params))
         return req_id
+
+    def _ready(self) -> None:
+        """Connect, or reconnect if the daemon closed the connection while it was unused."""
+        if self._sock is not None and time.monotonic() - self._used_at > IDLE_CHECK_SECONDS:
+            self._drop_if_closed()
+        if self._sock is None:
+            self.connect()
 
     def _drop_if_closed(self) -> None:
         """Forget a connection the daemon closed while it was unused (idle timeout)."""
@@ -296,7 +300,10 @@ class Client:
 
     def call(self, method: str, **params: Any) -> Any:
         """Call `method` with by-name params; return its result or raise its EngctlError."""
-        req_id = self._send(method, params)
+        return self._result(self._send(method, params))
+
+    def _result(self, req_id: int) -> Any:
+        """The result of call `req_id` (read up to its answer), or its EngctlError."""
         while True:
             msg = self._read()
             if msg.get("id") == req_id:
@@ -558,8 +565,13 @@ class Client:
         "attempts"}`; a failure raises RequestFailedError, NoEligibleEngineError,
         RequestTimeoutError or BusyError, with that object (ok false) in `.data`.
         """
-        params = exec_params(**options)
-        return self.call("request.exec", input=input, **params)  # type: ignore[no-any-return]
+        members = protocol.exec_members(exec_params(**options))
+        raw = protocol.encode_input(input)
+        self._ready()  # the hello takes an id: the frame's is taken after it
+        req_id = self._next_id
+        self._next_id += 1
+        self._send_raw(protocol.EXEC_FRAME % (req_id, members, raw))
+        return self._result(req_id)  # type: ignore[no-any-return]
 
     def exec_many(
         self, inputs: Iterable[Any], *, window: int = 16, **options: Unpack[ExecOptions]
@@ -597,7 +609,7 @@ class Client:
                 try:
                     if isinstance(value, EngctlError):
                         raise value
-                    frame = protocol.EXEC_FRAME % (protocol.encode_value(value), members, req_id)
+                    frame = protocol.EXEC_FRAME % (req_id, members, protocol.encode_input(value))
                     if isinstance(limit, int) and len(frame) - 1 > limit:
                         raise ProtocolError(
                             f"request of {len(frame) - 1} bytes exceeds the daemon's limit of"

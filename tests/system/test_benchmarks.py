@@ -28,6 +28,7 @@ SMOKE_ARGS = {
         "--scrape-seconds", "3", "--rounds", "3", "--requests", "300",
     ],
     "reload.py": ["--quick"],
+    "peers.py": ["--quick", "--rounds", "1"],
     "selection.py": ["--quick"],
     "supervise.py": ["--quick"],
 }  # fmt: skip

@@ -178,3 +178,21 @@ def test_subcommand_help_still_goes_through_typer(home: Home) -> None:
     assert r.returncode == 0, r.stderr
     assert "Usage: engctl status [OPTIONS] [names]..." in r.stdout
     assert _under(mods, "typer")
+
+
+def test_commands_of_ordinary_size_do_not_load_orjson(daemon: Home) -> None:
+    """Issue 13.2: orjson's import (dataclasses, uuid, datetime, inspect) costs more than it
+    saves one command: `status`, `status --json` and `exec` of a small input run without it,
+    while a large input is encoded and its result decoded by it."""
+    with daemon.client() as c:
+        c.register({"e": {"command": engine_cmd("echo.py"), "type": "echo"}})
+    daemon.wait_state("e#0", "ready")
+    for args in (["status"], ["status", "--json"], ["exec", "--type", "echo", "--", "1"]):
+        r, mods = _imported(_env(daemon), *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "orjson" not in mods, args
+    big = json.dumps({"x": "y" * 100_000})
+    r, mods = _imported(_env(daemon), "exec", "--type", "echo", "--json-input", "--", big)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "orjson" in mods
+    assert json.loads(r.stdout) == {"echo": json.loads(big)}  # the echo engine's answer

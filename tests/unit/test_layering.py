@@ -34,7 +34,7 @@ SHARED = {
 }
 # What the contract may import besides the stdlib: `from __future__`, and platformdirs (the
 # user folders, imported by `paths` only when ENGCTL_HOME is not set).
-OUTSIDE_STDLIB = {"__future__", "platformdirs"}
+OUTSIDE_STDLIB = {"__future__", "platformdirs", "orjson"}
 # The daemon modules each daemon module may import (what its header says). A new module, or a
 # new dependency, is a decision: it is written here.
 D = "engctl.daemon"
@@ -281,10 +281,11 @@ def test_the_shared_contract_imports_only_the_stdlib(name: str) -> None:
 
 
 def test_the_engine_helper_imports_only_the_stdlib() -> None:
-    """`engctl.worker` runs inside engines: nothing of engctl, nothing outside the stdlib."""
+    """`engctl.worker` runs inside engines: nothing of engctl, nothing outside the stdlib but
+    orjson (used when the engine's Python has it)."""
     for module in imported("engctl.worker"):
         top = module.partition(".")[0]
-        assert top in sys.stdlib_module_names or top == "__future__", module
+        assert top in sys.stdlib_module_names or top in ("__future__", "orjson"), module
 
 
 @pytest.mark.parametrize("name", sorted(m for m in modules() if under(m, "engctl.render")))

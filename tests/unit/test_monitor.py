@@ -7,11 +7,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import psutil
 import pytest
 
+from engctl.daemon import monitor as monitor_mod
 from engctl.daemon.monitor import Monitor, descendants_of, ppid_map
 
 
@@ -128,3 +131,43 @@ def test_sample_once_forgets_processes_that_exit(
 def test_sample_once_with_no_targets_is_empty(monitor: Monitor) -> None:
     """No targets, no samples."""
     assert monitor.sample_once() == {}
+
+
+def test_one_stat_read_gives_what_psutil_reads(monitor: Monitor) -> None:
+    """Issue 13.1: the sampler's one read of /proc/PID/stat per process gives the RSS, threads,
+    fds and CPU % that psutil reads in four, and a spinning process shows its CPU."""
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import threading,time\nwhile True: pass"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        monitor.set_targets({"spin#0": spinner.pid})
+        monitor.sample_once()  # the first reading of a process has no CPU % yet (as psutil)
+        p = psutil.Process(spinner.pid)
+        deadline = time.monotonic() + 10
+        while True:
+            time.sleep(0.2)
+            s = monitor.sample_once()["spin#0"]
+            with p.oneshot():
+                rss, threads, fds = p.memory_info().rss, p.num_threads(), p.num_fds()
+            if s.cpu_percent > 20 or time.monotonic() > deadline:
+                break
+        assert s.cpu_percent > 20
+        assert abs(s.rss_bytes - rss) <= 1 << 20
+        assert (s.threads, s.fds) == (threads, fds)
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_children_files_find_the_tree_the_ppid_scan_finds(
+    tree: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """Issue 13.1: the descendants read from each process's `children` files (a few reads per
+    instance) are those one pass over every process of /proc finds (what idle hosts paid for)."""
+    child, grandchild = tree
+    assert monitor_mod.HAS_CHILDREN_FILES
+    scanned = descendants_of(child.pid, ppid_map())
+    assert grandchild in scanned
+    assert sorted(monitor_mod.tree_of([child.pid])[child.pid]) == sorted(scanned)
+    assert child.pid in monitor_mod.children_of(os.getpid())

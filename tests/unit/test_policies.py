@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -948,3 +949,30 @@ def test_policy_state_starts_afresh_for_a_new_process() -> None:
     assert st.standing.draining_reason == ""
     assert st.standing.manual is Eligibility.ISOLATED
     assert st.failures.isolations == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.2, 3.0), st.integers(0, 4 * 1024 * MIB)), min_size=2, max_size=200
+    ),
+    st.floats(1e3, 1e7),
+)
+def test_leak_fit_running_sums_match_the_least_squares_slope(
+    steps: list[tuple[float, int]], start: float
+) -> None:
+    """Issue 13.1: the leak policy's slope, kept as running sums (O(1) per sample), is the
+    least-squares slope of the samples in its window, however long the clock has run."""
+    w = MemoryWatch()
+    now = start
+    for dt, rss in steps:
+        now += dt
+        w.observe(now, rss, None, LEAKY)
+        pts = list(w.samples)
+        mx = sum(p[0] for p in pts) / len(pts)
+        my = sum(p[1] for p in pts) / len(pts)
+        var = sum((p[0] - mx) ** 2 for p in pts)
+        expected = sum((p[0] - mx) * (p[1] - my) for p in pts) / var if var > 0 else 0.0
+        rising = sum(1 for a, b in itertools.pairwise(pts) if b[1] > a[1])
+        assert w._fit.slope() == pytest.approx(expected, rel=1e-6, abs=1.0)
+        assert w._rising == rising

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson  # noqa: F401  # loaded: protocol's orjson paths are the ones tested
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -356,15 +357,123 @@ def test_exec_result_is_the_one_encoding_of_the_result_object(
 
 
 def test_exec_frame_carries_the_input_and_the_other_parameters() -> None:
-    """`Client.exec_many`'s frame: the input first, the other parameters after it, the id."""
+    """`Client.exec`'s frame: the id, the other parameters, the input last; the daemon splits
+    it into the parameters and the input's bytes."""
     for params in ({}, {"type": "echo", "retries": 2}):
-        frame = protocol.EXEC_FRAME % (b'{"a":[1]}', protocol.exec_members(params), 9)
+        frame = protocol.EXEC_FRAME % (9, protocol.exec_members(params), b'{"a":[1]}')
         assert one_line(frame) == {
             "jsonrpc": "2.0",
             "method": "request.exec",
             "params": {"input": {"a": [1]}, **params},
             "id": 9,
         }
+        assert protocol.split_exec(frame[:-1]) == (9, params, b'{"a":[1]}')
+
+
+# Inputs that stress the orjson paths: integers past 64 bits, non-finite floats, None (orjson
+# writes NaN as null), non-str keys, lone surrogates, deep nesting, unicode.
+_inputs = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**80), 2**80)
+    | st.floats()
+    | st.text(st.characters(), max_size=8)
+    | st.sampled_from(["\ud800", "é€😀", "\u2028", "\x7f"]),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=4) | st.integers(0, 9), inner, max_size=4)
+    ),
+    max_leaves=16,
+)
+
+
+def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
+    try:
+        return "ok", fn(*args)
+    except (ValueError, RecursionError, TypeError, EngctlError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values, NaN equal to NaN, an int never equal to a float."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (a != a and b != b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_inputs)
+def test_encode_input_decodes_to_what_encode_value_writes(value: Any) -> None:
+    """Issue 13: the orjson encoder of inputs writes what `json` reads back as the same value
+    as `encode_value`'s bytes, and refuses what `encode_value` refuses, with its error."""
+    fast, slow = _outcome(protocol.encode_input, value), _outcome(protocol.encode_value, value)
+    assert fast[0] == slow[0]
+    if fast[0] == "ok":
+        assert _same_json(json.loads(fast[1]), json.loads(slow[1]))
+    else:
+        assert fast == slow
+
+
+@settings(max_examples=400, deadline=None)
+@given(_inputs, st.booleans())
+def test_loads_is_json_loads_on_generated_json(value: Any, ascii_only: bool) -> None:
+    """Issue 13: `loads` (orjson where it reads the same value) gives exactly what json.loads
+    gives, integers past 64 bits, NaN and lone surrogates included."""
+    try:
+        data = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError):
+        return
+    fast, slow = _outcome(protocol.loads, data), _outcome(json.loads, data)
+    assert fast[0] == slow[0]
+    assert fast[0] != "ok" or _same_json(fast[1], slow[1])
+
+
+_members = st.dictionaries(
+    st.sampled_from(["type", "engine", "timeout", "x", "inpu", "é"]),
+    _inputs,
+    max_size=3,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_members, _inputs, st.integers(0, 2**70), st.sampled_from(["", "dup", "esc", "ws", "tail"]))
+def test_split_exec_reads_what_parse_frame_reads(
+    params: dict[str, Any], value: Any, req_id: int, twist: str
+) -> None:
+    """Issue 13: an exec frame is split into (id, parameters, input bytes) only when
+    parse_frame reads the same id, parameters and input from it; a duplicate or escaped
+    "input" key, whitespace, trailing members or what only `json` reads are left to it."""
+    try:
+        members = protocol.exec_members(params)
+        raw = protocol.encode_input(value)
+    except (EngctlError, TypeError):
+        return
+    frame = protocol.EXEC_FRAME[:-1] % (req_id, members, raw)
+    if twist == "dup":
+        frame = frame.replace(b'"input":', b'"input":1,"input":', 1)
+    elif twist == "esc":
+        frame = frame.replace(b'"input":', b'"inp\\u0075t":', 1)
+    elif twist == "ws":
+        frame = frame.replace(b'"input":', b'"input" : ', 1)
+    elif twist == "tail":
+        frame = frame[:-1] + b',"input":2}'
+    split = protocol.split_exec(frame)
+    try:
+        obj = protocol.parse_frame(frame)
+    except EngctlError:
+        assert split is None
+        return
+    if split is None:
+        return
+    got_id, got_params, got_raw = split
+    assert got_id == obj["id"]
+    assert _same_json({**got_params, "input": json.loads(got_raw)}, obj["params"])
 
 
 def test_worker_frames_are_requests_of_the_worker_protocol() -> None:

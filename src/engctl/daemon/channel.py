@@ -9,7 +9,9 @@ pipe go back through `ChannelOwner`. Frame templates are `protocol`'s, the reply
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 # Protocol garbage is logged with at most this many bytes of the offending line.
 PREVIEW_BYTES = 200
+# Frames handed to one writev(2) (IOV_MAX is 1024 on Linux).
+WRITEV_FRAMES = 128
 
 
 class ChannelOwner(Protocol):
@@ -65,7 +69,10 @@ class WorkerChannel:
         self._stdin = stdin
         self._fd = stdin.fileno()
         os.set_blocking(self._fd, False)
-        self._out = bytearray()
+        # Frames not written yet, oldest first. A deque of the frames themselves, not one
+        # bytearray: with large inputs and a full pipe, a bytearray consumed at the front and
+        # grown at the back copies all it holds again and again (megabytes per request).
+        self._out: collections.deque[bytes | memoryview] = collections.deque()
         self._marked = False
         self._writer_on = False
         self._buf = bytearray()  # the line being received
@@ -96,24 +103,34 @@ class WorkerChannel:
     def _write(self, data: bytes) -> None:
         if self.closed:
             return
-        self._out += data
+        self._out.append(data)
         if not self._marked and not self._writer_on:
             self._marked = True
             self.owner.outbox.mark(self)  # requests of one batch share one write
 
     def _flush(self) -> None:
         self._marked = False
-        if self.closed or not self._out:
+        out = self._out
+        if self.closed or not out:
             return
         try:
-            n = os.write(self._fd, self._out)
+            if len(out) == 1:
+                n = os.write(self._fd, out[0])
+            else:
+                n = os.writev(self._fd, list(itertools.islice(out, WRITEV_FRAMES)))
         except BlockingIOError:
             n = 0
         except OSError as exc:  # the worker closed its stdin or died
             self.owner.channel_broken(self, f"closed its stdin ({exc.strerror})")
             return
-        del self._out[:n]
-        if self._out and not self._writer_on:
+        while n:  # drop what was written: whole frames, then the written part of one
+            size = len(out[0])
+            if n < size:
+                out[0] = memoryview(out[0])[n:]
+                break
+            out.popleft()
+            n -= size
+        if out and not self._writer_on:
             self._writer_on = True
             self.owner.loop.add_writer(self._fd, self._writable)
 
@@ -130,8 +147,10 @@ class WorkerChannel:
             self.owner.channel_broken(self, "closed its stdout")
             return
         self.last_read = self.owner.loop.time()
-        with self.owner.outbox:
-            self._receive(data)
+        # The answers read here leave with those every other worker pipe ready in this loop
+        # turn gave (the outbox is flushed once they are all read): with many instances each
+        # pipe holds one answer, and flushing per pipe made one client write per request.
+        self._receive(data)
 
     def _receive(self, data: bytes) -> None:
         """Split `data` into lines in time linear in its size: the unfinished line waits in a

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engctl.protocol import RESPONSE_HEAD, RESULT_MEMBER
+from engctl.protocol import RESPONSE_HEAD, RESULT_MEMBER, valid_json
 
 # The longest worker protocol line the daemon reads. A result is
 # delivered to its client in one frame of its own size plus an envelope of a few hundred
@@ -29,9 +29,10 @@ MAX_ONESHOT_OUTPUT = 16 * 1024 * 1024
 
 _decoder = json.JSONDecoder()
 # The C scanner under `JSONDecoder.decode`: (value, end) from an offset, without the
-# whitespace passes (see protocol.loads).
+# whitespace passes (the walk of `_result_span`).
 _scan = _decoder.scan_once  # type: ignore[attr-defined]
 _WS = " \t\n\r"  # JSON's whitespace: what json.loads allows around a value
+_WSB = _WS.encode()
 # The prefix of the canonical reply `{"jsonrpc":"2.0","id":N,"result":X}` (protocol's layout).
 _HEAD = RESPONSE_HEAD
 _RESULT = RESULT_MEMBER
@@ -58,10 +59,12 @@ def reply(line: bytes) -> tuple[Any, bytes | None]:
     """A UTF-8 worker line decoded as `json.loads` does (the last of duplicate keys wins), and the
     raw bytes of its top-level `result` value when it is an object that has one.
 
-    The canonical reply is read with one scan of its result; anything else (other key
-    order, whitespace, duplicate or escaped keys) is decoded whole, then walked for the span
-    of the `result` member that `json.loads` keeps. Either way the raw bytes decode to
-    exactly `json.loads(line)["result"]`. Raises OutputError for a line that does not parse.
+    The canonical reply `{"jsonrpc":"2.0","id":N,"result":X}` is not decoded: X is checked by
+    orjson, and the message holds the other members only (X is in the raw bytes). Anything
+    else (other key order, duplicate or escaped keys, what only `json` reads) is decoded
+    whole, then walked for the span of the `result` member that `json.loads` keeps. Either way
+    the raw bytes decode to exactly `json.loads(line)["result"]`. Raises OutputError for a
+    line that does not parse.
     """
     if line.startswith(_HEAD):
         comma = line.find(_RESULT, len(_HEAD), len(_HEAD) + 30)  # an id of up to 20 digits
@@ -69,20 +72,12 @@ def reply(line: bytes) -> tuple[Any, bytes | None]:
         # A JSON integer id: digits, no leading zero (json.loads refuses "01").
         if comma > 0 and digits.isdigit() and (digits[0] != 48 or len(digits) == 1):
             start = comma + len(_RESULT)
-            try:
-                text = line.decode()
-                value, end = _scan(text, start)
-            except (ValueError, StopIteration, RecursionError):
-                pass  # not this shape, or not valid: the general path says which
-            else:
-                tail = text[end:].rstrip(_WS)
-                if tail == "}":
-                    # Nothing after the value but the closing brace: no other member, so
-                    # no duplicate either. The prefix is ASCII, so byte and text offsets
-                    # agree up to `start`, and the tail is ASCII too.
-                    stop = len(line) - (len(text) - end)
-                    msg = {"jsonrpc": "2.0", "id": int(digits), "result": value}
-                    return msg, line[start:stop]
+            stop = len(line.rstrip(_WSB)) - 1
+            # Nothing after the value but the closing brace: no other member, so no
+            # duplicate either; orjson checks the value without the line being decoded.
+            raw = line[start:stop]
+            if stop > start and line[stop] == 125 and valid_json(raw):  # 125: "}"
+                return {"jsonrpc": "2.0", "id": int(digits)}, raw.strip(_WSB)
     obj = decode(line)
     if not isinstance(obj, dict) or "result" not in obj:
         return obj, None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -171,21 +171,33 @@ def hang_verdict(
 
 # -- memory and CPU --------------------------------------------------------------------------
 class MemoryWatch:
-    """RSS over `max_rss`, or a steady climb over `leak_window` (a leak)."""
+    """RSS over `max_rss`, or a steady climb over `leak_window` (a leak).
+
+    The least-squares fit over the window is kept as running sums, updated as samples come
+    and go: O(1) per sample, whatever the window holds (a fleet's samples each second add up).
+    """
 
     def __init__(self) -> None:
         self.samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._fit = _RunningFit()
+        self._rising = 0  # steps between consecutive samples in the window that went up
 
     def observe(
         self, now: float, rss: int, max_rss: int | None, policy: MemoryPolicy
     ) -> Decision | None:
         """Add one RSS sample; decide when the instance must be drained and restarted."""
         samples = self.samples
+        if samples and rss > samples[-1][1]:
+            self._rising += 1
         samples.append((now, rss))
+        self._fit.add(now, rss)
         # One sample at or before the window's start is kept, so the span covers the whole
         # window whatever the sampling period.
         while len(samples) > 1 and samples[1][0] <= now - policy.leak_window:
-            samples.popleft()
+            t, y = samples.popleft()
+            if samples[0][1] > y:
+                self._rising -= 1
+            self._fit.remove(t, y)
         if max_rss is not None and rss > max_rss:
             return Decision(
                 Action.DRAIN_RESTART,
@@ -198,12 +210,11 @@ class MemoryWatch:
         span = samples[-1][0] - samples[0][0]
         if span < 0.9 * policy.leak_window:
             return None
-        rate = _slope(samples)
+        rate = self._fit.slope()
         growth = samples[-1][1] - samples[0][1]
-        rising = sum(1 for a, b in zip(samples, list(samples)[1:], strict=False) if b[1] > a[1])
         # Steady: most steps go up (a one-off allocation is not a leak) and the whole window
         # grew at the rate, not just its slope.
-        steady = rising >= 0.7 * (len(samples) - 1)
+        steady = self._rising >= 0.7 * (len(samples) - 1)
         if rate >= policy.leak_rate and growth >= policy.leak_rate * span and steady:
             return Decision(
                 Action.DRAIN_RESTART,
@@ -221,18 +232,48 @@ class MemoryWatch:
 
     def reset(self) -> None:
         self.samples.clear()
+        self._fit = _RunningFit()
+        self._rising = 0
 
 
-def _slope(points: Iterable[tuple[float, float]]) -> float:
-    """Least-squares slope of y over x."""
-    pts = list(points)
-    n = len(pts)
-    mx = sum(p[0] for p in pts) / n
-    my = sum(p[1] for p in pts) / n
-    var = sum((p[0] - mx) ** 2 for p in pts)
-    if var == 0:
-        return 0.0
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / var
+class _RunningFit:
+    """Least-squares slope of y over x from running sums of the points added and removed.
+
+    x counts from the first point added, so that the sums of squares stay small enough for
+    floats to subtract them accurately (a monotonic clock can read 10^6 and more)."""
+
+    def __init__(self) -> None:
+        self.origin: float | None = None
+        self.n = 0
+        self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        if self.origin is None:
+            self.origin = x
+        x -= self.origin
+        self.n += 1
+        self.sx += x
+        self.sy += y
+        self.sxx += x * x
+        self.sxy += x * y
+
+    def remove(self, x: float, y: float) -> None:
+        assert self.origin is not None
+        x -= self.origin
+        self.n -= 1
+        self.sx -= x
+        self.sy -= y
+        self.sxx -= x * x
+        self.sxy -= x * y
+
+    def slope(self) -> float:
+        n = self.n
+        if n < 2:
+            return 0.0
+        var = self.sxx - self.sx * self.sx / n
+        if var <= 1e-9 * max(self.sxx, 1.0):
+            return 0.0  # every x the same (to rounding)
+        return (self.sxy - self.sx * self.sy / n) / var
 
 
 class CpuWatch:

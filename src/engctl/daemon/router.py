@@ -192,8 +192,7 @@ class Router:
         fut = Reply()
         req = Request(
             f"{self._id_prefix}{self._seq}",
-            # The shared encoder: json.dumps with arguments would build one per call.
-            protocol.encode_value(params["input"]),
+            _input_json(params["input"]),
             selector,
             timeout,
             retries,
@@ -589,3 +588,11 @@ class Router:
             self._fail(req, RequestFailedError("daemon shutting down"))
         for req in self.dispatcher.close():
             self._fail(req, RequestFailedError("daemon shutting down"))
+
+
+def _input_json(value: Any) -> bytes:
+    """A request's input as JSON: as the client sent it when the server kept its bytes."""
+    if type(value) is RawJSON:
+        return value.raw
+    # The shared encoder: json.dumps with arguments would build one per call.
+    return protocol.encode_value(value)

@@ -289,23 +289,31 @@ class Connection(asyncio.Protocol):
         try:
             if len(line) > server.max_frame:
                 raise ProtocolError(server.frame_limit_message(len(line)))
-            obj = protocol.parse_frame(line)
-            req_id = obj.get("id")
-            method = obj.get("method")
-            params = obj.get("params")
-            # The common call (int id, a method, params object) is valid as it is; anything
-            # else goes through parse_request's checks.
-            if not (
-                type(req_id) is int and type(method) is str and method and type(params) is dict
-            ):
-                if not isinstance(req_id, int | str) or isinstance(req_id, bool):
-                    req_id = None
-                req_id, method, params = protocol.parse_request(obj)
-                # JSON-RPC: a valid call without an id is a notification and gets no reply.
-                notification = "id" not in obj
-            if b"\\ud" in line or b"\\uD" in line:
-                # A \ud800-\udfff escape: a lone surrogate would fail later, in an encoder.
-                protocol.check_unicode(obj)
+            # `request.exec` as clients write it: its input is checked, not decoded, and
+            # relayed to the worker as the bytes it came in.
+            exec_call = protocol.split_exec(line) if line.startswith(protocol.EXEC_HEAD) else None
+            if exec_call is not None:
+                req_id, params, raw_input = exec_call
+                params["input"] = RawJSON(raw_input)
+                method = "request.exec"
+            else:
+                obj = protocol.parse_frame(line)
+                req_id = obj.get("id")
+                method = obj.get("method")  # type: ignore[assignment]  # checked below
+                params = obj.get("params")  # type: ignore[assignment]
+                # The common call (int id, a method, params object) is valid as it is;
+                # anything else goes through parse_request's checks.
+                if not (
+                    type(req_id) is int and type(method) is str and method and type(params) is dict
+                ):
+                    if not isinstance(req_id, int | str) or isinstance(req_id, bool):
+                        req_id = None
+                    req_id, method, params = protocol.parse_request(obj)
+                    # JSON-RPC: a valid call without an id is a notification: no reply.
+                    notification = "id" not in obj
+                if b"\\ud" in line or b"\\uD" in line:
+                    # A \ud800-\udfff escape: a lone surrogate would fail later, in an encoder.
+                    protocol.check_unicode(obj)
             handler = server.handlers.get(method)
             if handler is None:
                 raise MethodNotFoundError(f"unknown method {method!r}")
