@@ -68,6 +68,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "autoscale": set(),
     "rollout_plan": set(),
     "stats": set(),
+    "tasks": set(),
     "output": set(),
     "params": set(),
     # mechanism: processes, pipes, files, sockets
@@ -93,7 +94,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "process",
         "storage",
     },
-    "rollout": {"instance", "process", "rollout_plan", "supervisor"},
+    "rollout": {"instance", "process", "rollout_plan", "supervisor", "tasks"},
     "fleet": {"instance", "logs", "rollout", "supervisor"},
     # requests
     "request": {"admission", "selection", "server", "stats"},
@@ -137,10 +138,14 @@ MAY_IMPORT: dict[str, set[str]] = {
         "router",
         "standby",
         "supervisor",
+        "tasks",
     },
     "leases": {"events", "instance", "scaler", "selection", "standby", "supervisor"},
     # the failure policies' enforcement
-    "enforcer": {"dispatch", "events", "health", "instance", "monitor", "policies", "supervisor"},
+    "enforcer": {
+        *("dispatch", "events", "health", "instance", "monitor", "policies", "supervisor"),
+        "tasks",
+    },
     # alert rules on the policy tick, and the hooks that hear every event
     "alerter": {"alerts", "events", "instance", "metrics", "router", "supervisor"},
     "hooks": {"events", "oneshot"},

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from engctl.config import DaemonConfig
@@ -52,6 +52,7 @@ from .policies import (
     peer_median,
 )
 from .supervisor import Supervisor
+from .tasks import TaskSet
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -100,7 +101,7 @@ class Enforcer:
         self.events = events
         self.loop = sup.loop
         self._sem = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(sup.loop, "policy task")
         self._probe_timers: dict[Instance, asyncio.TimerHandle] = {}
         self._probing: set[Instance] = set()
         self._hang_checks: set[Instance] = set()
@@ -142,18 +143,7 @@ class Enforcer:
         for handle in self._probe_timers.values():
             handle.cancel()
         self._probe_timers.clear()
-        for task in self._tasks:
-            task.cancel()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("policy task failed", exc_info=task.exception())
+        self._tasks.cancel()
 
     def _emit(self, inst: Instance, kind: EventKind, reason: str, **data: Any) -> None:
         self.events.emit(kind, reason, engine=inst.spec.name, instance=inst.id, data=data or None)
@@ -325,7 +315,7 @@ class Enforcer:
         if not hang_suspected(self.channels.unanswered_ages(inst), inst.spec.hang_timeout):
             return
         self._hang_checks.add(inst)
-        self._spawn(self._check_hang(inst, inst.proc.pid, hang.ping_timeout))
+        self._tasks.spawn(self._check_hang(inst, inst.proc.pid, hang.ping_timeout))
 
     async def _check_hang(self, inst: Instance, pid: int, ping_timeout: float) -> None:
         try:
@@ -392,7 +382,7 @@ class Enforcer:
             finally:
                 inst.restarting = False
 
-        self._spawn(restart())
+        self._tasks.spawn(restart())
 
     # -- health probes -------------------------------------------------------------------------
     def _arm_probe(self, inst: Instance, delay: float) -> None:
@@ -408,7 +398,7 @@ class Enforcer:
         if inst.removed or not inst.state.is_running or inst in self._probing:
             return
         self._probing.add(inst)
-        self._spawn(self._probe(inst))
+        self._tasks.spawn(self._probe(inst))
 
     async def _check(self, inst: Instance) -> tuple[bool, str]:
         """Run the engine's check once (or a ping, or a liveness look, when it has none)."""
@@ -540,7 +530,7 @@ class Enforcer:
                 and inst not in self._returning
             ):
                 self._returning.add(inst)
-                self._spawn(self._try_return(inst))
+                self._tasks.spawn(self._try_return(inst))
             unhealthy = st.health.state is Health.UNHEALTHY
             if (
                 unhealthy

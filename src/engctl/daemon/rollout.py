@@ -37,6 +37,7 @@ from .instance import Engine, Instance
 from .process import ChildProcess
 from .rollout_plan import Move, Phase, Plan, Proc, Settings, Slot, Step, View, plan
 from .supervisor import Supervisor
+from .tasks import TaskSet
 
 if TYPE_CHECKING:
     from engctl.documents import RolloutDoc
@@ -103,7 +104,7 @@ class Rollout:
         self._replacing: set[int] = set()  # replaced in place, the new process not ready yet
         # What an in-place step replaced: (spec, generation, pid), to report it or go back.
         self._before: dict[int, tuple[EngineSpec, int, int | None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(sup.loop, "rollout step", sup.changed)
 
     # -- what others see ---------------------------------------------------------------------
     @property
@@ -323,13 +324,13 @@ class Rollout:
                 old_gen, old_pid = inst.generation, inst.pid
                 self.sup.swap(inst, succ)
                 self._replaced(succ, old_gen, old_pid)
-                self._spawn(self._retire(inst))
+                self._tasks.spawn(self._retire(inst))
         elif step.move is Move.VACATE:
             self.steps += 1
             self._vacating.add(step.index)
             self._replacing.add(step.index)
             self._before[step.index] = (inst.spec, inst.generation, inst.pid)
-            self._spawn(self._vacate(inst))
+            self._tasks.spawn(self._vacate(inst))
         elif step.move is Move.SETTLED:
             self._replacing.discard(step.index)
             inst.gated = False
@@ -338,24 +339,13 @@ class Rollout:
         elif step.move is Move.DROP:
             succ = self._successor(step.index)
             if succ is not None and succ.state is not S.STOPPING:
-                self._spawn(self._stop(succ, "its slot is no longer wanted running"))
+                self._tasks.spawn(self._stop(succ, "its slot is no longer wanted running"))
 
     def _successor(self, index: int) -> Instance | None:
         for inst in self.engine.surge:
             if inst.index == index and inst.role is InstanceRole.SUCCESSOR:
                 return inst
         return None
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.sup.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("rollout step failed", exc_info=task.exception())
-        self.sup.changed()
 
     async def _retire(self, old: Instance) -> None:
         """A replaced process: it drains (requests in flight finish on it), then stops."""
@@ -442,8 +432,7 @@ class Rollout:
                 undo.append(self._roll_back(self.engine.instances[k]))
             self.state = RolloutState.FAILED  # vacating steps now start the old spec again
             await asyncio.gather(*undo, return_exceptions=True)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.join()
         self._t1 = self.sup.clock()
         self.ok = failure is None
         self.failure = failure or ""

@@ -20,7 +20,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from .request import Request
 from .router import Router
 from .standby import spec_matches
 from .supervisor import Supervisor
+from .tasks import TaskSet
 
 log = logging.getLogger("engctl.scaler")
 
@@ -83,7 +84,7 @@ class Scaler:
         self._resizing: dict[str, asyncio.Task[Any]] = {}  # engine -> its resize under way
         self._prewarm_ends: dict[str, float] = {}  # engine -> monotonic end of its prewarm
         self._predicted_slot: dict[str, int] = {}  # engine -> the 5-minute slot last predicted
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(sup.loop, "autoscaler task")
         self._react_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -127,8 +128,7 @@ class Scaler:
             self._timer.cancel()
         if self._react_handle is not None:
             self._react_handle.cancel()
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
 
     # -- when to look ------------------------------------------------------------------------
     def _on_wait(self, req: Request) -> None:
@@ -270,20 +270,9 @@ class Scaler:
                 self._resizing.pop(name, None)
                 self.react()  # what changed meanwhile is looked at now
 
-        task = self._spawn(resize())
+        task = self._tasks.spawn(resize())
         self._resizing[name] = task
         return task
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("autoscaler task failed", exc_info=task.exception())
 
     async def grow_for_lease(
         self, engines: list[Engine], holder: str, prepare: Callable[[Instance], None]
@@ -401,7 +390,7 @@ class Scaler:
             days = await asyncio.to_thread(read_day_slots, db, name, now)
             self._predicted(name, days)
 
-        self._spawn(run())
+        self._tasks.spawn(run())
 
     def _predicted(self, name: str, days: list[DaySlot]) -> None:
         engine = self.sup.engines.get(name)
