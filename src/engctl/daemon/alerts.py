@@ -34,24 +34,18 @@ from engctl.alertexpr import (
     Num,
     Scope,
 )
-from engctl.alerting import AlertRule, Severity
+from engctl.alerting import AlertRule
 from engctl.states import EventKind
 
 SeriesKey = tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class Rule:
+class Rule(AlertRule):
     """A rule in force: a user's `[alerts.NAME]`, or a built-in one. `for_figure` names a
     figure of each series that gives its own `for` (the built-in cpu rule: the engine's cpu
     window)."""
 
-    name: str
-    expr: Expr
-    for_seconds: float = 0.0
-    severity: Severity = Severity.WARNING
-    labels: Mapping[str, str] = field(default_factory=dict)
-    summary: str = ""
     builtin: bool = False
     for_figure: str | None = None
 
