@@ -8,7 +8,6 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 
 from engctl.alertexpr import Expr, ExprError, parse_expr
 from engctl.errors import SpecError
+from engctl.models import parse_argv
 from engctl.states import EventKind, InstanceState
 from engctl.timespec import config_duration
 
@@ -249,7 +249,7 @@ def parse_hooks(
             raise SpecError(f"{here}: has both a command and a url; give one (two hooks for both)")
         argv: tuple[str, ...] | None = None
         if command is not None:
-            argv = _argv(command, f"{here}.command")
+            argv = parse_argv(command, f"{here}.command")
         else:
             url = check_url(url, allowed_hosts, f"{here}.url")
         timeout = config_duration(data.get("timeout", DEFAULT_HOOK_TIMEOUT), f"{here}.timeout")
@@ -268,20 +268,3 @@ def parse_hooks(
             raise SpecError(f"{here}.{key}: applies to url hooks only")
         hooks.append(HookSpec(str(name), tuple(on), argv, url, timeout, retries, HookFormat(fmt)))
     return tuple(hooks)
-
-
-def _argv(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        try:
-            argv = tuple(shlex.split(value))
-        except ValueError as exc:
-            raise SpecError(f"{where}: cannot split {value!r}: {exc}") from None
-    elif isinstance(value, list) and all(isinstance(a, str) for a in value):
-        argv = tuple(value)
-    else:
-        raise SpecError(f"{where}: expected a list of strings or a string, got {value!r}")
-    if not argv or not argv[0].strip():
-        raise SpecError(f"{where}: empty command")
-    if any("\0" in a for a in argv):
-        raise SpecError(f"{where}: holds a NUL byte, which a command cannot")
-    return argv

@@ -515,8 +515,12 @@ def _diff(value: Any, default: Any, skip: Iterable[str] = ()) -> dict[str, Any]:
 
 
 def _command(r: _Reader, shell: bool) -> tuple[str, ...]:
-    raw = r.raw("command")
-    where = r.path("command")
+    return parse_argv(r.raw("command"), r.path("command"), shell)
+
+
+def parse_argv(raw: Any, where: str, shell: bool = False) -> tuple[str, ...]:
+    """A command as its argv: a list of strings, or a string split as a shell would (kept
+    whole when `shell`); a SpecError naming `where` for anything else, empty, or with a NUL."""
     if raw is None:
         raise SpecError(f'{where}: missing (the argv to run, e.g. ["python3", "app.py"])')
     if isinstance(raw, str):
