@@ -405,16 +405,66 @@ def test_oneshot_input_placeholder_goes_into_the_argv(daemon: Home) -> None:
 
 
 # -- daemon shutdown -----------------------------------------------------------------------
-def test_daemon_shutdown_fails_requests_in_flight_and_kills_oneshots(daemon: Home) -> None:
-    """Stopping the daemon answers the requests in flight on workers and oneshots with an
-    error, and leaves no oneshot process behind."""
-    pidfile = daemon.path / "oneshot.pid"
-    workers(daemon, s={"command": engine_cmd("slow.py", "30"), "type": "T"})
-    oneshot(daemon, "sleepy", engine_cmd("oneshot_upper.py", "0", "30", str(pidfile)), type="U")
+def test_daemon_stop_lets_requests_in_flight_and_queued_finish(daemon: Home) -> None:
+    """`daemon stop` takes no new request but answers those it holds, in flight and
+    queued, before the engines stop (as Envoy drains a listener): none fails."""
+    workers(
+        daemon,
+        s={"command": engine_cmd("slow.py", "0.8"), "type": "T"},
+        e={"command": engine_cmd("echo.py"), "type": "E"},
+    )
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        with daemon.client() as c:
+            try:
+                results.append(c.exec("x", type="T", timeout=20))
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]  # one runs, two queue
+    for t in threads:
+        t.start()
+    stopper: threading.Thread | None = None
+    try:
+        wait_until(lambda: stats(daemon, "s#0")["in_flight"] == 1)
+        with daemon.client() as c:
+            wait_until(lambda: c.status(["s"])["admission"]["queue"]["waiting"] >= 2)
+        stopped: list[subprocess.CompletedProcess[str]] = []
+        stopper = threading.Thread(target=lambda: stopped.append(daemon.cli("daemon", "stop")))
+        stopper.start()
+
+        def refused() -> str | None:
+            with daemon.client() as c:
+                try:
+                    c.exec("y", type="E")
+                except RequestFailedError as exc:
+                    return str(exc)
+            return None
+
+        assert "takes no new request" in wait_until(refused, timeout=5)
+    finally:
+        for t in threads:
+            t.join(20)
+        if stopper is not None:
+            stopper.join(30)
+    assert errors == [] and len(results) == 3
+    assert all(r["ok"] for r in results)
+    assert stopped and stopped[0].returncode == 0, stopped
+
+
+def test_daemon_shutdown_fails_requests_past_the_grace_and_kills_oneshots(home: Home) -> None:
+    """Requests still running after half of shutdown_timeout fail with an error, on workers
+    and oneshots, and no oneshot process is left behind."""
+    home.start_daemon(shutdown_timeout=2.0)
+    pidfile = home.path / "oneshot.pid"
+    workers(home, s={"command": engine_cmd("slow.py", "30"), "type": "T"})
+    oneshot(home, "sleepy", engine_cmd("oneshot_upper.py", "0", "30", str(pidfile)), type="U")
     errors: dict[str, BaseException] = {}
 
     def run(engine_type: str) -> None:
-        with daemon.client() as c:
+        with home.client() as c:
             try:
                 c.exec("x", type=engine_type)
             except Exception as exc:
@@ -424,10 +474,12 @@ def test_daemon_shutdown_fails_requests_in_flight_and_kills_oneshots(daemon: Hom
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: stats(daemon, "s#0")["in_flight"] == 1)
+        wait_until(lambda: stats(home, "s#0")["in_flight"] == 1)
         pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text()))
-        r = daemon.cli("daemon", "stop")
+        t0 = time.monotonic()
+        r = home.cli("daemon", "stop")
         assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 >= 1.0  # the grace: half of shutdown_timeout
     finally:
         for t in threads:
             t.join(20)

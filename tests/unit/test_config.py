@@ -238,7 +238,7 @@ def test_unreadable_config_is_a_spec_error_naming_the_place(
 
 def test_connection_cap_keeps_half_the_fds_for_engines() -> None:
     """The daemon serves max_connections, or half its fd limit if that is lower."""
-    from engctl.daemon.main import connection_cap
+    from engctl.daemon.server import connection_cap
 
     assert connection_cap(1024, 1 << 20) == 1024
     assert connection_cap(1024, 1024) == 512

@@ -40,6 +40,10 @@ class Deadlines:
         if req.deadline < self._timer_at:
             self._arm(req.deadline)
 
+    def __len__(self) -> int:
+        """Requests with a deadline: every request the router holds (queued or in flight)."""
+        return sum(len(lane) for lane in self._lanes.values())
+
     def discard(self, req: Request) -> None:
         lane = self._lanes.get(req.timeout)
         if lane is not None:

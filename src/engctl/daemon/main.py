@@ -16,7 +16,6 @@ import io
 import logging
 import logging.handlers
 import os
-import resource
 import signal
 import sys
 from pathlib import Path
@@ -49,7 +48,7 @@ from .registry import Entry, Registry
 from .router import Router
 from .scaler import Scaler
 from .selection import CandidatePool, Capability, default_strategies
-from .server import Outbox, Server
+from .server import Outbox, Server, connection_cap, raise_fd_limit
 from .storage import WriteHealth
 from .supervisor import Supervisor
 
@@ -156,38 +155,6 @@ def bound_stderr(path: Path) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-
-
-# File descriptors never given to client connections: engines' pipes, pidfds, logs, the
-# databases. The connection cap is at most half the soft fd limit.
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in effect."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # An unlimited hard limit cannot be the soft one (the kernel caps it at fs.nr_open).
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return soft if soft != resource.RLIM_INFINITY else target
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
-        return soft
-    return target
-
-
-def connection_cap(max_connections: int, fd_limit: int) -> int:
-    """The connections the daemon accepts: `max_connections`, keeping half the fds in reserve
-    for spawning engines (so a flood of clients can never make a restart fail)."""
-    cap = max(1, min(max_connections, fd_limit // 2))
-    if cap < max_connections:
-        log.warning(
-            "max_connections %d lowered to %d: the open-file limit is %d and half of it is"
-            " kept for engines (raise the hard limit, e.g. LimitNOFILE= in systemd)",
-            max_connections,
-            cap,
-            fd_limit,
-        )
-    return cap
 
 
 class Daemon:
@@ -370,7 +337,22 @@ class Daemon:
         await self.stopping.wait()
 
         log.info("shutting down")
-        events.emit(EventKind.DAEMON_STOPPING, "shutdown requested")
+        # As Envoy drains a listener: take no new request, let those held (in flight or
+        # queued) finish within half of shutdown_timeout, then stop the engines within the rest.
+        began = loop.time()
+        held = len(router.deadlines)
+        events.emit(
+            EventKind.DAEMON_STOPPING,
+            f"shutdown requested: {held} requests to finish first"
+            if held
+            else "shutdown requested",
+            data={"requests": held},
+        )
+        unfinished = await router.settle(config.shutdown_timeout / 2)
+        if unfinished:
+            log.warning(
+                "%d requests unfinished after %.0fs: they fail", unfinished, loop.time() - began
+            )
         startup.cancel()
         roll_timer.cancel()
         if self._roll_handle is not None:
@@ -387,7 +369,7 @@ class Daemon:
         except Exception:
             log.exception("cannot stop the processes of the previous daemon")
         await server.close()
-        await fleet.shutdown(config.shutdown_timeout)
+        await fleet.shutdown(max(1.0, config.shutdown_timeout - (loop.time() - began)))
         monitor.stop()
         if writer is not None:
             writer.write(rollups.close_all())  # the buckets being filled are kept too
@@ -522,6 +504,8 @@ class Daemon:
             self.stopping.set()
         else:
             log.warning("%s again: killing every engine now", sig.name)
+            self.router.stop_settling()  # the requests still held fail now
+            self.sup.closing = True  # what is killed now is not restarted
             self.sup.kill_all()
 
 

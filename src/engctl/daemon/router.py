@@ -6,11 +6,16 @@ count every attempt's outcome (`stats`) and answer the caller.
 Sending is `dispatch`'s job, processes are `supervisor`'s. The hot path creates no task per
 request: a Request is a plain object moved along by callbacks and one loop timer (`deadlines`).
 Imports no failure policy: failed requests are reported through `PolicyHooks`.
+
+One piece although long: placing, waiting, retrying, timing out, draining and answering are
+the states of one request, moved by the same callbacks over the same counters; apart, each
+would reach into the others' state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -105,6 +110,9 @@ class Router:
         # an engine autoscales, so nothing is called otherwise.
         self.on_wait: Callable[[Request], None] | None = None
         self.record_latency = config.metrics  # the histograms behind report, metrics and top
+        # Shutdown: no new request is taken; set when the last one held has ended.
+        self.accepting = True
+        self._settled: asyncio.Event | None = None
         # Instance or oneshot-engine id -> its counters; rebuilt when the engines change.
         self._stats_by_id: dict[str, RequestStats] = {}
         self._selectors: dict[tuple[Any, ...], Selector] = {}
@@ -143,6 +151,8 @@ class Router:
         """Start one request from `request.exec` params; the Reply gets its result object."""
         if "input" not in params:
             raise InvalidParamsError("missing parameter 'input'")
+        if not self.accepting:
+            raise RequestFailedError("daemon shutting down: it takes no new request")
         key: Any = selector_key(params)
         try:
             selector = self._selectors.get(key)
@@ -500,6 +510,8 @@ class Router:
 
     def _succeed(self, req: Request, result: Any) -> None:
         self.deadlines.discard(req)
+        if self._settled is not None and not self.deadlines:
+            self._settled.set()
         if isinstance(result, RawJSON):
             raw = result.raw  # as the worker wrote it: spliced in, never decoded
         else:
@@ -536,6 +548,8 @@ class Router:
 
     def _fail(self, req: Request, error: EngctlError) -> None:
         self.deadlines.discard(req)
+        if self._settled is not None and not self.deadlines:
+            self._settled.set()
         if req.future.done:
             return
         explained = self._explained.pop(req.id, None)
@@ -579,6 +593,25 @@ class Router:
         """Another process serves `inst_id` (a rollout's swap): its counters are looked up
         afresh."""
         self._stats_by_id.pop(inst_id, None)
+
+    async def settle(self, timeout: float) -> int:
+        """Take no new request, and wait up to `timeout` seconds for every request held (in
+        flight or queued) to end (daemon shutdown, before the engines stop); returns how
+        many have not."""
+        self.accepting = False
+        if self.deadlines:
+            if self._settled is None:
+                self._settled = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), timeout)
+        return len(self.deadlines)
+
+    def stop_settling(self) -> None:
+        """End `settle` now (a second signal: the requests still held fail)."""
+        self.accepting = False
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        self._settled.set()
 
     def close(self) -> None:
         """Fail everything still waiting (daemon shutdown)."""

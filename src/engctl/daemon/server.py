@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import struct
 import time
@@ -549,3 +550,35 @@ class Server:
             task.cancel()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+# File descriptors never given to client connections: engines' pipes, pidfds, logs, the
+# databases. The connection cap is at most half the soft fd limit.
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in effect."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot be the soft one (the kernel caps it at fs.nr_open).
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft
+    return target
+
+
+def connection_cap(max_connections: int, fd_limit: int) -> int:
+    """The connections the daemon accepts: `max_connections`, keeping half the fds in reserve
+    for spawning engines (so a flood of clients can never make a restart fail)."""
+    cap = max(1, min(max_connections, fd_limit // 2))
+    if cap < max_connections:
+        log.warning(
+            "max_connections %d lowered to %d: the open-file limit is %d and half of it is"
+            " kept for engines (raise the hard limit, e.g. LimitNOFILE= in systemd)",
+            max_connections,
+            cap,
+            fd_limit,
+        )
+    return cap
