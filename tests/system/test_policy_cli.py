@@ -342,6 +342,10 @@ def test_policy_show_text_lists_every_setting_with_its_source(home: Home) -> Non
         r"^policy\.failing\s+consecutive_errors\s+3\s+engine\s*$",
         r"^\s+error_rate\s+0\.5\s+default\s*$",
         r"^\s+isolation_base\s+30s\s+default\s*$",
+        r"^engine\s+start_timeout\s+60s\s+default\s*$",
+        r"^\s+hang_timeout\s+60s\s+default\s*$",
+        r"^stop\s+signal\s+SIGTERM\s+default\s*$",
+        r"^rollout\s+max_surge\s+1\s+default\s*$",
         r"^one  oneshot, type generic: no instances, so no health check or policy acts on it",
     ):
         assert re.search(pattern, out, re.MULTILINE), f"{pattern!r} not in:\n{out}"
@@ -351,6 +355,9 @@ def test_policy_show_text_lists_every_setting_with_its_source(home: Home) -> Non
     settings = 1 + sum(len(v) for v in policy.values() if isinstance(v, dict))
     spec_settings = len(doc["health"]) + len(doc["limits"]) + len(doc["restart"]) - 1 + 4
     spec_settings += 2 + len(doc["admission"]["type"] or {})  # [daemon.limits] for its type
+    # start/hang timeouts, [stop], [rollout], and [scale] when it autoscales (not here)
+    spec_settings += len(doc["timeouts"]) + len(doc["stop"]) + len(doc["rollout"])
+    assert doc["scale"] is None
     rows = out.split("\n\n")[1].splitlines()[2:]  # engine w, without its two header lines
     assert len(rows) == settings + spec_settings
 

@@ -250,3 +250,32 @@ def test_status_shows_names_and_reasons_as_written() -> None:
         view = status_view(cast("StatusDoc", fleet), width, NOW)
         assert "[bold]by hand[/]" in rich_prints(view, width, None)
         assert "[bold]by hand[/]" in (status_text(fleet, width, None, NOW) or "")
+
+
+def test_policy_show_formats_each_setting_by_its_section() -> None:
+    """A setting is formatted by its name within its section: backoff.max is seconds, the
+    [scale] table's max a count; a scale value the engine set is marked as the engine's."""
+    from engctl.render.tables import policy_rows, setting_value
+
+    assert setting_value("backoff.max", 30.0) == "30s"
+    assert setting_value("max", 8) == "8"
+    assert setting_value("hang_timeout", 60.0) == "60s"
+    engine = {
+        "mode": "worker",
+        "type": "t",
+        "health": {},
+        "restart": {"backoff": {}},
+        "limits": {},
+        "timeouts": {"start_timeout": 60.0, "hang_timeout": 5.0},
+        "stop": {"signal": "SIGTERM", "timeout": 10.0},
+        "rollout": {"max_surge": 0, "max_unavailable": 1},
+        "scale": {"min": 0, "max": 8, "min_idle": 0, "target": 0.8, "idle_timeout": 60.0},
+        "policy": {},
+        "sources": {},
+    }
+    rows = {(section, key): (value, source) for section, key, value, source in policy_rows(engine)}
+    assert rows[("engine", "hang_timeout")] == (5.0, "engine")
+    assert rows[("engine", "start_timeout")] == (60.0, "default")
+    assert rows[("rollout", "max_surge")] == (0, "engine")
+    assert rows[("scale", "max")] == (8, "engine") and rows[("scale", "min")] == (0, "engine")
+    assert rows[("scale", "idle_timeout")] == (60.0, "default")

@@ -9,6 +9,7 @@ the parts it calls. Imports neither the failure policies nor the supervision's i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import os
 import time
@@ -316,6 +317,16 @@ class Api:
                         "max_in_flight": spec.limits.max_in_flight,
                         "adaptive": spec.limits.adaptive,
                     },
+                    "timeouts": {
+                        "start_timeout": spec.start_timeout,
+                        "hang_timeout": spec.hang_timeout,
+                    },
+                    "stop": {"signal": spec.stop.signal, "timeout": spec.stop.timeout},
+                    "rollout": {
+                        "max_surge": spec.rollout.max_surge,
+                        "max_unavailable": spec.rollout.max_unavailable,
+                    },
+                    "scale": None if spec.scale is None else dataclasses.asdict(spec.scale),
                     "admission": self._admission_settings(spec.type),
                     "applies": spec.mode is not EngineMode.ONESHOT,
                 }

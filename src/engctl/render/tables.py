@@ -97,9 +97,10 @@ SOURCE_STYLE = {"default": "dim", "daemon": "cyan", "engine": "yellow"}
 # Settings in seconds, shown with their unit.
 _SECONDS = frozenset(
     {
-        "interval", "timeout", "grace", "start_seconds", "initial", "max", "reset_after",
-        "flap_window", "cooldown", "ping_timeout", "leak_window", "drain_timeout", "window",
-        "restore_interval", "isolation_base", "isolation_max", "slow_start",
+        "interval", "timeout", "grace", "start_seconds", "backoff.initial", "backoff.max",
+        "backoff.reset_after", "flap_window", "cooldown", "ping_timeout", "leak_window",
+        "drain_timeout", "window", "restore_interval", "isolation_base", "isolation_max",
+        "slow_start", "start_timeout", "hang_timeout", "idle_timeout",
     }
 )  # fmt: skip
 # Settings whose 0 turns the behaviour off.
@@ -107,7 +108,8 @@ _ZERO_IS_OFF = frozenset({"cooldown", "leak_rate", "slow_start"})
 
 
 def setting_value(key: str, value: Any) -> str:
-    """One setting for a person: `30s`, `512.0MiB`, `1.0MiB/s`, `50%`, `true`, `none`."""
+    """One setting for a person: `30s`, `512.0MiB`, `1.0MiB/s`, `50%`, `true`, `none`; `key`
+    as named within its section (`backoff.max`)."""
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -133,7 +135,15 @@ def _spec_defaults(mode: str) -> dict[str, dict[str, Any]]:
     """The default health, restart and limits settings of an engine of `mode`, flat."""
     from dataclasses import asdict
 
-    from engctl.models import HealthSpec, LimitsSpec, RestartSpec
+    from engctl.models import (
+        EngineSpec,
+        HealthSpec,
+        LimitsSpec,
+        RestartSpec,
+        RolloutSpec,
+        ScaleSpec,
+        StopSpec,
+    )
 
     health = asdict(HealthSpec())
     health["check"] = "ping" if mode == "worker" else None
@@ -141,7 +151,16 @@ def _spec_defaults(mode: str) -> dict[str, dict[str, Any]]:
     restart = asdict(RestartSpec())
     restart["policy"] = str(restart["policy"])
     restart.update({f"backoff.{k}": v for k, v in restart.pop("backoff").items()})
-    return {"health": health, "restart": restart, "limits": asdict(LimitsSpec())}
+    top = EngineSpec.__dataclass_fields__
+    return {
+        "health": health,
+        "restart": restart,
+        "limits": asdict(LimitsSpec()),
+        "engine": {k: top[k].default for k in ("start_timeout", "hang_timeout")},
+        "stop": asdict(StopSpec()),
+        "rollout": asdict(RolloutSpec()),
+        "scale": asdict(ScaleSpec()),
+    }
 
 
 def policy_rows(engine: dict[str, Any]) -> list[tuple[str, str, Any, str]]:
@@ -156,6 +175,11 @@ def policy_rows(engine: dict[str, Any]) -> list[tuple[str, str, Any, str]]:
         "health": engine["health"],
         "restart": {**restart, **{f"backoff.{k}": v for k, v in backoff.items()}},
         "limits": engine["limits"],
+        # Older daemons send none of these: nothing is printed for them.
+        "engine": engine.get("timeouts") or {},  # top-level keys of [engines.NAME]
+        "stop": engine.get("stop") or {},
+        "rollout": engine.get("rollout") or {},
+        "scale": engine.get("scale") or {},
     }
     for section, values in spec_sections.items():
         known = defaults[section]
@@ -196,7 +220,7 @@ def policy_table(engine: dict[str, Any]) -> Table:
         table.add_row(
             section if section != last else "",
             key,
-            setting_value(key.rpartition(".")[2], value),
+            setting_value(key, value),
             Text(source, style=SOURCE_STYLE.get(source, "")),
         )
         last = section
