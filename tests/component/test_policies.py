@@ -318,6 +318,29 @@ def test_caller_timeout_does_not_get_a_busy_sync_worker_killed(fast: Home) -> No
     assert not events(fast, "instance.hung", "sync#0")
 
 
+def test_health_ping_does_not_isolate_a_sync_worker_busy_with_one_long_request(
+    fast: Home,
+) -> None:
+    """A synchronous worker reads no ping while it runs a request: pings that time out then
+    are no evidence (the hang policy judges a request past hang_timeout), so a 2 s request
+    under a 0.2 s health check leaves it healthy and in service."""
+    workers(
+        fast,
+        sync={
+            "command": engine_cmd("sync_slow.py"),
+            "type": "S",
+            "health": {"interval": 0.2, "timeout": 0.1, "failure_threshold": 2},
+        },
+    )
+    pid = fast.instance("sync#0")["pid"]
+    with fast.client() as c:
+        assert c.exec({"sleep": 2.0}, type="S", timeout=10)["result"]["pid"] == pid
+    inst = fast.instance("sync#0")
+    assert inst["eligibility"] == "active" and inst["health"] != "unhealthy", inst
+    assert not events(fast, "instance.isolated", "sync#0")
+    assert all(e["data"]["to_health"] != "unhealthy" for e in events(fast, "instance.health"))
+
+
 # -- memory --------------------------------------------------------------------------------
 def test_memory_over_max_rss_or_leaking_is_drained_and_restarted(fast: Home) -> None:
     """RSS above max_rss (checked before it reaches 2× max_rss), or a steady climb over the

@@ -423,14 +423,17 @@ class Enforcer:
             passed, detail = await self._check(inst)
             if inst.pid != pid or not inst.state.is_running:
                 return
-            if (
-                not passed
-                and inst.spec.health.check == "ping"
-                and inst.stats.in_flight > 0
-                and self.channels.last_read(inst) > started
-            ):
-                # A worker busy with requests answers them, not pings: it is alive.
-                passed, detail = True, "busy (answered requests while the ping waited)"
+            if not passed and inst.spec.health.check == "ping" and inst.stats.in_flight > 0:
+                if self.channels.last_read(inst) > started:
+                    # A worker busy with requests answers them, not pings: it is alive.
+                    passed, detail = True, "busy (answered requests while the ping waited)"
+                elif not hang_suspected(
+                    self.channels.unanswered_ages(inst), inst.spec.hang_timeout
+                ):
+                    # Busy with a request younger than hang_timeout (a synchronous worker reads
+                    # no ping meanwhile): no evidence either way. Too long a request is the
+                    # hang policy's to judge, not the health check's.
+                    return
             now = self.clock()
             change = self._state(inst).health.observe(passed, now, inst.spec.health, detail)
             if change is not None:
