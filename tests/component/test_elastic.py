@@ -253,6 +253,42 @@ def test_a_leased_instance_takes_only_its_lease_requests_under_concurrent_load(
     assert f'"lease":"{lease["lease"]}"' in listed.stdout.replace(" ", "")
 
 
+def test_a_rolling_reload_moves_a_lease_to_its_slots_new_process(pair: Home) -> None:
+    """`reload` of an engine with a leased instance: the successor takes the slot and its
+    lease, so the holder's requests (before, during and after) all run on that slot, no
+    other request runs there, the lease is never ended, and it now runs the new process."""
+    with pair.client() as c:
+        lease = c.lease_acquire(engine="pair", ttl=120, holder="job-9")
+    leased = lease["instance"]
+    old_pid = pair.instance(leased)["pid"]
+    others: list[dict[str, Any]] = []
+    mine: list[dict[str, Any]] = []
+    threads = [
+        threading.Thread(target=lambda: others.extend(run_requests(pair, 60, 4, type="pool"))),
+        threading.Thread(
+            target=lambda: mine.extend(run_requests(pair, 30, 1, lease=lease["lease"]))
+        ),
+    ]
+    for t in threads:
+        t.start()
+    reload = pair.cli("reload", "pair")
+    for t in threads:
+        t.join()
+    assert reload.returncode == 0, reload.stderr
+    assert all(r["ok"] for r in others + mine), [r for r in others + mine if not r["ok"]]
+    assert {r["instance"] for r in mine} == {leased}
+    assert leased not in {r["instance"] for r in others}
+    inst = pair.instance(leased)
+    assert inst["pid"] != old_pid and inst["generation"] == 2
+    assert inst["lease"]["lease"] == lease["lease"]
+    assert events(pair, "lease.ended", "pair") == []
+    with pair.client() as c:
+        after = c.exec({"after": True}, lease=lease["lease"])
+        c.lease_renew(lease["lease"])
+    assert after["ok"] and after["instance"] == leased
+    assert after["result"]["pid"] == inst["pid"]
+
+
 def test_an_expired_lease_is_freed_with_an_event_and_its_holder_told(pair: Home) -> None:
     with pair.client() as c:
         lease = c.lease_acquire(engine="pair", ttl=0.5)

@@ -293,6 +293,15 @@ class Leases:
         if lease is not None and self.held.get(lease.id) is lease:
             self._end(lease, EventKind.LEASE_ENDED, f"ended at {_at(time.time())}: {reason}")
 
+    def slot_replaced(self, old: Instance, new: Instance) -> None:
+        """A rollout's successor took the leased slot: the lease goes with the slot (as its id
+        does), so its holder's next requests run on the new process, still exclusively; those
+        in flight finish on the old one."""
+        lease = old.lease
+        old.lease = None  # its drain and stop no longer end the lease
+        if lease is not None and self.held.get(lease.id) is lease:
+            new.lease = lease
+
     def _end(self, lease: Lease, kind: EventKind, why: str) -> None:
         self.held.pop(lease.id, None)
         timer = self._timers.pop(lease.id, None)
