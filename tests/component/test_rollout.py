@@ -396,3 +396,33 @@ def test_reload_prints_a_progress_line_per_step_on_a_terminal(daemon: Home) -> N
     assert "rolling out generation 2" in text, text
     assert "[1/2]" in text and "[2/2]" in text and "pid" in text, text
     assert "generation 2 rolled out: 2 replaced" in text, text
+
+
+def test_ctrl_c_of_a_waiting_reload_leaves_the_rollout_going_on_and_says_so(
+    daemon: Home,
+) -> None:
+    """Ctrl-C while `reload` waits: exit 130 with one line saying the rollout goes on in the
+    daemon, no traceback; the daemon finishes the rollout (every slot replaced)."""
+    import pexpect
+
+    workers(daemon, "w", 2, "1.5")
+    before = pids(daemon, "w")
+    child = pexpect.spawn(
+        PY, ["-m", "engctl", "reload", "w"], env=daemon.env, dimensions=(24, 120),
+        encoding="utf-8",
+    )  # fmt: skip
+    child.expect("rolling out generation 2", timeout=30)
+    child.sendcontrol("c")
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    text = str(child.before)
+    assert child.exitstatus == 130, text
+    assert "interrupted: only the waiting stopped; the rollout of w (if it started) goes on" in (
+        text
+    )
+    assert "Traceback" not in text
+    done = wait_until(lambda: events(daemon, "engine.rollout_finished", engine="w"), 60)
+    assert done
+    after = pids(daemon, "w")
+    assert all(after[k] != before[k] for k in before)
+    assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [2, 2]

@@ -188,6 +188,15 @@ def reload(
         if json and exc.data:
             emit_json(exc.data)
         raise
+    except KeyboardInterrupt:
+        # The rollout is the daemon's, as a Deployment's is Kubernetes' (Ctrl-C of `kubectl
+        # rollout status` stops only the watching): it goes on; say so and where to follow it.
+        name = target.split("#", 1)[0]
+        sys.stderr.write(
+            f"engctl: interrupted: only the waiting stopped; the rollout of {name} (if it"
+            f" started) goes on in the daemon: `engctl status {name}` shows it\n"
+        )
+        raise
     if json:
         emit_json(doc)
     elif no_wait:
