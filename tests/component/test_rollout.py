@@ -426,3 +426,19 @@ def test_ctrl_c_of_a_waiting_reload_leaves_the_rollout_going_on_and_says_so(
     after = pids(daemon, "w")
     assert all(after[k] != before[k] for k in before)
     assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [2, 2]
+
+
+def test_reload_timeout_takes_a_duration_like_ttl_and_for(daemon: Home) -> None:
+    """`reload --timeout 500ms|1s` is a duration as `lease --ttl` and `prewarm --for` are: a
+    new version slower than it stops the rollout (exit 1); `--timeout soon` is one usage
+    line (exit 2) and starts nothing."""
+    workers(daemon, "w", 1, "4")
+    bad = daemon.cli("reload", "w", "--timeout", "soon")
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("engctl: error: --timeout 'soon': expected a duration")
+    assert bad.stderr.count("\n") == 1
+    assert engine(daemon, "w")["generation"] == 1
+    r = daemon.cli("reload", "w", "--timeout", "1s")
+    assert r.returncode == 1, r.stderr
+    assert engine(daemon, "w")["rollout"]["state"] == "failed"
+    assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [1]
