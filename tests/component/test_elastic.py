@@ -206,6 +206,17 @@ def test_scale_on_an_autoscaled_engine_sets_min_and_says_so(daemon: Home) -> Non
     assert "pool: autoscaled 2..3; wanted 2, ready 2" in status.stdout
 
 
+def test_reload_of_an_engine_scaled_to_zero_says_it_has_no_instance(daemon: Home) -> None:
+    register_pool(daemon, script="echo.py", min=0, max=2)
+    r = daemon.cli("reload", "pool")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (
+        "pool: nothing to replace: pool has no instance (scaled to zero): its next one runs"
+        " generation 1\n"
+    )
+    assert engine(daemon)["instances"] == []
+
+
 # -- leases ------------------------------------------------------------------------------------
 @pytest.fixture
 def pair(daemon: Home) -> Iterator[Home]:
