@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from engctl.errors import EXIT_LEASE, EXIT_USAGE, LeaseError
+from engctl.errors import EXIT_LEASE, EXIT_USAGE, BusyError, LeaseError
 from tests.conftest import Home, engine_cmd, wait_until
 
 QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.0}, "stop": {"timeout": 5.0}}
@@ -361,6 +361,40 @@ def test_a_lease_creates_an_instance_when_none_is_idle_and_the_engine_may_grow(
             c.lease_acquire(type="pool", ttl=60, wait=0.2)
     grown = [e for e in events(daemon, "engine.autoscaled") if e["data"]["cause"] == "lease"]
     assert grown and "a lease (job-2) found no idle instance" in grown[0]["reason"]
+
+
+def test_a_waiting_lease_acquire_grows_the_engine_once_its_rollout_ends(daemon: Home) -> None:
+    """An autoscaled engine under a rollout adds no instance: a lease without --wait is told
+    why (not "at scale.max"); one with --wait gets a new instance once the rollout ends."""
+    with daemon.client() as c:
+        c.register(
+            {
+                "pool": {
+                    "command": engine_cmd("late.py", "1.5"),
+                    "type": "pool",
+                    **QUICK,
+                    "scale": {"min": 1, "max": 3, "idle_timeout": 60.0},
+                }
+            }
+        )
+    wait_until(lambda: ready_count(daemon) == 1, 30)
+    with daemon.client() as c:
+        first = c.lease_acquire(type="pool", ttl=60)
+        assert c.reload("pool", wait=False)["state"] == "running"
+        with pytest.raises(BusyError, match="pool is rolling out") as caught:
+            c.lease_acquire(type="pool", ttl=60)
+        assert "scale.max" not in caught.value.message
+    with daemon.client(timeout=60) as c:
+        second = c.lease_acquire(type="pool", ttl=60, wait=30)
+    assert engine(daemon)["rollout"]["state"] == "finished"
+    assert first["instance"] == "pool#0" and second["instance"] == "pool#1"
+    grown = [e for e in events(daemon, "engine.autoscaled") if e["data"]["cause"] == "lease"]
+    assert len(grown) == 1
+    with daemon.client() as c:
+        assert {lease["lease"] for lease in c.leases()} == {
+            first["lease"],
+            second["lease"],
+        }
 
 
 def test_a_lease_acquire_with_wait_gets_the_instance_another_lease_releases(pair: Home) -> None:
