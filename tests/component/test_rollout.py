@@ -442,3 +442,35 @@ def test_reload_timeout_takes_a_duration_like_ttl_and_for(daemon: Home) -> None:
     assert r.returncode == 1, r.stderr
     assert engine(daemon, "w")["rollout"]["state"] == "failed"
     assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [1]
+
+
+def test_ctrl_c_of_an_apply_that_rolls_out_says_the_new_spec_stays_and_rolls_on(
+    daemon: Home, tmp_path: Any
+) -> None:
+    """Ctrl-C while `apply` waits for its rollout: exit 130 with one line saying the
+    registration is done and its rollout goes on; the daemon finishes it (new env everywhere)."""
+    import pexpect
+
+    workers(daemon, "w", 2, "1.5")
+    cmd = ", ".join(json.dumps(part) for part in engine_cmd("late.py", "1.5"))
+    path = tmp_path / "w.toml"
+    path.write_text(
+        f"[engines.w]\ncommand = [{cmd}]\ninstances = 2\n"
+        'env = { X = "2" }\n[engines.w.restart]\nstart_seconds = 0.1\n'
+    )
+    child = pexpect.spawn(
+        PY, ["-m", "engctl", "apply", "-f", str(path)], env=daemon.env, dimensions=(24, 120),
+        encoding="utf-8",
+    )  # fmt: skip
+    wait_until(lambda: engine(daemon, "w")["surge"], 30)
+    child.sendcontrol("c")
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    text = str(child.before)
+    assert child.exitstatus == 130, text
+    assert "interrupted: only the waiting stopped; what the daemon received is registered" in (
+        text
+    )
+    assert "Traceback" not in text
+    wait_until(lambda: events(daemon, "engine.rollout_finished", engine="w"), 60)
+    assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [2, 2]

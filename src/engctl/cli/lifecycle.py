@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, console, emit_json, out
+from engctl.cli.common import JsonFlag, client, console, emit_json, out, waiting
 from engctl.errors import RolloutFailedError, UsageError
 
 if TYPE_CHECKING:
@@ -176,28 +176,26 @@ def reload(
     seconds = None if timeout is None else parse_duration(timeout, "--timeout")
     progress = None if json or no_wait or not sys.stdout.isatty() else _progress_line()
     c = client(autostart=True)
+    name = target.split("#", 1)[0]
     try:
-        doc: Mapping[str, Any] = c.reload(
-            target,
-            max_surge=max_surge,
-            max_unavailable=max_unavailable,
-            timeout=seconds,
-            recreate=recreate,
-            wait=not no_wait,
-            progress=progress,
+        # The rollout is the daemon's, as a Deployment's is Kubernetes' (Ctrl-C of `kubectl
+        # rollout status` stops only the watching): it goes on.
+        doc: Mapping[str, Any] = waiting(
+            lambda: c.reload(
+                target,
+                max_surge=max_surge,
+                max_unavailable=max_unavailable,
+                timeout=seconds,
+                recreate=recreate,
+                wait=not no_wait,
+                progress=progress,
+            ),
+            f"the rollout of {name} (if it started) goes on in the daemon: `engctl status"
+            f" {name}` shows it",
         )
     except RolloutFailedError as exc:
         if json and exc.data:
             emit_json(exc.data)
-        raise
-    except KeyboardInterrupt:
-        # The rollout is the daemon's, as a Deployment's is Kubernetes' (Ctrl-C of `kubectl
-        # rollout status` stops only the watching): it goes on; say so and where to follow it.
-        name = target.split("#", 1)[0]
-        sys.stderr.write(
-            f"engctl: interrupted: only the waiting stopped; the rollout of {name} (if it"
-            f" started) goes on in the daemon: `engctl status {name}` shows it\n"
-        )
         raise
     if json:
         emit_json(doc)
