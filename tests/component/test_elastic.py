@@ -217,6 +217,33 @@ def test_reload_of_an_engine_scaled_to_zero_says_it_has_no_instance(daemon: Home
     assert engine(daemon)["instances"] == []
 
 
+def test_a_scale_up_after_a_failed_rollout_starts_the_generation_still_serving(
+    daemon: Home,
+) -> None:
+    """A rollout of a version that crashes at start fails, and the old process keeps serving;
+    a burst then grows the engine with that old generation (not the version that just failed),
+    so every request is answered; a later good spec rolls out over every slot."""
+    register_pool(daemon, min=1, max=3, target=1.0)
+    wait_until(lambda: ready_count(daemon) == 1, 30)
+    broken = {"command": engine_cmd("crashing.py"), "type": "pool", **QUICK, "scale": {
+        "min": 1, "max": 3, "target": 1.0, "idle_timeout": 60.0}}  # fmt: skip
+    with daemon.client() as c:
+        [result] = c.register({"pool": broken})["engines"]
+    assert result["rollout"]["ok"] is False, result
+    assert "the new process failed" in result["rollout"]["reason"]
+    assert engine(daemon)["rollout"]["state"] == "failed"
+    answers = run_requests(daemon, 24, 6, type="pool")
+    assert all(r["ok"] for r in answers), [r for r in answers if not r["ok"]][:2]
+    pool = engine(daemon)
+    assert len(pool["instances"]) == 3
+    assert [i["generation"] for i in pool["instances"]] == [1, 1, 1]
+    assert [i["state"] for i in pool["instances"]] == ["ready"] * 3
+    assert len({r["instance"] for r in answers}) > 1
+    register_pool(daemon, script="echo.py", min=1, max=3, target=1.0)
+    wait_until(lambda: engine(daemon)["rollout"]["state"] == "finished", 30)
+    assert [i["generation"] for i in engine(daemon)["instances"]] == [3, 3, 3]
+
+
 # -- leases ------------------------------------------------------------------------------------
 @pytest.fixture
 def pair(daemon: Home) -> Iterator[Home]:
