@@ -250,3 +250,37 @@ def test_status_shows_names_and_reasons_as_written() -> None:
         view = status_view(cast("StatusDoc", fleet), width, NOW)
         assert "[bold]by hand[/]" in rich_prints(view, width, None)
         assert "[bold]by hand[/]" in (status_text(fleet, width, None, NOW) or "")
+
+
+def test_a_rollout_and_an_engine_scaled_to_zero_leave_80_columns_readable() -> None:
+    """A surge row's label and a scaled-to-zero engine's cell are short on a narrow terminal
+    (`w#0 (g2 new)`, `scaled to zero`), so no other cell is cut; the wide view spells them."""
+    fleet = {
+        "engines": [
+            {
+                "name": "onnx-small-model", "mode": "worker", "desired": "running",
+                "generation": 2,
+                "instances": [inst("onnx-small-model#0", generation=1, role="current")],
+                "surge": [inst("onnx-small-model#0", generation=2, role="successor",
+                               state="warming")],
+            },
+            {"name": "idle-pool", "mode": "worker", "desired": "running", "instances": [],
+             "scale": {"min": 0, "max": 4, "wanted": 0, "ready": 0, "busy": 0, "idle": 0}},
+        ]
+    }  # fmt: skip
+    for rich in (False, True):
+        narrow = _status(fleet, 80, rich)
+        assert "onnx-small-model#0 (g2 new)" in narrow and "scaled to zero" in narrow
+        assert "…" not in narrow, narrow
+        wide = _status(fleet, 250, rich)
+        assert "onnx-small-model#0 (gen 2, successor)" in wide
+        assert "0 instances (scaled to zero)" in wide
+
+
+def _status(status: dict[str, Any], width: int, rich: bool) -> str:
+    """`status` at `width` columns, by rich or by `status_text`."""
+    if not rich:
+        return status_text(status, width, NO_COLOR, NOW) or ""
+    con = Console(width=width, record=True, color_system=None)
+    con.print(status_view(cast("StatusDoc", status), width, NOW))
+    return con.export_text()
