@@ -244,6 +244,29 @@ def test_a_scale_up_after_a_failed_rollout_starts_the_generation_still_serving(
     assert [i["generation"] for i in engine(daemon)["instances"]] == [3, 3, 3]
 
 
+def test_a_burst_held_back_by_the_engines_max_in_flight_does_not_grow_it(daemon: Home) -> None:
+    """`[limits] max_in_flight = 2` on an engine of 2 slots per instance: a burst of 12 waits
+    for admission, not for instances, so the engine stays at 1 (every request answered)."""
+    with daemon.client() as c:
+        c.register(
+            {
+                "pool": {
+                    "command": engine_cmd("slow.py", "0.2"),
+                    "type": "pool",
+                    "max_concurrency": 2,
+                    **QUICK,
+                    "limits": {"max_in_flight": 2},
+                    "scale": {"min": 1, "max": 4, "target": 1.0, "idle_timeout": 60.0},
+                }
+            }
+        )
+    wait_until(lambda: ready_count(daemon) == 1, 30)
+    answers = run_requests(daemon, 12, 12, type="pool")
+    assert all(r["ok"] for r in answers)
+    assert events(daemon, "engine.autoscaled") == []
+    assert len(engine(daemon)["instances"]) == 1
+
+
 # -- leases ------------------------------------------------------------------------------------
 @pytest.fixture
 def pair(daemon: Home) -> Iterator[Home]:

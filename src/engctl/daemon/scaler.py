@@ -204,7 +204,13 @@ class Scaler:
             floor=floor,
             floor_reason=floor_reason,
             pressure=self.pressure,
+            cap=self._admission_cap(spec.name),
         )
+
+    def _admission_cap(self, name: str) -> int | None:
+        """The engine's in-flight limit in force (its admission gate's), or None."""
+        gate = self.router.gate.admission.engines.get(name)
+        return None if gate is None else gate.limit
 
     def _floor(self, engine: Engine) -> tuple[int, str]:
         """The higher of the engine's prewarm and its predicted floor, with what it is."""
