@@ -267,6 +267,28 @@ def test_a_burst_held_back_by_the_engines_max_in_flight_does_not_grow_it(daemon:
     assert len(engine(daemon)["instances"]) == 1
 
 
+def test_a_burst_held_back_by_the_engines_rate_does_not_grow_it(daemon: Home) -> None:
+    """`[limits] rate = "4/s"`, burst 1, on an engine whose requests take 50 ms: a burst of 10
+    waits for tokens, not for instances, so the engine stays at 1 (every request answered)."""
+    with daemon.client() as c:
+        c.register(
+            {
+                "pool": {
+                    "command": engine_cmd("slow.py", "0.05"),
+                    "type": "pool",
+                    **QUICK,
+                    "limits": {"rate": "4/s", "burst": 1},
+                    "scale": {"min": 1, "max": 4, "target": 1.0, "idle_timeout": 60.0},
+                }
+            }
+        )
+    wait_until(lambda: ready_count(daemon) == 1, 30)
+    answers = run_requests(daemon, 10, 10, type="pool")
+    assert all(r["ok"] for r in answers)
+    assert events(daemon, "engine.autoscaled") == []
+    assert len(engine(daemon)["instances"]) == 1
+
+
 # -- leases ------------------------------------------------------------------------------------
 @pytest.fixture
 def pair(daemon: Home) -> Iterator[Home]:

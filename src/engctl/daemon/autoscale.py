@@ -44,8 +44,9 @@ class Observation:
     floor: int = 0  # a prewarm's or a prediction's floor
     floor_reason: str = ""  # ... and what it is ("prewarm 4 until 14:05:00")
     pressure: bool = False  # host memory is short: no warm spares, no prewarm
-    # The engine's in-flight limit (`[engines.X.limits]` max_in_flight or the adaptive one):
-    # requests beyond it wait for admission, not for an instance, so they call for none.
+    # What the engine's admission gate lets run now (its max_in_flight or adaptive limit;
+    # with a rate, those running plus a token each): requests beyond it wait for admission,
+    # not for an instance, so they call for none.
     cap: int | None = None
 
 
