@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from engctl.errors import EXIT_LEASE, EXIT_USAGE, LeaseError
+from engctl.errors import EXIT_LEASE, EXIT_USAGE, BusyError, LeaseError
 from tests.conftest import Home, engine_cmd, wait_until
 
 QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.0}, "stop": {"timeout": 5.0}}
@@ -206,6 +206,89 @@ def test_scale_on_an_autoscaled_engine_sets_min_and_says_so(daemon: Home) -> Non
     assert "pool: autoscaled 2..3; wanted 2, ready 2" in status.stdout
 
 
+def test_reload_of_an_engine_scaled_to_zero_says_it_has_no_instance(daemon: Home) -> None:
+    register_pool(daemon, script="echo.py", min=0, max=2)
+    r = daemon.cli("reload", "pool")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (
+        "pool: nothing to replace: pool has no instance (scaled to zero): its next one runs"
+        " generation 1\n"
+    )
+    assert engine(daemon)["instances"] == []
+
+
+def test_a_scale_up_after_a_failed_rollout_starts_the_generation_still_serving(
+    daemon: Home,
+) -> None:
+    """A rollout of a version that crashes at start fails, and the old process keeps serving;
+    a burst then grows the engine with that old generation (not the version that just failed),
+    so every request is answered; a later good spec rolls out over every slot."""
+    register_pool(daemon, min=1, max=3, target=1.0)
+    wait_until(lambda: ready_count(daemon) == 1, 30)
+    broken = {"command": engine_cmd("crashing.py"), "type": "pool", **QUICK, "scale": {
+        "min": 1, "max": 3, "target": 1.0, "idle_timeout": 60.0}}  # fmt: skip
+    with daemon.client() as c:
+        [result] = c.register({"pool": broken})["engines"]
+    assert result["rollout"]["ok"] is False, result
+    assert "the new process failed" in result["rollout"]["reason"]
+    assert engine(daemon)["rollout"]["state"] == "failed"
+    answers = run_requests(daemon, 24, 6, type="pool")
+    assert all(r["ok"] for r in answers), [r for r in answers if not r["ok"]][:2]
+    pool = engine(daemon)
+    assert len(pool["instances"]) == 3
+    assert [i["generation"] for i in pool["instances"]] == [1, 1, 1]
+    assert [i["state"] for i in pool["instances"]] == ["ready"] * 3
+    assert len({r["instance"] for r in answers}) > 1
+    register_pool(daemon, script="echo.py", min=1, max=3, target=1.0)
+    wait_until(lambda: engine(daemon)["rollout"]["state"] == "finished", 30)
+    assert [i["generation"] for i in engine(daemon)["instances"]] == [3, 3, 3]
+
+
+def test_a_burst_held_back_by_the_engines_max_in_flight_does_not_grow_it(daemon: Home) -> None:
+    """`[limits] max_in_flight = 2` on an engine of 2 slots per instance: a burst of 12 waits
+    for admission, not for instances, so the engine stays at 1 (every request answered)."""
+    with daemon.client() as c:
+        c.register(
+            {
+                "pool": {
+                    "command": engine_cmd("slow.py", "0.2"),
+                    "type": "pool",
+                    "max_concurrency": 2,
+                    **QUICK,
+                    "limits": {"max_in_flight": 2},
+                    "scale": {"min": 1, "max": 4, "target": 1.0, "idle_timeout": 60.0},
+                }
+            }
+        )
+    wait_until(lambda: ready_count(daemon) == 1, 30)
+    answers = run_requests(daemon, 12, 12, type="pool")
+    assert all(r["ok"] for r in answers)
+    assert events(daemon, "engine.autoscaled") == []
+    assert len(engine(daemon)["instances"]) == 1
+
+
+def test_a_burst_held_back_by_the_engines_rate_does_not_grow_it(daemon: Home) -> None:
+    """`[limits] rate = "4/s"`, burst 1, on an engine whose requests take 50 ms: a burst of 10
+    waits for tokens, not for instances, so the engine stays at 1 (every request answered)."""
+    with daemon.client() as c:
+        c.register(
+            {
+                "pool": {
+                    "command": engine_cmd("slow.py", "0.05"),
+                    "type": "pool",
+                    **QUICK,
+                    "limits": {"rate": "4/s", "burst": 1},
+                    "scale": {"min": 1, "max": 4, "target": 1.0, "idle_timeout": 60.0},
+                }
+            }
+        )
+    wait_until(lambda: ready_count(daemon) == 1, 30)
+    answers = run_requests(daemon, 10, 10, type="pool")
+    assert all(r["ok"] for r in answers)
+    assert events(daemon, "engine.autoscaled") == []
+    assert len(engine(daemon)["instances"]) == 1
+
+
 # -- leases ------------------------------------------------------------------------------------
 @pytest.fixture
 def pair(daemon: Home) -> Iterator[Home]:
@@ -251,6 +334,42 @@ def test_a_leased_instance_takes_only_its_lease_requests_under_concurrent_load(
     assert inst["lease"]["lease"] == lease["lease"]
     listed = pair.cli("lease", "list", "--json")
     assert f'"lease":"{lease["lease"]}"' in listed.stdout.replace(" ", "")
+
+
+def test_a_rolling_reload_moves_a_lease_to_its_slots_new_process(pair: Home) -> None:
+    """`reload` of an engine with a leased instance: the successor takes the slot and its
+    lease, so the holder's requests (before, during and after) all run on that slot, no
+    other request runs there, the lease is never ended, and it now runs the new process."""
+    with pair.client() as c:
+        lease = c.lease_acquire(engine="pair", ttl=120, holder="job-9")
+    leased = lease["instance"]
+    old_pid = pair.instance(leased)["pid"]
+    others: list[dict[str, Any]] = []
+    mine: list[dict[str, Any]] = []
+    threads = [
+        threading.Thread(target=lambda: others.extend(run_requests(pair, 60, 4, type="pool"))),
+        threading.Thread(
+            target=lambda: mine.extend(run_requests(pair, 30, 1, lease=lease["lease"]))
+        ),
+    ]
+    for t in threads:
+        t.start()
+    reload = pair.cli("reload", "pair")
+    for t in threads:
+        t.join()
+    assert reload.returncode == 0, reload.stderr
+    assert all(r["ok"] for r in others + mine), [r for r in others + mine if not r["ok"]]
+    assert {r["instance"] for r in mine} == {leased}
+    assert leased not in {r["instance"] for r in others}
+    inst = pair.instance(leased)
+    assert inst["pid"] != old_pid and inst["generation"] == 2
+    assert inst["lease"]["lease"] == lease["lease"]
+    assert events(pair, "lease.ended", "pair") == []
+    with pair.client() as c:
+        after = c.exec({"after": True}, lease=lease["lease"])
+        c.lease_renew(lease["lease"])
+    assert after["ok"] and after["instance"] == leased
+    assert after["result"]["pid"] == inst["pid"]
 
 
 def test_an_expired_lease_is_freed_with_an_event_and_its_holder_told(pair: Home) -> None:
@@ -314,6 +433,40 @@ def test_a_lease_creates_an_instance_when_none_is_idle_and_the_engine_may_grow(
             c.lease_acquire(type="pool", ttl=60, wait=0.2)
     grown = [e for e in events(daemon, "engine.autoscaled") if e["data"]["cause"] == "lease"]
     assert grown and "a lease (job-2) found no idle instance" in grown[0]["reason"]
+
+
+def test_a_waiting_lease_acquire_grows_the_engine_once_its_rollout_ends(daemon: Home) -> None:
+    """An autoscaled engine under a rollout adds no instance: a lease without --wait is told
+    why (not "at scale.max"); one with --wait gets a new instance once the rollout ends."""
+    with daemon.client() as c:
+        c.register(
+            {
+                "pool": {
+                    "command": engine_cmd("late.py", "1.5"),
+                    "type": "pool",
+                    **QUICK,
+                    "scale": {"min": 1, "max": 3, "idle_timeout": 60.0},
+                }
+            }
+        )
+    wait_until(lambda: ready_count(daemon) == 1, 30)
+    with daemon.client() as c:
+        first = c.lease_acquire(type="pool", ttl=60)
+        assert c.reload("pool", wait=False)["state"] == "running"
+        with pytest.raises(BusyError, match="pool is rolling out") as caught:
+            c.lease_acquire(type="pool", ttl=60)
+        assert "scale.max" not in caught.value.message
+    with daemon.client(timeout=60) as c:
+        second = c.lease_acquire(type="pool", ttl=60, wait=30)
+    assert engine(daemon)["rollout"]["state"] == "finished"
+    assert first["instance"] == "pool#0" and second["instance"] == "pool#1"
+    grown = [e for e in events(daemon, "engine.autoscaled") if e["data"]["cause"] == "lease"]
+    assert len(grown) == 1
+    with daemon.client() as c:
+        assert {lease["lease"] for lease in c.leases()} == {
+            first["lease"],
+            second["lease"],
+        }
 
 
 def test_a_lease_acquire_with_wait_gets_the_instance_another_lease_releases(pair: Home) -> None:

@@ -396,3 +396,72 @@ def test_reload_prints_a_progress_line_per_step_on_a_terminal(daemon: Home) -> N
     assert "rolling out generation 2" in text, text
     assert "[1/2]" in text and "[2/2]" in text and "pid" in text, text
     assert "generation 2 rolled out: 2 replaced" in text, text
+
+
+def interrupted(daemon: Home, args: list[str]) -> str:
+    """Run `engctl ARGS` on a terminal, Ctrl-C once a rollout of `w` is under way; its output
+    (exit 130, no traceback)."""
+    import pexpect
+
+    child = pexpect.spawn(
+        PY, ["-m", "engctl", *args], env=daemon.env, dimensions=(24, 120), encoding="utf-8"
+    )
+    wait_until(lambda: engine(daemon, "w")["surge"], 30)
+    child.sendcontrol("c")
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    text = str(child.before)
+    assert child.exitstatus == 130, text
+    assert "Traceback" not in text
+    return text
+
+
+def test_ctrl_c_of_a_waiting_reload_leaves_the_rollout_going_on_and_says_so(
+    daemon: Home,
+) -> None:
+    """Ctrl-C while `reload` waits: exit 130 with one line saying the rollout goes on in the
+    daemon, no traceback; the daemon finishes the rollout (every slot replaced)."""
+    workers(daemon, "w", 2, "1.5")
+    before = pids(daemon, "w")
+    text = interrupted(daemon, ["reload", "w"])
+    note = "interrupted: only the waiting stopped; the rollout of w (if it started) goes on"
+    assert note in text
+    wait_until(lambda: events(daemon, "engine.rollout_finished", engine="w"), 60)
+    after = pids(daemon, "w")
+    assert all(after[k] != before[k] for k in before)
+    assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [2, 2]
+
+
+def test_reload_timeout_takes_a_duration_like_ttl_and_for(daemon: Home) -> None:
+    """`reload --timeout 500ms|1s` is a duration as `lease --ttl` and `prewarm --for` are: a
+    new version slower than it stops the rollout (exit 1); `--timeout soon` is one usage
+    line (exit 2) and starts nothing."""
+    workers(daemon, "w", 1, "4")
+    bad = daemon.cli("reload", "w", "--timeout", "soon")
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("engctl: error: --timeout 'soon': expected a duration")
+    assert bad.stderr.count("\n") == 1
+    assert engine(daemon, "w")["generation"] == 1
+    r = daemon.cli("reload", "w", "--timeout", "1s")
+    assert r.returncode == 1, r.stderr
+    assert engine(daemon, "w")["rollout"]["state"] == "failed"
+    assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [1]
+
+
+def test_ctrl_c_of_an_apply_that_rolls_out_says_the_new_spec_stays_and_rolls_on(
+    daemon: Home, tmp_path: Any
+) -> None:
+    """Ctrl-C while `apply` waits for its rollout: exit 130 with one line saying the
+    registration is done and its rollout goes on; the daemon finishes it (new env everywhere)."""
+    workers(daemon, "w", 2, "1.5")
+    cmd = ", ".join(json.dumps(part) for part in engine_cmd("late.py", "1.5"))
+    path = tmp_path / "w.toml"
+    path.write_text(
+        f"[engines.w]\ncommand = [{cmd}]\ninstances = 2\n"
+        'env = { X = "2" }\n[engines.w.restart]\nstart_seconds = 0.1\n'
+    )
+    text = interrupted(daemon, ["apply", "-f", str(path)])
+    note = "interrupted: only the waiting stopped; what the daemon received is registered"
+    assert note in text
+    wait_until(lambda: events(daemon, "engine.rollout_finished", engine="w"), 60)
+    assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [2, 2]

@@ -24,7 +24,7 @@ from engctl.states import ScaleCause
 SPEC = ScaleSpec(min=1, max=8, min_idle=0, target=0.8, idle_timeout=60.0)
 
 
-def obs(size: int, **figures: int | bool | str) -> Observation:
+def obs(size: int, **figures: int | bool | str | None) -> Observation:
     """An engine of `size` ready, idle instances, with `figures` changed."""
     values: dict[str, object] = {"size": size, "ready": size, "in_flight": 0, "waiting": 0}
     values["leased"] = 0
@@ -50,6 +50,19 @@ def test_a_burst_larger_than_max_grows_to_max_and_says_so() -> None:
     decision = scaler.decide(obs(1, in_flight=1, waiting=40, removable=0), 0.0)
     assert decision is not None and decision.size == 8
     assert decision.reason.endswith("(scale.max)")
+
+
+def test_requests_beyond_the_engines_admission_limit_call_for_no_instance() -> None:
+    """With `limits.max_in_flight = 2` (or an adaptive limit of 2) only 2 requests run at
+    once: 10 waiting ask for the instances 2 keep busy, not for 10 requests' worth."""
+    scaler = EngineScaler(ScaleSpec(min=1, max=4, target=1.0))
+    capped = obs(1, in_flight=2, waiting=10, max_concurrency=2, removable=0, cap=2)
+    assert scaler.decide(capped, 0.0) is None
+    assert wanted(ScaleSpec(min=1, max=4, target=1.0), capped)[0] == 1
+    uncapped = obs(1, in_flight=2, waiting=10, max_concurrency=2, removable=0)
+    assert wanted(ScaleSpec(min=1, max=4, target=1.0), uncapped)[0] == 4
+    room = obs(1, in_flight=2, waiting=10, max_concurrency=2, removable=0, cap=6)
+    assert wanted(ScaleSpec(min=1, max=4, target=1.0), room)[0] == 3
 
 
 def test_a_request_waiting_on_an_engine_scaled_to_zero_starts_one() -> None:

@@ -85,6 +85,8 @@ def rendered(width: int, which: str) -> list[str]:
 
 
 @pytest.mark.parametrize("which", ["status", "top"])
+
+
 def test_readable_at_80_columns(which: str) -> None:
     """At 80 columns each instance is one line that fits, no cell is cut (no ellipsis), and
     the columns kept are whole."""
@@ -106,6 +108,8 @@ def test_readable_at_80_columns(which: str) -> None:
 
 
 @pytest.mark.parametrize("which", ["status", "top"])
+
+
 def test_every_column_when_there_is_room(which: str) -> None:
     lines = rendered(200, which)
     header = next(line for line in lines if line.startswith("INSTANCE")).split()
@@ -186,6 +190,8 @@ FLEETS = st.lists(
     width=st.integers(20, 260),
     escapes=st.sampled_from([None, COLOR, NO_COLOR]),
 )
+
+
 def test_status_text_is_what_rich_prints(status: dict[str, Any], width: int, escapes: Any) -> None:
     """`status_text` writes exactly what rich writes for the status view, escape codes and
     all, or gives the case back to rich (None)."""
@@ -197,6 +203,8 @@ def test_status_text_is_what_rich_prints(status: dict[str, Any], width: int, esc
 
 @pytest.mark.parametrize("escapes", [None, COLOR, NO_COLOR])
 @pytest.mark.parametrize("width", [71, 80, 120, 200, 1000])
+
+
 def test_status_text_writes_the_usual_tables_itself(width: int, escapes: Any) -> None:
     """A fleet of ordinary names and reasons is written without rich at every width that
     holds its narrowest table (71 columns for this one), with or without notes under it."""
@@ -219,6 +227,8 @@ def test_status_text_leaves_control_characters_to_rich() -> None:
     ),
     width=st.integers(1, 30),
 )
+
+
 def test_wrap_breaks_lines_where_rich_does(text: str, width: int) -> None:
     """`styled.wrap` cuts a text into the lines rich's Text.wrap makes (a word longer than a
     line folded, trailing spaces dropped only where they overflow), wide characters too."""
@@ -279,3 +289,37 @@ def test_policy_show_formats_each_setting_by_its_section() -> None:
     assert rows[("rollout", "max_surge")] == (0, "engine")
     assert rows[("scale", "max")] == (8, "engine") and rows[("scale", "min")] == (0, "engine")
     assert rows[("scale", "idle_timeout")] == (60.0, "default")
+
+
+def test_a_rollout_and_an_engine_scaled_to_zero_leave_80_columns_readable() -> None:
+    """A surge row's label and a scaled-to-zero engine's cell are short on a narrow terminal
+    (`w#0 (g2 new)`, `scaled to zero`), so no other cell is cut; the wide view spells them."""
+    fleet = {
+        "engines": [
+            {
+                "name": "onnx-small-model", "mode": "worker", "desired": "running",
+                "generation": 2,
+                "instances": [inst("onnx-small-model#0", generation=1, role="current")],
+                "surge": [inst("onnx-small-model#0", generation=2, role="successor",
+                               state="warming")],
+            },
+            {"name": "idle-pool", "mode": "worker", "desired": "running", "instances": [],
+             "scale": {"min": 0, "max": 4, "wanted": 0, "ready": 0, "busy": 0, "idle": 0}},
+        ]
+    }  # fmt: skip
+    for rich in (False, True):
+        narrow = _status(fleet, 80, rich)
+        assert "onnx-small-model#0 (g2 new)" in narrow and "scaled to zero" in narrow
+        assert "…" not in narrow, narrow
+        wide = _status(fleet, 250, rich)
+        assert "onnx-small-model#0 (gen 2, successor)" in wide
+        assert "0 instances (scaled to zero)" in wide
+
+
+def _status(status: dict[str, Any], width: int, rich: bool) -> str:
+    """`status` at `width` columns, by rich or by `status_text`."""
+    if not rich:
+        return status_text(status, width, NO_COLOR, NOW) or ""
+    con = Console(width=width, record=True, color_system=None)
+    con.print(status_view(cast("StatusDoc", status), width, NOW))
+    return con.export_text()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -11,6 +11,8 @@ import typer
 from engctl.cli.terminal import console as console
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from engctl.client import Client
 
 JsonFlag = Annotated[
@@ -30,6 +32,19 @@ def client(autostart: bool = False) -> Client:
 
 def out(text: str) -> None:
     sys.stdout.write(text + "\n")
+
+
+T = TypeVar("T")
+
+
+def waiting(call: Callable[[], T], goes_on: str) -> T:
+    """`call` (a request the daemon carries out whether or not we wait for it); Ctrl-C stops
+    only our waiting, and says so and what `goes_on` (exit 130 as any Ctrl-C)."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"engctl: interrupted: only the waiting stopped; {goes_on}\n")
+        raise
 
 
 def warn(lines: list[str]) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, emit_json, out, warn
+from engctl.cli.common import JsonFlag, client, emit_json, out, waiting, warn
 from engctl.errors import RolloutFailedError, SpecError, UsageError
 
 FileOpt = Annotated[
@@ -93,6 +93,13 @@ def _print_results(result: dict[str, Any]) -> None:
         out(f"removed {name}")
 
 
+# Ctrl-C of a waiting register/apply: the registration is the daemon's, so is its rollout.
+_GOES_ON = (
+    "what the daemon received is registered, and a rollout it needs goes on: `engctl status`"
+    " shows it"
+)
+
+
 @app.command()
 def register(
     name: Annotated[str | None, typer.Argument(help="Engine name (with --cmd).")] = None,
@@ -158,8 +165,10 @@ def register(
 
         EngineSpec.from_dict(name, table, where=name)  # flag errors before any daemon start
         engines = {name: table}
-    result = client(autostart=True).register(
-        engines, start=not no_start, recreate=recreate, wait=not no_wait
+    c = client(autostart=True)
+    result = waiting(
+        lambda: c.register(engines, start=not no_start, recreate=recreate, wait=not no_wait),
+        _GOES_ON,
     )
     _show_results(result, json)
 
@@ -247,5 +256,8 @@ def apply(
     if file is None:
         raise UsageError("apply needs -f FILE (or -f - for stdin)")
     engines = read_engines_file(file)  # a bad file starts no daemon
-    result = client(autostart=True).apply(engines, prune=prune, recreate=recreate, wait=not no_wait)
+    c = client(autostart=True)
+    result = waiting(
+        lambda: c.apply(engines, prune=prune, recreate=recreate, wait=not no_wait), _GOES_ON
+    )
     _show_results(result, json)

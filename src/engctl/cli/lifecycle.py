@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from engctl.cli.app import app
-from engctl.cli.common import JsonFlag, client, console, emit_json, finite, out
+from engctl.cli.common import JsonFlag, client, console, emit_json, out, waiting
 from engctl.errors import RolloutFailedError, UsageError
 
 if TYPE_CHECKING:
@@ -147,10 +147,8 @@ def reload(
         ),
     ] = None,
     timeout: Annotated[
-        float | None,
-        typer.Option(
-            min=0.001, help="Stop it (failed) if not done after S seconds.", callback=finite
-        ),
+        str | None,
+        typer.Option(help="Stop it (failed) if not done after this long, e.g. 90s, 10m."),
     ] = None,
     recreate: Annotated[
         bool,
@@ -172,17 +170,28 @@ def reload(
             "--max-surge 0 --max-unavailable 0: no instance could ever be replaced (allow a"
             " surge process, or one instance down at a time)"
         )
+    from engctl.timespec import parse_duration
+
+    # One duration syntax with `--ttl`, `--for` and `kubectl rollout status --timeout`.
+    seconds = None if timeout is None else parse_duration(timeout, "--timeout")
     progress = None if json or no_wait or not sys.stdout.isatty() else _progress_line()
     c = client(autostart=True)
+    name = target.split("#", 1)[0]
     try:
-        doc: Mapping[str, Any] = c.reload(
-            target,
-            max_surge=max_surge,
-            max_unavailable=max_unavailable,
-            timeout=timeout,
-            recreate=recreate,
-            wait=not no_wait,
-            progress=progress,
+        # The rollout is the daemon's, as a Deployment's is Kubernetes' (Ctrl-C of `kubectl
+        # rollout status` stops only the watching): it goes on.
+        doc: Mapping[str, Any] = waiting(
+            lambda: c.reload(
+                target,
+                max_surge=max_surge,
+                max_unavailable=max_unavailable,
+                timeout=seconds,
+                recreate=recreate,
+                wait=not no_wait,
+                progress=progress,
+            ),
+            f"the rollout of {name} (if it started) goes on in the daemon: `engctl status"
+            f" {name}` shows it",
         )
     except RolloutFailedError as exc:
         if json and exc.data:

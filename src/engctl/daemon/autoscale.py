@@ -44,6 +44,10 @@ class Observation:
     floor: int = 0  # a prewarm's or a prediction's floor
     floor_reason: str = ""  # ... and what it is ("prewarm 4 until 14:05:00")
     pressure: bool = False  # host memory is short: no warm spares, no prewarm
+    # What the engine's admission gate lets run now (its max_in_flight or adaptive limit;
+    # with a rate, those running plus a token each): requests beyond it wait for admission,
+    # not for an instance, so they call for none.
+    cap: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,8 @@ def wanted(spec: ScaleSpec, obs: Observation) -> tuple[int, ScaleCause, str]:
     """The instances `obs` calls for (within min..max), what decides it and why in words."""
     mc = obs.max_concurrency
     requests = obs.in_flight + obs.waiting
+    if obs.cap is not None:
+        requests = min(requests, obs.cap)
     # Enough instances that the busy share stays at or under the target ...
     by_target = _ceil(requests / (mc * spec.target)) + obs.leased
     # ... and never fewer than demand occupies plus the warm spares, nor than a floor.

@@ -499,6 +499,12 @@ class EngineCalls:
             )
         running = [i for i in target if i.state.has_process or i.state is InstanceState.BACKOFF]
         if not running:
+            if not target:  # an autoscaled engine at zero: its next instance starts as wanted
+                return _nothing(
+                    engine,
+                    f"{name} has no instance (scaled to zero): its next one runs generation"
+                    f" {engine.generation}",
+                )
             return _nothing(engine, f"{', '.join(i.id for i in target)}: no process to replace")
         cause = "reload" if index is None else f"reload of {target[0].id}"
         if index is None and all(i.generation >= engine.generation for i in running):

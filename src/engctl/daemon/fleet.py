@@ -20,7 +20,7 @@ from engctl.states import DesiredState, EngineMode, EventKind, InstanceState, Ro
 
 from .instance import Engine, Instance
 from .logs import InstanceLog
-from .rollout import Rollout
+from .rollout import Rollout, serving_process
 from .supervisor import Supervisor
 
 log = logging.getLogger("engctl.supervisor")
@@ -60,6 +60,7 @@ class Fleet:
         count, or an autoscaled engine's current one); return the ones to remove (highest)."""
         if want is None or not engine.spec.mode.long_running:
             want = engine.wanted
+        held = serving_process(engine) if len(engine.instances) < want else None
         while len(engine.instances) < want:
             idx = len(engine.instances)
             log_file = InstanceLog(
@@ -68,7 +69,10 @@ class Fleet:
                 self.sup.config.log_backups,
                 self.sup.write_health,
             )
-            engine.instances.append(Instance(engine, idx, log_file, self.sup.clock))
+            inst = Instance(engine, idx, log_file, self.sup.clock)
+            if held is not None:
+                inst.spec, inst.generation = held  # the next rollout replaces it as the others
+            engine.instances.append(inst)
         extra = engine.instances[want:]
         del engine.instances[want:]
         oneshot = engine.spec.mode is EngineMode.ONESHOT

@@ -32,7 +32,7 @@ from engctl.errors import (
     UsageError,
 )
 from engctl.models import split_instance_id
-from engctl.states import EngineMode, EventKind, InstanceState
+from engctl.states import DesiredState, EngineMode, EventKind, InstanceState
 
 from .events import EventLog
 from .instance import Engine, Instance, Lease
@@ -90,17 +90,15 @@ class Leases:
         engines = self._engines(selector)
         granted = min(ttl, self.config.max_lease_ttl)
         deadline = self.loop.time() + wait
-        grew = False
         while True:
             inst = self._idle(selector)
             if inst is not None:
                 return self._grant(inst, granted, holder), ttl
-            if not grew:
-                grew = True
-                inst = await self._grow(engines, selector, holder)
-                if inst is not None:
-                    return self._grant(inst, granted, holder), ttl
-                continue
+            # Every turn, not once: an engine that may not grow now (a rollout under way, a
+            # resize, at max) may when the rollout ends or instances leave.
+            inst = await self._grow(engines, selector, holder)
+            if inst is not None:
+                return self._grant(inst, granted, holder), ttl
             left = deadline - self.loop.time()
             if left <= 0:
                 raise BusyError(self._none_idle(engines, wait))
@@ -167,9 +165,12 @@ class Leases:
         request takes it), and wait for it to be ready; None when no engine may grow."""
         if selector.instance is not None:
             return None  # a named instance is leased as it is, or waited for
-        reservation = Lease(self._next_id(), holder, "", "", 0.0, 0.0, 0.0, held=False)
+        reservation = Lease("", holder, "", "", 0.0, 0.0, 0.0, held=False)
 
         def reserve(inst: Instance) -> None:
+            # Its id only when an instance starts for it: most calls of a waiting acquire
+            # grow nothing.
+            reservation.id = self._next_id()
             reservation.instance, reservation.engine = inst.id, inst.spec.name
             inst.lease = reservation
 
@@ -224,12 +225,8 @@ class Leases:
         busy = sum(1 for i in ready if i.lease is None and i.stats.in_flight)
         names = ", ".join(sorted(e.spec.name for e in engines))
         waited = f" within {wait:g}s" if wait else " (no --wait)"
-        maxed = [
-            f"{e.spec.name} is at scale.max {e.spec.scale.max}"
-            for e in engines
-            if e.spec.scale is not None
-        ]
-        cap = "; " + ", ".join(maxed) if maxed else ""
+        stuck = [why for e in engines if (why := _not_growing(e))]
+        cap = "; " + ", ".join(stuck) if stuck else ""
         return (
             f"no idle instance to lease{waited}: {names} has {len(ready)} ready, {leased}"
             f" leased, {busy} busy{cap}"
@@ -293,6 +290,15 @@ class Leases:
         if lease is not None and self.held.get(lease.id) is lease:
             self._end(lease, EventKind.LEASE_ENDED, f"ended at {_at(time.time())}: {reason}")
 
+    def slot_replaced(self, old: Instance, new: Instance) -> None:
+        """A rollout's successor took the leased slot: the lease goes with the slot (as its id
+        does), so its holder's next requests run on the new process, still exclusively; those
+        in flight finish on the old one."""
+        lease = old.lease
+        old.lease = None  # its drain and stop no longer end the lease
+        if lease is not None and self.held.get(lease.id) is lease:
+            new.lease = lease
+
     def _end(self, lease: Lease, kind: EventKind, why: str) -> None:
         self.held.pop(lease.id, None)
         timer = self._timers.pop(lease.id, None)
@@ -354,6 +360,21 @@ class Leases:
         """The error for a request whose lease ended (None while it is held)."""
         lease = self.held.get(lease_id)
         return self._not_held(lease_id) if lease is None or not lease.held else None
+
+
+def _not_growing(engine: Engine) -> str:
+    """Why an autoscaled engine added no instance for a lease ("" when it is not one)."""
+    scale = engine.spec.scale
+    name = engine.spec.name
+    if scale is None:
+        return ""
+    if engine.rolling_out:
+        return f"{name} is rolling out (it grows again once the rollout ends)"
+    if engine.desired is not DesiredState.RUNNING:
+        return f"{name} is stopped"
+    if len(engine.instances) >= scale.max:
+        return f"{name} is at scale.max {scale.max}"
+    return f"{name} is resizing"
 
 
 def _at(when: float) -> str:

@@ -42,9 +42,12 @@ class PolicyHooks(Protocol):
 
 
 class LeaseHooks(Protocol):
-    """What the leases hear (see `leases`): a leased instance stopped taking requests."""
+    """What the leases hear (see `leases`): a leased instance stopped taking requests, or a
+    rollout's successor took a leased slot."""
 
     def instance_gone(self, inst: Instance, reason: str) -> None: ...
+
+    def slot_replaced(self, old: Instance, new: Instance) -> None: ...
 
 
 class Membership:
@@ -117,6 +120,9 @@ class Membership:
             self.pool.remove(old_key)
         if self.policies is not None:
             self.policies.replaced(old, new)  # its verdict (and a manual override) first
+        if old.lease is not None and self.leases is not None:
+            # Before the successor enters the pool: a leased slot stays exclusive.
+            self.leases.slot_replaced(old, new)
         self.router.slot_changed(new.id)
         if new.state is S.READY and new.spec.mode is EngineMode.WORKER:
             self._admit(new)

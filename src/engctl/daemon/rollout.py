@@ -57,6 +57,20 @@ def check_gates(spec: EngineSpec) -> bool:
     return spec.health.check not in (None, "ping")
 
 
+def serving_process(engine: Engine) -> tuple[EngineSpec, int] | None:
+    """What a new slot of `engine` runs while its last rollout failed: the spec and generation
+    of the oldest generation still serving (a scale-up must not start the version that just
+    failed, as the old processes keep serving); None otherwise (the wanted spec)."""
+    rollout = engine.rollout
+    if not isinstance(rollout, Rollout) or rollout.state is not RolloutState.FAILED:
+        return None
+    older = [i for i in engine.instances if i.generation < engine.generation]
+    if not older:
+        return None
+    oldest = min(older, key=lambda i: i.generation)
+    return engine.spec.with_process_of(oldest.spec), oldest.generation
+
+
 class Rollout:
     """One rollout of one engine: run by `run` while the caller holds the engine's lock."""
 

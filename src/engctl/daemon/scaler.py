@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -204,7 +205,22 @@ class Scaler:
             floor=floor,
             floor_reason=floor_reason,
             pressure=self.pressure,
+            cap=self._admission_cap(spec.name),
         )
+
+    def _admission_cap(self, name: str) -> int | None:
+        """How many requests the engine's own admission gate lets run now: its in-flight
+        limit, and with a rate those running plus one per token held (the others wait for a
+        token, not for an instance); None without a gate."""
+        gate = self.router.gate.admission.engines.get(name)
+        if gate is None:
+            return None
+        cap = gate.limit
+        if gate.bucket is not None:
+            tokens = math.floor(gate.bucket.level(self.router.gate.loop.time()))
+            by_rate = max(1, gate.in_flight + tokens)  # never 0: a cold start needs one
+            cap = by_rate if cap is None else min(cap, by_rate)
+        return cap
 
     def _floor(self, engine: Engine) -> tuple[int, str]:
         """The higher of the engine's prewarm and its predicted floor, with what it is."""

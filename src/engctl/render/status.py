@@ -81,10 +81,11 @@ def status_cells(
     now: float | None = None,
     reason_column: bool = True,
     hidden: frozenset[str] = frozenset(),
+    compact: bool = False,
 ) -> tuple[Columns, Rows]:
     """One row per instance (or per engine without instances), a rollout's extra processes
     under their slot's; with `reason_column`, a REASON column when an instance is not simply
-    active and healthy; `hidden` columns left out (narrow terminals)."""
+    active and healthy; `hidden` columns left out and `compact` labels (narrow terminals)."""
     pairs: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = [
         (eng, inst) for eng in status["engines"] for inst in _rows(eng)
     ]
@@ -99,7 +100,7 @@ def status_cells(
             if eng["mode"] == "oneshot":
                 note = f"oneshot ×{eng.get('max_concurrency', 1)}"
             elif eng.get("scale") and eng["desired"] == "running":
-                note = "0 instances (scaled to zero)"
+                note = "scaled to zero" if compact else "0 instances (scaled to zero)"
             else:
                 note = f"0 instances ({eng['desired']})"
             cells: dict[str, Cell] = {"INSTANCE": (eng["name"], ""), "STATE": (note, "dim")}
@@ -110,7 +111,7 @@ def status_cells(
         elig = inst.get("eligibility", "active")
         cpu = inst.get("cpu_percent")
         cells = {
-            "INSTANCE": (_label(eng, inst), ""),
+            "INSTANCE": (_label(eng, inst, compact), ""),
             "PID": (str(inst["pid"]) if inst.get("pid") else "-", ""),
             "STATE": (state, STATE_STYLE.get(state, "")),
             "HEALTH": (health, HEALTH_STYLE.get(health, "")),
@@ -153,12 +154,14 @@ def status_layout(
                 notes.append((what, ELIGIBILITY_STYLE.get(what) or HEALTH_STYLE.get(what, "")))
                 notes.append((f": {why}", ""))
     hidden: frozenset[str] = frozenset()
-    columns, rows = status_cells(status, now, reason_column=False)
+    # Short labels first: a rollout's and a scaled-to-zero engine's would otherwise squeeze
+    # every other column to nothing.
+    columns, rows = status_cells(status, now, reason_column=False, compact=True)
     for col in DROPPABLE:
         if natural_width(columns, rows) <= width:
             break
         hidden |= {col}
-        columns, rows = status_cells(status, now, reason_column=False, hidden=hidden)
+        columns, rows = status_cells(status, now, False, hidden, compact=True)
     if hidden:
         left_out = ", ".join(c for c in DROPPABLE if c in hidden)
         notes.append((f"\n(too narrow for {left_out}: see --json)", "dim"))
@@ -180,17 +183,24 @@ def _rows(eng: Mapping[str, Any]) -> list[Mapping[str, Any] | None]:
     return rows or [None]
 
 
-def _label(eng: Mapping[str, Any], inst: Mapping[str, Any]) -> str:
+_SHORT_ROLE = {"successor": "new", "retiring": "old"}
+
+
+def _label(eng: Mapping[str, Any], inst: Mapping[str, Any], compact: bool = False) -> str:
     """The INSTANCE cell: the id, with the generation while generations are mixed (a rollout
-    under way or stopped) and the role of a rollout's extra process."""
+    under way or stopped) and the role of a rollout's extra process (`compact`: `g4 new`)."""
     gen = inst.get("generation")
     role = inst.get("role", "current")
     if role != "current":
+        if compact:
+            return f"{inst['id']} (g{gen} {_SHORT_ROLE.get(role, role)})"
         return f"{inst['id']} (gen {gen}, {role})"
     mixed = eng.get("surge") or any(
         i.get("generation") != eng.get("generation") for i in eng["instances"] if i.get("pid")
     )
-    return f"{inst['id']} (gen {gen})" if mixed and gen is not None else inst["id"]
+    if not mixed or gen is None:
+        return str(inst["id"])
+    return f"{inst['id']} (g{gen})" if compact else f"{inst['id']} (gen {gen})"
 
 
 def rollout_notes(status: Mapping[str, Any]) -> list[Cell]:
