@@ -465,3 +465,31 @@ def test_ctrl_c_of_an_apply_that_rolls_out_says_the_new_spec_stays_and_rolls_on(
     assert note in text
     wait_until(lambda: events(daemon, "engine.rollout_finished", engine="w"), 60)
     assert [i["generation"] for i in engine(daemon, "w")["instances"]] == [2, 2]
+
+
+def test_daemon_stop_answers_a_waiting_reload_that_its_rollout_stopped(daemon: Home) -> None:
+    """`daemon stop` while a `reload` waits: the rollout stops and the waiting caller gets
+    that answer (RolloutFailedError, "the daemon is shutting down"), not a closed connection;
+    no process is left."""
+    workers(daemon, "w", 1, "2")  # each new process takes 2 s to get ready
+    outcome: list[object] = []
+
+    def waiting_reload() -> None:
+        with daemon.client(timeout=30) as c:
+            try:
+                outcome.append(c.reload("w"))
+            except BaseException as exc:
+                outcome.append(exc)
+
+    t = threading.Thread(target=waiting_reload)
+    t.start()
+    try:
+        wait_until(lambda: engine(daemon, "w")["surge"] != [])
+        procs = home_processes(daemon)
+        r = daemon.cli("daemon", "stop")
+        assert r.returncode == 0, r.stderr
+    finally:
+        t.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], RolloutFailedError), outcome
+    assert "the daemon is shutting down" in str(outcome[0])
+    wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in procs))

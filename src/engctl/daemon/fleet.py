@@ -336,13 +336,22 @@ class Fleet:
         results = await asyncio.gather(*tasks.values())
         return list(dict.fromkeys(i for r in results for i in r))  # a slot's two processes: once
 
-    async def shutdown(self, timeout: float) -> None:
-        """Stop everything with each engine's stop policy, dependents first (daemon exit)."""
+    async def end_rollouts(self, reason: str, timeout: float) -> None:
+        """Daemon shutdown: nothing starts again; stop every rollout under way and wait up to
+        `timeout` until they have ended (what was on its way undone)."""
         self.sup.closing = True
+        ending = []
         for engine in self.sup.engines.values():
             rollout = engine.rollout
             if isinstance(rollout, Rollout) and rollout.running:
-                rollout.stop("the daemon is shutting down")
+                rollout.stop(reason)
+                ending.append(rollout.finished)
+        if ending and timeout > 0:
+            await asyncio.wait(ending, timeout=timeout)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop everything with each engine's stop policy, dependents first (daemon exit)."""
+        await self.end_rollouts("the daemon is shutting down", 0)
         try:
             await asyncio.wait_for(
                 self.stop_engines(list(self.sup.engines.values()), "daemon shutting down", True),

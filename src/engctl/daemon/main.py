@@ -368,6 +368,13 @@ class Daemon:
             await self._sweep
         except Exception:
             log.exception("cannot stop the processes of the previous daemon")
+        # Rollouts end while the connections are open: a `reload` waiting for one gets its
+        # answer ("stopped: the daemon is shutting down", exit 1), not a closed connection.
+        await fleet.end_rollouts(
+            "the daemon is shutting down", config.shutdown_timeout - (loop.time() - began)
+        )
+        if server.tasks:
+            await asyncio.wait(set(server.tasks), timeout=1.0)  # their answers, written
         await server.close()
         await fleet.shutdown(max(1.0, config.shutdown_timeout - (loop.time() - began)))
         monitor.stop()
