@@ -126,4 +126,5 @@ def demo(
     out("next:    engctl logs demo-clock -f    engctl events -f    engctl stop demo-web")
     out("         engctl exec --type echo --explain -- 42    engctl export > engines.toml")
     out("         engctl top    engctl report --since 10m    engctl policy show demo-echo")
+    out("         engctl reload demo-echo    engctl alerts    engctl lease acquire --type echo")
     out(f"         engctl unregister {' '.join(engines)}")
