@@ -220,8 +220,9 @@ def test_stop_kills_an_engine_that_ignores_sigterm_after_the_timeout(daemon: Hom
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     assert gone(pid)
-    # The CLI's own start-up (~0.3 s, more on a busy machine) adds to the wait.
-    assert 1.0 <= elapsed <= 1.0 + 0.2 + 1.5, elapsed
+    # The CLI's own start-up (~0.3 s, seconds on a machine loaded by other suites) adds to
+    # the wait; the bound still tells the 1 s timeout from the 10 s default.
+    assert 1.0 <= elapsed <= 1.0 + 0.2 + 4.0, elapsed
     inst = daemon.instance("i#0")
     assert inst["state"] == "stopped"
     assert inst["last_exit"]["signal"] == "SIGKILL"

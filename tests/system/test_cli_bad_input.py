@@ -150,13 +150,20 @@ def _run(home: Home, args: list[str]) -> tuple[list[str], subprocess.CompletedPr
     return args, r
 
 
-def test_every_command_fails_cleanly_on_bad_input(daemon: Home, bad_files: dict[str, str]) -> None:
+SHARDS = 4  # the cases in 4 parts, each with its own daemon: parallel under pytest-xdist
+
+
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_every_command_fails_cleanly_on_bad_input(
+    daemon: Home, bad_files: dict[str, str], shard: int
+) -> None:
     """Bad input to any command gives a documented exit code and one line on stderr (a
     command's own usage text aside), never a traceback."""
     with daemon.client() as c:
         c.register({"e": {"command": engine_cmd("echo.py"), "type": "echo"}})
-    cases = _cases(bad_files)
-    assert len(cases) > 100
+    every = _cases(bad_files)
+    assert len(every) > 100
+    cases = every[shard::SHARDS]
     bad = []
     with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
         for args, r in pool.map(lambda a: _run(daemon, a), cases):
