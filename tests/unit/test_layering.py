@@ -72,7 +72,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "params": set(),
     # mechanism: processes, pipes, files, sockets
     "process": set(),
-    "monitor": set(),
+    "monitor": {"process"},
     "server": set(),
     "storage": set(),
     "logs": {"storage"},
@@ -171,6 +171,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "logs",
         "metrics",
         "params",
+        "process",
         "prometheus",
         "registry",
         "router",

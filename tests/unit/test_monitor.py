@@ -171,3 +171,29 @@ def test_children_files_find_the_tree_the_ppid_scan_finds(
     assert grandchild in scanned
     assert sorted(monitor_mod.tree_of([child.pid])[child.pid]) == sorted(scanned)
     assert child.pid in monitor_mod.children_of(os.getpid())
+
+
+def test_host_reading_is_what_psutil_reads() -> None:
+    """The host's figures come from /proc as psutil computes them: memory used and total,
+    disk and network byte counters (read between two psutil readings), CPU % in 0..100."""
+    reader = monitor_mod.HostReader()
+    assert reader.read() is not None
+    before_disk, before_net = psutil.disk_io_counters(), psutil.net_io_counters()
+    host = reader.read()
+    after_disk, after_net = psutil.disk_io_counters(), psutil.net_io_counters()
+    mem = psutil.virtual_memory()
+    assert host is not None
+    assert host.mem_total == mem.total
+    assert abs(host.mem_used - (mem.total - mem.available)) < 64 * 2**20
+    if before_disk is not None and after_disk is not None:
+        assert before_disk.read_bytes <= host.disk_read <= after_disk.read_bytes
+        assert before_disk.write_bytes <= host.disk_write <= after_disk.write_bytes
+    assert before_net.bytes_sent <= host.net_sent <= after_net.bytes_sent
+    assert before_net.bytes_recv <= host.net_recv <= after_net.bytes_recv
+    assert 0.0 <= host.cpu_percent <= 100.0
+
+
+def test_boot_time_is_psutils() -> None:
+    from engctl.daemon.process import boot_time
+
+    assert boot_time() == psutil.boot_time()

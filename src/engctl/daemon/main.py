@@ -259,7 +259,7 @@ class Daemon:
                 engine=bad["name"],
             )
         monitor = self.monitor = Monitor(config.sample_interval, loop, self._apply_samples)
-        sup = Supervisor(paths, config, events, monitor.set_targets)
+        sup = Supervisor(paths, config, events, self._targets_changed)
         sup.write_health = health
         self.sup = sup
         fleet = self.fleet = Fleet(sup)
@@ -490,6 +490,11 @@ class Daemon:
                     # One engine that cannot start must not keep the ones after it down.
                     log.exception("cannot start engine %s", name)
                     self.sup.events.emit(EventKind.ENGINE_START_FAILED, f"{exc}", engine=name)
+
+    def _targets_changed(self, targets: dict[str, int]) -> None:
+        self.monitor.set_targets(targets)  # and once instances have left, their memory goes back
+        if self.rollups is not None and self.rollups.forget_gone():
+            process.release_free_memory_soon(self.loop)
 
     def _apply_samples(self, samples: dict[str, Sample], host: HostSample | None) -> None:
         for inst in self.sup.all_records():
