@@ -197,3 +197,55 @@ def test_boot_time_is_psutils() -> None:
     from engctl.daemon.process import boot_time
 
     assert boot_time() == psutil.boot_time()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_held_proc_files_read_what_a_fresh_read_gives_and_close_when_it_exits() -> None:
+    """The monitor keeps /proc/PID/stat and statm open and reads them again: the same figures
+    as a read by path; once the process is gone its read is None and both files are closed."""
+    child = subprocess.Popen(["sleep", "60"])
+    files = monitor_mod.ProcFiles(budget=10)
+    before = _open_fds()
+    try:
+        held = files.read(child.pid)
+        fresh = monitor_mod.read_stat(child.pid)
+        assert held is not None and fresh is not None
+        assert (held.start_ticks, held.threads) == (fresh.start_ticks, fresh.threads)
+        assert files.read(child.pid) is not None  # read again through the open files
+        assert _open_fds() == before + 2
+    finally:
+        child.kill()
+        child.wait()
+    assert files.read(child.pid) is None
+    assert _open_fds() == before
+
+
+def test_held_proc_files_stay_within_their_budget() -> None:
+    """Past its budget of processes, a process is read by path and nothing more is held."""
+    child = subprocess.Popen(["sleep", "60"])
+    files = monitor_mod.ProcFiles(budget=0)
+    before = _open_fds()
+    try:
+        assert files.read(child.pid) is not None
+        assert _open_fds() == before
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_sample_once_closes_the_files_of_processes_no_longer_targets(monitor: Monitor) -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        monitor.set_targets({"a#0": child.pid})
+        before = _open_fds()
+        monitor.sample_once()
+        assert _open_fds() == before + 2
+        monitor.set_targets({})
+        monitor.sample_once()
+        assert _open_fds() == before
+    finally:
+        child.kill()
+        child.wait()
