@@ -14,7 +14,6 @@ import dataclasses
 import fcntl
 import io
 import logging
-import logging.handlers
 import os
 import resource
 import signal
@@ -50,7 +49,7 @@ from .router import Router
 from .scaler import Scaler
 from .selection import CandidatePool, Capability, default_strategies
 from .server import Outbox, Server
-from .storage import WriteHealth
+from .storage import RotatingLog, WriteHealth
 from .supervisor import Supervisor
 
 log = logging.getLogger("engctl.daemon")
@@ -86,7 +85,7 @@ def acquire_daemon_lock(paths: Paths) -> int:
     return fd
 
 
-class LogFile(logging.handlers.RotatingFileHandler):
+class LogFile(RotatingLog):
     """The daemon's own log: never opened through a symlink; a failed write (a full disk) is
     counted in the write health instead of printing a traceback to stderr."""
 
@@ -111,7 +110,7 @@ class LogFile(logging.handlers.RotatingFileHandler):
 
 
 def setup_logging(paths: Paths, foreground: bool) -> LogFile:
-    handler = LogFile(paths.daemon_log, maxBytes=5 * 1024 * 1024, backupCount=2)
+    handler = LogFile(paths.daemon_log, max_bytes=5 * 1024 * 1024, backups=2)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # The root logger, not only "engctl": asyncio's own errors (an accept that failed for
     # lack of fds, a callback that raised) and warnings would otherwise go to stderr, which
