@@ -228,6 +228,7 @@ class Daemon:
         paths, config = self.paths, self.config
         loop = self.loop = asyncio.get_running_loop()
         process.keep_reads_on_the_heap()  # no mmap and munmap per request (see there)
+        process.share_one_malloc_arena()
         health = self.health
         # The registry first: a daemon that cannot read it refuses to start, changing nothing.
         registry = Registry(

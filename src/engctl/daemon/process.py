@@ -148,6 +148,24 @@ def keep_reads_on_the_heap() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_READS_BYTES) == 1)
 
 
+# glibc's mallopt parameter for the number of malloc arenas.
+M_ARENA_MAX = -8
+
+
+def share_one_malloc_arena() -> bool:
+    """Let every thread allocate from the main heap (glibc): each of the daemon's threads
+    (monitor, writers, the pool that sweeps exited trees) would otherwise get an arena of
+    its own, whose touched pages stay mapped. Its threads allocate little and seldom at the
+    same time, so sharing costs no waiting. False where there is no glibc `mallopt`."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_ARENA_MAX, 1) == 1)
+
+
 # Seconds after instances leave before their memory is given back: by then what still
 # referred to them (the call that removed them, their last callbacks) has let go.
 RELEASE_DELAY = 5.0
