@@ -204,8 +204,9 @@ def _open_fds() -> int:
 
 
 def test_held_proc_files_read_what_a_fresh_read_gives_and_close_when_it_exits() -> None:
-    """The monitor keeps /proc/PID/stat and statm open and reads them again: the same figures
-    as a read by path; once the process is gone its read is None and both files are closed."""
+    """The monitor keeps /proc/PID/stat, statm and fd open and reads them again: the same
+    figures as a read by path; once the process is gone its read is None and all three files
+    are closed."""
     child = subprocess.Popen(["sleep", "60"])
     files = monitor_mod.ProcFiles(budget=10)
     before = _open_fds()
@@ -214,8 +215,9 @@ def test_held_proc_files_read_what_a_fresh_read_gives_and_close_when_it_exits() 
         fresh = monitor_mod.read_stat(child.pid)
         assert held is not None and fresh is not None
         assert (held.start_ticks, held.threads) == (fresh.start_ticks, fresh.threads)
+        assert files.count_fds(child.pid) == monitor_mod.count_fds(child.pid)
         assert files.read(child.pid) is not None  # read again through the open files
-        assert _open_fds() == before + 2
+        assert _open_fds() == before + 3
     finally:
         child.kill()
         child.wait()
@@ -242,7 +244,7 @@ def test_sample_once_closes_the_files_of_processes_no_longer_targets(monitor: Mo
         monitor.set_targets({"a#0": child.pid})
         before = _open_fds()
         monitor.sample_once()
-        assert _open_fds() == before + 2
+        assert _open_fds() == before + 3
         monitor.set_targets({})
         monitor.sample_once()
         assert _open_fds() == before

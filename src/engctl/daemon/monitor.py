@@ -1,8 +1,8 @@
 """Sampling of every live instance, in a thread of its own so the event loop never waits.
 
 Each tick reads CPU %, RSS, threads and fds of each instance's process and its descendants:
-/proc/PID/stat and statm (the fields psutil reads in four files; kept open and read again
-with pread) and a count of its fds. The
+/proc/PID/stat and statm (the fields psutil reads in four files) and a count of its fds, all
+three kept open between ticks. The
 descendant trees are rediscovered every few ticks from the `children` files of the instances'
 processes (or, without them, one pass over /proc). The host's figures come from /proc/stat,
 meminfo, diskstats and net/dev, read as psutil reads them (psutil itself is not loaded: it
@@ -177,16 +177,17 @@ def parse_stat(data: bytes, statm: Callable[[], bytes | None]) -> ProcStat | Non
 
 
 class ProcFiles:
-    """/proc/PID/stat and statm of the processes sampled, kept open and read again with
-    `pread`: a reading then costs one syscall per file instead of open, read and close (and
-    the path lookup of /proc/PID), under half the CPU at 1,000 instances. An open file names
-    its process, not its pid: once that process is gone its reads fail (ESRCH), and a reused
-    pid is opened afresh. Files are held up to `budget` processes (2 fds each: the daemon's
-    open-file limit is for engines' pipes first); past it a process is read by path."""
+    """/proc/PID/stat and statm of the processes sampled, and their fd folder, kept open:
+    the files are read again with `pread` and the folder's size (its fd count) taken with
+    `fstat`, one syscall each instead of open, read and close (and the path lookup of
+    /proc/PID), under half the CPU at 1,000 instances. An open file names its process, not
+    its pid: once that process is gone its reads fail (ESRCH), and a reused pid is opened
+    afresh. Files are held up to `budget` processes (3 fds each: the daemon's open-file limit
+    is for engines' pipes first); past it a process is read by path."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._open: dict[int, tuple[int, int]] = {}
+        self._open: dict[int, tuple[int, int, int]] = {}
 
     def read(self, pid: int) -> ProcStat | None:
         fds = self._open.get(pid)
@@ -203,6 +204,16 @@ class ProcFiles:
             self._drop(pid)
             return None
 
+    def count_fds(self, pid: int) -> int:
+        """The open fds of `pid` (as `count_fds`), through its held folder if any."""
+        fds = self._open.get(pid)
+        if fds is None:
+            return count_fds(pid)
+        try:
+            return os.fstat(fds[2]).st_size or len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            return 0
+
     def keep_only(self, pids: Iterable[int]) -> None:
         """Close the files of every process but `pids` (those read this tick)."""
         for pid in self._open.keys() - set(pids):
@@ -211,17 +222,16 @@ class ProcFiles:
     def close(self) -> None:
         self.keep_only(())
 
-    def _hold(self, pid: int) -> tuple[int, int] | None:
+    def _hold(self, pid: int) -> tuple[int, int, int] | None:
+        held: list[int] = []
         try:
-            stat = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            for name, flags in (("stat", 0), ("statm", 0), ("fd", os.O_DIRECTORY)):
+                held.append(os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC | flags))
         except OSError:
+            for fd in held:
+                os.close(fd)
             return None
-        try:
-            statm = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            os.close(stat)
-            return None
-        fds = self._open[pid] = (stat, statm)
+        fds = self._open[pid] = (held[0], held[1], held[2])
         return fds
 
     def _drop(self, pid: int) -> None:
@@ -256,8 +266,8 @@ class Monitor:
         # used since then over the time since then (what psutil's cpu_percent computes).
         self._procs: dict[int, tuple[int, int, float]] = {}
         self._tree: dict[int, list[int]] = {}
-        # A quarter of the open-file limit at most (2 fds per sampled process).
-        self._files = ProcFiles(resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
+        # A quarter of the open-file limit at most (3 fds per sampled process).
+        self._files = ProcFiles(resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 12)
         self._tick = 0
         self._boot = boot_time()
         self._host = HostReader()
@@ -311,7 +321,7 @@ class Monitor:
                 seen[p_id] = (stat.start_ticks, stat.cpu_ticks, now)
                 sample.rss_bytes += stat.rss_pages * PAGE_SIZE
                 sample.threads += stat.threads
-                sample.fds += count_fds(p_id)
+                sample.fds += self._files.count_fds(p_id)
                 if i > 0:
                     created = self._boot + stat.start_ticks / CLOCK_TICKS
                     sample.descendants.append((p_id, created))
