@@ -266,8 +266,9 @@ class Monitor:
         # used since then over the time since then (what psutil's cpu_percent computes).
         self._procs: dict[int, tuple[int, int, float]] = {}
         self._tree: dict[int, list[int]] = {}
-        # A quarter of the open-file limit at most (3 fds per sampled process).
-        self._files = ProcFiles(resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 12)
+        # An eighth of the open-file limit at most (3 fds per sampled process): half of it is
+        # the clients' (`connection_cap`), the rest the engines' pipes first.
+        self._files = ProcFiles(resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 24)
         self._tick = 0
         self._boot = boot_time()
         self._host = HostReader()
