@@ -76,7 +76,7 @@ from engctl.daemon.history import (
     Retention,
     connect,
 )
-from engctl.daemon.process import find_old_generation
+from engctl.daemon.process import find_old_generation, signal_alive
 from engctl.histogram import Histogram
 from engctl.paths import resolve_paths
 
@@ -169,10 +169,10 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     wait_for(lambda: not alive(pid), 5)
         # Every engine process carries its home's marker: any left now is one of ours.
-        for proc in find_old_generation(resolve_paths(self.home).daemon_id):
-            problems.append(f"{self.label}: pid {proc.pid} outlived the daemon: killed")
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
+        left = find_old_generation(resolve_paths(self.home).daemon_id)
+        for pid, _created in left:
+            problems.append(f"{self.label}: pid {pid} outlived the daemon: killed")
+        signal_alive(left, signal.SIGKILL)
         shutil.rmtree(self.home, ignore_errors=True)
         return problems
 

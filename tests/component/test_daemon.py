@@ -413,3 +413,25 @@ def test_bad_params_of_every_method_are_errors_never_internal_errors(daemon: Hom
                             internal.append((method, name, value, reply["error"]["message"]))
     assert not internal, internal[:5]
     assert "internal error" not in daemon.paths.daemon_log.read_text()
+
+
+def test_daemon_maps_neither_psutil_nor_openssl_nor_decimal(home: Home) -> None:
+    """The daemon reads /proc itself and hashes with CPython's own digests: psutil (~0.8 MiB
+    of RSS), OpenSSL (~3.5 MiB, through hashlib) and decimal (statistics) stay out of its
+    memory, also once an instance has exited and its tree was swept. A daemon spawned as the
+    client spawns it (not forked from the test starter, which has psutil loaded)."""
+    with home.client() as c:
+        c.connect()
+        pid = c.daemon_info["pid"]
+    home.register("w", ["sleep", "60"], mode="service", instances=2)
+    first = home.wait_state("w#0", "ready")["pid"]
+    os.kill(first, signal.SIGKILL)
+    wait_until(
+        lambda: home.instance("w#0")["state"] == "ready" and home.instance("w#0")["pid"] != first
+    )
+    with home.client() as c:
+        c.unregister(["w"])
+    with open(f"/proc/{pid}/maps") as f:
+        maps = f.read()
+    for library in ("_psutil_linux", "libcrypto", "_hashlib", "_decimal"):
+        assert library not in maps, f"the daemon loaded {library}"

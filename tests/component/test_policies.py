@@ -499,7 +499,8 @@ def test_failing_worker_is_isolated_and_returns_with_slow_start(fast: Home) -> N
                     "window": 10,
                     "isolation_base": 1.5,
                     "isolation_max": 10,
-                    "slow_start": 1.5,
+                    # Long enough that a loaded machine still sees it downweighted.
+                    "slow_start": 3,
                 }
             },
         },
@@ -536,7 +537,7 @@ def test_failing_worker_is_isolated_and_returns_with_slow_start(fast: Home) -> N
     assert 0 < inst["effective_weight"] < 1.0
     assert inst["isolated_until"] is None
     [back] = events(fast, "instance.returned", "flaky#0")
-    assert back["reason"] == "back in service: answered ping; slow start over 1.5s"
+    assert back["reason"] == "back in service: answered ping; slow start over 3s"
     wait_until(lambda: fast.instance("flaky#0")["eligibility"] == "active", timeout=5)
     ramp_end = events(fast, "instance.eligibility", "flaky#0")[-1]
     assert ramp_end["reason"] == "downweighted -> active: full weight"

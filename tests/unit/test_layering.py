@@ -73,7 +73,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "params": set(),
     # mechanism: processes, pipes, files, sockets
     "process": set(),
-    "monitor": set(),
+    "monitor": {"process"},
     "server": set(),
     "storage": set(),
     "logs": {"storage"},
@@ -176,6 +176,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "logs",
         "metrics",
         "params",
+        "process",
         "prometheus",
         "registry",
         "router",

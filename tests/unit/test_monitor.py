@@ -171,3 +171,83 @@ def test_children_files_find_the_tree_the_ppid_scan_finds(
     assert grandchild in scanned
     assert sorted(monitor_mod.tree_of([child.pid])[child.pid]) == sorted(scanned)
     assert child.pid in monitor_mod.children_of(os.getpid())
+
+
+def test_host_reading_is_what_psutil_reads() -> None:
+    """The host's figures come from /proc as psutil computes them: memory used and total,
+    disk and network byte counters (read between two psutil readings), CPU % in 0..100."""
+    reader = monitor_mod.HostReader()
+    assert reader.read() is not None
+    before_disk, before_net = psutil.disk_io_counters(), psutil.net_io_counters()
+    host = reader.read()
+    after_disk, after_net = psutil.disk_io_counters(), psutil.net_io_counters()
+    mem = psutil.virtual_memory()
+    assert host is not None
+    assert host.mem_total == mem.total
+    assert abs(host.mem_used - (mem.total - mem.available)) < 64 * 2**20
+    if before_disk is not None and after_disk is not None:
+        assert before_disk.read_bytes <= host.disk_read <= after_disk.read_bytes
+        assert before_disk.write_bytes <= host.disk_write <= after_disk.write_bytes
+    assert before_net.bytes_sent <= host.net_sent <= after_net.bytes_sent
+    assert before_net.bytes_recv <= host.net_recv <= after_net.bytes_recv
+    assert 0.0 <= host.cpu_percent <= 100.0
+
+
+def test_boot_time_is_psutils() -> None:
+    from engctl.daemon.process import boot_time
+
+    assert boot_time() == psutil.boot_time()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_held_proc_files_read_what_a_fresh_read_gives_and_close_when_it_exits() -> None:
+    """The monitor keeps /proc/PID/stat, statm and fd open and reads them again: the same
+    figures as a read by path; once the process is gone its read is None and all three files
+    are closed."""
+    child = subprocess.Popen(["sleep", "60"])
+    files = monitor_mod.ProcFiles(budget=10)
+    before = _open_fds()
+    try:
+        held = files.read(child.pid)
+        fresh = monitor_mod.read_stat(child.pid)
+        assert held is not None and fresh is not None
+        assert (held.start_ticks, held.threads) == (fresh.start_ticks, fresh.threads)
+        assert files.count_fds(child.pid) == monitor_mod.count_fds(child.pid)
+        assert files.read(child.pid) is not None  # read again through the open files
+        assert _open_fds() == before + 3
+    finally:
+        child.kill()
+        child.wait()
+    assert files.read(child.pid) is None
+    assert _open_fds() == before
+
+
+def test_held_proc_files_stay_within_their_budget() -> None:
+    """Past its budget of processes, a process is read by path and nothing more is held."""
+    child = subprocess.Popen(["sleep", "60"])
+    files = monitor_mod.ProcFiles(budget=0)
+    before = _open_fds()
+    try:
+        assert files.read(child.pid) is not None
+        assert _open_fds() == before
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_sample_once_closes_the_files_of_processes_no_longer_targets(monitor: Monitor) -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        monitor.set_targets({"a#0": child.pid})
+        before = _open_fds()
+        monitor.sample_once()
+        assert _open_fds() == before + 3
+        monitor.set_targets({})
+        monitor.sample_once()
+        assert _open_fds() == before
+    finally:
+        child.kill()
+        child.wait()

@@ -446,3 +446,33 @@ def test_write_health_is_safe_from_many_threads() -> None:
         t.join()
     assert health.to_json()["logs"]["count"] == 2000
     assert health.failed_total == 2000
+
+
+def test_rotating_log_rotates_as_rotating_file_handler_does(tmp_path: Path) -> None:
+    """The daemon's log rotates without `logging.handlers`: past max_bytes the file becomes
+    NAME.1 (NAME.1 becomes NAME.2), `backups` of them are kept, and every record is in one of
+    them, whole, in order; the same files RotatingFileHandler writes."""
+    import logging
+    import logging.handlers
+
+    from engctl.daemon.storage import RotatingLog
+
+    def write(handler: logging.Handler, folder: Path) -> list[str]:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        for i in range(40):
+            handler.emit(logging.LogRecord("t", logging.INFO, "", 0, f"record {i:02d}", (), None))
+        handler.close()
+        return sorted(p.name for p in folder.iterdir())
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    names = write(RotatingLog(ours / "d.log", max_bytes=100, backups=2), ours)
+    expected = write(
+        logging.handlers.RotatingFileHandler(theirs / "d.log", maxBytes=100, backupCount=2), theirs
+    )
+    assert names == expected == ["d.log", "d.log.1", "d.log.2"]
+    for name in names:
+        assert (ours / name).read_text() == (theirs / name).read_text()
+        assert len((ours / name).read_text()) < 100
+    assert (ours / "d.log").read_text().splitlines()[-1] == "record 39"

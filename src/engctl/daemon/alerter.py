@@ -132,6 +132,10 @@ class Alerter:
         if not scopes & {Scope.ENGINE, Scope.INSTANCE}:
             return out
         recent = self.rollups.recent() if self.rollups is not None and figures & _RECENT else {}
+        # The built-in rules compare figures an instance has only where its engine's policy
+        # says "alert": without rules of the users' own over instances, the others can fire
+        # nothing and their series are not built (a fleet of 1,000 idle instances, each tick).
+        every_instance = any(not r.builtin and r.expr.scope is Scope.INSTANCE for r in self.rules)
         engines: list[Series] = []
         instances: list[Series] = []
         for engine in self.sup.engines.values():
@@ -156,6 +160,8 @@ class Alerter:
                 )
                 continue
             for inst in engine.instances:
+                if not every_instance and self._alert_limits(inst) == (False, False):
+                    continue
                 own = self._instance(inst, recent.get(inst.id))
                 instances.append(
                     Series(
@@ -216,8 +222,7 @@ class Alerter:
         sampled = inst.pid is not None and inst.sample.pid == inst.pid
         policy = inst.engine.policy(self.config.policy)
         limits = spec.limits
-        cpu_alert = policy.cpu.action == "alert" and limits.max_cpu_percent is not None
-        mem_alert = policy.memory.action == "alert" and limits.max_rss is not None
+        cpu_alert, mem_alert = self._alert_limits(inst)
         out.update(
             {
                 "rss_bytes": float(inst.sample.rss_bytes) if sampled else None,
@@ -233,6 +238,16 @@ class Alerter:
             }
         )
         return out
+
+    def _alert_limits(self, inst: Instance) -> tuple[bool, bool]:
+        """Whether the built-in cpu and memory rules watch `inst` (its policy's action is
+        "alert" and it has that limit)."""
+        policy = inst.engine.policy(self.config.policy)
+        limits = inst.spec.limits
+        return (
+            policy.cpu.action == "alert" and limits.max_cpu_percent is not None,
+            policy.memory.action == "alert" and limits.max_rss is not None,
+        )
 
     # -- reading ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import psutil
-
 from engctl import __version__, protocol
 from engctl.errors import (
     IncompatibleDaemonError,
@@ -35,7 +33,7 @@ from engctl.paths import Paths
 from engctl.policy_config import effective_policy
 from engctl.states import EngineMode
 
-from . import allow_ssl
+from . import allow_ssl, process
 from .alerter import Alerter
 from .engine_calls import EngineCalls
 from .events import Event, EventLog
@@ -85,7 +83,6 @@ class Api:
     alerter: Alerter | None = field(default=None, init=False)
     hooks: Hooks | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
-    _self_proc: psutil.Process = field(default_factory=psutil.Process, init=False)
     _prometheus_ready: bool = field(default=False, init=False)
 
     def handlers(self) -> dict[str, Handler]:
@@ -165,6 +162,7 @@ class Api:
 
     def lease_list(self, params: dict[str, Any], conn: Connection) -> LeasesDoc:
         return self._leases().list()
+
     # -- alerts and hooks ----------------------------------------------------------------------
     def alerts_list(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         if self.alerter is None:
@@ -230,9 +228,8 @@ class Api:
 
     def daemon_status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         health = self.sup.write_health
-        with self._self_proc.oneshot():
-            rss = self._self_proc.memory_info().rss
-            cpu = self._self_proc.cpu_times()
+        rss = process.own_rss()
+        cpu = os.times()
         insts = self.sup.all_instances()
         return {
             "pid": os.getpid(),

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import os
 import re
-import secrets
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -75,7 +75,9 @@ class Leases:
         self._on_standing = on_standing
         # The router: requests of an ended lease that wait fail now, saying why.
         self._on_ended = on_ended
-        self.token = secrets.token_hex(3)  # names this daemon in every lease id
+        # Names this daemon in every lease id (os.urandom, as secrets.token_hex: `secrets`
+        # loads hashlib and with it OpenSSL, ~4 MiB of RSS).
+        self.token = os.urandom(3).hex()
         self._seq = 0
         self.held: dict[str, Lease] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}

@@ -14,7 +14,6 @@ import dataclasses
 import fcntl
 import io
 import logging
-import logging.handlers
 import os
 import signal
 import sys
@@ -49,7 +48,7 @@ from .router import Router
 from .scaler import Scaler
 from .selection import CandidatePool, Capability, default_strategies
 from .server import Outbox, Server, connection_cap, raise_fd_limit
-from .storage import WriteHealth
+from .storage import RotatingLog, WriteHealth
 from .supervisor import Supervisor
 
 log = logging.getLogger("engctl.daemon")
@@ -85,7 +84,7 @@ def acquire_daemon_lock(paths: Paths) -> int:
     return fd
 
 
-class LogFile(logging.handlers.RotatingFileHandler):
+class LogFile(RotatingLog):
     """The daemon's own log: never opened through a symlink; a failed write (a full disk) is
     counted in the write health instead of printing a traceback to stderr."""
 
@@ -110,7 +109,7 @@ class LogFile(logging.handlers.RotatingFileHandler):
 
 
 def setup_logging(paths: Paths, foreground: bool) -> LogFile:
-    handler = LogFile(paths.daemon_log, maxBytes=5 * 1024 * 1024, backupCount=2)
+    handler = LogFile(paths.daemon_log, max_bytes=5 * 1024 * 1024, backups=2)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # The root logger, not only "engctl": asyncio's own errors (an accept that failed for
     # lack of fds, a callback that raised) and warnings would otherwise go to stderr, which
@@ -196,6 +195,7 @@ class Daemon:
         paths, config = self.paths, self.config
         loop = self.loop = asyncio.get_running_loop()
         process.keep_reads_on_the_heap()  # no mmap and munmap per request (see there)
+        process.share_one_malloc_arena()
         health = self.health
         # The registry first: a daemon that cannot read it refuses to start, changing nothing.
         registry = Registry(
@@ -226,7 +226,7 @@ class Daemon:
                 engine=bad["name"],
             )
         monitor = self.monitor = Monitor(config.sample_interval, loop, self._apply_samples)
-        sup = Supervisor(paths, config, events, monitor.set_targets)
+        sup = Supervisor(paths, config, events, self._targets_changed)
         sup.write_health = health
         self.sup = sup
         fleet = self.fleet = Fleet(sup)
@@ -479,6 +479,11 @@ class Daemon:
                     # One engine that cannot start must not keep the ones after it down.
                     log.exception("cannot start engine %s", name)
                     self.sup.events.emit(EventKind.ENGINE_START_FAILED, f"{exc}", engine=name)
+
+    def _targets_changed(self, targets: dict[str, int]) -> None:
+        self.monitor.set_targets(targets)  # and once instances have left, their memory goes back
+        if self.rollups is not None and self.rollups.forget_gone():
+            process.release_free_memory_soon(self.loop)
 
     def _apply_samples(self, samples: dict[str, Sample], host: HostSample | None) -> None:
         for inst in self.sup.all_records():

@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
-import psutil
-
 # Set in each engine's environment so a restarted daemon can find the old generation.
 DAEMON_ID_ENV = "ENGCTL_DAEMON_ID"
 INSTANCE_ENV = "ENGCTL_INSTANCE"
@@ -150,6 +148,52 @@ def keep_reads_on_the_heap() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_READS_BYTES) == 1)
 
 
+# glibc's mallopt parameter for the number of malloc arenas.
+M_ARENA_MAX = -8
+
+
+def share_one_malloc_arena() -> bool:
+    """Let every thread allocate from the main heap (glibc): each of the daemon's threads
+    (monitor, writers, the pool that sweeps exited trees) would otherwise get an arena of
+    its own, whose touched pages stay mapped. Its threads allocate little and seldom at the
+    same time, so sharing costs no waiting. False where there is no glibc `mallopt`."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_ARENA_MAX, 1) == 1)
+
+
+# Seconds after instances leave before their memory is given back: by then what still
+# referred to them (the call that removed them, their last callbacks) has let go.
+RELEASE_DELAY = 5.0
+_release: asyncio.TimerHandle | None = None
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the system (glibc `malloc_trim`): after a fleet
+    shrinks, what its instances used stays mapped otherwise, as glibc returns only the top of
+    the heap. False where there is no glibc."""
+    global _release
+    _release = None
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
+
+
+def release_free_memory_soon(loop: asyncio.AbstractEventLoop) -> None:
+    """`release_free_memory` once, RELEASE_DELAY seconds from now, however often called."""
+    global _release
+    if _release is None:
+        _release = loop.call_later(RELEASE_DELAY, release_free_memory)
+
+
 def reap_children() -> None:
     """On SIGCHLD: reap every exited child, instances through their ChildProcess.
 
@@ -254,6 +298,9 @@ def spawn(
             stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_to_pipe else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # The pipes are read and written through their fds (os.read, os.write): a
+            # buffered file object would hold an 8 KiB buffer per pipe and instance unused.
+            bufsize=0,
             start_new_session=True,
             close_fds=True,
         )
@@ -280,15 +327,97 @@ def spawn(
         ) from exc
 
 
+# Units of /proc/PID/stat's start time (clock ticks since boot).
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def boot_time() -> float:
+    """When the machine booted, in seconds since the epoch (/proc/stat's btime)."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    return time.time() - time.monotonic()  # no /proc/stat: the monotonic clock's origin
+
+
+def own_rss() -> int:
+    """This process's resident memory in bytes (/proc/self/statm, what psutil reads)."""
+    try:
+        with open("/proc/self/statm", "rb", buffering=0) as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (state) on, None when the process is gone. The command name
+    before them is in parentheses and may itself contain spaces or ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb", buffering=0) as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def create_time(pid: int, boot: float | None = None) -> float | None:
+    """When `pid` started (seconds since the epoch, as psutil's `create_time`); None when it
+    is gone or a zombie. With the pid, it names a process against pid reuse."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] == b"Z":
+        return None
+    try:
+        return (boot if boot is not None else boot_time()) + int(fields[19]) / CLOCK_TICKS
+    except (IndexError, ValueError):
+        return None
+
+
+def _is(pid: int, created: float, boot: float | None = None) -> bool:
+    """Whether `pid` still runs and is the process that started at `created`."""
+    now = create_time(pid, boot)
+    return now is not None and abs(now - created) < 0.01
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """The environment `pid` started with (empty when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb", buffering=0) as f:
+            data = f.read()
+    except OSError:
+        return {}
+    out = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            out[key.decode(errors="replace")] = value.decode(errors="replace")
+    return out
+
+
+def _real_uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _pids() -> list[int]:
+    """Every process of the machine."""
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
+
+
 def kill_tree_now(pgid: int, extra_pids: Iterable[tuple[int, float]] = ()) -> None:
     """SIGKILL a process group and any escaped descendants known by (pid, create_time)."""
     signal_group(pgid, signal.SIGKILL)
+    boot = boot_time()
     for pid, created in extra_pids:
-        with contextlib.suppress(psutil.Error):
-            p = psutil.Process(pid)
-            # The create time guards against a recycled pid.
-            if abs(p.create_time() - created) < 0.01:
-                p.kill()
+        # The create time guards against a recycled pid.
+        if _is(pid, created, boot):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def adopted_orphans(marker: tuple[str, str]) -> list[tuple[int, float]]:
@@ -299,15 +428,21 @@ def adopted_orphans(marker: tuple[str, str]) -> list[tuple[int, float]]:
     when their parent died; identified by (pid, create time) against pid reuse.
     """
     instance_id, generation = marker
+    me = str(os.getpid()).encode()
+    boot = boot_time()
     found = []
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process().children():
-            if child.pid in _children:
-                continue
-            with contextlib.suppress(psutil.Error):
-                env = child.environ()
-                if env.get(INSTANCE_ENV) == instance_id and env.get(GENERATION_ENV) == generation:
-                    found.append((child.pid, child.create_time()))
+    for pid in _pids():
+        fields = _stat_fields(pid)
+        if pid in _children or not fields or fields[1:2] != [me]:
+            continue
+        env = _environ(pid)
+        created = create_time(pid, boot)
+        if (
+            created is not None
+            and env.get(INSTANCE_ENV) == instance_id
+            and env.get(GENERATION_ENV) == generation
+        ):
+            found.append((pid, created))
     return found
 
 
@@ -353,26 +488,26 @@ def signal_pids(pids: Iterable[tuple[int, float]], sig: int) -> None:
 def any_alive(pids: Iterable[tuple[int, float]]) -> bool:
     """Whether any of the processes still runs (a zombie counts as gone)."""
     for pid, _created in pids:
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return True
+        fields = _stat_fields(pid)
+        if fields and fields[0] != b"Z":
+            return True
     return False
 
 
-def find_old_generation(daemon_id: str) -> list[psutil.Process]:
-    """Processes of a previous daemon of this home, found by the marker in their environment."""
+def find_old_generation(daemon_id: str) -> list[tuple[int, float]]:
+    """Processes of a previous daemon of this home, found by the marker in their environment,
+    as (pid, create time)."""
     me = os.getpid()
-    found: list[psutil.Process] = []
     uid = os.getuid()
-    for proc in psutil.process_iter(["uids"]):
-        try:
-            uids = proc.info["uids"]
-            if proc.pid == me or uids is None or uids.real != uid:
-                continue
-            if proc.environ().get(DAEMON_ID_ENV) == daemon_id:
-                found.append(proc)
-        except psutil.Error:
+    boot = boot_time()
+    found = []
+    for pid in _pids():
+        if pid == me or _real_uid(pid) != uid:
             continue
+        if _environ(pid).get(DAEMON_ID_ENV) == daemon_id:
+            created = create_time(pid, boot)
+            if created is not None:
+                found.append((pid, created))
     return found
 
 
@@ -385,29 +520,28 @@ async def end_old_generation(daemon_id: str, grace: float = 3.0) -> int:
     if not procs:
         return 0
     groups: set[int] = set()
-    for p in procs:
-        with contextlib.suppress(psutil.Error, OSError):
-            groups.add(os.getpgid(p.pid))
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
+    for pid, _created in procs:
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(pid))
+    signal_alive(procs, signal.SIGTERM)
     for g in groups:
         signal_group(g, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        alive = [p for p in procs if _alive(p)]
-        if not alive:
+        boot = boot_time()
+        if not any(_is(pid, created, boot) for pid, created in procs):
             break
         await asyncio.sleep(0.05)
     for g in groups:
         signal_group(g, signal.SIGKILL)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    signal_alive(procs, signal.SIGKILL)
     return len(procs)
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+def signal_alive(procs: Iterable[tuple[int, float]], sig: int) -> None:
+    """Signal the processes known by (pid, create time) that still run (not a recycled pid)."""
+    boot = boot_time()
+    for pid, created in procs:
+        if _is(pid, created, boot):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)

@@ -8,7 +8,6 @@ Imports nothing of the daemon outside `selection`.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import random
@@ -19,6 +18,14 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from engctl.protocol import StrategyName
+
+try:
+    # CPython's own implementations of these digests: `hashlib` would load OpenSSL for the
+    # same values, some 3.5 MiB of the daemon's RSS.
+    from _blake2 import blake2b
+    from _sha3 import shake_128  # type: ignore[import-not-found]  # typeshed has no stub
+except ImportError:  # another interpreter
+    from hashlib import blake2b, shake_128
 
 from ..candidates import Candidate, CandidateSet, Change, Clock, KeyMemory, _take_turn
 from ..selector import Selector
@@ -113,7 +120,7 @@ def ring_hash(text: str) -> int:
     path; 64k points in 2**30 positions collide about twice, and a collision only orders two
     points by member.
     """
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big") >> 2
+    return int.from_bytes(blake2b(text.encode(), digest_size=4).digest(), "big") >> 2
 
 
 def ring_points(instance_id: str, vnodes: int) -> list[int]:
@@ -122,7 +129,7 @@ def ring_points(instance_id: str, vnodes: int) -> list[int]:
     One extendable-output hash gives them all: a thousand instances hash in milliseconds,
     where one digest per point took a large fraction of a second.
     """
-    raw = hashlib.shake_128(instance_id.encode()).digest(4 * vnodes)
+    raw = shake_128(instance_id.encode()).digest(4 * vnodes)
     return [x >> 2 for x in struct.unpack(f">{vnodes}I", raw)]
 
 
