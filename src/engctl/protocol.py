@@ -1,7 +1,8 @@
 """JSON-RPC 2.0 framing, one object per line, shared by the daemon socket and the CLI.
 
-Shared contract between CLI and daemon: the stdlib, and orjson (used once it is loaded: the
-daemon loads it, a client when it sends its first large input; see `encode_input`).
+Shared contract between CLI and daemon: the stdlib; orjson, which encodes inputs (a client
+loads it when it sends its first large input: `encode_input`); msgspec, which reads and checks
+frames (the daemon loads it at start, a client when it reads its first large frame: `loads`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from engctl.errors import EngctlError, InvalidParamsError, ParseError, ProtocolE
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -72,16 +73,13 @@ _decoder = json.JSONDecoder()
 _decode = _decoder.decode
 # The C scanner under `decode`: (value, end) from an offset (the members before an input).
 _scan = _decoder.scan_once  # type: ignore[attr-defined]
-# orjson turns an integer beyond 64 bits into a float, where `json` keeps it exact: a frame
-# with a run of 19 digits or more is decoded by `json` (digits map to "9", all else to " ").
-_DIGIT_RUNS = bytes(57 if 48 <= b <= 57 else 32 for b in range(256))
-_LONG_RUN = b"9" * 19
 # Most of the bytes before an input `split_exec` reads to find it (the other parameters).
 _EXEC_MEMBERS_MAX = 4096
 # orjson's import loads dataclasses, uuid, datetime and inspect: 5-10 ms, more than it saves a
 # command that sends and reads frames of ordinary size. A client loads it once it has encoded
 # an input this large (a program that sends one sends more); until then `json` does the work.
-ORJSON_AFTER_BYTES = 64 * 1024
+# The same for msgspec's import (25 ms), which reads frames: once one this large comes in.
+ORJSON_AFTER_BYTES = FAST_JSON_AFTER_BYTES = 64 * 1024
 
 
 def dumps(obj: Any) -> bytes:
@@ -163,29 +161,54 @@ def number(
 
 
 def loads(data: bytes) -> Any:
-    """`json.loads(data)`, same results and errors: by orjson (about twice as fast), once loaded,
-    where it gives the same value; by `json` for what orjson reads otherwise or refuses
-    (integers past 64 bits, NaN and Infinity, lone surrogates, a BOM, UTF-16, every error)."""
-    orjson: Any = sys.modules.get("orjson")
-    if orjson is not None and _LONG_RUN not in data.translate(_DIGIT_RUNS):
+    """`json.loads(data)`, same results and errors: by msgspec (about twice as fast, exact
+    integers of any size) once loaded, or for a frame of FAST_JSON_AFTER_BYTES or more; by
+    `json` for what msgspec refuses (NaN and Infinity, 1e400, lone surrogates, a BOM, UTF-16,
+    nesting past 1,000, every error), which `json` reads or refuses with its own message."""
+    decode = _msgspec_decode
+    if decode is None and len(data) >= FAST_JSON_AFTER_BYTES:
+        decode = load_msgspec()[0]
+    if decode is not None:
         try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
+            return decode(data)
+        except (ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
             pass
     return json.loads(data)
 
 
 def valid_json(data: bytes) -> bool:
-    """Whether `data` is one JSON value that the `json` module reads (and orjson too): the check
-    before a value is relayed as the bytes it came in. False also for what only `json` reads
-    (NaN, lone surrogates...): such a value takes the decoding path, where `json` judges it."""
-    import orjson
-
+    """Whether `data` is one JSON value that `json` reads alike: the check before a value is
+    relayed as the bytes it came in. False also for some that only `json` reads (NaN, 1e400,
+    lone surrogates, nesting past 1,000): such a value takes the decoding path instead."""
+    skip = _msgspec_skip or load_msgspec()[1]
     try:
-        orjson.loads(data)
-    except orjson.JSONDecodeError:
+        skip(data)  # the syntax, without building the value (5x orjson.loads at 115 KB)
+    except (ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
         return False
+    # The skip does not look inside strings for UTF-8: checked here (ASCII at once).
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            return False
     return True
+
+
+# msgspec, once loaded: its decoder (`loads`) and its skip into Raw (`valid_json`).
+_msgspec_decode: Callable[[bytes], Any] | None = None
+_msgspec_skip: Callable[[bytes], Any] | None = None
+
+
+def load_msgspec() -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
+    """Import msgspec (25 ms, typing_extensions and decimal with it) and use it from now on:
+    the daemon does at start, a client once it reads a large frame."""
+    global _msgspec_decode, _msgspec_skip
+    if _msgspec_decode is None or _msgspec_skip is None:
+        import msgspec
+
+        _msgspec_skip = msgspec.json.Decoder(msgspec.Raw).decode
+        _msgspec_decode = msgspec.json.Decoder().decode
+    return _msgspec_decode, _msgspec_skip
 
 
 def encode_input(value: Any) -> bytes:
@@ -234,7 +257,7 @@ def exec_members(params: dict[str, Any]) -> bytes:
 
 def split_exec(line: bytes) -> tuple[int, dict[str, Any], bytes] | None:
     """An EXEC_FRAME as a client writes it: (id, the parameters but the input, the input's
-    bytes), the input checked by orjson but not decoded into the parameters, to be relayed as
+    bytes), the input checked but not decoded into the parameters, to be relayed as
     it came. None for any other frame, or one this does not read alike: `parse_frame` then."""
     head = len(EXEC_HEAD)
     comma = line.find(_PARAMS_MEMBER, head, head + 21)  # an id of up to 20 digits

@@ -415,11 +415,13 @@ def test_bad_params_of_every_method_are_errors_never_internal_errors(daemon: Hom
     assert "internal error" not in daemon.paths.daemon_log.read_text()
 
 
-def test_daemon_maps_neither_psutil_nor_openssl_nor_decimal(home: Home) -> None:
+def test_daemon_maps_neither_psutil_nor_openssl(home: Home) -> None:
     """The daemon reads /proc itself and hashes with CPython's own digests: psutil (~0.8 MiB
-    of RSS), OpenSSL (~3.5 MiB, through hashlib) and decimal (statistics) stay out of its
-    memory, also once an instance has exited and its tree was swept. A daemon spawned as the
-    client spawns it (not forked from the test starter, which has psutil loaded)."""
+    of RSS) and OpenSSL (~3.5 MiB, through hashlib) stay out of its memory, also once an
+    instance has exited and its tree was swept. (decimal comes with msgspec, which reads
+    frames: 0.65 MiB for less than half the CPU per large request, docs/performance.md.) A
+    daemon spawned as the client spawns it (not forked from the test starter, which has
+    psutil loaded)."""
     with home.client() as c:
         c.connect()
         pid = c.daemon_info["pid"]
@@ -433,5 +435,5 @@ def test_daemon_maps_neither_psutil_nor_openssl_nor_decimal(home: Home) -> None:
         c.unregister(["w"])
     with open(f"/proc/{pid}/maps") as f:
         maps = f.read()
-    for library in ("_psutil_linux", "libcrypto", "_hashlib", "_decimal"):
+    for library in ("_psutil_linux", "libcrypto", "_hashlib"):
         assert library not in maps, f"the daemon loaded {library}"

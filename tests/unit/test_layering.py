@@ -34,7 +34,7 @@ SHARED = {
 }
 # What the contract may import besides the stdlib: `from __future__`, and platformdirs (the
 # user folders, imported by `paths` only when ENGCTL_HOME is not set).
-OUTSIDE_STDLIB = {"__future__", "platformdirs", "orjson"}
+OUTSIDE_STDLIB = {"__future__", "platformdirs", "orjson", "msgspec"}
 # The daemon modules each daemon module may import (what its header says). A new module, or a
 # new dependency, is a decision: it is written here.
 D = "engctl.daemon"

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import orjson  # noqa: F401  # loaded: protocol's orjson paths are the ones tested
+import orjson  # noqa: F401  # loaded: encode_input's orjson path is the one tested
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engctl import protocol
 from engctl.errors import BusyError, EngctlError, ParseError, ProtocolError
+
+protocol.load_msgspec()  # loaded: the msgspec paths of loads and valid_json are the ones tested
 
 
 def one_line(frame: bytes) -> dict[str, Any]:
@@ -370,8 +372,8 @@ def test_exec_frame_carries_the_input_and_the_other_parameters() -> None:
         assert protocol.split_exec(frame[:-1]) == (9, params, b'{"a":[1]}')
 
 
-# Inputs that stress the orjson paths: integers past 64 bits, non-finite floats, None (orjson
-# writes NaN as null), non-str keys, lone surrogates, deep nesting, unicode.
+# Inputs that stress the orjson and msgspec paths: integers past 64 bits, non-finite floats,
+# None (orjson writes NaN as null), non-str keys, lone surrogates, deep nesting, unicode.
 _inputs = st.recursive(
     st.none()
     | st.booleans()
@@ -423,7 +425,7 @@ def test_encode_input_decodes_to_what_encode_value_writes(value: Any) -> None:
 @settings(max_examples=400, deadline=None)
 @given(_inputs, st.booleans())
 def test_loads_is_json_loads_on_generated_json(value: Any, ascii_only: bool) -> None:
-    """Issue 13: `loads` (orjson where it reads the same value) gives exactly what json.loads
+    """Issue 13: `loads` (msgspec where it reads the same value) gives exactly what json.loads
     gives, integers past 64 bits, NaN and lone surrogates included."""
     try:
         data = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
@@ -481,3 +483,40 @@ def test_worker_frames_are_requests_of_the_worker_protocol() -> None:
     execute = one_line(protocol.WORKER_EXECUTE % (3, b'"x"'))
     assert execute == {"jsonrpc": "2.0", "id": 3, "method": "execute", "params": {"input": "x"}}
     assert one_line(protocol.WORKER_PING % 4) == {"jsonrpc": "2.0", "id": 4, "method": "ping"}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'"\xff"',  # not UTF-8 inside a string: msgspec's skip does not look there
+        b'"\xed\xa0\x80"',  # a surrogate's bytes: json reads them, a strict decoder does not
+        b"[" * 100_000 + b"]" * 100_000,
+        b"[1,]",
+        b"01",
+        b'"\\ud800"',
+        b"NaN",
+        b"1 2",
+        b"",
+        b"\xef\xbb\xbf1",
+    ],
+)
+def test_valid_json_refuses_what_cannot_be_relayed(data: bytes) -> None:
+    """Issue 13: what msgspec's skip lets through but is no JSON a worker reads alike (bytes
+    that are not UTF-8 inside a string) is refused; so is all that only `json` reads."""
+    assert not protocol.valid_json(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_inputs, st.binary(max_size=3), st.integers(0, 200), st.booleans())
+def test_valid_json_only_passes_what_json_reads(
+    value: Any, junk: bytes, at: int, ascii_only: bool
+) -> None:
+    """Issue 13: a value `valid_json` passes (to be relayed as its bytes) is one `json.loads`
+    reads, and reads as msgspec does; generated values with junk bytes spliced in included."""
+    try:
+        data = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError):
+        return
+    for candidate in (data, data[:at] + junk + data[at:]):
+        if protocol.valid_json(candidate):
+            assert _same_json(json.loads(candidate), protocol.loads(candidate))

@@ -7,13 +7,15 @@ import json
 import math
 from typing import Any
 
-import orjson  # noqa: F401  # loaded: protocol's orjson paths are the ones tested
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engctl.daemon.oneshot import decode_output
 from engctl.daemon.output import OutputError, decode, reply
+from engctl.protocol import load_msgspec
+
+load_msgspec()  # loaded, as in the daemon: the msgspec check of replies is the one tested
 
 # JSON values, with the strings that stress a splice: escapes, quotes, braces, unicode.
 _text = st.text(
@@ -100,10 +102,10 @@ def test_spliced_result_decodes_to_what_json_keeps(line: bytes) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(value=_values, adversarial=st.sampled_from(["", "NaN", "-Infinity", '"\\ud800"', "1e999"]))
-def test_canonical_reply_spliced_by_orjson_is_what_json_decodes(
+def test_canonical_reply_checked_by_msgspec_is_what_json_decodes(
     value: Any, adversarial: str
 ) -> None:
-    """Issue 13: the canonical reply checked by orjson (not decoded) gives raw bytes that
+    """Issue 13: the canonical reply checked by msgspec (not decoded) gives raw bytes that
     `json` decodes to its result, big integers included; what only `json` reads (NaN,
     Infinity, lone surrogates, 1e999) takes the decoding path, with the same outcome."""
     result = json.dumps([value, json.loads(adversarial)] if adversarial else value)

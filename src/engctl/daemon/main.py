@@ -25,7 +25,7 @@ from engctl.config import RESTART_SETTINGS, DaemonConfig, config_table, rules_ta
 from engctl.errors import DaemonUnreachableError, EngctlError
 from engctl.models import check_dependencies
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
-from engctl.protocol import StrategyName
+from engctl.protocol import StrategyName, load_msgspec
 from engctl.states import DesiredState, EventKind
 
 from . import process
@@ -561,6 +561,9 @@ def run(
     if not foreground:
         bound_stderr(paths.runtime_dir / "daemon.stderr")
     try:
+        # Frames are read and inputs checked by msgspec: imported now (25 ms), not by the
+        # event loop in the middle of a client's first exec.
+        load_msgspec()
         daemon = Daemon(paths, config, metrics_port, reset_registry, health)
         asyncio.run(daemon.run(ready_fd))
     except EngctlError as exc:

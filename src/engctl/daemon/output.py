@@ -60,7 +60,7 @@ def reply(line: bytes) -> tuple[Any, bytes | None]:
     raw bytes of its top-level `result` value when it is an object that has one.
 
     The canonical reply `{"jsonrpc":"2.0","id":N,"result":X}` is not decoded: X is checked by
-    orjson, and the message holds the other members only (X is in the raw bytes). Anything
+    msgspec, and the message holds the other members only (X is in the raw bytes). Anything
     else (other key order, duplicate or escaped keys, what only `json` reads) is decoded
     whole, then walked for the span of the `result` member that `json.loads` keeps. Either way
     the raw bytes decode to exactly `json.loads(line)["result"]`. Raises OutputError for a
@@ -74,7 +74,7 @@ def reply(line: bytes) -> tuple[Any, bytes | None]:
             start = comma + len(_RESULT)
             stop = len(line.rstrip(_WSB)) - 1
             # Nothing after the value but the closing brace: no other member, so no
-            # duplicate either; orjson checks the value without the line being decoded.
+            # duplicate either; msgspec checks the value without the line being decoded.
             raw = line[start:stop]
             if stop > start and line[stop] == 125 and valid_json(raw):  # 125: "}"
                 return {"jsonrpc": "2.0", "id": int(digits)}, raw.strip(_WSB)
