@@ -12,7 +12,12 @@ the same echo worker (`python -m engctl.examples.echo_worker`):
 4. cold CLI: median wall time of `engctl exec --type echo -- 1` over `engctl --version`
    (target ≤ 1.3×);
 5. selection: µs per `CandidatePool.select` at 1,000 instances (target ≤ 50 µs), using the
-   simulated load of benchmarks/selection.py.
+   simulated load of benchmarks/selection.py;
+6. instance count (issue 13.3): throughput with 64 in flight through 2 and through 100 echo
+   instances of one engine (target: 100 ≥ 0.75 × 2), beside its ceiling: this process driving
+   2 and 100 echo workers directly, one request per idle worker at a time as least-loaded
+   spreads them (no daemon in between), so that what the wake-ups of 100 processes cost on
+   this machine is measured, not assumed.
 
 Loopback and local pipes only, bounded counts; the worker, the daemon and its engines are
 stopped and the home removed at the end, even on error. `--quick` scales the counts down ~5×.
@@ -55,6 +60,7 @@ PY = sys.executable
 ENGCTL = str(Path(PY).with_name("engctl"))
 ECHO = [PY, "-m", "engctl.examples.echo_worker"]
 TYPE = "echo"
+EXECUTE = b'{"jsonrpc":"2.0","id":%d,"method":"execute","params":{"input":%s}}\n'
 WINDOW = 64
 MAX_COUNT = 1_000_000
 # Direct and engctl alternate in this many rounds (each gets 1/ROUNDS of the counts per round).
@@ -64,6 +70,8 @@ TARGET_ADDED_P50_MS = 0.25
 TARGET_THROUGHPUT_RATIO = 0.35
 TARGET_CLI_RATIO = 1.3
 TARGET_SELECT_US = 50.0
+TARGET_INSTANCE_COUNT_RATIO = 0.75
+COUNTS = (2, 100)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -194,6 +202,123 @@ def engctl_throughput(c: Client, total: int, window: int, per_instance: Counter[
     if got != total:
         raise RuntimeError(f"exec_many yielded {got} results for {total} inputs")
     return elapsed
+
+
+def count_throughput(c: Client, engine_type: str, total: int) -> float:
+    """Requests per second of `total` echo requests, 64 in flight, to the engine of `type`."""
+    t = time.perf_counter()
+    failed = sum(not o["ok"] for o in c.exec_many(range(total), window=WINDOW, type=engine_type))
+    elapsed = time.perf_counter() - t
+    if failed:
+        raise RuntimeError(f"{failed} of {total} requests to {engine_type} failed")
+    return total / elapsed
+
+
+class SpreadWorkers:
+    """N echo workers driven by this process with `WINDOW` requests in flight, each sent to the
+    worker with the fewest in flight (one per idle worker while there are idle ones): the
+    dispatch of least-loaded with no daemon in between, the ceiling of item 6."""
+
+    def __init__(self, n: int) -> None:
+        import selectors
+
+        self.procs = [
+            subprocess.Popen(ECHO, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)
+        ]
+        self.selector = selectors.DefaultSelector()
+        for k, proc in enumerate(self.procs):
+            assert proc.stdout is not None
+            if b'"ready"' not in proc.stdout.readline():
+                raise RuntimeError("echo worker did not say ready")
+            self.selector.register(proc.stdout.fileno(), selectors.EVENT_READ, k)
+        self.scratch = memoryview(bytearray(1 << 18))
+
+    def run(self, total: int) -> float:
+        """Requests per second of `total` echo requests, `WINDOW` in flight."""
+        n = len(self.procs)
+        wfds = [p.stdin.fileno() for p in self.procs if p.stdin is not None]
+        inflight = [0] * n
+        pending = [bytearray() for _ in range(n)]
+        idle = list(range(n))
+        sent = done = 0
+        t = time.perf_counter()
+        while done < total:
+            while sent - done < WINDOW and sent < total:
+                k = idle.pop() if idle else min(range(n), key=inflight.__getitem__)
+                os.write(wfds[k], EXECUTE % (sent, b"%d" % sent))
+                inflight[k] += 1
+                sent += 1
+            for key, _ in self.selector.select():
+                k = key.data
+                got = os.readv(key.fd, [self.scratch])
+                if not got:
+                    raise RuntimeError("echo worker closed its stdout")
+                buf = pending[k]
+                buf += self.scratch[:got]
+                answers = buf.count(b"\n")
+                del buf[: buf.rfind(b"\n") + 1]
+                done += answers
+                inflight[k] -= answers
+                if answers and not inflight[k]:
+                    idle.append(k)
+        return total / (time.perf_counter() - t)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def instance_count(c: Client, total: int) -> dict[str, Any]:
+    """Item 6: engctl's throughput at 2 and 100 instances and the direct ceiling at 2 and 100
+    workers, in alternating rounds."""
+    for k in COUNTS:
+        c.register(
+            {
+                f"count{k}": {
+                    "type": f"count{k}",
+                    "command": ECHO,
+                    "mode": "worker",
+                    "instances": k,
+                    "max_concurrency": 32,
+                    "restart": {"start_seconds": 0.1},
+                }
+            }
+        )
+    spread: dict[int, SpreadWorkers] = {}
+    engctl_rps: dict[int, list[float]] = {k: [] for k in COUNTS}
+    direct_rps: dict[int, list[float]] = {k: [] for k in COUNTS}
+    try:
+        for k in COUNTS:
+            wait_for(lambda k=k: all_ready(c, f"count{k}", k), 120)  # type: ignore[misc]
+            spread[k] = SpreadWorkers(k)
+            count_throughput(c, f"count{k}", min(total, 2000))  # warm-up
+            spread[k].run(min(total, 2000))
+        for _ in range(2):
+            for k in COUNTS:
+                engctl_rps[k].append(count_throughput(c, f"count{k}", total))
+                direct_rps[k].append(spread[k].run(total))
+    finally:
+        for workers in spread.values():
+            workers.close()
+        c.unregister([f"count{k}" for k in COUNTS])
+    low, high = COUNTS
+    e = {k: statistics.median(v) for k, v in engctl_rps.items()}
+    d = {k: statistics.median(v) for k, v in direct_rps.items()}
+    return {
+        "requests": total,
+        "engctl_rps": {str(k): round(v) for k, v in e.items()},
+        "direct_spread_rps": {str(k): round(v) for k, v in d.items()},
+        "engctl_ratio": round(e[high] / e[low], 3),
+        "direct_spread_ratio": round(d[high] / d[low], 3),
+    }
 
 
 class Meter:
@@ -357,6 +482,8 @@ def main() -> None:
                 tput_block, lambda: engctl_throughput(c, tput_block, WINDOW, per_instance)
             )
 
+        counts = instance_count(c, n_tput // 2)
+
         # As installed: pip compiles bytecode at install time, so the CLI runs here may write
         # it too (an environment with PYTHONDONTWRITEBYTECODE=1 would otherwise recompile
         # every engctl module on every run, which no installed copy does). The warm-up run of
@@ -413,6 +540,7 @@ def main() -> None:
 
     # 5. selection cost.
     result["selection"] = selection_costs(picks)
+    result["instance_count"] = counts
 
     # 3. derived figures and targets.
     added_p50 = engctl_lat["p50_ms"] - direct_lat["p50_ms"]
@@ -429,6 +557,7 @@ def main() -> None:
         "throughput_ratio_ge_0_35": ratio >= TARGET_THROUGHPUT_RATIO,
         "cli_exec_le_1_3x_version": result["cli"]["ratio"] <= TARGET_CLI_RATIO,
         "selection_le_50us_at_1000": worst_pick <= TARGET_SELECT_US,
+        "instances_100_ge_0_75_of_2": counts["engctl_ratio"] >= TARGET_INSTANCE_COUNT_RATIO,
     }
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result, indent=2))

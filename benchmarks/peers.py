@@ -110,6 +110,9 @@ class Direct:
         os.set_blocking(self.wfd, False)
         self.next_id = 1
         self.inbuf = bytearray()
+        # Reads into one buffer: a 1 MiB bytes object per read would be mapped and unmapped
+        # by glibc each time (some 15 µs), a cost no well-written client pays.
+        self.scratch = memoryview(bytearray(1 << 20))
 
     def run(self, value: Any, total: int, window: int) -> list[float]:
         """`total` requests with up to `window` in flight: the round trip of each, in seconds."""
@@ -132,10 +135,10 @@ class Direct:
                     n = 0
                 del out[:n]
             if readable:
-                data = os.read(self.rfd, 1 << 20)
-                if not data:
+                n = os.readv(self.rfd, [self.scratch])
+                if not n:
                     raise RuntimeError("echo worker closed its stdout")
-                self.inbuf += data
+                self.inbuf += self.scratch[:n]
                 start = 0
                 while (nl := self.inbuf.find(b"\n", start)) >= 0:
                     msg = orjson.loads(self.inbuf[start:nl])

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 # sends (a worker's 64 MiB reply line, a oneshot's 16 MiB output as a JSON string, with the
 # result object around it) fits well under this (see "Limits" in docs/guarantees.md).
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# The most one recv(2) takes in.
+RECV_BYTES = 256 * 1024
 # A connection unused this long may have been closed by the daemon's idle timeout: it is
 # checked (one non-blocking peek) before the next call, and replaced if it was.
 IDLE_CHECK_SECONDS = 1.0
@@ -71,6 +73,7 @@ class Client:
         self._sock: _socket.socket | None = None
         self._buf = bytearray()
         self._pos = 0
+        self._scratch: memoryview | None = None
         self._next_id = 1
         self._daemon_info: dict[str, Any] = {}
         self._hello_id: int | None = None
@@ -215,11 +218,8 @@ class Client:
                 readable, writable, _ = select.select([sock], [sock], [], self.timeout)
                 if not readable and not writable:
                     raise DaemonUnreachableError(f"the daemon took no input within {self.timeout}s")
-                if readable:
-                    chunk = sock.recv(262144)
-                    if not chunk:
-                        return  # closed: what it said before is in the buffer
-                    self._buf += chunk
+                if readable and not self._recv():
+                    return  # closed: what it said before is in the buffer
                 if writable:
                     try:
                         sent = sock.send(rest, _socket.MSG_DONTWAIT)
@@ -229,14 +229,27 @@ class Client:
         except OSError as exc:
             self._lost(exc)
 
+    def _recv(self, flags: int = 0) -> int:
+        """One recv(2) appended to the read buffer: the bytes read, 0 at EOF. Through a scratch
+        buffer kept for all reads: a 256 KiB bytes object per read is above glibc's mmap
+        threshold, so each would map, fault in and unmap a block (15 µs a call)."""
+        sock = self._sock
+        assert sock is not None
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = memoryview(bytearray(RECV_BYTES))
+        n = sock.recv_into(scratch, 0, flags)
+        self._buf += scratch[:n]
+        return n
+
     def _lost(self, exc: OSError) -> None:
         """A send failed: raise what the daemon said before it closed (busy, other uid),
         else that the connection was lost."""
         sock = self._sock
         assert sock is not None
         try:
-            while chunk := sock.recv(262144, _socket.MSG_DONTWAIT):
-                self._buf += chunk
+            while self._recv(_socket.MSG_DONTWAIT):
+                pass
         except OSError:
             pass
         for line in bytes(self._buf[self._pos :]).splitlines():
@@ -284,7 +297,7 @@ class Client:
                 raise ProtocolError(f"daemon response exceeds {MAX_RESPONSE_BYTES} bytes")
             assert self._sock is not None
             try:
-                chunk = self._sock.recv(262144)
+                got = self._recv()
             except TimeoutError as exc:
                 raise DaemonUnreachableError(
                     f"the daemon did not answer within {self.timeout}s"
@@ -292,11 +305,10 @@ class Client:
             except OSError as exc:
                 self.close()
                 raise DaemonUnreachableError(f"lost the connection to the daemon: {exc}") from exc
-            if not chunk:
+            if not got:
                 self.close()
                 raise DaemonUnreachableError("the daemon closed the connection (did it stop?)")
             self._used_at = time.monotonic()
-            buf += chunk
 
     def call(self, method: str, **params: Any) -> Any:
         """Call `method` with by-name params; return its result or raise its EngctlError."""

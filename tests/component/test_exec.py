@@ -774,3 +774,18 @@ def test_results_pass_through_unchanged(daemon: Home) -> None:
             assert set(obj) == RESULT_KEYS
         explained = c.exec(payloads[0], type="E", explain=True)
         assert explained["result"] == {"echo": payloads[0]} and "explain" in explained
+
+
+def test_client_reads_into_one_scratch_buffer(daemon: Home) -> None:
+    """Issue 13 (regression): every recv of the client asked for a new 256 KiB bytes object,
+    which glibc maps and unmaps (15 µs a call). Reads go into one buffer kept for the
+    connection's life, and answers larger than it arrive whole."""
+    workers(daemon, e={"command": engine_cmd("echo.py"), "type": "echo"})
+    with daemon.client() as c:
+        assert c.exec(1, type="echo")["result"] == {"echo": 1}
+        scratch = c._scratch
+        assert scratch is not None
+        big = "é" * 400_000  # an answer of some 800 KB: several reads
+        assert c.exec(big, type="echo")["result"] == {"echo": big}
+        assert list(c.exec_many(range(50), window=8, type="echo"))[-1]["result"] == {"echo": 49}
+        assert c._scratch is scratch
