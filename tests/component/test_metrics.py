@@ -22,9 +22,12 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from engctl.client import Client
+from engctl.daemon.monitor import QUIET_AFTER, QUIET_STRIDE
 from engctl.report import make_report
 from tests.conftest import PY, Home, engine_cmd, wait_until
 from tests.daemon_support import all_ready, daemon_processes, engine_processes, gone
+
+MiB = 1024 * 1024
 
 ECHO = [PY, "-m", "engctl.examples.echo_worker"]
 QUICK: dict[str, Any] = {"restart": {"start_seconds": 0.1, "backoff": {"initial": 0.05}}}
@@ -502,3 +505,26 @@ def test_history_survives_a_graceful_restart(home: Home) -> None:
     assert r2["period"]["bucket_seconds"] == 10
     (e,) = r2["engines"]
     assert sum(i["requests"] for i in e["instances"]) == 50
+
+
+def test_status_shows_a_quiet_instance_read_no_longer_ago_than_the_interval(
+    home: Home, tmp_path: Path
+) -> None:
+    """Issue 13.1 (regression guard of the quiet schedule): an idle instance is read only
+    every few intervals, but `status` never shows a reading older than `sample_interval`:
+    it waits for a fresh one. Three times, a process idle long enough to be quiet grows by
+    40 MiB; one interval later, status shows it."""
+    interval = 0.25
+    home.start_daemon(sample_interval=interval)
+    marker = tmp_path / "grown"
+    home.register("g", engine_cmd("grow_on_signal.py", str(marker)), mode="service")
+    pid = home.wait_state("g#0", "ready")["pid"]
+    for n in (1, 2, 3):
+        # Idle for longer than it takes to become quiet (same readings, then a stride).
+        time.sleep(interval * (QUIET_AFTER + QUIET_STRIDE + 2))
+        before = home.instance("g#0")["rss_bytes"]
+        os.kill(pid, signal.SIGUSR1)
+        wait_until(lambda n=n: marker.exists() and marker.read_text() == str(n), 10)
+        time.sleep(interval * 1.2)  # what status shows may be this old, no older
+        rss = home.instance("g#0")["rss_bytes"]
+        assert rss >= before + 35 * MiB, (n, before, rss)

@@ -896,3 +896,24 @@ def test_command_tcp_and_http_checks(fast: Home, http_port: int) -> None:
     wait_until(lambda: fast.instance("tcp_ok#0")["health"] == "unhealthy", timeout=10)
     assert health_path(fast, "tcp_ok#0") == ["unknown->healthy", "healthy->unhealthy"]
     assert fast.cli("stop", *checks).returncode == 0
+
+
+def test_idle_instances_skipped_by_the_tick_still_follow_a_weight_change(fast: Home) -> None:
+    """Issue 13.1 (regression guard of the enforcer's quiet path): instances with nothing to
+    judge are skipped by the policy tick, unless something a refresh reads changed: a new
+    `weight` applied to an idle engine reaches its effective weight (and the selection)."""
+    spec = {**QUICK, "command": engine_cmd("echo.py"), "type": "echo", "instances": 2}
+    with fast.client() as c:
+        c.register({"w": {**spec, "weight": 1.0}})
+    for k in (0, 1):
+        fast.wait_state(f"w#{k}", "ready")
+    # Several ticks with nothing to judge: both are quiet.
+    wait_until(lambda: fast.instance("w#1")["effective_weight"] == 1.0, 5)
+    time.sleep(1.0)
+    with fast.client() as c:
+        c.apply({"w": {**spec, "weight": 3.0}})
+    wait_until(
+        lambda: all(i["effective_weight"] == 3.0 for i in fast.instances("w")), 5, interval=0.1
+    )
+    with fast.client() as c:  # and the quiet instances still serve, at that weight
+        assert c.exec({"x": 1}, type="echo", timeout=10)["ok"]

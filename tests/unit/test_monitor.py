@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -51,7 +52,7 @@ def monitor() -> Iterator[Monitor]:
     """A monitor that is never started: tests call sample_once themselves."""
     loop = asyncio.new_event_loop()
     try:
-        yield Monitor(1.0, loop, lambda samples, host: None)
+        yield Monitor(1.0, loop, lambda samples, host, tick: None)
     finally:
         loop.close()
 
@@ -251,3 +252,72 @@ def test_sample_once_closes_the_files_of_processes_no_longer_targets(monitor: Mo
     finally:
         child.kill()
         child.wait()
+
+
+def test_quiet_schedule_reads_a_changing_instance_every_tick() -> None:
+    """Issue 13.1: readings that change keep an instance read at every tick."""
+    q = monitor_mod.QuietSchedule(after=3, stride=4)
+    for tick in range(20):
+        assert q.due(7, tick)
+        q.read(7, tick, ("cpu", tick))
+
+
+def test_quiet_schedule_backs_off_after_same_readings_and_returns_on_a_change() -> None:
+    """Issue 13.1: after `after` same readings in a row an instance is read every `stride`
+    ticks; the first reading that differs brings it back to every tick."""
+    q = monitor_mod.QuietSchedule(after=3, stride=4)
+    read_at = []
+    for tick in range(30):
+        if q.due(1, tick):
+            read_at.append(tick)
+            q.read(1, tick, "busy" if tick >= 15 else "idle")
+    # 0 (first), 1, 2, 3 (the third same in a row): then every 4th; at 15 it differs: every
+    # tick until three more came out the same, then every 4th again.
+    assert read_at == [0, 1, 2, 3, 7, 11, 15, 16, 17, 18, 22, 26]
+
+
+def test_quiet_schedule_forgets_departed_keys() -> None:
+    q = monitor_mod.QuietSchedule(after=1, stride=10)
+    q.read(1, 0, "x")
+    q.read(1, 1, "x")
+    assert not q.due(1, 2)
+    q.keep_only([])
+    assert q.due(1, 2)
+
+
+def test_an_idle_instance_keeps_its_reading_and_a_full_reading_takes_it_again(
+    monitor: Monitor,
+) -> None:
+    """Issue 13.1: a sleeping process is read every tick until QUIET_AFTER readings were the
+    same, then its reading is kept (the same object, with the time it was taken) between
+    every QUIET_STRIDE-th tick; `full` reads it regardless; a busy process is read each tick."""
+    idle = subprocess.Popen(["sleep", "60"])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        monitor.set_targets({"idle#0": idle.pid, "busy#0": busy.pid})
+
+        def tick() -> dict[str, monitor_mod.Sample]:
+            # Ticks some CPU clock ticks apart (the busy process uses some between them), as
+            # the monitor's are an interval apart.
+            time.sleep(0.05)
+            return monitor.sample_once(full=False)
+
+        ticks = [tick() for _ in range(monitor_mod.QUIET_AFTER + 1)]
+        for _ in range(30):  # a process just started may change a few more times
+            ticks.append(tick())
+            if ticks[-1]["idle#0"] is ticks[-2]["idle#0"]:
+                break
+        kept = ticks[-2]["idle#0"]
+        assert ticks[-1]["idle#0"] is kept, "the idle process never came out the same"
+        assert all(a["busy#0"] is not b["busy#0"] for a, b in itertools.pairwise(ticks))
+        assert monitor._kept_since == kept.taken
+        # Kept until its stride is over, then read again.
+        later = [tick() for _ in range(monitor_mod.QUIET_STRIDE)]
+        assert any(s["idle#0"] is not kept for s in later)
+        kept = later[-1]["idle#0"]
+        assert monitor.sample_once(full=True)["idle#0"] is not kept
+        assert monitor._kept_since == float("inf")
+    finally:
+        for proc in (idle, busy):
+            proc.kill()
+            proc.wait()

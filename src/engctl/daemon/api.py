@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,6 +56,14 @@ if TYPE_CHECKING:
 DEFAULT_LEASE_TTL = 60.0
 
 
+class Readings(Protocol):
+    """The CPU/RSS readings of instances (the monitor): quiet ones are read less often."""
+
+    def stale(self) -> bool: ...
+
+    async def fresh(self) -> None: ...
+
+
 class DaemonControl(Protocol):
     """What the daemon itself answers: its settings, and re-reading them."""
 
@@ -82,6 +90,9 @@ class Api:
     # Set by the daemon: the alert rules (`alerts.list`) and the hooks (`hooks.*`).
     alerter: Alerter | None = field(default=None, init=False)
     hooks: Hooks | None = field(default=None, init=False)
+    # Set by the daemon: the monitor, whose readings of quiet instances may be older than the
+    # sampling interval (`Monitor.stale`); readers of them wait for fresh ones (`fresh`).
+    monitor: Readings | None = field(default=None, init=False)
     started_at: float = field(default_factory=time.time, init=False)
     _prometheus_ready: bool = field(default=False, init=False)
 
@@ -366,6 +377,8 @@ class Api:
             allow_ssl()  # prometheus_client.exposition imports it
             await asyncio.to_thread(importlib.import_module, "prometheus_client.exposition")
             self._prometheus_ready = True
+        if self.monitor is not None and self.monitor.stale():
+            await self.monitor.fresh()
         host = self.rollups.host if self.rollups is not None else None
         # The copy is cheap and on the loop; the rendering is not, so it runs on a thread.
         snap = snapshot(self.sup, self.router, host, self.alerter, self.hooks)
@@ -405,7 +418,20 @@ class Api:
         }
 
     # -- reading ---------------------------------------------------------------------------
-    def status(self, params: dict[str, Any], conn: Connection) -> StatusDoc:
+    def status(
+        self, params: dict[str, Any], conn: Connection
+    ) -> StatusDoc | Awaitable[StatusDoc]:
+        """At once, or once a quiet instance's reading older than the sampling interval has
+        been taken again: CPU and RSS are never older than it."""
+        if self.monitor is not None and self.monitor.stale():
+            return self._status_when_fresh(params, self.monitor)
+        return self._status(params)
+
+    async def _status_when_fresh(self, params: dict[str, Any], monitor: Readings) -> StatusDoc:
+        await monitor.fresh()
+        return self._status(params)
+
+    def _status(self, params: dict[str, Any]) -> StatusDoc:
         gates = self.router.admission.engines
         now, wall = self.router.loop.time(), time.time()
         engines = []

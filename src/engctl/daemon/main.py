@@ -297,6 +297,7 @@ class Daemon:
         api.control = self
         api.alerter = alerter
         api.hooks = hooks
+        api.monitor = monitor
         server = Server(
             paths.socket,
             api.handlers(),
@@ -485,11 +486,15 @@ class Daemon:
         if self.rollups is not None and self.rollups.forget_gone():
             process.release_free_memory_soon(self.loop)
 
-    def _apply_samples(self, samples: dict[str, Sample], host: HostSample | None) -> None:
+    def _apply_samples(
+        self, samples: dict[str, Sample], host: HostSample | None, tick: bool = True
+    ) -> None:
         for inst in self.sup.all_records():
             s = samples.get(inst.key)
             if s is not None and s.pid == inst.pid:
                 inst.sample = s
+        if not tick:
+            return  # a reading a reader asked for (`Monitor.fresh`): figures, not a tick
         if self.enforcer is not None:
             self.enforcer.samples_taken(samples)
         if self.rollups is not None:

@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .process import boot_time
 
@@ -32,14 +33,22 @@ log = logging.getLogger("engctl.monitor")
 
 # Descendants are rediscovered every this many ticks; engines rarely fork after start-up.
 DISCOVER_EVERY = 5
+# An instance whose readings came out the same this many ticks in a row (CPU ticks, RSS,
+# threads, fds of each of its processes: an idle process) is read every QUIET_STRIDE ticks
+# until one differs; a reader that wants it fresh asks for a reading (`Monitor.fresh`).
+QUIET_AFTER = 3
+QUIET_STRIDE = 4
 # /proc/PID/task/TID/children exists (CONFIG_PROC_CHILDREN, in every common distribution's kernel).
 HAS_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+# The monitor holds the /proc files of processes up to this share of the open-file limit (1/4:
+# half is the clients', `connection_cap`; the rest the engines' pipes, 4 fds an instance).
+HELD_FILES_SHARE = 4
 # Units of /proc/PID/stat: CPU times in clock ticks, RSS in pages, start time in ticks since boot.
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-@dataclass
+@dataclass(slots=True)
 class Sample:
     """The latest psutil reading of an instance (process plus descendants)."""
 
@@ -49,6 +58,7 @@ class Sample:
     fds: int = 0
     descendants: list[tuple[int, float]] = field(default_factory=list)
     pid: int = 0  # the leader it was taken of: a reading of a replaced process is dropped
+    taken: float = 0.0  # time.monotonic() of the reading (a quiet instance's is kept a while)
 
 
 @dataclass
@@ -123,9 +133,9 @@ def descendants_of(pid: int, children: dict[int, list[int]]) -> list[int]:
     return out
 
 
-@dataclass
-class ProcStat:
-    """The fields of /proc/PID/stat and statm a sample needs (proc(5))."""
+class ProcStat(NamedTuple):
+    """The fields of /proc/PID/stat and statm a sample needs (proc(5)). A tuple: one is built
+    per process and tick (1,000 a second at 1,000 instances), at half a dataclass's cost."""
 
     cpu_ticks: int  # utime + stime
     threads: int
@@ -153,18 +163,30 @@ def read_stat(pid: int) -> ProcStat | None:
     data = _read_proc(f"/proc/{pid}/stat")
     if data is None:
         return None
-    return parse_stat(data, lambda: _read_proc(f"/proc/{pid}/statm"))
+    fields = _stat_fields(data)
+    if fields is None:
+        return None
+    return _proc_stat(fields, _read_proc(f"/proc/{pid}/statm"))
 
 
 def parse_stat(data: bytes, statm: Callable[[], bytes | None]) -> ProcStat | None:
     """The fields of /proc/PID/stat's text `data`, with statm's (read only when it is needed:
     not for a zombie); None for a zombie."""
+    fields = _stat_fields(data)
+    return None if fields is None else _proc_stat(fields, statm())
+
+
+def _stat_fields(data: bytes) -> list[bytes] | None:
+    """/proc/PID/stat's fields from the state on (field 3); None for a zombie."""
     # The command name is in parentheses and may itself contain spaces or ')': the fields are
-    # counted after the last ')', from field 3 (state) on.
+    # counted after the last ')'.
     fields = data[data.rfind(b")") + 2 :].split()
     if fields[:1] == [b"Z"]:
         return None  # a zombie: it has exited, only its exit status is left to reap
-    resident = statm()
+    return fields
+
+
+def _proc_stat(fields: list[bytes], resident: bytes | None) -> ProcStat | None:
     try:
         return ProcStat(
             int(fields[11]) + int(fields[12]),  # utime, stime (fields 14, 15)
@@ -182,12 +204,20 @@ class ProcFiles:
     `fstat`, one syscall each instead of open, read and close (and the path lookup of
     /proc/PID), under half the CPU at 1,000 instances. An open file names its process, not
     its pid: once that process is gone its reads fail (ESRCH), and a reused pid is opened
-    afresh. Files are held up to `budget` processes (3 fds each: the daemon's open-file limit
-    is for engines' pipes first); past it a process is read by path."""
+    afresh. Files are held for up to `budget` processes (3 fds each; by default a quarter of
+    the open-file limit in effect when they are opened, so after the daemon raised it: half is
+    the clients', the rest the engines' pipes); past it, or when an open fails, a process is
+    read by path."""
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
+    def __init__(self, budget: int | None = None) -> None:
+        self._budget = budget
         self._open: dict[int, tuple[int, int, int]] = {}
+
+    @property
+    def budget(self) -> int:
+        if self._budget is not None:
+            return self._budget
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0] // (3 * HELD_FILES_SHARE)
 
     def read(self, pid: int) -> ProcStat | None:
         fds = self._open.get(pid)
@@ -195,11 +225,13 @@ class ProcFiles:
             if len(self._open) >= self.budget:
                 return read_stat(pid)
             fds = self._hold(pid)
-            if fds is None:
-                return None
+            if fds is None:  # gone, or no fd to spare (EMFILE): by path
+                return read_stat(pid)
         try:
-            data = os.pread(fds[0], 4096, 0)
-            return parse_stat(data, lambda: os.pread(fds[1], 4096, 0))
+            fields = _stat_fields(os.pread(fds[0], 4096, 0))
+            if fields is None:
+                return None
+            return _proc_stat(fields, os.pread(fds[1], 4096, 0))
         except OSError:  # the process is gone (ESRCH)
             self._drop(pid)
             return None
@@ -249,26 +281,63 @@ def count_fds(pid: int) -> int:
         return 0
 
 
+class QuietSchedule:
+    """Which instances to read at a tick: each at every tick while its readings change, and
+    every `stride` ticks once `after` readings in a row were the same, until one differs.
+    Plain values: a key (the instance's leader pid), tick numbers and readings."""
+
+    def __init__(self, after: int = QUIET_AFTER, stride: int = QUIET_STRIDE) -> None:
+        self.after = after
+        self.stride = stride
+        # key -> (last reading, readings in a row that were the same, tick it is due at)
+        self._state: dict[int, tuple[object, int, int]] = {}
+
+    def due(self, key: int, tick: int) -> bool:
+        state = self._state.get(key)
+        return state is None or tick >= state[2]
+
+    def read(self, key: int, tick: int, reading: object) -> None:
+        """`key` was read at `tick`, and gave `reading`."""
+        state = self._state.get(key)
+        same = 0 if state is None or state[0] != reading else state[1] + 1
+        self._state[key] = (reading, same, tick + (self.stride if same >= self.after else 1))
+
+    def keep_only(self, keys: Iterable[int]) -> None:
+        """Forget every key but `keys`."""
+        for key in self._state.keys() - set(keys):
+            del self._state[key]
+
+
 class Monitor:
-    """Samples the pids in `targets` every `interval` seconds and reports through `on_samples`."""
+    """Samples the pids in `targets` every `interval` seconds and reports through `on_samples`
+    (`tick=True`); a quiet instance is read less often (`QuietSchedule`), and at once when a
+    reader asks for fresh readings (`fresh`, then reported with `tick=False`)."""
 
     def __init__(
         self,
         interval: float,
         loop: asyncio.AbstractEventLoop,
-        on_samples: Callable[[dict[str, Sample], HostSample | None], None],
+        on_samples: Callable[[dict[str, Sample], HostSample | None, bool], None],
     ) -> None:
         self.interval = interval
         self.targets: dict[str, int] = {}
         self._loop = loop
         self._on_samples = on_samples
+        self._quiet = QuietSchedule()
+        self._last: dict[str, Sample] = {}  # each target's latest reading
+        # When the oldest reading kept for a quiet instance in the last tick was taken (inf:
+        # none kept): what `fresh` compares with the interval.
+        self._kept_since = float("inf")
+        # Readers waiting for a reading of everything (`fresh`), and whether one is due.
+        self._lock = threading.Lock()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._full = False
+        self._wake = threading.Event()
         # (start ticks, CPU ticks, when) of each pid's last reading: its CPU % is the ticks
         # used since then over the time since then (what psutil's cpu_percent computes).
         self._procs: dict[int, tuple[int, int, float]] = {}
         self._tree: dict[int, list[int]] = {}
-        # An eighth of the open-file limit at most (3 fds per sampled process): half of it is
-        # the clients' (`connection_cap`), the rest the engines' pipes first.
-        self._files = ProcFiles(resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 24)
+        self._files = ProcFiles()
         self._tick = 0
         self._boot = boot_time()
         self._host = HostReader()
@@ -280,6 +349,7 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._files.close()
@@ -288,33 +358,102 @@ class Monitor:
         """Replace the watched pids; a new dict object, so the thread sees it whole or not."""
         self.targets = targets
 
+    def stale(self) -> bool:
+        """Whether a quiet instance's kept reading is older than the interval (the others are
+        read every interval)."""
+        return time.monotonic() - self._kept_since > self.interval and self._thread.is_alive()
+
+    async def fresh(self) -> None:
+        """Return once every target has a reading no older than the interval: at once unless
+        it is `stale`, else after a reading of every target (by the monitor's thread: the loop
+        is not blocked). Gives up waiting after a few intervals (a monitor that stopped)."""
+        if not self.stale():
+            return
+        done: asyncio.Future[None] = self._loop.create_future()
+        with self._lock:
+            self._waiters.append(done)
+            self._full = True
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), max(1.0, 3 * self.interval))
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        next_at = time.monotonic() + self.interval
+        while True:
+            self._wake.wait(max(0.0, next_at - time.monotonic()))
+            if self._stop.is_set():
+                return
+            with self._lock:
+                self._wake.clear()
+                full, self._full = self._full, False
+                waiters, self._waiters = self._waiters, []
+            tick = time.monotonic() >= next_at
+            if not (tick or full):
+                continue
             try:
-                samples = self.sample_once()
-                host = self._host.read()
+                samples = self.sample_once(full=full)
+                host = self._host.read() if tick else None
             except Exception:  # never let the sampler die: log and try next tick
                 log.exception("sampling failed")
-                continue
+                samples, host = None, None
+            if tick:
+                next_at = time.monotonic() + self.interval
             with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
-                self._loop.call_soon_threadsafe(self._on_samples, samples, host)
+                self._loop.call_soon_threadsafe(self._deliver, samples, host, tick, waiters)
 
-    def sample_once(self) -> dict[str, Sample]:
-        """One reading of every target; vanished processes are skipped, never raised."""
+    def _deliver(
+        self,
+        samples: dict[str, Sample] | None,
+        host: HostSample | None,
+        tick: bool,
+        waiters: list[asyncio.Future[None]],
+    ) -> None:
+        try:
+            if samples is not None:
+                self._on_samples(samples, host, tick)
+        finally:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def sample_once(self, full: bool = True) -> dict[str, Sample]:
+        """One reading of every target (`full`), or of those due by the quiet schedule with
+        the kept readings of the others; vanished processes are skipped, never raised."""
         targets = self.targets
         if self._tick % DISCOVER_EVERY == 0 or set(targets.values()) - set(self._tree):
             self._tree = tree_of(targets.values())
+        tick = self._tick
         self._tick += 1
         procs = self._procs
         seen: dict[int, tuple[int, int, float]] = {}
         out: dict[str, Sample] = {}
+        quiet, latest = self._quiet, self._last
+        kept_since = float("inf")
+        # Looked up once, not per process: this loop runs 1,000 times a second at 1,000.
+        read, count_fds, tree, monotonic = (
+            self._files.read,
+            self._files.count_fds,
+            self._tree,
+            time.monotonic,
+        )
         for inst_id, pid in targets.items():
-            sample = Sample(pid=pid)
-            for i, p_id in enumerate([pid, *self._tree.get(pid, ())]):
-                stat = self._files.read(p_id)
+            descendants = tree.get(pid)
+            pids = (pid, *descendants) if descendants else (pid,)
+            kept = latest.get(inst_id)
+            if not full and kept is not None and kept.pid == pid and not quiet.due(pid, tick):
+                out[inst_id] = kept  # idle: what a reading would give, as of `taken`
+                kept_since = min(kept_since, kept.taken)
+                for p_id in pids:  # their CPU baselines and held files stay
+                    if (baseline := procs.get(p_id)) is not None:
+                        seen[p_id] = baseline
+                continue
+            sample = Sample(pid=pid, taken=monotonic())
+            reading: list[object] = []
+            for i, p_id in enumerate(pids):
+                stat = read(p_id)
                 if stat is None:
                     continue
-                now = time.monotonic()
+                now = monotonic()
                 last = procs.get(p_id)
                 if last is not None and last[0] == stat.start_ticks and now > last[2]:
                     used = (stat.cpu_ticks - last[1]) / CLOCK_TICKS
@@ -322,13 +461,21 @@ class Monitor:
                 seen[p_id] = (stat.start_ticks, stat.cpu_ticks, now)
                 sample.rss_bytes += stat.rss_pages * PAGE_SIZE
                 sample.threads += stat.threads
-                sample.fds += self._files.count_fds(p_id)
+                fds = count_fds(p_id)
+                sample.fds += fds
+                reading.append((p_id, stat, fds))
                 if i > 0:
                     created = self._boot + stat.start_ticks / CLOCK_TICKS
                     sample.descendants.append((p_id, created))
-            out[inst_id] = sample
+            quiet.read(pid, tick, reading)
+            out[inst_id] = latest[inst_id] = sample
         self._procs = seen  # the pids read this tick: the others have exited or left
         self._files.keep_only(seen)
+        if len(latest) > len(out):
+            for gone in latest.keys() - out.keys():
+                del latest[gone]
+        quiet.keep_only(targets.values())
+        self._kept_since = kept_since
         return out
 
 

@@ -401,8 +401,8 @@ class FailureTracker:
         self.isolations = 0  # isolations that still count toward the next one's length
         self.last_isolation = -math.inf
         self.window: collections.deque[tuple[float, int, int]] = collections.deque()
-        self._ok_seen = 0
-        self._err_seen = 0
+        self.ok_seen = 0
+        self.err_seen = 0
 
     def on_errors(
         self, consecutive: int, last_error: str, policy: FailingPolicy
@@ -421,9 +421,9 @@ class FailureTracker:
         self, now: float, ok_total: int, err_total: int, policy: FailingPolicy
     ) -> Decision | None:
         """Fold the running counts into the window; isolate when the rate is over its bound."""
-        d_ok = max(0, ok_total - self._ok_seen)
-        d_err = max(0, err_total - self._err_seen)
-        self._ok_seen, self._err_seen = ok_total, err_total
+        d_ok = max(0, ok_total - self.ok_seen)
+        d_err = max(0, err_total - self.err_seen)
+        self.ok_seen, self.err_seen = ok_total, err_total
         if d_ok or d_err:
             self.window.append((now, d_ok, d_err))
         while self.window and self.window[0][0] <= now - policy.window:
@@ -533,6 +533,9 @@ class PolicyState:
     cpu: CpuWatch = field(default_factory=CpuWatch)
     slow: SlowTracker = field(default_factory=SlowTracker)
     failures: FailureTracker = field(default_factory=FailureTracker)
+    # What the last refresh of the instance read (`Enforcer.refresh`): while it is the same,
+    # a refresh would give the same eligibility, weight and health.
+    refreshed_on: tuple[object, ...] | None = None
 
     def new_process(self, now: float) -> None:
         """A new process (`starting`): what was measured of the old one says nothing about
