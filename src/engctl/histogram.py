@@ -80,6 +80,8 @@ class Histogram:
         the exact max of a window is not kept.
         """
         h = Histogram()
+        if self.count == earlier.count:
+            return h  # none added (each bucket only grows): the roll-up of an idle instance
         h.counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
         h.count = self.count - earlier.count
         h.sum_us = self.sum_us - earlier.sum_us

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -321,3 +322,32 @@ def test_an_idle_instance_keeps_its_reading_and_a_full_reading_takes_it_again(
         for proc in (idle, busy):
             proc.kill()
             proc.wait()
+
+
+def test_held_files_budget_follows_the_open_file_limit_in_effect() -> None:
+    """Issue 13.1 (regression): the budget was fixed when the monitor was made, before the
+    daemon raises its soft open-file limit (1,024 on most systems) to the hard one: 42
+    processes' files held where thousands could be, the rest read by path each tick."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard open-file limit is {hard}: nothing to raise it to")
+    high = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    files = monitor_mod.ProcFiles()
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert files.budget == 1024 // 12
+        resource.setrlimit(resource.RLIMIT_NOFILE, (high, hard))
+        assert files.budget == high // 12
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_children_of_a_one_thread_process_are_read_from_its_main_thread_alone(
+    tree: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """Issue 13.1: with its thread count known to be 1, a process's children come from one
+    file (no listing of its threads), and they are the same ones."""
+    child, grandchild = tree
+    assert monitor_mod.children_of(child.pid, threads=1) == [grandchild]
+    assert monitor_mod.children_of(child.pid) == [grandchild]
+    assert monitor_mod.tree_of([os.getpid()], {child.pid: 1})[os.getpid()].count(grandchild) == 1

@@ -491,7 +491,8 @@ class Daemon:
     ) -> None:
         for inst in self.sup.all_records():
             s = samples.get(inst.key)
-            if s is not None and s.pid == inst.pid:
+            # A quiet instance's kept reading is the one it holds already.
+            if s is not None and s is not inst.sample and s.pid == inst.pid:
                 inst.sample = s
         if not tick:
             return  # a reading a reader asked for (`Monitor.fresh`): figures, not a tick

@@ -23,7 +23,7 @@ import resource
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -90,9 +90,14 @@ def ppid_map() -> dict[int, list[int]]:
     return children
 
 
-def children_of(pid: int) -> list[int]:
+def children_of(pid: int, threads: int = 0) -> list[int]:
     """Children of `pid`, from the `children` file of each of its threads (CONFIG_PROC_CHILDREN):
-    a few reads per process, where `ppid_map` reads every process of the machine."""
+    a few reads per process, where `ppid_map` reads every process of the machine. A process
+    known to have one thread (`threads` 1) has them all in its main thread's file (the kernel
+    hands an exiting thread's children to a live thread of the process): no listing."""
+    if threads == 1:
+        data = _read_proc(f"/proc/{pid}/task/{pid}/children")
+        return list(map(int, data.split())) if data else []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -105,20 +110,22 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def tree_of(pids: Iterable[int]) -> dict[int, list[int]]:
+def tree_of(pids: Iterable[int], threads: Mapping[int, int] | None = None) -> dict[int, list[int]]:
     """The descendants of each of `pids`: from the `children` files where the kernel has them
-    (the cost grows with the fleet, not with the machine's processes), else from `ppid_map`."""
+    (the cost grows with the fleet, not with the machine's processes), else from `ppid_map`.
+    `threads`: the thread counts of the processes last read, where known."""
     if not HAS_CHILDREN_FILES:
         children = ppid_map()
         return {pid: descendants_of(pid, children) for pid in pids}
+    counts = threads or {}
     out = {}
     for pid in pids:
         found: list[int] = []
-        stack = children_of(pid)
+        stack = children_of(pid, counts.get(pid, 0))
         while stack:
             p = stack.pop()
             found.append(p)
-            stack.extend(children_of(p))
+            stack.extend(children_of(p, counts.get(p, 0)))
         out[pid] = found
     return out
 
@@ -337,6 +344,7 @@ class Monitor:
         # used since then over the time since then (what psutil's cpu_percent computes).
         self._procs: dict[int, tuple[int, int, float]] = {}
         self._tree: dict[int, list[int]] = {}
+        self._threads: dict[int, int] = {}  # each pid's thread count at its last reading
         self._files = ProcFiles()
         self._tick = 0
         self._boot = boot_time()
@@ -421,10 +429,10 @@ class Monitor:
         the kept readings of the others; vanished processes are skipped, never raised."""
         targets = self.targets
         if self._tick % DISCOVER_EVERY == 0 or set(targets.values()) - set(self._tree):
-            self._tree = tree_of(targets.values())
+            self._tree = tree_of(targets.values(), self._threads)
         tick = self._tick
         self._tick += 1
-        procs = self._procs
+        procs, threads = self._procs, self._threads
         seen: dict[int, tuple[int, int, float]] = {}
         out: dict[str, Sample] = {}
         quiet, latest = self._quiet, self._last
@@ -461,6 +469,7 @@ class Monitor:
                 seen[p_id] = (stat.start_ticks, stat.cpu_ticks, now)
                 sample.rss_bytes += stat.rss_pages * PAGE_SIZE
                 sample.threads += stat.threads
+                threads[p_id] = stat.threads
                 fds = count_fds(p_id)
                 sample.fds += fds
                 reading.append((p_id, stat, fds))
@@ -470,10 +479,13 @@ class Monitor:
             quiet.read(pid, tick, reading)
             out[inst_id] = latest[inst_id] = sample
         self._procs = seen  # the pids read this tick: the others have exited or left
+        if len(threads) > len(seen):
+            for pid in threads.keys() - seen.keys():
+                del threads[pid]
         self._files.keep_only(seen)
         if len(latest) > len(out):
-            for gone in latest.keys() - out.keys():
-                del latest[gone]
+            for inst_id in latest.keys() - out.keys():
+                del latest[inst_id]
         quiet.keep_only(targets.values())
         self._kept_since = kept_since
         return out
