@@ -54,3 +54,25 @@ def test_small_reads_cost_no_mmap_per_read() -> None:
     }
     assert counts.get("mremap", 0) < READS / 10, out.stderr
     assert counts.get("munmap", 0) < READS / 10, out.stderr
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to count syscalls")
+def test_small_reads_do_not_grow_and_shrink_the_heap_per_read() -> None:
+    """Issue 13 (regression): setting the mmap threshold froze glibc's trim threshold at 128
+    KiB, under one read buffer: every read grew the heap by brk and its free gave it back by
+    brk (with a page fault per 4 KiB written in between), 10-15 % of the daemon's CPU per
+    request at concurrency 1. The heap now keeps its free top: (almost) no brk per read."""
+    out = subprocess.run(
+        ["strace", "-f", "-c", "-e", "trace=brk", sys.executable, "-c", CHILD, "heap"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    counts = {
+        parts[-1]: int(parts[3])
+        for line in out.stderr.splitlines()
+        if len(parts := line.split()) >= 5 and parts[-1] == "brk"
+    }
+    assert counts.get("brk", 0) < READS / 10, out.stderr

@@ -127,9 +127,12 @@ def become_subreaper() -> bool:
     return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
-# glibc's mallopt parameter, and the size up to which allocations stay on the heap.
+# glibc's mallopt parameters, the size up to which allocations stay on the heap, and the free
+# space at the heap's top that glibc keeps instead of giving it back at once.
 M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
 HEAP_READS_BYTES = 1 << 20
+HEAP_TOP_KEPT_BYTES = 2 << 20
 
 
 def keep_reads_on_the_heap() -> bool:
@@ -137,15 +140,20 @@ def keep_reads_on_the_heap() -> bool:
     for 256 KiB, above glibc's initial mmap threshold of 128 KiB, and a read that returns a
     few bytes is then shrunk and freed: mmap, mremap and munmap on every request. glibc raises
     the threshold by itself only after some larger block happens to be freed, so whether a
-    daemon paid them depended on its start-up; this makes it never pay them. False where
-    there is no glibc `mallopt` (the reads work the same, at that cost)."""
+    daemon paid them depended on its start-up; this makes it never pay them. Setting it also
+    freezes the trim threshold at 128 KiB, under one read buffer: each read grew the heap
+    (brk, then a page fault per 4 KiB written) and the free gave it back (brk): 10-15 % of
+    the daemon's CPU per request one at a time. So the heap keeps up to 2 MiB free at its
+    top (`release_free_memory` still trims it when instances leave). False where there is
+    no glibc `mallopt` (the reads work the same, at that cost)."""
     import ctypes
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_READS_BYTES) == 1)
+    heap = mallopt(M_MMAP_THRESHOLD, HEAP_READS_BYTES) == 1
+    return bool(heap and mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT_BYTES) == 1)
 
 
 # glibc's mallopt parameter for the number of malloc arenas.
