@@ -297,7 +297,8 @@ def instance_count(c: Client, total: int) -> dict[str, Any]:
     direct_rps: dict[int, list[float]] = {k: [] for k in COUNTS}
     try:
         for k in COUNTS:
-            wait_for(lambda k=k: all_ready(c, f"count{k}", k), 120)  # type: ignore[misc]
+            name = f"count{k}"
+            wait_for(lambda: all_ready(c, name, k), 120)  # noqa: B023  # called at once
             spread[k] = SpreadWorkers(k)
             count_throughput(c, f"count{k}", min(total, 2000))  # warm-up
             spread[k].run(min(total, 2000))

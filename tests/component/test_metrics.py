@@ -524,7 +524,7 @@ def test_status_shows_a_quiet_instance_read_no_longer_ago_than_the_interval(
         time.sleep(interval * (QUIET_AFTER + QUIET_STRIDE + 2))
         before = home.instance("g#0")["rss_bytes"]
         os.kill(pid, signal.SIGUSR1)
-        wait_until(lambda n=n: marker.exists() and marker.read_text() == str(n), 10)
+        wait_until(lambda: marker.exists() and marker.read_text() == str(n), 10)  # noqa: B023
         time.sleep(interval * 1.2)  # what status shows may be this old, no older
         rss = home.instance("g#0")["rss_bytes"]
         assert rss >= before + 35 * MiB, (n, before, rss)
