@@ -525,6 +525,8 @@ def test_status_shows_a_quiet_instance_read_no_longer_ago_than_the_interval(
         before = home.instance("g#0")["rss_bytes"]
         os.kill(pid, signal.SIGUSR1)
         wait_until(lambda: marker.exists() and marker.read_text() == str(n), 10)  # noqa: B023
-        time.sleep(interval * 1.2)  # what status shows may be this old, no older
+        # A kept reading older than the interval is taken again; so is any, if the monitor
+        # is late by more than two intervals (a loaded machine).
+        time.sleep(interval * 2.5)
         rss = home.instance("g#0")["rss_bytes"]
         assert rss >= before + 35 * MiB, (n, before, rss)

@@ -335,6 +335,7 @@ class Monitor:
         # When the oldest reading kept for a quiet instance in the last tick was taken (inf:
         # none kept): what `fresh` compares with the interval.
         self._kept_since = float("inf")
+        self._passed_at = time.monotonic()  # when the last reading pass ended
         # Readers waiting for a reading of everything (`fresh`), and whether one is due.
         self._lock = threading.Lock()
         self._waiters: list[asyncio.Future[None]] = []
@@ -367,9 +368,12 @@ class Monitor:
         self.targets = targets
 
     def stale(self) -> bool:
-        """Whether a quiet instance's kept reading is older than the interval (the others are
-        read every interval)."""
-        return time.monotonic() - self._kept_since > self.interval and self._thread.is_alive()
+        """Whether a quiet instance's kept reading is older than the interval, or the monitor
+        is late (its last pass ended more than two intervals ago: a loaded machine): the
+        others are read every interval."""
+        now = time.monotonic()
+        late = now - self._passed_at > 2 * self.interval
+        return (now - self._kept_since > self.interval or late) and self._thread.is_alive()
 
     async def fresh(self) -> None:
         """Return once every target has a reading no older than the interval: at once unless
@@ -488,6 +492,7 @@ class Monitor:
                 del latest[inst_id]
         quiet.keep_only(targets.values())
         self._kept_since = kept_since
+        self._passed_at = time.monotonic()
         return out
 
 
