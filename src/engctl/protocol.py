@@ -194,18 +194,21 @@ def valid_json(data: bytes) -> bool:
     return True
 
 
-# msgspec, once loaded: its decoder (`loads`) and its skip into Raw (`valid_json`).
+# msgspec, once loaded: its decoder (`loads`), its skip into Raw (`valid_json`) and its
+# encoder (`encode_doc`).
 _msgspec_decode: Callable[[bytes], Any] | None = None
 _msgspec_skip: Callable[[bytes], Any] | None = None
+_msgspec_encode: Callable[[Any], bytes] | None = None
 
 
 def load_msgspec() -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
     """Import msgspec (25 ms, typing_extensions and decimal with it) and use it from now on:
     the daemon does at start, a client once it reads a large frame."""
-    global _msgspec_decode, _msgspec_skip
+    global _msgspec_decode, _msgspec_skip, _msgspec_encode
     if _msgspec_decode is None or _msgspec_skip is None:
         import msgspec
 
+        _msgspec_encode = msgspec.json.Encoder().encode
         _msgspec_skip = msgspec.json.Decoder(msgspec.Raw).decode
         _msgspec_decode = msgspec.json.Decoder().decode
     return _msgspec_decode, _msgspec_skip
@@ -237,6 +240,20 @@ def encode_input(value: Any) -> bytes:
     if b"null" in out:
         return encode_value(value)  # None, or a non-finite float orjson wrote as null
     return out
+
+
+def encode_doc(doc: Any) -> bytes:
+    """A document the daemon built (dicts with str keys, lists, str, int, finite floats, bools,
+    None), compact: by msgspec once loaded (8× `json`: 0.25 against 1.96 ms for `status` at
+    200 instances), else, or for what msgspec refuses (lone surrogates, odd keys), by `json`
+    with its errors. msgspec would write a non-finite float as null where `json` writes NaN:
+    such floats have no place in these documents."""
+    if _msgspec_encode is not None:
+        try:
+            return _msgspec_encode(doc)
+        except (TypeError, ValueError, OverflowError):  # UnicodeEncodeError is a ValueError
+            pass
+    return encode_value(doc)
 
 
 def raw_result(req_id: int | str | None, raw: bytes) -> bytes:

@@ -520,3 +520,36 @@ def test_valid_json_only_passes_what_json_reads(
     for candidate in (data, data[:at] + junk + data[at:]):
         if protocol.valid_json(candidate):
             assert _same_json(json.loads(candidate), protocol.loads(candidate))
+
+
+_docs = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**80), 2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(), max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=4) | st.integers(0, 9), inner, max_size=4)
+    ),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_docs)
+def test_encode_doc_is_read_back_as_encode_value_is(doc: Any) -> None:
+    """Issue 13: the daemon's documents (status) encoded by msgspec read back as what `json`
+    writes, or fail with its error (lone surrogates)."""
+    fast, slow = _outcome(protocol.encode_doc, doc), _outcome(protocol.encode_value, doc)
+    assert fast[0] == slow[0]
+    if fast[0] == "ok":
+        assert _same_json(json.loads(fast[1]), json.loads(slow[1]))
+    else:
+        assert fast == slow
+
+
+def test_encode_doc_of_keys_msgspec_refuses_is_json_s() -> None:
+    """Keys msgspec refuses (booleans, None) are written as `json` writes them."""
+    doc = {True: 1, None: [2], "a": {False: None}}
+    assert protocol.encode_doc(doc) == protocol.encode_value(doc)

@@ -337,7 +337,10 @@ class Connection(asyncio.Protocol):
 
     def _answer(self, req_id: int | str, value: Any) -> None:
         try:
-            frame = protocol.result(req_id, value)
+            if type(value) is RawJSON:  # encoded by the handler (`protocol.encode_doc`)
+                frame = protocol.raw_result(req_id, value.raw)
+            else:
+                frame = protocol.result(req_id, value)
         except Exception as exc:  # a result that cannot be encoded is an error, not a hang
             self._reply_error(req_id, exc)
             return
