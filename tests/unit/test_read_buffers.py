@@ -101,3 +101,28 @@ def test_release_free_memory_frees_what_departed_instances_left_in_cycles() -> N
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_freeze_heap_takes_what_lives_now_out_of_full_collections() -> None:
+    """Issue 12/13 (regression): a full collection walked every object of the daemon's
+    modules (11 ms, the loop stalled in the middle of a rolling reload: requests 4-8 ms
+    late). What lives when the daemon starts is frozen; what comes after is collected."""
+    import gc
+    import weakref
+
+    from engctl.daemon import process
+
+    class Node:
+        pass
+
+    try:
+        frozen = process.freeze_heap()
+        assert frozen > 1000 and gc.get_freeze_count() == frozen
+        a, b = Node(), Node()  # made after: still collected
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()

@@ -196,6 +196,7 @@ class Daemon:
         loop = self.loop = asyncio.get_running_loop()
         process.keep_reads_on_the_heap()  # no mmap and munmap per request (see there)
         process.share_one_malloc_arena()
+        process.freeze_heap()  # the modules' objects; no engine's yet (see there)
         health = self.health
         # The registry first: a daemon that cannot read it refuses to start, changing nothing.
         registry = Registry(
@@ -487,7 +488,7 @@ class Daemon:
             process.release_free_memory_soon(self.loop)
 
     def _apply_samples(
-        self, samples: dict[str, Sample], host: HostSample | None, tick: bool = True
+        self, samples: dict[str, Sample], host: HostSample | None, tick: bool
     ) -> None:
         for inst in self.sup.all_records():
             s = samples.get(inst.key)
@@ -567,9 +568,7 @@ def run(
     if not foreground:
         bound_stderr(paths.runtime_dir / "daemon.stderr")
     try:
-        # Frames are read and inputs checked by msgspec: imported now (25 ms), not by the
-        # event loop in the middle of a client's first exec.
-        load_msgspec()
+        load_msgspec()  # now (25 ms), not by the loop in the middle of a client's first exec
         daemon = Daemon(paths, config, metrics_port, reset_registry, health)
         asyncio.run(daemon.run(ready_fd))
     except EngctlError as exc:

@@ -201,6 +201,19 @@ def release_free_memory() -> bool:
     return bool(trim(0))
 
 
+def freeze_heap() -> int:
+    """Move every object alive now out of the cyclic collector's sight (`gc.freeze`): the
+    daemon's modules live as long as it does, and each full collection walked them all (11 ms
+    with 4 instances, the loop stalled: requests 4-8 ms late in the middle of a rolling
+    reload). Only for objects that are never cyclic garbage: frozen, a cycle is never freed.
+    Returns how many objects are frozen."""
+    import gc
+
+    gc.collect()  # what is garbage already is not kept for ever
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def release_free_memory_soon(loop: asyncio.AbstractEventLoop) -> None:
     """`release_free_memory` once, RELEASE_DELAY seconds from now, however often called."""
     global _release
