@@ -126,3 +126,33 @@ def test_freeze_heap_takes_what_lives_now_out_of_full_collections() -> None:
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+def test_own_children_are_the_children_a_scan_of_proc_finds() -> None:
+    """Issue 12 (regression): looking for an instance's adopted orphans scanned every process
+    of the machine in Python on a thread after each stop, holding the GIL long enough to stall
+    the loop in the middle of a rolling reload. The daemon's own children come from its
+    threads' `children` files: the same pids a scan finds with this process as parent."""
+    import os
+    import subprocess
+
+    from engctl.daemon import process
+
+    kids = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    try:
+        found = process.own_children()
+        if found is None:
+            pytest.skip("no /proc/PID/task/TID/children on this kernel")
+        me = os.getpid()
+        assert {k.pid for k in kids} <= set(found)
+        for pid in found:  # each one's parent is this process (as a scan would tell)
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # exited meanwhile
+            assert int(data[data.rfind(b")") + 2 :].split()[1]) == me
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait()
