@@ -176,8 +176,9 @@ class Home:
         with self.client() as c:
             return c.register({name: {"command": command, **spec}})
 
-    def start_daemon(self, **daemon_config: Any) -> Home:
-        """Write `[daemon]` settings to this home's config.toml, then start its daemon."""
+    def start_daemon(self, *, launch_delay: float = 0.0, **daemon_config: Any) -> Home:
+        """Write `[daemon]` settings to this home's config.toml, then start its daemon (with
+        `launch_delay`, a forked one whose every launch takes that long more)."""
         if daemon_config:
             import tomli_w
 
@@ -188,7 +189,7 @@ class Home:
             self.paths.runtime_dir.mkdir(mode=0o700, exist_ok=True)
             args = ["--home", str(self.path)]
             stderr = self.paths.runtime_dir / "daemon.stderr"
-            message = STARTER.start(dict(os.environ), stderr, args)
+            message = STARTER.start(dict(os.environ), stderr, args, launch_delay)
             assert message == "ok", f"cannot start the daemon: {message}"
             pid = self.daemon_pid()
             assert pid is not None

@@ -47,6 +47,8 @@ def _fork_daemon(daemon_main: ModuleType, request: dict[str, Any]) -> str:
             os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
             sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives until os._exit
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            if request.get("launch_delay"):
+                _slow_launches(daemon_main, float(request["launch_delay"]))
             daemon_main.main(["--ready-fd", str(write_fd), "--background", *request["args"]])
             code = 0
         except SystemExit as exc:
@@ -56,6 +58,22 @@ def _fork_daemon(daemon_main: ModuleType, request: dict[str, Any]) -> str:
     os.close(write_fd)
     os.waitpid(pid, 0)
     return _read_ready(read_fd, START_TIMEOUT)
+
+
+def _slow_launches(daemon_main: ModuleType, delay: float) -> None:
+    """Fault injection: every launch of the daemon's processes takes `delay` seconds more on
+    its launcher thread (the process exists only then), as an exec on a very busy machine:
+    it holds open the window between `starting` and a process the tests reach into."""
+    import time
+
+    process = daemon_main.process
+    launch = process.launch
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(delay)
+        return launch(*args, **kwargs)
+
+    process.launch = slow
 
 
 def serve() -> None:
@@ -77,8 +95,11 @@ class Starter:
     def __init__(self) -> None:
         self._proc: subprocess.Popen[str] | None = None
 
-    def start(self, env: dict[str, str], stderr: Path, args: list[str]) -> str:
-        """Start a background daemon with `env` and daemon `args`; its ready message."""
+    def start(
+        self, env: dict[str, str], stderr: Path, args: list[str], launch_delay: float = 0.0
+    ) -> str:
+        """Start a background daemon with `env` and daemon `args`; its ready message. With
+        `launch_delay`, each of its launches takes that long more (`_slow_launches`)."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             # Without the test's ENGCTL_* variables: no home's leftover check may take it.
@@ -92,7 +113,13 @@ class Starter:
                 env=clean,
             )
         assert proc.stdin is not None and proc.stdout is not None
-        request = {"env": env, "cwd": os.getcwd(), "stderr": str(stderr), "args": args}
+        request = {
+            "env": env,
+            "cwd": os.getcwd(),
+            "stderr": str(stderr),
+            "args": args,
+            "launch_delay": launch_delay,
+        }
         proc.stdin.write(json.dumps(request) + "\n")
         proc.stdin.flush()
         answer = proc.stdout.readline()

@@ -73,6 +73,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "params": set(),
     # mechanism: processes, pipes, files, sockets
     "process": set(),
+    "memory": set(),
     "monitor": {"process"},
     "server": set(),
     "storage": set(),
@@ -175,8 +176,8 @@ MAY_IMPORT: dict[str, set[str]] = {
         "leases",
         "logs",
         "metrics",
+        "memory",
         "params",
-        "process",
         "prometheus",
         "registry",
         "router",
@@ -192,6 +193,7 @@ MECHANISM = [
     f"{D}.{m}"
     for m in (
         "process",
+        "memory",
         "monitor",
         "output",
         "oneshot",

@@ -7,11 +7,12 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
 
-from engctl.daemon import process
+from engctl.daemon import memory, process
 
 
 @pytest.fixture
@@ -58,4 +59,79 @@ def test_signal_alive_spares_a_recycled_pid(marked: subprocess.Popen[bytes]) -> 
 
 
 def test_own_rss_is_psutils() -> None:
-    assert abs(process.own_rss() - psutil.Process().memory_info().rss) < 4 * 2**20
+    assert abs(memory.own_rss() - psutil.Process().memory_info().rss) < 4 * 2**20
+
+
+def test_a_launch_that_exits_before_it_is_watched_keeps_its_exit_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 12: launches happen on a thread, and a process may exit before the loop
+    watches it. The SIGCHLD reaper, which takes any child it does not know (adopted
+    orphans), must leave it be: its exit status (3) reaches its own watcher, not 0."""
+    import asyncio
+    import threading
+    import time
+
+    real_launch = process.launch
+    exited = threading.Event()
+
+    def launch_then_wait(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        popen = real_launch(*args, **kwargs)
+        os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT)  # it has exited, unwatched
+        exited.set()
+        time.sleep(0.2)  # the loop's reaper runs meanwhile
+        return popen
+
+    monkeypatch.setattr(process, "launch", launch_then_wait)
+
+    async def scenario() -> process.ExitStatus:
+        loop = asyncio.get_running_loop()
+        status: asyncio.Future[process.ExitStatus] = loop.create_future()
+        results: list[object] = []
+        process.spawn_soon(
+            ["sh", "-c", "exit 3"],
+            cwd=None,
+            env=dict(os.environ),
+            pipe_stdin=False,
+            stdout_to_pipe=False,
+            loop=loop,
+            on_exit=lambda _proc, st: status.set_result(st),
+            then=results.append,
+        )
+        assert results == []  # never before spawn_soon returns
+        while not exited.is_set():
+            await asyncio.sleep(0.01)
+        for _ in range(5):
+            process.reap_children()  # as on SIGCHLD
+            await asyncio.sleep(0.01)
+        st = await asyncio.wait_for(status, 10)
+        assert len(results) == 1 and isinstance(results[0], process.ChildProcess)
+        for pipe in (results[0].popen.stderr,):
+            if pipe is not None:
+                pipe.close()
+        return st
+
+    assert asyncio.run(scenario()) == process.ExitStatus(3, None)
+
+
+def test_a_failed_launch_reaches_then_as_a_spawn_error() -> None:
+    """A command that cannot start is a SpawnError handed to `then` on the loop."""
+    import asyncio
+
+    async def scenario() -> object:
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[object] = loop.create_future()
+        process.spawn_soon(
+            ["/nonexistent/engctl-test"],
+            cwd=None,
+            env={},
+            pipe_stdin=True,
+            stdout_to_pipe=True,
+            loop=loop,
+            on_exit=lambda _p, _s: None,
+            then=got.set_result,
+        )
+        return await asyncio.wait_for(got, 10)
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, process.SpawnError) and "No such file" in str(result)

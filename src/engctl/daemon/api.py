@@ -33,7 +33,7 @@ from engctl.paths import Paths
 from engctl.policy_config import effective_policy
 from engctl.states import EngineMode
 
-from . import allow_ssl, process
+from . import allow_ssl, memory
 from .alerter import Alerter
 from .engine_calls import EngineCalls
 from .events import Event, EventLog
@@ -239,7 +239,7 @@ class Api:
 
     def daemon_status(self, params: dict[str, Any], conn: Connection) -> dict[str, Any]:
         health = self.sup.write_health
-        rss = process.own_rss()
+        rss = memory.own_rss()
         cpu = os.times()
         insts = self.sup.all_instances()
         return {

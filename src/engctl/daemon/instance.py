@@ -123,6 +123,9 @@ class Instance:
         self._state_mono = clock()
         self._state_time: dict[str, float] = {}
         self.proc: ChildProcess | None = None
+        # A process is being launched (off the loop): `proc` is still the last one, if any.
+        self.launching = False
+        self.launch_mono = 0.0  # when the latest start began (time.monotonic)
         self.restarts = 0
         self.crashes = CrashTracker()  # the restart backoff's count (see `backoff`)
         self.last_exit: LastExit | None = None

@@ -28,7 +28,7 @@ from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 from engctl.protocol import StrategyName, load_msgspec
 from engctl.states import DesiredState, EventKind
 
-from . import process
+from . import memory, process
 from .alerter import Alerter
 from .api import Api
 from .dispatch import Dispatcher
@@ -194,9 +194,9 @@ class Daemon:
     async def run(self, ready: int | None) -> None:
         paths, config = self.paths, self.config
         loop = self.loop = asyncio.get_running_loop()
-        process.keep_reads_on_the_heap()  # no mmap and munmap per request (see there)
-        process.share_one_malloc_arena()
-        process.freeze_heap()  # the modules' objects; no engine's yet (see there)
+        memory.keep_reads_on_the_heap()  # no mmap and munmap per request (see there)
+        memory.share_one_malloc_arena()
+        memory.freeze_heap()  # the modules' objects; no engine's yet (see there)
         health = self.health
         # The registry first: a daemon that cannot read it refuses to start, changing nothing.
         registry = Registry(
@@ -485,7 +485,7 @@ class Daemon:
     def _targets_changed(self, targets: dict[str, int]) -> None:
         self.monitor.set_targets(targets)  # and once instances have left, their memory goes back
         if self.rollups is not None and self.rollups.forget_gone():
-            process.release_free_memory_soon(self.loop)
+            memory.release_free_memory_soon(self.loop)
 
     def _apply_samples(
         self, samples: dict[str, Sample], host: HostSample | None, tick: bool

@@ -88,36 +88,46 @@ class OneshotRun:
         use_argv = uses_argv(spec)
         if use_argv:
             argv = [a.replace(PLACEHOLDER, payload) for a in argv]
-        try:
-            self.proc: ChildProcess | None = process.spawn(
-                argv,
-                cwd=spec.cwd,
-                env=env,
-                pipe_stdin=not use_argv,
-                stdout_to_pipe=True,
-                loop=loop,
-                on_exit=self._exited,
-            )
-        except SpawnError as exc:
-            self.proc = None
-            self._note(f"{label}: {exc}")
-            loop.call_soon(self._finish, False, None, str(exc))
+        self.proc: ChildProcess | None = None
+        self._payload = payload if not use_argv else None
+        self._label = label
+        if timeout is not None:
+            self._timer = loop.call_later(timeout, self._timeout, timeout)
+        # Off the loop: the fork and exec wait until the command has exec'd.
+        process.spawn_soon(
+            argv,
+            cwd=spec.cwd,
+            env=env,
+            pipe_stdin=not use_argv,
+            stdout_to_pipe=True,
+            loop=loop,
+            on_exit=self._exited,
+            then=self._launched,
+        )
+
+    def _launched(self, result: ChildProcess | SpawnError) -> None:
+        if isinstance(result, SpawnError):
+            self._note(f"{self._label}: {result}")
+            self._finish(False, None, str(result))
             return
-        self._note(f"{label}: started pid {self.proc.pid}")
-        popen = self.proc.popen
+        self.proc = result
+        self._note(f"{self._label}: started pid {result.pid}")
+        popen = result.popen
         for pipe, buf in ((popen.stdout, self._stdout), (popen.stderr, self._stderr)):
             assert pipe is not None
             fd = pipe.fileno()
             os.set_blocking(fd, False)
             self._open_pipes += 1
-            loop.add_reader(fd, self._read, pipe, buf)
+            self._loop.add_reader(fd, self._read, pipe, buf)
         if popen.stdin is not None:
-            self._pending_in = memoryview(payload.encode())
+            self._pending_in = memoryview((self._payload or "").encode())
+            self._payload = None
             fd = popen.stdin.fileno()
             os.set_blocking(fd, False)
             self._write_stdin()
-        if timeout is not None:
-            self._timer = loop.call_later(timeout, self._timeout, timeout)
+        if self._done_cb is None:
+            # Killed, or timed out, before its process existed: it goes now.
+            process.signal_group(result.pgid, signal.SIGKILL)
 
     def _write_stdin(self) -> None:
         assert self.proc is not None

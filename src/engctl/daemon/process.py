@@ -1,5 +1,6 @@
-"""One OS process of an instance: spawn it in its own process group, watch its exit, read its
-pipes, signal its tree, sweep what is left of it after it exits.
+"""One OS process of an instance: launch it in its own process group (off the loop, on a
+launcher thread), watch its exit, read its pipes, signal its tree, sweep what is left of it
+after it exits.
 
 Mechanism only: knows nothing of restart policies or states (that is `supervisor`), and
 imports no other daemon module.
@@ -10,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
@@ -127,105 +130,13 @@ def become_subreaper() -> bool:
     return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
-# glibc's mallopt parameters, the size up to which allocations stay on the heap, and the free
-# space at the heap's top that glibc keeps instead of giving it back at once.
-M_MMAP_THRESHOLD = -3
-M_TRIM_THRESHOLD = -1
-HEAP_READS_BYTES = 1 << 20
-HEAP_TOP_KEPT_BYTES = 2 << 20
-
-
-def keep_reads_on_the_heap() -> bool:
-    """Serve the daemon's read buffers from the heap (glibc): every pipe and socket read asks
-    for 256 KiB, above glibc's initial mmap threshold of 128 KiB, and a read that returns a
-    few bytes is then shrunk and freed: mmap, mremap and munmap on every request. glibc raises
-    the threshold by itself only after some larger block happens to be freed, so whether a
-    daemon paid them depended on its start-up; this makes it never pay them. Setting it also
-    freezes the trim threshold at 128 KiB, under one read buffer: each read grew the heap
-    (brk, then a page fault per 4 KiB written) and the free gave it back (brk): 10-15 % of
-    the daemon's CPU per request one at a time. So the heap keeps up to 2 MiB free at its
-    top (`release_free_memory` still trims it when instances leave). False where there is
-    no glibc `mallopt` (the reads work the same, at that cost)."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    heap = mallopt(M_MMAP_THRESHOLD, HEAP_READS_BYTES) == 1
-    return bool(heap and mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT_BYTES) == 1)
-
-
-# glibc's mallopt parameter for the number of malloc arenas.
-M_ARENA_MAX = -8
-
-
-def share_one_malloc_arena() -> bool:
-    """Let every thread allocate from the main heap (glibc): each of the daemon's threads
-    (monitor, writers, the pool that sweeps exited trees) would otherwise get an arena of
-    its own, whose touched pages stay mapped. Its threads allocate little and seldom at the
-    same time, so sharing costs no waiting. False where there is no glibc `mallopt`."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_ARENA_MAX, 1) == 1)
-
-
-# Seconds after instances leave before their memory is given back: by then what still
-# referred to them (the call that removed them, their last callbacks) has let go.
-RELEASE_DELAY = 5.0
-_release: asyncio.TimerHandle | None = None
-
-
-def release_free_memory() -> bool:
-    """Give the heap's free pages back to the system (glibc `malloc_trim`): after a fleet
-    shrinks, what its instances used stays mapped otherwise, as glibc returns only the top of
-    the heap. False where there is no glibc."""
-    global _release
-    _release = None
-    import ctypes
-    import gc
-
-    # The departed instances' objects refer to each other (instance, engine, process,
-    # callbacks): only the cyclic collector frees them, and its full pass may not come for
-    # a long while. Until then they pin CPython's arenas and the heap's pages (~4 MiB after
-    # a fleet of 200). A full pass takes some ms, once, after a fleet shrank.
-    gc.collect()
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
-
-
-def freeze_heap() -> int:
-    """Move every object alive now out of the cyclic collector's sight (`gc.freeze`): the
-    daemon's modules live as long as it does, and each full collection walked them all (11 ms
-    with 4 instances, the loop stalled: requests 4-8 ms late in the middle of a rolling
-    reload). Only for objects that are never cyclic garbage: frozen, a cycle is never freed.
-    Returns how many objects are frozen."""
-    import gc
-
-    gc.collect()  # what is garbage already is not kept for ever
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
-def release_free_memory_soon(loop: asyncio.AbstractEventLoop) -> None:
-    """`release_free_memory` once, RELEASE_DELAY seconds from now, however often called."""
-    global _release
-    if _release is None:
-        _release = loop.call_later(RELEASE_DELAY, release_free_memory)
-
-
 def reap_children() -> None:
     """On SIGCHLD: reap every exited child, instances through their ChildProcess.
 
-    Every process the daemon spawns must go through `spawn`, or its status is taken here.
+    Every process the daemon starts must go through `spawn` or `spawn_soon`, or its status
+    is taken here.
     """
+    global _reap_deferred
     while True:
         try:
             # WNOWAIT peeks: an instance's status must reach its own ChildProcess.
@@ -235,6 +146,10 @@ def reap_children() -> None:
         if info is None:
             return
         child = _children.get(info.si_pid)
+        if child is None and _landings:
+            # Maybe a launch that exited before it is watched: its status is its own.
+            _reap_deferred = True
+            return
         if child is not None:
             child.reap()
             if child.exit_status is None:  # not reapable after all: never spin
@@ -303,22 +218,16 @@ def group_alive(pgid: int) -> bool:
     return signal_group(pgid, 0)
 
 
-def spawn(
-    argv: list[str],
-    *,
-    cwd: str | None,
-    env: dict[str, str],
-    pipe_stdin: bool,
-    stdout_to_pipe: bool,
-    loop: asyncio.AbstractEventLoop,
-    on_exit: Callable[[ChildProcess, ExitStatus], None],
-) -> ChildProcess:
-    """Start `argv` as the leader of a new session; stderr is always a pipe to the daemon.
+def launch(
+    argv: list[str], *, cwd: str | None, env: dict[str, str], pipe_stdin: bool, stdout_to_pipe: bool
+) -> subprocess.Popen[bytes]:
+    """Fork and exec `argv` as the leader of a new session; stderr is always a pipe to the
+    daemon. Returns once the child has exec'd: off the loop, that is `spawn_soon`'s job.
 
     Every way this can fail raises SpawnError, and then no process is left running.
     """
     try:
-        popen = subprocess.Popen(
+        return subprocess.Popen(
             argv,
             cwd=cwd,
             env=env,
@@ -340,18 +249,122 @@ def spawn(
     except (ValueError, TypeError, subprocess.SubprocessError) as exc:
         # e.g. "embedded null byte": refused before any fork, so nothing runs.
         raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
+
+
+def watch(
+    popen: subprocess.Popen[bytes],
+    loop: asyncio.AbstractEventLoop,
+    on_exit: Callable[[ChildProcess, ExitStatus], None],
+) -> ChildProcess:
+    """Watch a launched process from the loop; SpawnError (and the process killed) when it
+    cannot be watched."""
     try:
         return ChildProcess(popen, loop, on_exit)
     except OSError as exc:  # no pidfd (EMFILE): a process nobody watches must not live on
-        signal_group(popen.pid, signal.SIGKILL)
-        popen.wait()
-        for pipe in (popen.stdin, popen.stdout, popen.stderr):
-            if pipe is not None:
-                pipe.close()
+        _discard(popen)
+        name = popen.args[0] if isinstance(popen.args, list) else popen.args
         raise SpawnError(
-            f"cannot watch {argv[0]!r} (pid {popen.pid}): {exc.strerror}",
+            f"cannot watch {name!r} (pid {popen.pid}): {exc.strerror}",
             transient=exc.errno in TRANSIENT_SPAWN_ERRNOS,
         ) from exc
+
+
+def _discard(popen: subprocess.Popen[bytes]) -> None:
+    """Kill and reap a launched process nobody will watch, and close its pipes."""
+    signal_group(popen.pid, signal.SIGKILL)
+    popen.wait()
+    for pipe in (popen.stdin, popen.stdout, popen.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def spawn(
+    argv: list[str],
+    *,
+    cwd: str | None,
+    env: dict[str, str],
+    pipe_stdin: bool,
+    stdout_to_pipe: bool,
+    loop: asyncio.AbstractEventLoop,
+    on_exit: Callable[[ChildProcess, ExitStatus], None],
+) -> ChildProcess:
+    """`launch` and `watch` in one call, on the calling thread (waits for the exec)."""
+    popen = launch(argv, cwd=cwd, env=env, pipe_stdin=pipe_stdin, stdout_to_pipe=stdout_to_pipe)
+    return watch(popen, loop, on_exit)
+
+
+# Threads that launch processes: a fork and exec waits until the child has exec'd, 0.5 ms on
+# an idle machine but 3-19 ms on two busy cores (the child waits for a CPU); on the loop,
+# every request in flight waited with it, at each step of a rolling reload. Threads start
+# only as launches overlap (one is enough but for bursts of oneshot runs).
+LAUNCH_THREADS = 4
+_launcher: ThreadPoolExecutor | None = None
+# Launches forked, or about to be, and not yet watched: until they are, `reap_children`
+# cannot tell an exited one from an orphan, and leaves unknown children for later.
+_landings: set[asyncio.Future[None]] = set()
+_reap_deferred = False
+
+
+def spawn_soon(
+    argv: list[str],
+    *,
+    cwd: str | None,
+    env: dict[str, str],
+    pipe_stdin: bool,
+    stdout_to_pipe: bool,
+    loop: asyncio.AbstractEventLoop,
+    on_exit: Callable[[ChildProcess, ExitStatus], None],
+    then: Callable[[ChildProcess | SpawnError], None],
+) -> None:
+    """`spawn` on a launcher thread: the loop goes on while the child execs. `then` gets the
+    watched process, or the SpawnError, on the loop (never before this returns)."""
+    global _launcher
+    if _launcher is None:
+        _launcher = ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="engctl-launch")
+    landing: asyncio.Future[None] = loop.create_future()
+    _landings.add(landing)
+
+    def landed(done: Future[subprocess.Popen[bytes]]) -> None:  # on the loop
+        global _reap_deferred
+        result: ChildProcess | SpawnError
+        try:
+            result = watch(done.result(), loop, on_exit)
+        except SpawnError as exc:
+            result = exc
+        except Exception as exc:  # the pool shut down: nothing was launched
+            result = SpawnError(f"cannot start {argv[0]!r}: {exc}")
+        _landings.discard(landing)
+        landing.set_result(None)
+        try:
+            then(result)
+        finally:
+            if _reap_deferred and not _landings:
+                _reap_deferred = False
+                reap_children()
+
+    def hand_back(done: Future[subprocess.Popen[bytes]]) -> None:  # on the launcher thread
+        try:
+            loop.call_soon_threadsafe(landed, done)
+        except RuntimeError:  # the loop is closed: a process nobody can watch must not live
+            if not done.cancelled() and done.exception() is None:
+                _discard(done.result())
+
+    job = functools.partial(
+        launch, argv, cwd=cwd, env=env, pipe_stdin=pipe_stdin, stdout_to_pipe=stdout_to_pipe
+    )
+    try:
+        _launcher.submit(job).add_done_callback(hand_back)
+    except RuntimeError as exc:  # interpreter shutting down: no new thread
+        failed: Future[subprocess.Popen[bytes]] = Future()
+        failed.set_exception(exc)
+        loop.call_soon(landed, failed)
+
+
+async def launches_landed(timeout: float) -> None:
+    """Wait (up to `timeout`) until every launch under way is watched or has failed: the
+    daemon's exit must not leave a process it never saw."""
+    if _landings:
+        await asyncio.wait(set(_landings), timeout=timeout)
 
 
 # Units of /proc/PID/stat's start time (clock ticks since boot).
@@ -365,15 +378,6 @@ def boot_time() -> float:
             if line.startswith(b"btime "):
                 return float(line.split()[1])
     return time.time() - time.monotonic()  # no /proc/stat: the monotonic clock's origin
-
-
-def own_rss() -> int:
-    """This process's resident memory in bytes (/proc/self/statm, what psutil reads)."""
-    try:
-        with open("/proc/self/statm", "rb", buffering=0) as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _stat_fields(pid: int) -> list[bytes] | None:

@@ -287,7 +287,7 @@ class Rollout:
     def _current(self, inst: Instance) -> Proc:
         """A slot's process as the availability count sees it: serving when it is in dispatch
         (a worker) or ready (a service), and passing its check if one is configured."""
-        since = inst.proc.started_mono if inst.proc is not None else 0.0
+        since = inst.launch_mono
         state = inst.state
         if inst.failure:
             return Proc(Phase.FAILED, since, inst.failure)
@@ -303,7 +303,7 @@ class Rollout:
     def _new_process(self, inst: Instance) -> Proc:
         """A new process (a successor, or one started in place): serving once ready, and
         passing its check if one is configured."""
-        since = inst.proc.started_mono if inst.proc is not None else 0.0
+        since = inst.launch_mono
         if inst.failure:
             return Proc(Phase.FAILED, since, inst.failure)
         if inst.state is S.READY:

@@ -98,6 +98,7 @@ class Supervisor:
         self.observer: InstanceObserver | None = None  # wired by the daemon (main.py)
         self.index = EngineIndex()
         self.closing = False
+        self.killing = False  # `kill_all` was called: a process that starts now is killed
         # Closed until the processes of a killed predecessor are gone: they carry the same
         # marker, and the sweep must not take new instances for old ones.
         self.spawn_allowed = asyncio.Event()
@@ -214,24 +215,39 @@ class Supervisor:
         env[process.INSTANCE_INDEX_ENV] = str(inst.index)
         env[process.GENERATION_ENV] = str(inst.generation)
         argv = spec.argv_for(inst.index)
-        try:
-            proc = process.spawn(
-                argv,
-                cwd=spec.cwd,
-                env=env,
-                pipe_stdin=spec.mode is EngineMode.WORKER,
-                stdout_to_pipe=True,
-                loop=self.loop,
-                on_exit=lambda proc, status: self._on_exit(inst, proc, status),
-            )
-        except SpawnError as exc:
-            inst.log.note(str(exc))
-            inst.last_exit = {"code": None, "signal": None, "at": time.time(), "error": str(exc)}
-            if exc.transient:
-                self._retry_transient_spawn(inst, str(exc))
-                return
-            self._after_unexpected_exit(inst, str(exc), quick=True, wants_restart=True)
+        inst.launching = True
+        inst.launch_mono = time.monotonic()
+        # Off the loop: the fork and exec wait for the child to exec (ms on a busy machine).
+        # The instance stays `starting` meanwhile; a stop asked for then waits for its
+        # process, which `_launched` signals the moment it exists.
+        process.spawn_soon(
+            argv,
+            cwd=spec.cwd,
+            env=env,
+            pipe_stdin=spec.mode is EngineMode.WORKER,
+            stdout_to_pipe=True,
+            loop=self.loop,
+            on_exit=lambda proc, status: self._on_exit(inst, proc, status),
+            then=lambda result: self._launched(inst, argv, result),
+        )
+
+    def _launched(self, inst: Instance, argv: list[str], result: ChildProcess | SpawnError) -> None:
+        """The process of `start_instance` exists (or could not be started): go on from the
+        state the instance is in now, `starting`, or `stopping` if a stop came meanwhile."""
+        inst.launching = False
+        if isinstance(result, SpawnError):
+            inst.log.note(str(result))
+            inst.last_exit = {"code": None, "signal": None, "at": time.time(), "error": str(result)}
+            if inst.state is S.STOPPING:
+                # stopping -> stopped: the stop came first, and no process ever ran
+                self.transition(inst, S.STOPPED, f"{inst.state_reason} (it could not start)")
+            elif result.transient:
+                self._retry_transient_spawn(inst, str(result))
+            else:
+                self._after_unexpected_exit(inst, str(result), quick=True, wants_restart=True)
             return
+        proc = result
+        spec = inst.spec
         inst.spawn_retries = 0
         inst.proc = proc
         inst.sample = Sample()
@@ -247,6 +263,12 @@ class Supervisor:
             instance=inst.id,
             data={"pid": proc.pid},
         )
+        if self.killing:
+            process.kill_tree_now(proc.pgid, ())
+            return
+        if inst.state is S.STOPPING:
+            self._signal_stop(inst, proc, inst.state_reason)
+            return
         delay = spec.restart.start_seconds
         if delay <= 0:
             self._mark_running(inst, proc)
@@ -462,7 +484,10 @@ class Supervisor:
         task.add_done_callback(self._sweeps.discard)
 
     async def wait_sweeps(self, timeout: float) -> None:
-        """Wait (up to `timeout`) for the sweeps of exited instances' trees to end."""
+        """Wait (up to `timeout`) for every launch under way to land (each process is then
+        watched, and stopped if it is no longer wanted), and for the sweeps of exited
+        instances' trees to end."""
+        await process.launches_landed(timeout)
         if self._sweeps:
             await asyncio.wait(set(self._sweeps), timeout=timeout)
 
@@ -477,25 +502,31 @@ class Supervisor:
             return
         if inst.state is not S.STOPPING:
             proc = inst.proc
-            spec = inst.spec
             self.transition(inst, S.STOPPING, reason)
-            if proc is None or not proc.alive:
+            if inst.launching:
+                pass  # its process is on its way: `_launched` signals it once it exists
+            elif proc is None or not proc.alive:
                 # stopping -> stopped: no process to signal (none was ever started, or its
                 # exit came first); a state must never wait for an exit that cannot come.
                 self.transition(inst, S.STOPPED, f"{reason} (no process was running)")
                 return
-            sig = signal.Signals[spec.stop.signal]
-            inst.log.note(f"sending {sig.name} to process group {proc.pgid} ({reason})")
-            process.signal_group(proc.pgid, sig)
-            inst.timer = self.loop.call_later(
-                spec.stop.timeout, self._kill_after_timeout, inst, proc
-            )
+            else:
+                self._signal_stop(inst, proc, reason)
         if wait:
             await self.wait_until(
                 lambda: inst.state is not S.STOPPING,
                 inst.spec.stop.timeout + 10.0,
                 f"{inst.id} to stop",
             )
+
+    def _signal_stop(self, inst: Instance, proc: ChildProcess, reason: str) -> None:
+        """The stop policy's signal to the group, then SIGKILL after its timeout."""
+        sig = signal.Signals[inst.spec.stop.signal]
+        inst.log.note(f"sending {sig.name} to process group {proc.pgid} ({reason})")
+        process.signal_group(proc.pgid, sig)
+        inst.timer = self.loop.call_later(
+            inst.spec.stop.timeout, self._kill_after_timeout, inst, proc
+        )
 
     def kill_hung(self, inst: Instance, reason: str) -> None:
         """Kill a hung instance's process tree now; its exit is then handled as a crash."""
@@ -635,7 +666,9 @@ class Supervisor:
         process.kill_tree_now(proc.pgid, inst.sample.descendants)
 
     def kill_all(self) -> None:
-        """SIGKILL every process tree now (second signal during shutdown)."""
+        """SIGKILL every process tree now (second signal during shutdown), and each process
+        still on its way the moment it exists."""
+        self.killing = True
         for inst in self.all_records():
             if inst.proc is not None and inst.proc.alive:
                 process.kill_tree_now(inst.proc.pgid, inst.sample.descendants)
