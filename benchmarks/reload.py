@@ -7,6 +7,9 @@ changed env, and `scale 4 -> 2 -> 4`. Each strategy (`rolling`, the default path
 `recreate`, the old stop-all-then-start) runs the same scenario against a fresh daemon in a
 temporary ENGCTL_HOME. Targets: 0 failed requests; p99 latency during the reload <= 3x the p99
 before it; the reload of 4 instances within 4 x (the worker's start-to-ready time + 0.2 s).
+Before the changes, `bare_starts` measures the machine's floor: the same four worker starts
+made by another process, no daemon involved (a rollout starts as many processes; on two
+cores their start-up alone lifts the p99 of requests in flight).
 `--quick`: a few seconds per strategy, every figure, rough (what CI runs so it cannot rot).
 """
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +42,19 @@ PY = sys.executable
 NAME = "echo"
 INSTANCES = 4
 THREADS = 8
+
+
+# Starts INSTANCES processes of the argv it is given one after another, as a rollout does.
+BARE_STARTS = f"""
+import subprocess, sys, time
+for _ in range({INSTANCES}):
+    p = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    p.stdout.readline()
+    time.sleep(0.1)
+    p.stdin.close()
+    p.wait()
+    p.stdout.close()
+"""
 
 
 def spec(env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -144,6 +161,13 @@ def scenario(strategy: str, seconds: float, rate: float, quick: bool) -> dict[st
         pause = seconds / 10
         changes: dict[str, tuple[float, float]] = {}
 
+        # The machine's floor: the same four worker starts, made by another process with no
+        # daemon involved (each started, ready, kept 0.1 s, ended, as a rollout's steps).
+        t = time.perf_counter()
+        subprocess.run([PY, "-c", BARE_STARTS, *spec()["command"]], check=True, timeout=60)
+        changes["bare_starts"] = (t, time.perf_counter())
+        time.sleep(pause)
+
         t = time.perf_counter()
         reload = c.reload(NAME, recreate=recreate)
         changes["reload"] = (t, time.perf_counter())
@@ -168,7 +192,7 @@ def scenario(strategy: str, seconds: float, rate: float, quick: bool) -> dict[st
 
         samples = load.samples
         failures = [s[2] for s in samples if s[2] is not None]
-        before = load.window(t_begin, changes["reload"][0])
+        before = load.window(t_begin, changes["bare_starts"][0])
         p99_before = p99_ms(before)
         per_change = {}
         for name, (a, b) in changes.items():
