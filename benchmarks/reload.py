@@ -44,9 +44,12 @@ INSTANCES = 4
 THREADS = 8
 
 
-# Starts INSTANCES processes of the argv it is given one after another, as a rollout does.
+# Starts INSTANCES processes of the argv it is given one after another, as a rollout does,
+# once its stdin closes (after it has said it is up: its own start is not in the window).
 BARE_STARTS = f"""
 import subprocess, sys, time
+print(flush=True)
+sys.stdin.read()
 for _ in range({INSTANCES}):
     p = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     p.stdout.readline()
@@ -163,8 +166,18 @@ def scenario(strategy: str, seconds: float, rate: float, quick: bool) -> dict[st
 
         # The machine's floor: the same four worker starts, made by another process with no
         # daemon involved (each started, ready, kept 0.1 s, ended, as a rollout's steps).
+        starter = subprocess.Popen(
+            [PY, "-c", BARE_STARTS, *spec()["command"]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert starter.stdin is not None and starter.stdout is not None
+        starter.stdout.readline()  # its own start-up is over: the window opens now
         t = time.perf_counter()
-        subprocess.run([PY, "-c", BARE_STARTS, *spec()["command"]], check=True, timeout=60)
+        starter.stdin.close()
+        starter.stdout.read()
+        starter.wait(60)
+        starter.stdout.close()
         changes["bare_starts"] = (t, time.perf_counter())
         time.sleep(pause)
 
