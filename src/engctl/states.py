@@ -34,7 +34,7 @@ class InstanceState(StrEnum):
     @property
     def is_running(self) -> bool:
         """True once the process has stayed up `start_seconds`."""
-        return self in (InstanceState.WARMING, InstanceState.READY, InstanceState.BUSY)
+        return self in _RUNNING
 
 
 _WITH_PROCESS = frozenset(
@@ -46,6 +46,8 @@ _WITH_PROCESS = frozenset(
         InstanceState.STOPPING,
     }
 )
+
+_RUNNING = frozenset({InstanceState.WARMING, InstanceState.READY, InstanceState.BUSY})
 
 _S = InstanceState
 # Every legal edge. Anything else is a bug in the supervisor, raised loudly.

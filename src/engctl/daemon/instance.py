@@ -107,8 +107,9 @@ class Instance:
         self.engine = engine
         self.index = index
         self.id = instance_id(engine.spec.name, index)
-        self.role = role
         self.serial = next(_SERIALS)
+        self.key = self.id
+        self.role = role
         # The spec of its generation: what its process runs (its command, env, …) with the
         # engine's current in-place settings; a restart keeps it, a rollout replaces it.
         self.spec = engine.spec
@@ -162,9 +163,16 @@ class Instance:
         self.lease: Lease | None = None
 
     @property
-    def key(self) -> str:
-        """Its id while it holds the slot; a successor's or a retiring process's own key."""
-        return self.id if self.role is InstanceRole.CURRENT else f"{self.id}/{self.serial}"
+    def role(self) -> InstanceRole:
+        """Which record of its slot it is: the current process, a successor or a retiring one."""
+        return self._role
+
+    @role.setter
+    def role(self, role: InstanceRole) -> None:
+        self._role = role
+        # Its id while it holds the slot; a successor's or a retiring process's own key. Kept
+        # as a plain attribute: the monitor's and the policies' lookups read it every tick.
+        self.key = self.id if role is InstanceRole.CURRENT else f"{self.id}/{self.serial}"
 
     def follow(self, spec: EngineSpec) -> None:
         """The engine's spec changed: take its settings; one of an older generation keeps
@@ -179,7 +187,8 @@ class Instance:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.alive else None
+        proc = self.proc  # read for every instance on every tick: no property on the way
+        return proc.pid if proc is not None and proc.exit_status is None else None
 
     def state_seconds(self) -> dict[str, float]:
         """Seconds spent in each state since the daemon started, the current one included."""

@@ -9,7 +9,6 @@ buckets being filled. Imports no policy and no request code but the router's que
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from engctl.histogram import Histogram
 from engctl.models import instance_id
+from engctl.protocol import encode_doc
 from engctl.states import EngineMode
 
 from .history import COARSE_SECONDS, FINE_SECONDS, HistoryWriter
@@ -119,6 +119,12 @@ def _base(member: Member) -> _Base:
 def member_id(member: Member) -> str:
     """`name#k` for an instance, `name#oneshot` for a oneshot engine's runs."""
     return instance_id(member.spec.name, None) if isinstance(member, Engine) else member.id
+
+
+def _json_text(doc: dict[str, Any]) -> str:
+    """A row's JSON column, as text (SQLite's JSON functions refuse a BLOB): written by
+    msgspec (`protocol.encode_doc`), 6x `json.dumps`, as 1,000 rows go every 10 s."""
+    return encode_doc(doc).decode()
 
 
 def _row_data(member: Member) -> dict[str, Any]:
@@ -315,7 +321,7 @@ class Rollups:
                     None if rss is None or rss.n == 0 else int(rss.peak),
                     max(0, cur.restarts - base.restarts),
                     max(0, cur.isolations - base.isolations),
-                    json.dumps(
+                    _json_text(
                         {
                             "states": states,
                             **_row_data(inst),
@@ -350,7 +356,7 @@ class Rollups:
                     None,
                     0,
                     0,
-                    json.dumps({"samples": samples, "queued_samples": busy, "queue_max": peak}),
+                    _json_text({"samples": samples, "queued_samples": busy, "queue_max": peak}),
                 )
             )
         host = self.host
@@ -375,7 +381,7 @@ class Rollups:
                     int(tier.host_mem.peak) if tier.host_mem.n else host.mem_used,
                     0,
                     0,
-                    json.dumps(
+                    _json_text(
                         {
                             "mem_total": host.mem_total,
                             "disk_read_bytes": max(0, host.disk_read - base_h.disk_read),
