@@ -60,6 +60,14 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float =
         time.sleep(interval)
 
 
+
+def stays(pred: Callable[[], Any], seconds: float = 1.0) -> None:
+    """Assert `pred()` holds on every poll for `seconds` (a bounded "never happens" check)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert pred(), "condition stopped holding"
+        time.sleep(0.05)
+
 @contextlib.contextmanager
 def machine_lock(name: str) -> Iterator[None]:
     """Hold a lock shared by every test run on this machine (xdist's workers, a suite of

@@ -9,10 +9,12 @@ stop, an unregister, a shutdown or a oneshot's deadline that comes first loses n
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -24,6 +26,7 @@ from tests.conftest import (
     _home_processes,
     alive,
     engine_cmd,
+    stays,
     wait_until,
 )
 
@@ -33,6 +36,10 @@ pytestmark = pytest.mark.skipif(
 
 LAUNCH_DELAY = 0.8
 QUICK = {"restart": {"start_seconds": 0.05}, "stop": {"timeout": 5}}
+
+
+def same_pid(home: Home, pid: int) -> bool:
+    return bool(home.instance("crashy#0")["pid"] == pid)
 
 
 def engine_processes(home: Home) -> list[psutil.Process]:
@@ -177,3 +184,34 @@ def test_daemon_shutdown_during_a_oneshot_launch_leaves_no_process(home: Home) -
     wait_until(lambda: not alive(daemon), timeout=20)
     caller.join(30)
     assert engine_processes(home) == []
+
+
+def test_a_crash_restart_is_not_swept_with_the_process_it_replaces(home: Home) -> None:
+    """Issue 12 (regression): after a crash, the sweep of the dead process's tree looked for
+    its adopted orphans by instance id and generation; the restart, launched meanwhile and
+    not yet watched, matched and was killed (supervise.py's crash loop: the pid `status`
+    gave was gone). Ten kill -9s in a row: each restart lives on, one restart per kill."""
+    home.start_daemon()
+    home.register(
+        "crashy",
+        ["sleep", "3600"],
+        mode="service",
+        restart={"policy": "always", "start_seconds": 0.05, "backoff": {"initial": 0}},
+        stop={"timeout": 0.3},  # the sweep's grace: its SIGKILL would come 0.3 s after
+        policy={"crash": {"flap_max_restarts": 1000}},
+    )
+    pid = home.wait_state("crashy#0", "ready")["pid"]
+    for n in range(1, 11):
+        os.kill(pid, signal.SIGKILL)
+        old = pid
+
+        def restarted(old: int = old) -> dict[str, Any] | None:
+            inst = home.instance("crashy#0")
+            return inst if inst["state"] == "ready" and inst["pid"] != old else None
+
+        pid = wait_until(restarted, timeout=10)["pid"]
+        # Past the sweep's grace, a restart taken for an orphan would be dead: it lives on.
+        stays(functools.partial(same_pid, home, pid), 0.5)
+        inst = home.instance("crashy#0")
+        assert (inst["state"], inst["restarts"]) == ("ready", n), inst
+        assert psutil.pid_exists(pid)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from engctl.errors import SpecError
-from tests.conftest import Home, engine_cmd, wait_until
+from tests.conftest import Home, engine_cmd, stays, wait_until
 
 # Every log line starts with a UTC ISO 8601 timestamp with milliseconds.
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
@@ -59,14 +59,6 @@ def log_lines(home: Home, target: str, lines: int = 200) -> list[str]:
     r = home.cli("logs", target, "-n", str(lines))
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
-
-
-def stays(pred: Any, seconds: float = 1.0) -> None:
-    """Assert `pred()` holds on every poll for `seconds` (a bounded "never happens" check)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert pred(), "condition stopped holding"
-        time.sleep(0.05)
 
 
 def service(command: list[str], **spec: Any) -> dict[str, Any]:

@@ -135,3 +135,22 @@ def test_a_failed_launch_reaches_then_as_a_spawn_error() -> None:
 
     result = asyncio.run(scenario())
     assert isinstance(result, process.SpawnError) and "No such file" in str(result)
+
+
+def test_orphan_search_takes_only_the_orphans_of_its_own_start() -> None:
+    """Issue 12 (regression): the search for a stopped process's adopted orphans matched any
+    child of the daemon carrying the instance's id and generation. With launches off the
+    loop, the instance's restart can exist (launched, not yet watched) when the search runs:
+    it was taken for an orphan of the old process and killed (seen in supervise.py's crash
+    loop). Each start now has its own token, and the search takes only its own start's."""
+    base = {**os.environ, process.INSTANCE_ENV: "x#0", process.GENERATION_ENV: "1"}
+    old_orphan = subprocess.Popen(["sleep", "60"], env={**base, process.LAUNCH_ENV: "A"})
+    restart = subprocess.Popen(["sleep", "60"], env={**base, process.LAUNCH_ENV: "B"})
+    try:
+        found = [pid for pid, _ct in process.adopted_orphans(("x#0", "1", "A"))]
+        assert found == [old_orphan.pid]
+        assert [pid for pid, _ct in process.adopted_orphans(("x#0", "1", "B"))] == [restart.pid]
+    finally:
+        for child in (old_orphan, restart):
+            child.kill()
+            child.wait()

@@ -127,6 +127,7 @@ class Instance:
         # A process is being launched (off the loop): `proc` is still the last one, if any.
         self.launching = False
         self.launch_mono = 0.0  # when the latest start began (time.monotonic)
+        self.launch_token = ""  # its process's ENGCTL_LAUNCH: whose orphans a sweep takes
         self.restarts = 0
         self.crashes = CrashTracker()  # the restart backoff's count (see `backoff`)
         self.last_exit: LastExit | None = None

@@ -28,6 +28,10 @@ INSTANCE_INDEX_ENV = "ENGCTL_INSTANCE_INDEX"  # the k of NAME#k (PM2's NODE_APP_
 # The generation of the spec the process runs: a rollout's new and old process of one slot
 # share ENGCTL_INSTANCE, not this.
 GENERATION_ENV = "ENGCTL_GENERATION"
+# A token per start of an instance: the search for a stopped process's adopted orphans takes
+# only its own start's, never a restart of the same instance launched meanwhile (whose
+# process may exist, on the launcher thread, before the loop knows of it).
+LAUNCH_ENV = "ENGCTL_LAUNCH"
 
 
 @dataclass(frozen=True)
@@ -472,14 +476,14 @@ def kill_tree_now(pgid: int, extra_pids: Iterable[tuple[int, float]] = ()) -> No
                 os.kill(pid, signal.SIGKILL)
 
 
-def adopted_orphans(marker: tuple[str, str]) -> list[tuple[int, float]]:
+def adopted_orphans(marker: tuple[str, str, str]) -> list[tuple[int, float]]:
     """Children of the daemon that are not instances but carry `marker` (instance id,
-    generation) in their environment.
+    generation, launch token) in their environment.
 
     They are descendants that left the instance's process group (setsid) and were adopted
     when their parent died; identified by (pid, create time) against pid reuse.
     """
-    instance_id, generation = marker
+    instance_id, generation, launch = marker
     me = str(os.getpid()).encode()
     boot = boot_time()
     found = []
@@ -497,6 +501,7 @@ def adopted_orphans(marker: tuple[str, str]) -> list[tuple[int, float]]:
             created is not None
             and env.get(INSTANCE_ENV) == instance_id
             and env.get(GENERATION_ENV) == generation
+            and env.get(LAUNCH_ENV) == launch
         ):
             found.append((pid, created))
     return found
@@ -505,13 +510,13 @@ def adopted_orphans(marker: tuple[str, str]) -> list[tuple[int, float]]:
 async def sweep_tree(
     pgid: int,
     escaped: list[tuple[int, float]],
-    marker: tuple[str, str],
+    marker: tuple[str, str, str],
     grace: float,
     live_groups: Callable[[], set[int]],
 ) -> None:
     """After a group's leader exited: give what is left of its tree `grace` seconds, then
     SIGKILL it. "What is left" is the process group, `escaped` descendants (pid, create time)
-    seen leaving it, and orphans carrying its `marker` (instance id, generation) that the
+    seen leaving it, and orphans carrying its `marker` (instance id, generation, launch) that the
     daemon adopted as subreaper, except those in a group of `live_groups()` (a successor's)."""
     found = await asyncio.to_thread(adopted_orphans, marker)
     # The scan runs in a thread: a successor spawned meanwhile (a restart) carries the same

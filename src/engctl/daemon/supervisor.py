@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ log = logging.getLogger("engctl.supervisor")
 
 S = InstanceState
 Clock = Callable[[], float]
+_LAUNCHES = itertools.count(1)  # the launch tokens of this daemon's starts
 
 
 class InstanceObserver(Protocol):
@@ -214,6 +216,8 @@ class Supervisor:
         env[process.INSTANCE_ENV] = inst.id
         env[process.INSTANCE_INDEX_ENV] = str(inst.index)
         env[process.GENERATION_ENV] = str(inst.generation)
+        inst.launch_token = f"{os.getpid()}-{next(_LAUNCHES)}"
+        env[process.LAUNCH_ENV] = inst.launch_token
         argv = spec.argv_for(inst.index)
         inst.launching = True
         inst.launch_mono = time.monotonic()
@@ -475,7 +479,7 @@ class Supervisor:
                 if i.proc is not None and i.proc is not proc and i.proc.alive
             }
 
-        marker = (inst.id, str(inst.generation))
+        marker = (inst.id, str(inst.generation), inst.launch_token)
         sweep = process.sweep_tree(
             proc.pgid, list(inst.sample.descendants), marker, inst.spec.stop.timeout, live_groups
         )
