@@ -117,6 +117,7 @@ class Fleet:
                     )
         engine.desired = DesiredState.RUNNING
         started = []
+        launched = []
         for inst in engine.instances:
             if indices is not None and inst.index not in indices:
                 continue
@@ -134,6 +135,8 @@ class Fleet:
                     inst.crashes.reset()
                 self.sup.start_instance(inst, reason)
                 started.append(inst.id)
+                launched.append(inst)
+        await self.sup.launched(launched)
         return started
 
     async def stop_instances(self, insts: list[Instance], reason: str, wait: bool) -> list[str]:

@@ -51,6 +51,9 @@ log = logging.getLogger("engctl.supervisor")
 S = InstanceState
 Clock = Callable[[], float]
 _LAUNCHES = itertools.count(1)  # the launch tokens of this daemon's starts
+# The longest a start waits for its processes to exist (a launch is ms; an exec from a hung
+# file system is not, and the start is not held for it).
+LAUNCH_WAIT = 30.0
 
 
 class InstanceObserver(Protocol):
@@ -239,6 +242,26 @@ class Supervisor:
         """The process of `start_instance` exists (or could not be started): go on from the
         state the instance is in now, `starting`, or `stopping` if a stop came meanwhile."""
         inst.launching = False
+        try:
+            self._go_on(inst, argv, result)
+        finally:
+            self._check_waiters()  # `launched` waits on this
+
+    async def launched(self, insts: list[Instance], timeout: float = LAUNCH_WAIT) -> None:
+        """Until the processes of `insts` on their way exist (or could not start): a start
+        returns with its pids, as when the loop launched them itself (systemd's Type=exec)."""
+        pending = [i for i in insts if i.launching]
+
+        def all_landed() -> bool:
+            # Launches land about in order: each record is looked at once it has landed.
+            while pending and not pending[-1].launching:
+                pending.pop()
+            return not pending
+
+        with contextlib.suppress(RequestTimeoutError):  # the start goes on regardless
+            await self.wait_until(all_landed, timeout, "their processes to start")
+
+    def _go_on(self, inst: Instance, argv: list[str], result: ChildProcess | SpawnError) -> None:
         if isinstance(result, SpawnError):
             inst.log.note(str(result))
             inst.last_exit = {"code": None, "signal": None, "at": time.time(), "error": str(result)}
