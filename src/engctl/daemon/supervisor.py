@@ -243,7 +243,7 @@ class Supervisor:
         state the instance is in now, `starting`, or `stopping` if a stop came meanwhile."""
         inst.launching = False
         try:
-            self._go_on(inst, argv, result)
+            self._after_launch(inst, argv, result)
         finally:
             self._check_waiters()  # `launched` waits on this
 
@@ -261,7 +261,11 @@ class Supervisor:
         with contextlib.suppress(RequestTimeoutError):  # the start goes on regardless
             await self.wait_until(all_landed, timeout, "their processes to start")
 
-    def _go_on(self, inst: Instance, argv: list[str], result: ChildProcess | SpawnError) -> None:
+    def _after_launch(
+        self, inst: Instance, argv: list[str], result: ChildProcess | SpawnError
+    ) -> None:
+        """A failed launch is a failed start (or ends a stop); a process is watched, then
+        stopped if a stop or the daemon's kill came first, else it goes on to warm up."""
         if isinstance(result, SpawnError):
             inst.log.note(str(result))
             inst.last_exit = {"code": None, "signal": None, "at": time.time(), "error": str(result)}
