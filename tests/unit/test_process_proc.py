@@ -154,3 +154,26 @@ def test_orphan_search_takes_only_the_orphans_of_its_own_start() -> None:
         for child in (old_orphan, restart):
             child.kill()
             child.wait()
+
+
+def test_an_instances_stderr_pipe_holds_one_page() -> None:
+    """Issue 13 (fleet size): Linux counts pipe pages per user (fs.pipe-user-pages-soft,
+    16,384) and past that gives every new pipe of the user 8 KiB: three 64 KiB pipes per
+    worker reached it at 341 workers. stderr, a log read at once, holds one page; the
+    protocol pipes keep the default."""
+    import fcntl
+
+    popen = process.launch(
+        ["sleep", "60"], cwd=None, env=dict(os.environ), pipe_stdin=True, stdout_to_pipe=True
+    )
+    try:
+        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+        assert fcntl.fcntl(popen.stderr.fileno(), fcntl.F_GETPIPE_SZ) == 4096
+        assert fcntl.fcntl(popen.stdin.fileno(), fcntl.F_GETPIPE_SZ) == 65536
+        assert fcntl.fcntl(popen.stdout.fileno(), fcntl.F_GETPIPE_SZ) == 65536
+    finally:
+        popen.kill()
+        popen.wait()
+        for pipe in (popen.stdin, popen.stdout, popen.stderr):
+            if pipe is not None:
+                pipe.close()
