@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -215,7 +216,8 @@ class Flood:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(path))
         self.answers = 0
-        self.refused = threading.Event()  # the daemon closed the connection under the send
+        self.refused = threading.Event()  # the daemon closed the connection
+        self._read = read
         threading.Thread(target=self._send, args=(frames,), daemon=True).start()
         if read:
             threading.Thread(target=self._receive, daemon=True).start()
@@ -224,7 +226,17 @@ class Flood:
         try:
             self.sock.sendall(frames)
         except OSError:
-            self.refused.set()
+            self.refused.set()  # closed under the send
+            return
+        if not self._read:
+            # All sent before the daemon stopped reading (its answers came late): the drop
+            # is then the daemon hanging up, seen without reading a byte.
+            poller = select.poll()
+            poller.register(self.sock, select.POLLRDHUP)
+            with contextlib.suppress(OSError, ValueError):
+                while not poller.poll(100):
+                    pass
+                self.refused.set()
 
     def _receive(self) -> None:
         with contextlib.suppress(OSError):
