@@ -3,6 +3,7 @@ spawn (a killed daemon's engines, orphans it adopted), on real processes, agains
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from engctl.daemon import memory, process
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -137,6 +139,10 @@ def test_a_failed_launch_reaches_then_as_a_spawn_error() -> None:
     assert isinstance(result, process.SpawnError) and "No such file" in str(result)
 
 
+def _launch_marker(pid: int) -> str | None:
+    return process._environ(pid).get(process.LAUNCH_ENV)
+
+
 def test_orphan_search_takes_only_the_orphans_of_its_own_start() -> None:
     """Issue 12 (regression): the search for a stopped process's adopted orphans matched any
     child of the daemon carrying the instance's id and generation. With launches off the
@@ -147,6 +153,9 @@ def test_orphan_search_takes_only_the_orphans_of_its_own_start() -> None:
     old_orphan = subprocess.Popen(["sleep", "60"], env={**base, process.LAUNCH_ENV: "A"})
     restart = subprocess.Popen(["sleep", "60"], env={**base, process.LAUNCH_ENV: "B"})
     try:
+        # Popen returns as the child execs, before its new environment is readable.
+        for child in (old_orphan, restart):
+            wait_until(functools.partial(_launch_marker, child.pid))
         found = [pid for pid, _ct in process.adopted_orphans(("x#0", "1", "A"))]
         assert found == [old_orphan.pid]
         assert [pid for pid, _ct in process.adopted_orphans(("x#0", "1", "B"))] == [restart.pid]
