@@ -4,7 +4,6 @@ a oneshot payload the argv cannot carry is a request error that frees its slot."
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -55,24 +54,15 @@ def test_a_spawn_failure_of_any_kind_raises_spawn_error_and_leaves_no_process() 
     """Issue 9.2: values the kernel refuses (not OSError: ValueError for a NUL, an '=' in an
     env name) are SpawnError like a missing command, raised before any process exists."""
 
-    async def attempt(argv: list[str], env: dict[str, str], cwd: str | None) -> str:
-        loop = asyncio.get_running_loop()
+    def attempt(argv: list[str], env: dict[str, str], cwd: str | None) -> str:
         with pytest.raises(process.SpawnError) as info:
-            process.spawn(
-                argv,
-                cwd=cwd,
-                env=env,
-                pipe_stdin=True,
-                stdout_to_pipe=True,
-                loop=loop,
-                on_exit=lambda _p, _s: None,
-            )
+            process.launch(argv, cwd=cwd, env=env, pipe_stdin=True, stdout_to_pipe=True)
         return str(info.value)
 
-    assert "embedded null byte" in asyncio.run(attempt(["true\0"], {}, None))
-    assert "environment" in asyncio.run(attempt(["true"], {"A=B": "1"}, None))
-    assert "embedded null byte" in asyncio.run(attempt(["true"], {}, "/tmp\0"))
-    assert "No such file" in asyncio.run(attempt(["/nonexistent/engctl-test"], {}, None))
+    assert "embedded null byte" in attempt(["true\0"], {}, None)
+    assert "environment" in attempt(["true"], {"A=B": "1"}, None)
+    assert "embedded null byte" in attempt(["true"], {}, "/tmp\0")
+    assert "No such file" in attempt(["/nonexistent/engctl-test"], {}, None)
 
 
 def test_engines_after_one_that_cannot_start_still_start_after_a_daemon_restart(

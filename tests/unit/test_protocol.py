@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import orjson  # noqa: F401  # loaded: encode_input's orjson path is the one tested
@@ -409,17 +410,23 @@ def _same_json(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-@settings(max_examples=400, deadline=None)
-@given(_inputs)
-def test_encode_input_decodes_to_what_encode_value_writes(value: Any) -> None:
-    """Issue 13: the orjson encoder of inputs writes what `json` reads back as the same value
-    as `encode_value`'s bytes, and refuses what `encode_value` refuses, with its error."""
-    fast, slow = _outcome(protocol.encode_input, value), _outcome(protocol.encode_value, value)
+def _assert_reads_back_as_encode_value(encode: Callable[[Any], bytes], value: Any) -> None:
+    """`encode(value)` reads back (`json`) as the same value as `encode_value`'s bytes, or
+    fails with the same error."""
+    fast, slow = _outcome(encode, value), _outcome(protocol.encode_value, value)
     assert fast[0] == slow[0]
     if fast[0] == "ok":
         assert _same_json(json.loads(fast[1]), json.loads(slow[1]))
     else:
         assert fast == slow
+
+
+@settings(max_examples=400, deadline=None)
+@given(_inputs)
+def test_encode_input_decodes_to_what_encode_value_writes(value: Any) -> None:
+    """Issue 13: the orjson encoder of inputs writes what `json` reads back as the same value
+    as `encode_value`'s bytes, and refuses what `encode_value` refuses, with its error."""
+    _assert_reads_back_as_encode_value(protocol.encode_input, value)
 
 
 @settings(max_examples=400, deadline=None)
@@ -541,12 +548,7 @@ _docs = st.recursive(
 def test_encode_doc_is_read_back_as_encode_value_is(doc: Any) -> None:
     """Issue 13: the daemon's documents (status) encoded by msgspec read back as what `json`
     writes, or fail with its error (lone surrogates)."""
-    fast, slow = _outcome(protocol.encode_doc, doc), _outcome(protocol.encode_value, doc)
-    assert fast[0] == slow[0]
-    if fast[0] == "ok":
-        assert _same_json(json.loads(fast[1]), json.loads(slow[1]))
-    else:
-        assert fast == slow
+    _assert_reads_back_as_encode_value(protocol.encode_doc, doc)
 
 
 def test_encode_doc_of_keys_msgspec_refuses_is_json_s() -> None:

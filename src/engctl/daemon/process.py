@@ -138,8 +138,8 @@ def become_subreaper() -> bool:
 def reap_children() -> None:
     """On SIGCHLD: reap every exited child, instances through their ChildProcess.
 
-    Every process the daemon starts must go through `spawn` or `spawn_soon`, or its status
-    is taken here.
+    Every process the daemon starts must go through `spawn_soon`, or its status is taken
+    here.
     """
     global _reap_deferred
     while True:
@@ -293,21 +293,6 @@ def _discard(popen: subprocess.Popen[bytes]) -> None:
             pipe.close()
 
 
-def spawn(
-    argv: list[str],
-    *,
-    cwd: str | None,
-    env: dict[str, str],
-    pipe_stdin: bool,
-    stdout_to_pipe: bool,
-    loop: asyncio.AbstractEventLoop,
-    on_exit: Callable[[ChildProcess, ExitStatus], None],
-) -> ChildProcess:
-    """`launch` and `watch` in one call, on the calling thread (waits for the exec)."""
-    popen = launch(argv, cwd=cwd, env=env, pipe_stdin=pipe_stdin, stdout_to_pipe=stdout_to_pipe)
-    return watch(popen, loop, on_exit)
-
-
 # Threads that launch processes: a fork and exec waits until the child has exec'd, 0.5 ms on
 # an idle machine but 3-19 ms on two busy cores (the child waits for a CPU); on the loop,
 # every request in flight waited with it, at each step of a rolling reload. Threads start
@@ -331,8 +316,9 @@ def spawn_soon(
     on_exit: Callable[[ChildProcess, ExitStatus], None],
     then: Callable[[ChildProcess | SpawnError], None],
 ) -> None:
-    """`spawn` on a launcher thread: the loop goes on while the child execs. `then` gets the
-    watched process, or the SpawnError, on the loop (never before this returns)."""
+    """`launch` on a launcher thread, then `watch` on the loop: the loop goes on while the
+    child execs. `then` gets the watched process, or the SpawnError, on the loop (never
+    before this returns)."""
     global _launcher
     if _launcher is None:
         _launcher = ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="engctl-launch")
