@@ -20,30 +20,15 @@ if TYPE_CHECKING:
 
     Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
 
+try:  # what the engine's Python has: orjson reads and writes JSON 2-20× faster (its import
+    # is 14 ms of a worker's start, but `json` would cost each small request 5-6 µs more)
+    import orjson
+except ImportError:  # pragma: no cover - engctl installs it; an engine's Python may not
+    orjson = None  # type: ignore[assignment]
+
 HANDLER_ERROR = -32000
 # The code flag of a function defined with `async def` (inspect.CO_COROUTINE).
 CO_COROUTINE = 0x80
-
-# A message this large or larger is read and written by orjson (2-20x faster than `json` on
-# large documents), imported when the first one passes: its import (dataclasses, inspect,
-# uuid, enum, datetime) is 14 of the 27 ms a worker spent starting, CPU taken from every
-# process beside it during a rolling reload, for a gain of microseconds on small messages.
-LARGE_BYTES = 16 * 1024
-_orjson: Any = None  # the module once loaded, False where the engine's Python has none
-
-
-def _fast() -> Any:
-    """orjson, imported on first use; None where the engine's Python lacks it (engctl
-    depends on it, but an engine may run another Python)."""
-    global _orjson
-    if _orjson is None:
-        try:
-            import orjson
-        except ImportError:  # pragma: no cover - engctl installs it
-            _orjson = False
-        else:
-            _orjson = orjson
-    return _orjson or None
 
 
 def _response(req_id: Any, outcome: Any, error: BaseException | None) -> bytes:
@@ -59,9 +44,7 @@ def _response(req_id: Any, outcome: Any, error: BaseException | None) -> bytes:
 
 
 def _dumps(msg: dict[str, Any]) -> bytes:
-    """Compact JSON of a response: orjson's bytes (once loaded) where they mean what `json`
-    would write, else `json`'s; a large one loads orjson for the next ones."""
-    orjson = _orjson or None
+    """Compact JSON of a response: orjson's bytes where they mean what `json` would write."""
     if orjson is not None:
         # Subclasses, datetimes and dataclasses pass through to no `default`: they raise, and
         # `json` encodes or refuses them as it always did, as it does NaN (orjson: null).
@@ -77,10 +60,7 @@ def _dumps(msg: dict[str, Any]) -> bytes:
         else:
             if b"null" not in out:
                 return out
-    data = json.dumps(msg, separators=(",", ":")).encode()
-    if len(data) >= LARGE_BYTES and _orjson is None:
-        _fast()
-    return data
+    return json.dumps(msg, separators=(",", ":")).encode()
 
 
 # orjson reads an integer beyond 64 bits as a float, `json` exactly: a line with a run of 19
@@ -89,8 +69,7 @@ _DIGIT_RUNS = bytes(57 if 48 <= b <= 57 else 32 for b in range(256))
 
 
 def _loads(line: bytes) -> Any:
-    """`json.loads(line)`: by orjson where it reads the same value and the line is large."""
-    orjson = _fast() if len(line) >= LARGE_BYTES else _orjson or None
+    """`json.loads(line)`: by orjson where it reads the same value."""
     if orjson is not None and b"9" * 19 not in line.translate(_DIGIT_RUNS):
         try:
             return orjson.loads(line)

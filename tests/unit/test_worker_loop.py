@@ -112,31 +112,3 @@ def test_coroutine_functions_are_told_as_inspect_tells_them() -> None:
     for h in (a, s, C().m, C().n, functools.partial(a), functools.partial(s), C(), print, len):
         assert worker._is_coroutine_function(h) == inspect.iscoroutinefunction(h), h
 
-
-def test_a_worker_loads_orjson_only_once_a_large_message_passes() -> None:
-    """Issue 12/13 (regression): importing orjson (with dataclasses, inspect, uuid, enum,
-    datetime) was 14 of the 27 ms a worker took to start, CPU that every process beside it
-    lost during a rolling reload. Small messages are read and written by `json`; the first
-    message of LARGE_BYTES or more loads orjson, and the answers are the same either way."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "from engctl.worker import serve\n"
-        "serve(lambda v: v if v != 'loaded?' else 'orjson' in sys.modules)\n"
-    )
-    frame = '{"jsonrpc":"2.0","id":%d,"method":"execute","params":{"input":%s}}\n'
-    big = json.dumps(["é" * 10, 2**70, 1.5] * 2000)
-    assert len(big) > worker.LARGE_BYTES
-    lines = [frame % (1, '"loaded?"'), frame % (2, '[1, "é", 2e3]'), frame % (3, big)]
-    lines.append(frame % (4, '"loaded?"'))
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        input="".join(lines).encode(),
-        capture_output=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr.decode()
-    answers = [json.loads(line) for line in done.stdout.splitlines()[1:]]  # after `ready`
-    assert [a["result"] for a in answers] == [False, [1, "é", 2000.0], json.loads(big), True]
