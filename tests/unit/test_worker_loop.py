@@ -8,6 +8,10 @@ import os
 import threading
 from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from engctl import worker
 
 
@@ -112,3 +116,61 @@ def test_coroutine_functions_are_told_as_inspect_tells_them() -> None:
     for h in (a, s, C().m, C().n, functools.partial(a), functools.partial(s), C(), print, len):
         assert worker._is_coroutine_function(h) == inspect.iscoroutinefunction(h), h
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 5000), min_size=0, max_size=12),
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=5),
+)
+def test_worker_answers_requests_however_the_reads_cut_them(
+    cuts: list[int], sizes: list[int]
+) -> None:
+    """Issue 13 (regression): each read was joined to the unfinished request and split again,
+    a sixth of a worker's time at 115 KB. Newlines are now searched for once per read: every
+    request is answered whole and in order wherever the writes cut the stream."""
+    frame = b'{"jsonrpc":"2.0","id":%d,"method":"execute","params":{"input":%s}}\n'
+    stream = b"".join(frame % (i, json.dumps("é" * n).encode()) for i, n in enumerate(sizes))
+    pieces, start = [], 0
+    for cut in cuts:
+        pieces.append(stream[start : start + cut])
+        start += cut
+    pieces.append(stream[start:])
+    answers, _ = _serve_over_a_pipe([p for p in pieces if p])
+    assert [a["id"] for a in answers] == list(range(len(sizes)))
+    assert [a["result"]["echo"] for a in answers] == ["é" * n for n in sizes]
+
+
+def test_worker_keeps_what_it_loaded_out_of_the_collectors_walks() -> None:
+    """Issue 13 (regression): a large request makes thousands of objects, and the full
+    collections they set off walked the whole heap of the worker each time (a quarter of its
+    time at 115 KB). `serve` freezes what the engine loaded before serving."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        "from engctl.worker import serve\n"
+        "serve(lambda v: gc.get_freeze_count())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=b'{"jsonrpc":"2.0","id":1,"method":"execute","params":{"input":5}}\n',
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout.splitlines()[-1])["result"] > 1000
+
+
+def test_a_large_request_is_read_as_json_reads_it() -> None:
+    """Issue 13: a request of LARGE_LINE bytes or more is read by msgspec (its integers exact,
+    no scan for runs of digits); what msgspec refuses and `json` reads (NaN) reads alike."""
+    pad = "x" * worker.LARGE_LINE
+    for text in ('{"n": 123456789012345678901234567890, "p": "%s"}', '{"n": NaN, "p": "%s"}'):
+        line = (text % pad).encode()
+        got, want = worker._loads(line), json.loads(line)
+        assert got.keys() == want.keys() and got["p"] == want["p"]
+        assert repr(got["n"]) == repr(want["n"])
+    with pytest.raises(ValueError):
+        worker._loads(b'{"p": "%s"' % pad.encode())
