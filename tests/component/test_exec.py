@@ -5,6 +5,7 @@ oneshot runs, --batch, --explain, observations in status, and the Python client.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -15,6 +16,8 @@ from typing import Any, cast
 import psutil
 import pytest
 
+from engctl.daemon import pipes
+from engctl.daemon.pipes import DEFAULT_PIPE_BYTES
 from engctl.errors import (
     EXIT_BUSY,
     EXIT_FAILED,
@@ -789,3 +792,23 @@ def test_client_reads_into_one_scratch_buffer(daemon: Home) -> None:
         assert c.exec(big, type="echo")["result"] == {"echo": big}
         assert list(c.exec_many(range(50), window=8, type="echo"))[-1]["result"] == {"echo": 49}
         assert c._scratch is scratch
+
+
+def test_a_large_request_grows_the_workers_pipes_to_cross_whole(daemon: Home) -> None:
+    """Issue 13 (regression): a 115 KB request and its answer crossed the worker's 64 KiB pipes
+    in pieces, a wake-up of each side per piece. The first frame that does not fit grows the
+    pipe it crosses (stdin at once, stdout once an answer came in pieces); answers stay whole."""
+    workers(daemon, e={"command": engine_cmd("echo.py"), "type": "echo"})
+    with daemon.client() as c:
+        pid = c.status()["engines"][0]["instances"][0]["pid"]
+        flags = os.O_RDONLY | os.O_NONBLOCK
+        stdin, stdout = (os.open(f"/proc/{pid}/fd/{n}", flags) for n in (0, 1))
+        try:
+            assert pipes.pipe_size(stdin) == pipes.pipe_size(stdout) == DEFAULT_PIPE_BYTES
+            big = {"text": "é" * 100_000}  # some 200 KB of JSON
+            for _ in range(2):
+                assert c.exec(big, type="echo")["result"] == {"echo": big}
+            assert pipes.pipe_size(stdin) == pipes.pipe_size(stdout) == 256 * 1024
+        finally:
+            os.close(stdin)
+            os.close(stdout)

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from engctl.daemon import pipes
 from engctl.daemon.channel import WorkerChannel
+from engctl.daemon.pipes import DEFAULT_PIPE_BYTES, PipeBudget
 from engctl.daemon.server import Outbox
 from engctl.errors import EngctlError
 
@@ -37,10 +39,11 @@ class Sink:
 class Owner:
     """The dispatcher as a channel sees it: answers go to the sink."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget: PipeBudget | None = None) -> None:
         self.loop = loop
         self.outbox = Outbox(loop)
         self.sink = Sink(self.outbox)
+        self.pipe_budget = budget or PipeBudget.of_this_user()
 
     def answered(self, req: Any, ok: bool, result: Any, error: EngctlError | None) -> None:
         self.sink.write(b"%s\n" % result.raw)
@@ -52,14 +55,20 @@ class Owner:
 
 
 class Proc:
-    """A ChildProcess as a channel uses it: the worker's stdin (a real pipe)."""
+    """A ChildProcess as a channel uses it: the worker's stdin (a real pipe), and its stdout
+    (another) when asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, stdout: bool = False) -> None:
         r, w = os.pipe()
         self.reader = os.fdopen(r, "rb")
         self.popen = subprocess.Popen.__new__(subprocess.Popen)
         self.popen.stdin = os.fdopen(w, "wb")
         self.popen.stdout = None
+        self.writer = None
+        if stdout:
+            r, w = os.pipe()
+            self.popen.stdout = os.fdopen(r, "rb")
+            self.writer = os.fdopen(w, "wb")
 
 
 class Req:
@@ -143,3 +152,61 @@ def test_frames_larger_than_the_pipe_arrive_whole_and_in_order(
     finally:
         channel.close()
         proc.reader.close()
+
+
+def _pipe_bytes(fd: int) -> int:
+    size = pipes.pipe_size(fd)
+    assert size is not None
+    return size
+
+
+def test_a_frame_larger_than_the_pipe_grows_it_to_cross_whole(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Issue 13 (regression): a 115 KB request crossed the worker's 64 KiB stdin in pieces, a
+    wake-up of each side per piece. The first frame that does not fit grows the pipe to hold it
+    (within the budget), an answer line that came in pieces grows stdout alike, and closing
+    the channel gives the budget back."""
+    budget = PipeBudget(total=4 * 1024 * 1024, largest=1024 * 1024)
+    owner = Owner(loop, budget)
+    proc = Proc(stdout=True)
+    channel = WorkerChannel(owner, Inst(0), proc)  # type: ignore[arg-type]
+    assert proc.popen.stdout is not None and proc.writer is not None
+    stdout = proc.popen.stdout.fileno()
+    try:
+        assert _pipe_bytes(proc.reader.fileno()) == DEFAULT_PIPE_BYTES
+        channel.send(Req(b'"%s"' % (b"x" * 1000)))  # type: ignore[arg-type]
+        assert _pipe_bytes(proc.reader.fileno()) == DEFAULT_PIPE_BYTES
+        channel.send(Req(b'"%s"' % (b"x" * 120_000)))  # type: ignore[arg-type]
+        assert _pipe_bytes(proc.reader.fileno()) == 128 * 1024
+        line = b'{"jsonrpc":"2.0","id":2,"result":"%s"}\n' % (b"y" * 200_000)
+        channel.feed(line[:65536])
+        channel.feed(line[65536:])  # a line that came in pieces
+        assert _pipe_bytes(stdout) == 256 * 1024
+        assert budget.used == (128 - 64) * 1024 + (256 - 64) * 1024
+    finally:
+        channel.close()
+        proc.reader.close()
+        proc.writer.close()
+        proc.popen.stdout.close()
+    assert budget.used == 0
+
+
+def test_pipes_grow_no_further_than_the_budget(loop: asyncio.AbstractEventLoop) -> None:
+    """What the daemon adds to its pipes stays within its budget (a quarter of the user's pipe
+    allowance: past it Linux gives every new pipe of the user 8 KiB)."""
+    budget = PipeBudget(total=100 * 1024, largest=1024 * 1024)
+    owner = Owner(loop, budget)
+    procs = [Proc() for _ in range(3)]
+    channels = [WorkerChannel(owner, Inst(k), p) for k, p in enumerate(procs)]  # type: ignore[arg-type]
+    try:
+        for ch in channels:
+            ch.send(Req(b'"%s"' % (b"x" * 100_000)))  # type: ignore[arg-type]
+        sizes = [_pipe_bytes(p.reader.fileno()) for p in procs]
+        assert sizes == [128 * 1024, DEFAULT_PIPE_BYTES, DEFAULT_PIPE_BYTES]
+        assert budget.used == 64 * 1024
+    finally:
+        for ch in channels:
+            ch.close()
+        for p in procs:
+            p.reader.close()

@@ -74,6 +74,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     # mechanism: processes, pipes, files, sockets
     "process": set(),
     "memory": set(),
+    "pipes": set(),
     "monitor": {"process"},
     "server": set(),
     "storage": set(),
@@ -100,12 +101,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     # requests
     "request": {"admission", "selection", "server", "stats"},
     "deadlines": {"request"},
-    "channel": {"instance", "output", "process", "request", "server"},
+    "channel": {"instance", "output", "pipes", "process", "request", "server"},
     "dispatch": {
         "channel",
         "instance",
         "oneshot",
         "output",
+        "pipes",
         "process",
         "request",
         "selection",

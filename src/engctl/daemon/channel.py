@@ -20,8 +20,9 @@ from engctl import protocol
 from engctl.errors import EngctlError, RequestFailedError
 from engctl.protocol import WORKER_EXECUTE, WORKER_PING
 
-from . import output
+from . import output, pipes
 from .output import MAX_WORKER_LINE
+from .pipes import DEFAULT_PIPE_BYTES, PipeBudget
 from .request import Request
 from .server import Outbox, RawJSON
 
@@ -40,6 +41,7 @@ class ChannelOwner(Protocol):
 
     loop: asyncio.AbstractEventLoop
     outbox: Outbox
+    pipe_budget: PipeBudget
 
     def answered(self, req: Request, ok: bool, result: Any, error: EngctlError | None) -> None:
         """The worker answered `req` (or the attempt failed with `error`)."""
@@ -82,14 +84,38 @@ class WorkerChannel:
         self._next_id = 1
         self.closed = False
         self.last_read = 0.0  # loop time of the last bytes from the worker
+        # The pipes' capacities, grown for the first frame that does not fit (`pipes`).
+        self._stdin_size = pipes.pipe_size(self._fd) or DEFAULT_PIPE_BYTES
+        stdout = proc.popen.stdout
+        self._stdout_fd = stdout.fileno() if stdout is not None else -1
+        self._stdout_size = pipes.pipe_size(self._stdout_fd) or DEFAULT_PIPE_BYTES
+        self._grown = 0  # bytes this channel's pipes took from the budget
 
     # -- writing -----------------------------------------------------------------------
     def send(self, req: Request) -> int:
         wid = self._next_id
         self._next_id += 1
         self.pending[wid] = req
-        self._write(WORKER_EXECUTE % (wid, req.input_json))
+        frame = WORKER_EXECUTE % (wid, req.input_json)
+        if len(frame) > self._stdin_size:
+            self._stdin_size = self._grow(self._fd, self._stdin_size, len(frame))
+        self._write(frame)
         return wid
+
+    def _grow(self, fd: int, size: int, frame: int) -> int:
+        """Grow pipe `fd` (of `size` bytes) to take a frame of `frame` bytes whole, as far as the
+        budget lets it: its size then."""
+        budget = self.owner.pipe_budget
+        wanted = budget.size_for(size, frame)
+        if wanted is None or self.closed:
+            return size
+        held = pipes.resize_pipe(fd, wanted)
+        if held is None:
+            budget.refused()
+            return size
+        budget.took(size, held)
+        self._grown += max(held - size, 0)
+        return held
 
     def ping(self, on_answer: Callable[[], None]) -> None:
         """Send a ping; `on_answer()` runs when it is answered (never, if it is not)."""
@@ -177,6 +203,9 @@ class WorkerChannel:
                 buf += data[:nl]
                 line = bytes(buf)
                 buf.clear()
+                if len(line) >= self._stdout_size:  # it came in pieces: the next one need not
+                    size = self._grow(self._stdout_fd, self._stdout_size, len(line) + 1)
+                    self._stdout_size = size
                 if line.strip():
                     self._line(line)
             start = nl + 1
@@ -265,6 +294,7 @@ class WorkerChannel:
         if self.closed:
             return
         self.closed = True
+        self.owner.pipe_budget.gave_back(self._grown)
         if self._writer_on:
             self.owner.loop.remove_writer(self._fd)
         with contextlib.suppress(OSError):

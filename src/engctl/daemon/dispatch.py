@@ -23,6 +23,7 @@ from . import output, process
 from .channel import WorkerChannel
 from .instance import Instance
 from .oneshot import OneshotRun, uses_argv
+from .pipes import PipeBudget
 from .process import ChildProcess
 from .request import Request
 from .selection import Candidate, CandidateKind, CandidatePool
@@ -55,6 +56,7 @@ class Dispatcher:
         self.sup = sup
         self.pool = pool  # a broken channel's instance leaves it at once
         self.outbox = outbox
+        self.pipe_budget = PipeBudget.of_this_user()
         self.loop = sup.loop
         self.channels: dict[str, WorkerChannel] = {}
         self.oneshot_runs: dict[Request, OneshotRun] = {}  # so shutdown can kill them
