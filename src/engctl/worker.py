@@ -100,6 +100,7 @@ def _loads(line: bytes) -> Any:
 
 
 def _load_msgspec() -> Callable[[bytes], Any] | None:
+    """msgspec's decoder, imported on the first large request (None where it is missing)."""
     global _large_decode, _large_tried
     _large_tried = True
     try:

@@ -174,3 +174,45 @@ def test_a_large_request_is_read_as_json_reads_it() -> None:
         assert repr(got["n"]) == repr(want["n"])
     with pytest.raises(ValueError):
         worker._loads(b'{"p": "%s"' % pad.encode())
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**80), 2**80)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["\ud800", "é€😀", "\u2028"]),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_values, ascii_only=st.booleans(), cut=st.integers(0, 40))
+def test_a_large_request_reads_as_json_reads_it_on_generated_values(
+    value: Any, ascii_only: bool, cut: int
+) -> None:
+    """Issue 13: a request of LARGE_LINE bytes or more (msgspec's path) reads as `json.loads`
+    reads it, integers past 64 bits, NaN and lone surrogates included; a line cut short is
+    refused with a ValueError, as by `json`."""
+    try:
+        text = json.dumps([value, "x" * worker.LARGE_LINE], ensure_ascii=ascii_only)
+    except (TypeError, ValueError):
+        return
+    line = text.encode("utf-8", "surrogatepass")
+    if cut:
+        line = line[:-cut]
+
+    def outcome(read: Any) -> tuple[str, Any]:
+        try:
+            return "ok", read(line)
+        except (ValueError, RecursionError) as exc:
+            return type(exc).__name__, None
+
+    got, want = outcome(worker._loads), outcome(json.loads)
+    assert got[0] == want[0]
+    if got[0] == "ok":
+        assert repr(got[1]) == repr(want[1])
