@@ -13,6 +13,7 @@ import sys
 from enum import StrEnum
 
 from engctl.errors import EngctlError, InvalidParamsError, ParseError, ProtocolError
+from engctl.finite import nonfinite_float_in
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
@@ -238,8 +239,8 @@ def encode_input(value: Any) -> bytes:
         out: bytes = orjson.dumps(value, option=strict)
     except TypeError:  # orjson.JSONEncodeError: what `json` encodes alike, or refuses
         return encode_value(value)
-    if _find_null(out) is not None:
-        return encode_value(value)  # None, or a non-finite float orjson wrote as null
+    if _find_null(out) is not None and nonfinite_float_in(value):
+        return encode_value(value)  # a NaN or infinity, which orjson wrote as null
     return out
 
 

@@ -3,9 +3,9 @@
 The protocol (docs/protocol.md): JSON-RPC 2.0 lines on stdin/stdout; `execute` carries
 `params.input`, `ping` answers anything; the optional `ready` notification ends warm-up.
 stdout belongs to the protocol, so the handler's prints are sent to stderr (the engine's log).
-Runs inside engines: imports the stdlib only, nothing else of engctl, and orjson (msgspec for
-large requests) when the engine's Python has them (engctl depends on both; an engine may run
-another Python).
+Runs inside engines: imports the stdlib, `engctl.finite` (stdlib only) and nothing else of
+engctl, and orjson (msgspec for large requests) when the engine's Python has them (engctl
+depends on both; an engine may run another Python).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import re
 import sys
 import time
+
+from engctl.finite import nonfinite_float_in
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: typing costs a worker's start 3 ms
 if TYPE_CHECKING:
@@ -61,13 +63,14 @@ def _dumps(msg: dict[str, Any]) -> bytes:
         except TypeError:
             pass
         else:
-            if _find_null(out) is None:
+            if _find_null(out) is None or not nonfinite_float_in(msg):
                 return out
     return json.dumps(msg, separators=(",", ":")).encode()
 
 
-# A `null` in orjson's bytes may be a NaN or an infinity (`json` writes those as such). Found by
-# a compiled pattern: 0.04 ms at 115 KB where `b"null" in out` takes 0.07 (`re` comes with json).
+# A `null` in orjson's bytes may be a NaN or an infinity (`json` writes those as such), or a None
+# (`nonfinite_float_in` tells). Found by a compiled pattern: 0.04 ms at 115 KB where
+# `b"null" in out` takes 0.07 (`re` comes with json).
 _find_null = re.compile(b"null").search
 
 # orjson reads an integer beyond 64 bits as a float, `json` exactly: a line with a run of 19

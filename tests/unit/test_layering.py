@@ -22,6 +22,7 @@ SHARED = {
     "engctl.config",
     "engctl.documents",
     "engctl.errors",
+    "engctl.finite",
     "engctl.histogram",
     "engctl.homefiles",
     "engctl.models",
@@ -291,11 +292,16 @@ def test_the_shared_contract_imports_only_the_stdlib(name: str) -> None:
 
 
 def test_the_engine_helper_imports_only_the_stdlib() -> None:
-    """`engctl.worker` runs inside engines: nothing of engctl, nothing outside the stdlib but
-    orjson and msgspec (used when the engine's Python has them)."""
+    """`engctl.worker` runs inside engines: nothing of engctl but `engctl.finite` (which
+    imports the stdlib only), nothing outside the stdlib but orjson and msgspec (used when the
+    engine's Python has them)."""
     for module in imported("engctl.worker"):
+        if module in ("engctl", "engctl.finite"):
+            continue
         top = module.partition(".")[0]
         assert top in sys.stdlib_module_names or top in ("__future__", "orjson", "msgspec"), module
+    assert all(m.partition(".")[0] in sys.stdlib_module_names | {"__future__"}
+               for m in imported("engctl.finite"))
 
 
 @pytest.mark.parametrize("name", sorted(m for m in modules() if under(m, "engctl.render")))
