@@ -96,6 +96,19 @@ def printed(child: pexpect.spawn[str]) -> str:
     return child.before
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values, NaN equal to NaN, an int never equal to a float."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (a != a and b != b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
 def engine_cmd(script: str, *args: str) -> list[str]:
     """argv running one of the test engines with this interpreter."""
     return [PY, str(ENGINES / script), *args]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from engctl import protocol, worker
 from engctl.finite import nonfinite_float_in
+from tests.conftest import same_json
 
 _values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
@@ -69,19 +70,6 @@ def test_a_payload_with_none_keeps_orjson_bytes_and_a_nan_keeps_jsons_meaning(
     assert slow == ["input", "reply"]
 
 
-def _same_json(a: Any, b: Any) -> bool:
-    """Equal as JSON values, NaN equal to NaN, an int never equal to a float."""
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (a != a and b != b)
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
-    return bool(a == b)
-
-
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(_values, st.sampled_from(["\ud800", 2**70, [None, float("inf")]])))
 def test_a_workers_reply_reads_back_as_jsons_would(value: Any) -> None:
@@ -89,4 +77,4 @@ def test_a_workers_reply_reads_back_as_jsons_would(value: Any) -> None:
     as the reply `json` writes, NaN, infinities, None, big integers and tuples included."""
     fast = json.loads(worker._response(1, value, None))
     slow = json.loads(json.dumps({"jsonrpc": "2.0", "id": 1, "result": value}))
-    assert _same_json(fast, slow)
+    assert same_json(fast, slow)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from engctl import protocol
 from engctl.errors import BusyError, EngctlError, ParseError, ProtocolError
+from tests.conftest import same_json
 
 protocol.load_msgspec()  # loaded: the msgspec paths of loads and valid_json are the ones tested
 
@@ -397,26 +398,13 @@ def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
         return type(exc).__name__, str(exc)
 
 
-def _same_json(a: Any, b: Any) -> bool:
-    """Equal as JSON values, NaN equal to NaN, an int never equal to a float."""
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (a != a and b != b)
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
-    return bool(a == b)
-
-
 def _assert_reads_back_as_encode_value(encode: Callable[[Any], bytes], value: Any) -> None:
     """`encode(value)` reads back (`json`) as the same value as `encode_value`'s bytes, or
     fails with the same error."""
     fast, slow = _outcome(encode, value), _outcome(protocol.encode_value, value)
     assert fast[0] == slow[0]
     if fast[0] == "ok":
-        assert _same_json(json.loads(fast[1]), json.loads(slow[1]))
+        assert same_json(json.loads(fast[1]), json.loads(slow[1]))
     else:
         assert fast == slow
 
@@ -440,7 +428,7 @@ def test_loads_is_json_loads_on_generated_json(value: Any, ascii_only: bool) -> 
         return
     fast, slow = _outcome(protocol.loads, data), _outcome(json.loads, data)
     assert fast[0] == slow[0]
-    assert fast[0] != "ok" or _same_json(fast[1], slow[1])
+    assert fast[0] != "ok" or same_json(fast[1], slow[1])
 
 
 _members = st.dictionaries(
@@ -482,7 +470,7 @@ def test_split_exec_reads_what_parse_frame_reads(
         return
     got_id, got_params, got_raw = split
     assert got_id == obj["id"]
-    assert _same_json({**got_params, "input": json.loads(got_raw)}, obj["params"])
+    assert same_json({**got_params, "input": json.loads(got_raw)}, obj["params"])
 
 
 def test_worker_frames_are_requests_of_the_worker_protocol() -> None:
@@ -526,7 +514,7 @@ def test_valid_json_only_passes_what_json_reads(
         return
     for candidate in (data, data[:at] + junk + data[at:]):
         if protocol.valid_json(candidate):
-            assert _same_json(json.loads(candidate), protocol.loads(candidate))
+            assert same_json(json.loads(candidate), protocol.loads(candidate))
 
 
 _docs = st.recursive(
