@@ -182,8 +182,8 @@ def _serve_sync(handler: Callable[[Any], Any], inp: IO[bytes], out: IO[bytes]) -
     # Requests that arrive together are answered with one write (one wake-up of the daemon),
     # unless a handler is slow: then each answer leaves as soon as it is ready.
     readinto1 = getattr(inp, "readinto1", None)  # what is available now, at most one read(2)
-    if readinto1 is None:
-        for line in iter(inp.readline, b""):
+    if readinto1 is None:  # a stream of lines only: one request per readline
+        while line := inp.readline():
             if line.strip():
                 out.write(_answer(handler, line))
                 out.flush()

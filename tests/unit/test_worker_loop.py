@@ -216,3 +216,20 @@ def test_a_large_request_reads_as_json_reads_it_on_generated_values(
     assert got[0] == want[0]
     if got[0] == "ok":
         assert repr(got[1]) == repr(want[1])
+
+
+def test_a_stdin_that_only_reads_lines_is_served_to_its_end() -> None:
+    """`serve(stdin=...)` with an object that has `readline` only: each line answered, blank
+    lines skipped, a last request without its newline answered, and the loop ends at EOF."""
+
+    class Lines:
+        def __init__(self, data: bytes) -> None:
+            self.buf = io.BytesIO(data)
+
+        def readline(self) -> bytes:
+            return self.buf.readline()
+
+    frame = b'{"jsonrpc":"2.0","id":%d,"method":"execute","params":{"input":%d}}'
+    out = io.BytesIO()
+    worker._serve_sync(lambda v: v, Lines(frame % (1, 1) + b"\n\n" + frame % (2, 2)), out)  # type: ignore[arg-type]
+    assert [json.loads(x)["result"] for x in out.getvalue().splitlines()] == [1, 2]
