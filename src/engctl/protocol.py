@@ -13,7 +13,6 @@ import sys
 from enum import StrEnum
 
 from engctl.errors import EngctlError, InvalidParamsError, ParseError, ProtocolError
-from engctl.finite import nonfinite_float_in
 
 TYPE_CHECKING = False  # typing is not imported at run time: it is on every CLI start
 if TYPE_CHECKING:
@@ -239,8 +238,11 @@ def encode_input(value: Any) -> bytes:
         out: bytes = orjson.dumps(value, option=strict)
     except TypeError:  # orjson.JSONEncodeError: what `json` encodes alike, or refuses
         return encode_value(value)
-    if _find_null(out) is not None and nonfinite_float_in(value):
-        return encode_value(value)  # a NaN or infinity, which orjson wrote as null
+    if _find_null(out) is not None:
+        from engctl.finite import nonfinite_float_in  # only here: not on every CLI start
+
+        if nonfinite_float_in(value):
+            return encode_value(value)  # a NaN or infinity, which orjson wrote as null
     return out
 
 
