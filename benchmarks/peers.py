@@ -324,14 +324,22 @@ def main() -> None:
                 run(value, 20, WINDOW)
         times: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
         seconds: dict[tuple[str, str, int], float] = collections.defaultdict(float)
+        # Each round's own figure: this machine's speed drifts from one minute to the next,
+        # and the rounds show how far (the row's figure is over all rounds).
+        per_round: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
         daemon_cpu: dict[tuple[str, int], float] = collections.defaultdict(float)
         for _ in range(args.rounds):
             for (size, window), n in counts.items():
                 for name, run in peers.items():
                     cpu0 = daemon.cpu_times()
                     t = time.perf_counter()
-                    times[name, size, window] += run(values[size], n, window)
-                    seconds[name, size, window] += time.perf_counter() - t
+                    got = run(values[size], n, window)
+                    took = time.perf_counter() - t
+                    times[name, size, window] += got
+                    seconds[name, size, window] += took
+                    per_round[name, size, window].append(
+                        p50_ms(got) if window == 1 else round(n / took, 1)
+                    )
                     if name == "engctl":
                         cpu1 = daemon.cpu_times()
                         daemon_cpu[size, window] += (cpu1.user + cpu1.system) - (
@@ -344,9 +352,10 @@ def main() -> None:
             for name in peers:
                 key = (name, size, window)
                 if window == 1:
-                    row[name] = {"p50_ms": p50_ms(times[key])}
+                    row[name] = {"p50_ms": p50_ms(times[key]), "rounds_p50_ms": per_round[key]}
                 else:
-                    row[name] = {"rps": round(total / seconds[key], 1)}
+                    rps = round(total / seconds[key], 1)
+                    row[name] = {"rps": rps, "rounds_rps": per_round[key]}
             figure = "p50_ms" if window == 1 else "rps"
             mine = row["engctl"][figure]
             others = [row[p][figure] for p in peers if p not in ("engctl", "direct")]
