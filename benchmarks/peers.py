@@ -1,7 +1,8 @@
 """Peers benchmark (issue 13.6): engctl against what else runs the same echo work, side by side.
 
 Run: `python benchmarks/peers.py [--quick] [--rounds 3]`. Prints one JSON object (every figure,
-the table, and pass/fail of the targets) on stdout and the table on stderr. Measured in the
+each round's own beside it, the table, and pass/fail of the targets) on stdout and the table on
+stderr. Measured in the
 same run, in alternating rounds so that other load on the machine hits every peer alike:
 
 - direct: this process speaks the worker protocol over one echo worker's pipes (the ceiling:
