@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import replace
 
@@ -475,6 +476,44 @@ def test_memory_keeps_only_the_window_of_samples() -> None:
     assert w.samples[0][0] == 499.0 - 60.0
     w.reset()
     assert not w.samples
+
+
+class _DequeWatch(MemoryWatch):
+    """MemoryWatch as it was: its samples in a deque of tuples (the reference)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples = collections.deque()  # type: ignore[assignment]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(0.1, 5.0), st.integers(-50 * MIB, 60 * MIB), st.booleans()),
+        max_size=400,
+    ),
+    window=st.sampled_from([5.0, 60.0, 600.0]),
+)
+def test_memory_window_in_arrays_decides_as_the_deque_did(
+    steps: list[tuple[float, int, bool]], window: float
+) -> None:
+    """The samples kept in two arrays (16 bytes each, was some 70 as tuples in a deque: 4.3 MiB
+    at 1,000 instances for a 60 s window) give every decision, reason and figure the deque
+    gave, through resets (a new process) too."""
+    policy = MemoryPolicy(leak_window=window, leak_rate=1 * MIB)
+    new, old = MemoryWatch(), _DequeWatch()
+    now, rss = 0.0, 100 * MIB
+    for dt, change, reset in steps:
+        if reset and now > 0 and change % 7 == 0:
+            new.reset()
+            old.reset()
+            old.samples = collections.deque()  # type: ignore[assignment]
+        now += dt
+        rss = max(rss + change, 0)
+        got = new.observe(now, rss, 900 * MIB, policy)
+        assert got == old.observe(now, rss, 900 * MIB, policy)
+        assert len(new.samples) == len(old.samples)
+        assert [new.samples[i] for i in (0, -1)] == [old.samples[0], old.samples[-1]]
 
 
 # --- CPU ------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ Imports the shared contract only: no daemon module, no process, no loop.
 
 from __future__ import annotations
 
+import array
 import collections
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -178,7 +179,7 @@ class MemoryWatch:
     """
 
     def __init__(self) -> None:
-        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+        self.samples = _Samples()
         self._fit = _RunningFit()
         self._rising = 0  # steps between consecutive samples in the window that went up
 
@@ -234,6 +235,50 @@ class MemoryWatch:
         self.samples.clear()
         self._fit = _RunningFit()
         self._rising = 0
+
+
+class _Samples:
+    """The (time, RSS) samples of a window, oldest first, as two machine arrays: 16 bytes a
+    sample where a deque of tuples held some 70 (a tuple, a float and an int each): with 1,000
+    instances a 60 s window was 4.3 MiB of the daemon's RSS. Taken from the front by moving a
+    start index; the arrays are compacted once half of them is spent."""
+
+    __slots__ = ("_start", "_t", "_y")
+
+    def __init__(self) -> None:
+        self._t = array.array("d")
+        self._y = array.array("q")
+        self._start = 0
+
+    def __len__(self) -> int:
+        return len(self._t) - self._start
+
+    def __getitem__(self, i: int) -> tuple[float, int]:
+        k = self._start + i if i >= 0 else len(self._t) + i
+        if not self._start <= k < len(self._t):
+            raise IndexError("sample index out of range")
+        return self._t[k], self._y[k]
+
+    def __iter__(self) -> Iterator[tuple[float, int]]:
+        return zip(self._t[self._start :], self._y[self._start :], strict=True)
+
+    def append(self, sample: tuple[float, int]) -> None:
+        self._t.append(sample[0])
+        self._y.append(sample[1])
+
+    def popleft(self) -> tuple[float, int]:
+        oldest = self[0]
+        self._start += 1
+        if self._start >= 64 and self._start * 2 >= len(self._t):
+            del self._t[: self._start]
+            del self._y[: self._start]
+            self._start = 0
+        return oldest
+
+    def clear(self) -> None:
+        del self._t[:]
+        del self._y[:]
+        self._start = 0
 
 
 class _RunningFit:
