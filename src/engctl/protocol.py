@@ -275,18 +275,25 @@ def result_head(req_id: int) -> bytes:
     return RESPONSE_HEAD + b"%d" % req_id + RESULT_MEMBER
 
 
+def head_id(line: bytes, head: bytes, marker: bytes) -> tuple[int, int] | None:
+    """(id, where `marker` starts) of a frame laid out as `head`, a JSON integer id of up to 20
+    digits, `marker`: the hand-built frames' ids read without decoding; None for any other."""
+    if not line.startswith(head):
+        return None
+    start = len(head)
+    end = line.find(marker, start, start + 20 + len(marker))
+    digits = line[start:end]
+    # A JSON integer id: digits, no leading zero (json.loads refuses "01").
+    if end < 0 or not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
+        return None
+    return int(digits), end
+
+
 def response_id(line: bytes) -> int | None:
     """The integer id of a response that starts as the daemon writes them
     (`{"jsonrpc":"2.0","id":N,...`), read without decoding the frame; None for any other."""
-    if not line.startswith(RESPONSE_HEAD):
-        return None
-    head = len(RESPONSE_HEAD)
-    comma = line.find(b",", head, head + 21)  # an id of up to 20 digits
-    digits = line[head:comma]
-    # A JSON integer id: digits, no leading zero (json.loads refuses "01").
-    if comma < 0 or not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
-        return None
-    return int(digits)
+    found = head_id(line, RESPONSE_HEAD, b",")
+    return None if found is None else found[0]
 
 
 def exec_members(params: dict[str, Any]) -> bytes:
@@ -299,12 +306,10 @@ def split_exec(line: bytes) -> tuple[int, dict[str, Any], bytes] | None:
     """An EXEC_FRAME as a client writes it: (id, the parameters but the input, the input's
     bytes), the input checked but not decoded into the parameters, to be relayed as
     it came. None for any other frame, or one this does not read alike: `parse_frame` then."""
-    head = len(EXEC_HEAD)
-    comma = line.find(_PARAMS_MEMBER, head, head + 21)  # an id of up to 20 digits
-    digits = line[head:comma]
-    # A JSON integer id: digits, no leading zero (json.loads refuses "01").
-    if comma < 0 or not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
+    found = head_id(line, EXEC_HEAD, _PARAMS_MEMBER)
+    if found is None:
         return None
+    req_id, comma = found
     # The other parameters, up to the "input" key: read as Latin-1, where a character is a
     # byte, so offsets are byte offsets (UTF-8 never puts a quote or a backslash inside a
     # multibyte character, so the structure scans alike; the values are decoded below).
@@ -334,7 +339,7 @@ def split_exec(line: bytes) -> tuple[int, dict[str, Any], bytes] | None:
         params = loads(b"{" + members[:-1] + b"}") if i else {}
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return int(digits), params, raw
+    return req_id, params, raw
 
 
 def exec_result(

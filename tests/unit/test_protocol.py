@@ -391,6 +391,14 @@ _inputs = st.recursive(
 )
 
 
+def _parsed(frame: bytes) -> dict[str, Any] | None:
+    """What parse_frame reads from `frame`, or None where it refuses it."""
+    try:
+        return protocol.parse_frame(frame)
+    except EngctlError:
+        return None
+
+
 def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
     try:
         return "ok", fn(*args)
@@ -461,9 +469,8 @@ def test_split_exec_reads_what_parse_frame_reads(
     elif twist == "tail":
         frame = frame[:-1] + b',"input":2}'
     split = protocol.split_exec(frame)
-    try:
-        obj = protocol.parse_frame(frame)
-    except EngctlError:
+    obj = _parsed(frame)
+    if obj is None:
         assert split is None
         return
     if split is None:
@@ -563,12 +570,27 @@ def test_response_id_is_the_id_parse_frame_reads(req_id: Any, body: str, twist: 
     elif twist == "order":
         line = line.replace(b'"jsonrpc":"2.0","id":', b'"id":', 1)[:-1] + b',"jsonrpc":"2.0"}'
     got = protocol.response_id(line)
-    try:
-        msg = protocol.parse_frame(line)
-    except EngctlError:
+    msg = _parsed(line)
+    if msg is None:
         assert got is None
         return
     if got is not None:
         assert type(msg["id"]) is int and msg["id"] == got
     elif not twist and type(req_id) is int and 0 <= req_id < 10**20:
         raise AssertionError(f"the daemon's own head was not read: {line!r}")
+
+
+def test_hand_built_frames_are_read_fast_with_ids_of_up_to_20_digits() -> None:
+    """Regression: `split_exec` looked for the parameters within 21 bytes of the id's start,
+    which the 11 bytes of `,"params":{` left 10 digits of: a longer id took the decoding path.
+    One reader (`head_id`) now serves requests, worker replies and daemon responses alike."""
+    for req_id in (7, 10**10, 10**19, 2**64 - 1):
+        frame = protocol.EXEC_FRAME[:-1] % (req_id, b"", b"[1]")
+        assert protocol.split_exec(frame) == (req_id, {}, b"[1]")
+        assert protocol.response_id(protocol.raw_result(req_id, b"1")) == req_id
+        reply = protocol.result_head(req_id) + b"1}"
+        assert protocol.head_id(reply, protocol.RESPONSE_HEAD, protocol.RESULT_MEMBER) == (
+            req_id,
+            reply.index(protocol.RESULT_MEMBER),
+        )
+    assert protocol.split_exec(protocol.EXEC_FRAME[:-1] % (10**20, b"", b"1")) is None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engctl.protocol import RESPONSE_HEAD, RESULT_MEMBER, valid_json
+from engctl.protocol import RESPONSE_HEAD, RESULT_MEMBER, head_id, valid_json
 
 # The longest worker protocol line the daemon reads. A result is
 # delivered to its client in one frame of its own size plus an envelope of a few hundred
@@ -66,18 +66,16 @@ def reply(line: bytes) -> tuple[Any, bytes | None]:
     the raw bytes decode to exactly `json.loads(line)["result"]`. Raises OutputError for a
     line that does not parse.
     """
-    if line.startswith(_HEAD):
-        comma = line.find(_RESULT, len(_HEAD), len(_HEAD) + 30)  # an id of up to 20 digits
-        digits = line[len(_HEAD) : comma]
-        # A JSON integer id: digits, no leading zero (json.loads refuses "01").
-        if comma > 0 and digits.isdigit() and (digits[0] != 48 or len(digits) == 1):
-            start = comma + len(_RESULT)
-            stop = len(line.rstrip(_WSB)) - 1
-            # Nothing after the value but the closing brace: no other member, so no
-            # duplicate either; msgspec checks the value without the line being decoded.
-            raw = line[start:stop]
-            if stop > start and line[stop] == 125 and valid_json(raw):  # 125: "}"
-                return {"jsonrpc": "2.0", "id": int(digits)}, raw.strip(_WSB)
+    found = head_id(line, _HEAD, _RESULT)
+    if found is not None:
+        wid, comma = found
+        start = comma + len(_RESULT)
+        stop = len(line.rstrip(_WSB)) - 1
+        # Nothing after the value but the closing brace: no other member, so no
+        # duplicate either; msgspec checks the value without the line being decoded.
+        raw = line[start:stop]
+        if stop > start and line[stop] == 125 and valid_json(raw):  # 125: "}"
+            return {"jsonrpc": "2.0", "id": wid}, raw.strip(_WSB)
     obj = decode(line)
     if not isinstance(obj, dict) or "result" not in obj:
         return obj, None
