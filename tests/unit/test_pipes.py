@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,7 +51,8 @@ def test_of_this_user_is_a_quarter_of_the_soft_allowance() -> None:
     with open("/proc/sys/fs/pipe-user-pages-soft", "rb") as f:
         soft = int(f.read())
     budget = PipeBudget.of_this_user()
-    assert budget.total == (soft * 4096 // 4 if soft else 64 * 1024 * KIB)
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert budget.total == (soft * page // 4 if soft else 64 * 1024 * KIB)
     assert budget.largest >= 64 * KIB
 
 

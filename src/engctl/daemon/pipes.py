@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 
 # A pipe's capacity when nobody asked for another (Linux: 16 pages).
 DEFAULT_PIPE_BYTES = 64 * 1024
 # What the daemon may add in all where the user's pages are not limited (fs.pipe-user-pages-soft
 # = 0) or cannot be read.
 UNLIMITED_BUDGET_BYTES = 64 * 1024 * 1024
-PAGE_BYTES = 4096
+# fs.pipe-user-pages-soft counts pages of this size (4 KiB on x86-64, up to 64 KiB elsewhere).
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 def pipe_size(fd: int) -> int | None:
