@@ -40,13 +40,19 @@ def bucket_bounds(idx: int) -> tuple[int, int]:
     return m << e, (m + 1) << e
 
 
+# The counts of every histogram that has none yet: each instance has one, and most never see
+# a request (services) or not yet: 2 KiB each that a list of its own would cost until then.
+_NO_COUNTS: tuple[int, ...] = (0,) * NBUCKETS
+
+
 class Histogram:
     """Counts per bucket plus exact count, sum and max."""
 
     __slots__ = ("count", "counts", "max_us", "sum_us")
 
     def __init__(self) -> None:
-        self.counts = [0] * NBUCKETS
+        # A list of its own from the first observation on (`record_ms`, `decode`, `from_counts`).
+        self.counts: list[int] | tuple[int, ...] = _NO_COUNTS
         self.count = 0
         self.sum_us = 0
         self.max_us = 0
@@ -61,7 +67,10 @@ class Histogram:
             idx = e * SUB + (us >> e)
             if idx >= NBUCKETS:
                 idx = NBUCKETS - 1
-        self.counts[idx] += 1
+        counts = self.counts
+        if not isinstance(counts, list):
+            counts = self.counts = [0] * NBUCKETS
+        counts[idx] += 1
         self.count += 1
         self.sum_us += us
         if us > self.max_us:
@@ -69,7 +78,8 @@ class Histogram:
 
     def copy(self) -> Histogram:
         h = Histogram()
-        h.counts = list(self.counts)
+        if self.count:
+            h.counts = list(self.counts)
         h.count, h.sum_us, h.max_us = self.count, self.sum_us, self.max_us
         return h
 
@@ -155,6 +165,7 @@ class Histogram:
     def decode(cls, text: str) -> Histogram:
         """The inverse of `encode`; raises ValueError on anything else."""
         h = cls()
+        counts = h.counts = [0] * NBUCKETS
         parts = text.split(" ")
         if len(parts) != 3:
             raise ValueError(f"not an encoded histogram: {text[:40]!r}")
@@ -166,12 +177,12 @@ class Histogram:
                 idx, k = int(i), int(n)
                 if not 0 <= idx < NBUCKETS or k < 0:
                     raise ValueError(f"not an encoded histogram: {text[:40]!r}")
-                h.counts[idx] += k
-        h.count = sum(h.counts)
+                counts[idx] += k
+        h.count = sum(counts)
         return h
 
     @classmethod
-    def from_list(cls, counts: list[int], sum_us: int = 0) -> Histogram:
+    def from_list(cls, counts: list[int] | tuple[int, ...], sum_us: int = 0) -> Histogram:
         """A histogram over a copy of another's `counts` (its max is not known)."""
         h = cls()
         h.counts = counts
@@ -182,9 +193,10 @@ class Histogram:
     @classmethod
     def from_counts(cls, counts: Mapping[int, int], sum_us: int = 0, max_us: int = 0) -> Histogram:
         h = cls()
+        own = h.counts = [0] * NBUCKETS
         for i, n in counts.items():
-            h.counts[i] += n
-        h.count = sum(h.counts)
+            own[i] += n
+        h.count = sum(own)
         h.sum_us, h.max_us = sum_us, max_us
         return h
 

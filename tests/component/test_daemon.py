@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -413,6 +414,29 @@ def test_bad_params_of_every_method_are_errors_never_internal_errors(daemon: Hom
                             internal.append((method, name, value, reply["error"]["message"]))
     assert not internal, internal[:5]
     assert "internal error" not in daemon.paths.daemon_log.read_text()
+
+
+def test_a_daemon_of_services_maps_neither_msgspec_nor_shutils_codecs(home: Home) -> None:
+    """Issue 13 (memory, regression): a daemon that supervises services only loads no msgspec
+    (1.1 MiB of RSS, for the frames of engines that take requests) and argparse's width no
+    longer brings shutil with bz2 and lzma (0.4 MiB); the first engine that takes requests
+    loads msgspec at once, before its first request."""
+    with home.client() as c:
+        c.connect()
+        pid = c.daemon_info["pid"]
+    home.register("svc", ["sleep", "60"], mode="service", instances=2)
+    home.wait_state("svc#1", "ready")
+    with home.client() as c:
+        assert c.status()["engines"]  # a status document written (orjson)
+
+    def maps() -> str:
+        with open(f"/proc/{pid}/maps") as f:
+            return f.read()
+
+    for library in ("msgspec", "libbz2", "liblzma"):
+        assert library not in maps(), f"the daemon loaded {library}"
+    home.register("w", [sys.executable, "-m", "engctl.examples.echo_worker"], mode="worker")
+    assert "msgspec" in maps()
 
 
 def test_daemon_maps_neither_psutil_nor_openssl(home: Home) -> None:

@@ -245,7 +245,13 @@ def test_percentiles_are_monotone_and_capped_by_the_max(values: list[int]) -> No
 
 
 def same(a: Histogram, b: Histogram) -> bool:
-    return (a.counts, a.count, a.sum_us, a.max_us) == (b.counts, b.count, b.sum_us, b.max_us)
+    # An empty histogram's counts may be the shared tuple, a decoded one's a list.
+    return (list(a.counts), a.count, a.sum_us, a.max_us) == (
+        list(b.counts),
+        b.count,
+        b.sum_us,
+        b.max_us,
+    )
 
 
 @given(st.lists(st.integers(min_value=0, max_value=10 * LAST_HIGH), max_size=200))
@@ -365,3 +371,32 @@ def test_cumulative_at_arbitrary_edges_and_past_the_end() -> None:
         assert n == sum(1 for v in values if v < bound)
     assert list(h.cumulative_at([LAST_HIGH])) == [(LAST_HIGH, len(values))]
     assert list(h.cumulative_at([])) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["record", "copy", "decode", "from_counts", "merge"]), max_size=8))
+def test_histograms_without_observations_share_no_counts_they_change(ops: list[str]) -> None:
+    """Issue 13 (memory): a histogram holds no counts of its own until its first observation
+    (2 KiB for each idle instance before); whatever is done to others, a new one counts from
+    zero and its copies stay apart from it."""
+    made: list[Histogram] = []
+    for op in ops:
+        h = Histogram()
+        if op == "record":
+            h.record_ms(1.5)
+        elif op == "copy":
+            c = h.copy()
+            h.record_ms(3.0)
+            assert c.count == 0 and sum(c.counts) == 0
+        elif op == "decode":
+            h = Histogram.decode("5 5 3:2")
+        elif op == "from_counts":
+            h = Histogram.from_counts({7: 4})
+        else:
+            h.merge(Histogram.from_counts({9: 1}))
+        made.append(h)
+    fresh = Histogram()
+    assert fresh.count == 0 and sum(fresh.counts) == 0 and len(fresh.counts) == NBUCKETS
+    assert not isinstance(fresh.counts, list)  # shared, read-only until an observation
+    for h in made:
+        assert sum(h.counts) == h.count

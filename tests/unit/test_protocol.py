@@ -16,6 +16,7 @@ from engctl.errors import BusyError, EngctlError, ParseError, ProtocolError
 from tests.conftest import same_json
 
 protocol.load_msgspec()  # loaded: the msgspec paths of loads and valid_json are the ones tested
+protocol.load_orjson()  # loaded, as in the daemon: encode_doc's orjson path is the one tested
 
 
 def one_line(frame: bytes) -> dict[str, Any]:
@@ -541,15 +542,33 @@ _docs = st.recursive(
 @settings(max_examples=400, deadline=None)
 @given(_docs)
 def test_encode_doc_is_read_back_as_encode_value_is(doc: Any) -> None:
-    """Issue 13: the daemon's documents (status) encoded by msgspec read back as what `json`
-    writes, or fail with its error (lone surrogates)."""
+    """Issue 13: the daemon's documents (status) encoded by orjson read back as what `json`
+    writes, or fail with its error (lone surrogates); integers past 64 bits and keys that are
+    no strings included."""
     _assert_reads_back_as_encode_value(protocol.encode_doc, doc)
 
 
-def test_encode_doc_of_keys_msgspec_refuses_is_json_s() -> None:
-    """Keys msgspec refuses (booleans, None) are written as `json` writes them."""
-    doc = {True: 1, None: [2], "a": {False: None}}
+def test_encode_doc_of_keys_orjson_refuses_is_json_s() -> None:
+    """Keys orjson refuses (booleans, None, numbers) are written as `json` writes them."""
+    doc = {True: 1, None: [2], "a": {False: None, 3: 1.5}}
     assert protocol.encode_doc(doc) == protocol.encode_value(doc)
+
+
+def test_encode_doc_refuses_what_json_refuses() -> None:
+    """A datetime or a dataclass in a document fails as with `json` (TypeError), where orjson
+    alone would write them; a subclass of str, as an enum's member, is its text, as in `json`."""
+    import dataclasses
+    import datetime
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    for odd in (datetime.datetime(2026, 1, 1), Point(1)):
+        with pytest.raises(TypeError):
+            protocol.encode_doc({"at": odd})
+    doc = {"state": protocol.StrategyName.LEAST_LOADED, "n": [1, 2**70]}
+    assert json.loads(protocol.encode_doc(doc)) == json.loads(protocol.encode_value(doc))
 
 
 @settings(max_examples=300, deadline=None)

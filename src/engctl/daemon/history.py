@@ -22,9 +22,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .storage import Database, Notify, WriteHealth
+
+if TYPE_CHECKING:
+    from engctl.config import DaemonConfig
 
 log = logging.getLogger("engctl.history")
 
@@ -89,6 +92,12 @@ class Retention:
     fine_seconds: float = 3600.0
     coarse_seconds: float = 7 * 86400.0
     max_bytes: int = 256 * 1024 * 1024
+
+    @classmethod
+    def of(cls, config: DaemonConfig) -> Retention:
+        """What config.toml asks for."""
+        mb = config.history_max_mb
+        return cls(config.history_fine_retention, config.history_retention, mb * 1024 * 1024)
 
 
 def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:

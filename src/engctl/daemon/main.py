@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import io
 import logging
 import os
@@ -25,7 +26,7 @@ from engctl.config import RESTART_SETTINGS, DaemonConfig, config_table, rules_ta
 from engctl.errors import DaemonUnreachableError, EngctlError
 from engctl.models import check_dependencies
 from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
-from engctl.protocol import StrategyName, load_msgspec
+from engctl.protocol import StrategyName, load_orjson
 from engctl.states import DesiredState, EventKind
 
 from . import memory, process
@@ -265,7 +266,7 @@ class Daemon:
         writer = None
         if config.metrics:
             writer = self.writer = HistoryWriter(
-                paths.history_db, _retention(config), health=health, on_reset=self._notify
+                paths.history_db, Retention.of(config), health=health, on_reset=self._notify
             )
         rollups = self.rollups = Rollups(sup, router, writer)
         # Elastic pools and leases: the autoscaler is told of every request that has to wait
@@ -454,7 +455,7 @@ class Daemon:
             inst.log.max_bytes = cfg.log_max_bytes
             inst.log.backups = cfg.log_backups
         if self.writer is not None:
-            self.writer.retention = _retention(cfg)
+            self.writer.retention = Retention.of(cfg)
 
     async def _start_engines(self, entries: list[Entry]) -> None:
         try:
@@ -528,14 +529,6 @@ class Daemon:
             self.sup.kill_all()
 
 
-def _retention(config: DaemonConfig) -> Retention:
-    return Retention(
-        config.history_fine_retention,
-        config.history_retention,
-        config.history_max_mb * 1024 * 1024,
-    )
-
-
 def _notify_ready(fd: int, message: str) -> None:
     with contextlib.suppress(OSError):
         os.write(fd, (message + "\n").encode())
@@ -568,7 +561,7 @@ def run(
     if not foreground:
         bound_stderr(paths.runtime_dir / "daemon.stderr")
     try:
-        load_msgspec()  # now (25 ms), not by the loop in the middle of a client's first exec
+        load_orjson()  # writes `status` and history rows; msgspec comes with request-taking engines
         daemon = Daemon(paths, config, metrics_port, reset_registry, health)
         asyncio.run(daemon.run(ready_fd))
     except EngctlError as exc:
@@ -589,7 +582,10 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engctl.daemon")
+    # Not argparse's own width: it imports shutil for it, with bz2, lzma and zlib (0.4 MiB).
+    width = os.get_terminal_size().columns if sys.stdout.isatty() else 80
+    formatter = functools.partial(argparse.HelpFormatter, width=width - 2)
+    parser = argparse.ArgumentParser(prog="python -m engctl.daemon", formatter_class=formatter)
     parser.add_argument("--home", help="engctl home (default: ENGCTL_HOME or platformdirs)")
     parser.add_argument("--ready-fd", type=int, help="write 'ok' or 'error: …' here when ready")
     parser.add_argument("--background", action="store_true", help="log to the file only")

@@ -10,7 +10,6 @@ Imports the shared contract only: no daemon module, no process, no loop.
 from __future__ import annotations
 
 import array
-import collections
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -445,7 +444,9 @@ class FailureTracker:
     def __init__(self) -> None:
         self.isolations = 0  # isolations that still count toward the next one's length
         self.last_isolation = -math.inf
-        self.window: collections.deque[tuple[float, int, int]] = collections.deque()
+        # (when, ok, errors) of the ticks within the window that saw requests, oldest first.
+        # A list: an empty deque holds a block of 64 slots (0.6 KiB) for every instance.
+        self.window: list[tuple[float, int, int]] = []
         self.ok_seen = 0
         self.err_seen = 0
 
@@ -469,10 +470,14 @@ class FailureTracker:
         d_ok = max(0, ok_total - self.ok_seen)
         d_err = max(0, err_total - self.err_seen)
         self.ok_seen, self.err_seen = ok_total, err_total
+        window = self.window
         if d_ok or d_err:
-            self.window.append((now, d_ok, d_err))
-        while self.window and self.window[0][0] <= now - policy.window:
-            self.window.popleft()
+            window.append((now, d_ok, d_err))
+        old = 0
+        while old < len(window) and window[old][0] <= now - policy.window:
+            old += 1
+        if old:
+            del window[:old]
         # An isolation's weight fades: one less for each isolation_max seconds without one.
         if self.isolations and now - self.last_isolation >= policy.isolation_max:
             self.isolations -= 1
