@@ -76,7 +76,7 @@ from engctl.daemon.history import (
     Retention,
     connect,
 )
-from engctl.daemon.process import find_old_generation, signal_alive
+from engctl.daemon.proctree import find_old_generation, signal_alive
 from engctl.histogram import Histogram
 from engctl.paths import resolve_paths
 

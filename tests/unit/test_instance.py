@@ -46,3 +46,26 @@ def test_state_seconds_count_on_the_injected_clock(tmp_path: Path) -> None:
     inst.state = S.STARTING
     now[0] += 1.5
     assert inst.state_seconds() == {"stopped": 5.0, "starting": 1.5}
+
+
+def test_an_instance_keeps_its_attributes_in_slots(tmp_path: Path) -> None:
+    """Issue 13 (memory): an instance's ~45 attributes live in slots, not in a dict of
+    1.5 KiB each (past the 30 keys a shared-key dict holds): no dict, and nothing set on it
+    that its slots do not name."""
+    inst = make_instance(tmp_path, lambda: 0.0)
+    assert not hasattr(inst, "__dict__")
+    for name in Instance.__slots__:
+        assert hasattr(inst, name), f"{name} is never set in __init__"
+    # Every slot is needed: each names an attribute the daemon's code sets.
+    import ast
+    import inspect
+
+    from engctl.daemon import instance
+
+    tree = ast.parse(inspect.getsource(instance))
+    assigned = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+    }
+    assert set(Instance.__slots__) <= assigned | {"_role"}

@@ -74,9 +74,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "params": set(),
     # mechanism: processes, pipes, files, sockets
     "process": set(),
+    "proctree": {"process"},
     "memory": set(),
     "pipes": set(),
-    "monitor": {"process"},
+    "monitor": {"process", "proctree"},
     "server": set(),
     "storage": set(),
     "logs": {"storage"},
@@ -95,6 +96,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "monitor",
         "policies",
         "process",
+        "proctree",
         "storage",
     },
     "rollout": {"instance", "process", "rollout_plan", "supervisor", "tasks"},
@@ -196,6 +198,7 @@ MECHANISM = [
     f"{D}.{m}"
     for m in (
         "process",
+        "proctree",
         "memory",
         "monitor",
         "output",

@@ -196,7 +196,7 @@ def test_host_reading_is_what_psutil_reads() -> None:
 
 
 def test_boot_time_is_psutils() -> None:
-    from engctl.daemon.process import boot_time
+    from engctl.daemon.proctree import boot_time
 
     assert boot_time() == psutil.boot_time()
 

@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from engctl.daemon import memory, process
+from engctl.daemon import memory, process, proctree
 from tests.conftest import wait_until
 
 
@@ -30,7 +30,7 @@ def marked() -> Iterator[subprocess.Popen[bytes]]:
 
 
 def test_create_time_is_psutils(marked: subprocess.Popen[bytes]) -> None:
-    created = process.create_time(marked.pid)
+    created = proctree.create_time(marked.pid)
     assert created is not None
     assert abs(created - psutil.Process(marked.pid).create_time()) < 0.01
 
@@ -38,25 +38,25 @@ def test_create_time_is_psutils(marked: subprocess.Popen[bytes]) -> None:
 def test_create_time_of_a_gone_or_zombie_process_is_none() -> None:
     child = subprocess.Popen(["true"])
     os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped yet
-    assert process.create_time(child.pid) is None  # a zombie
+    assert proctree.create_time(child.pid) is None  # a zombie
     child.wait()
-    assert process.create_time(child.pid) is None  # gone
+    assert proctree.create_time(child.pid) is None  # gone
 
 
 def test_find_old_generation_finds_the_marked_processes_only(
     marked: subprocess.Popen[bytes],
 ) -> None:
-    found = process.find_old_generation(f"test-{os.getpid()}")
+    found = proctree.find_old_generation(f"test-{os.getpid()}")
     assert [pid for pid, _created in found] == [marked.pid]
-    assert process.find_old_generation(f"other-{os.getpid()}") == []
+    assert proctree.find_old_generation(f"other-{os.getpid()}") == []
 
 
 def test_signal_alive_spares_a_recycled_pid(marked: subprocess.Popen[bytes]) -> None:
-    created = process.create_time(marked.pid)
+    created = proctree.create_time(marked.pid)
     assert created is not None
-    process.signal_alive([(marked.pid, created - 5.0)], signal.SIGKILL)  # another process
+    proctree.signal_alive([(marked.pid, created - 5.0)], signal.SIGKILL)  # another process
     assert marked.poll() is None
-    process.signal_alive([(marked.pid, created)], signal.SIGKILL)
+    proctree.signal_alive([(marked.pid, created)], signal.SIGKILL)
     assert marked.wait(5) == -signal.SIGKILL
 
 
@@ -139,8 +139,64 @@ def test_a_failed_launch_reaches_then_as_a_spawn_error() -> None:
     assert isinstance(result, process.SpawnError) and "No such file" in str(result)
 
 
+def test_a_burst_of_launches_all_land_through_a_few_pool_jobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13 (memory): a fleet that starts at once queues its launches as plain callables;
+    no more than LAUNCH_THREADS jobs reach the thread pool (each held a future, a lock and a
+    condition, about 1 KiB, for every waiting launch), and every launch lands, in order of
+    its call, each with its own process."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs: list[object] = []
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            jobs.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    pool = CountingPool(process.LAUNCH_THREADS, thread_name_prefix="test-launch")
+    monkeypatch.setattr(process, "_launcher", pool)
+    n = 40
+
+    async def scenario() -> list[object]:
+        loop = asyncio.get_running_loop()
+        results: list[object] = []
+        exits: list[process.ExitStatus] = []
+        for k in range(n):
+            process.spawn_soon(
+                ["sh", "-c", f"exit {k % 7}"],
+                cwd=None,
+                env={"PATH": os.environ["PATH"]},
+                pipe_stdin=False,
+                stdout_to_pipe=False,
+                loop=loop,
+                on_exit=lambda _p, st: exits.append(st),
+                then=results.append,
+            )
+        await process.launches_landed(30)
+        while len(exits) < n:
+            await asyncio.sleep(0.01)
+        assert sorted(st.code or 0 for st in exits) == sorted(k % 7 for k in range(n))
+        for r in results:
+            assert isinstance(r, process.ChildProcess)
+            if r.popen.stderr is not None:
+                r.popen.stderr.close()
+        return results
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        pool.shutdown()
+    assert len(results) == n
+    assert len({r.pid for r in results if isinstance(r, process.ChildProcess)}) == n
+    assert 1 <= len(jobs) <= n // 2, len(jobs)  # one per launch before
+    assert not process._waiting and process._taking == 0
+
+
 def _launch_marker(pid: int) -> str | None:
-    return process._environ(pid).get(process.LAUNCH_ENV)
+    return proctree._environ(pid).get(process.LAUNCH_ENV)
 
 
 def test_orphan_search_takes_only_the_orphans_of_its_own_start() -> None:
@@ -156,9 +212,9 @@ def test_orphan_search_takes_only_the_orphans_of_its_own_start() -> None:
         # Popen returns as the child execs, before its new environment is readable.
         for child in (old_orphan, restart):
             wait_until(functools.partial(_launch_marker, child.pid))
-        found = [pid for pid, _ct in process.adopted_orphans(("x#0", "1", "A"))]
+        found = [pid for pid, _ct in proctree.adopted_orphans(("x#0", "1", "A"))]
         assert found == [old_orphan.pid]
-        assert [pid for pid, _ct in process.adopted_orphans(("x#0", "1", "B"))] == [restart.pid]
+        assert [pid for pid, _ct in proctree.adopted_orphans(("x#0", "1", "B"))] == [restart.pid]
     finally:
         for child in (old_orphan, restart):
             child.kill()
@@ -186,3 +242,21 @@ def test_an_instances_stderr_pipe_holds_one_page() -> None:
         for pipe in (popen.stdin, popen.stdout, popen.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_a_sweep_with_no_child_but_instances_takes_no_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13 (memory): after an instance's leader exits, the search for its adopted
+    orphans runs on a thread only when the daemon has children other than its instances;
+    with none (the common case) no thread's round trip is made for each stopped process."""
+    import asyncio
+
+    async def no_thread(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("a thread was used")
+
+    monkeypatch.setattr(proctree, "own_children", lambda: [])
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    leader = subprocess.Popen(["true"], start_new_session=True)
+    leader.wait()
+    asyncio.run(proctree.sweep_tree(leader.pid, [], ("w#0", "1", "x"), 1.0, set))

@@ -142,11 +142,11 @@ def test_own_children_are_the_children_a_scan_of_proc_finds() -> None:
     import os
     import subprocess
 
-    from engctl.daemon import process
+    from engctl.daemon import proctree
 
     kids = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
     try:
-        found = process.own_children()
+        found = proctree.own_children()
         if found is None:
             pytest.skip("no /proc/PID/task/TID/children on this kernel")
         me = os.getpid()

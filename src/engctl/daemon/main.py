@@ -29,7 +29,7 @@ from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 from engctl.protocol import StrategyName, load_orjson
 from engctl.states import DesiredState, EventKind
 
-from . import memory, process
+from . import memory, process, proctree
 from .alerter import Alerter
 from .api import Api
 from .dispatch import Dispatcher
@@ -335,7 +335,7 @@ class Daemon:
         if ready is not None:
             _notify_ready(ready, "ok")
         # Processes a killed daemon left are stopped even if this one is asked to stop at once.
-        self._sweep = asyncio.ensure_future(process.end_old_generation(paths.daemon_id))
+        self._sweep = asyncio.ensure_future(proctree.end_old_generation(paths.daemon_id))
         startup = asyncio.ensure_future(self._start_engines(entries))
         await self.stopping.wait()
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .process import boot_time
+from .proctree import boot_time
 
 log = logging.getLogger("engctl.monitor")
 

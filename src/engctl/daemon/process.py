@@ -1,6 +1,6 @@
 """One OS process of an instance: launch it in its own process group (off the loop, on a
-launcher thread), watch its exit, read its pipes, signal its tree, sweep what is left of it
-after it exits.
+launcher thread), watch its exit, read its pipes, signal its group. Finding and ending what
+is left of a tree after its leader exits is `proctree`'s.
 
 Mechanism only: knows nothing of restart policies or states (that is `supervisor`), and
 imports no other daemon module.
@@ -9,15 +9,16 @@ imports no other daemon module.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
-import functools
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
@@ -224,7 +225,12 @@ def group_alive(pgid: int) -> bool:
 
 
 def launch(
-    argv: list[str], *, cwd: str | None, env: dict[str, str], pipe_stdin: bool, stdout_to_pipe: bool
+    argv: list[str],
+    *,
+    cwd: str | None,
+    env: Mapping[str, str],
+    pipe_stdin: bool,
+    stdout_to_pipe: bool,
 ) -> subprocess.Popen[bytes]:
     """Fork and exec `argv` as the leader of a new session; stderr is always a pipe to the
     daemon. Returns once the child has exec'd: off the loop, that is `spawn_soon`'s job.
@@ -299,6 +305,13 @@ def _discard(popen: subprocess.Popen[bytes]) -> None:
 # only as launches overlap (one is enough but for bursts of oneshot runs).
 LAUNCH_THREADS = 4
 _launcher: ThreadPoolExecutor | None = None
+# Launches waiting for a launcher thread, oldest first, each a plain callable; the pool's own
+# queue held a future with its lock and condition for each (about 1 KiB), and a fleet that
+# starts at once queued them all: what the daemon holds at such a peak stays its RSS (CPython
+# keeps its arenas). Each launcher thread takes launches from here until none is left.
+_waiting: collections.deque[Callable[[], None]] = collections.deque()
+_waiting_lock = threading.Lock()
+_taking = 0  # launcher threads taking launches from `_waiting`
 # Launches forked, or about to be, and not yet watched: until they are, `reap_children`
 # cannot tell an exited one from an orphan, and leaves unknown children for later.
 _landings: set[asyncio.Future[None]] = set()
@@ -309,7 +322,7 @@ def spawn_soon(
     argv: list[str],
     *,
     cwd: str | None,
-    env: dict[str, str],
+    env: Mapping[str, str],
     pipe_stdin: bool,
     stdout_to_pipe: bool,
     loop: asyncio.AbstractEventLoop,
@@ -350,15 +363,61 @@ def spawn_soon(
             if not done.cancelled() and done.exception() is None:
                 _discard(done.result())
 
-    job = functools.partial(
-        launch, argv, cwd=cwd, env=env, pipe_stdin=pipe_stdin, stdout_to_pipe=stdout_to_pipe
-    )
+    def run() -> None:  # on a launcher thread
+        done: Future[subprocess.Popen[bytes]] = Future()
+        try:
+            done.set_result(
+                launch(argv, cwd=cwd, env=env, pipe_stdin=pipe_stdin, stdout_to_pipe=stdout_to_pipe)
+            )
+        except BaseException as exc:  # as the pool's own work items do
+            done.set_exception(exc)
+        hand_back(done)
+
     try:
-        _launcher.submit(job).add_done_callback(hand_back)
+        _queue_launch(_launcher, run)
     except RuntimeError as exc:  # interpreter shutting down: no new thread
         failed: Future[subprocess.Popen[bytes]] = Future()
         failed.set_exception(exc)
         loop.call_soon(landed, failed)
+
+
+def _queue_launch(pool: ThreadPoolExecutor, run: Callable[[], None]) -> None:
+    """Queue `run` for a launcher thread, starting one if fewer than LAUNCH_THREADS take
+    launches; RuntimeError (and `run` taken back) when no thread can take it."""
+    global _taking
+    with _waiting_lock:
+        _waiting.append(run)
+        if _taking >= LAUNCH_THREADS:
+            return
+        _taking += 1
+    try:
+        pool.submit(_take_launches)
+    except RuntimeError:
+        with _waiting_lock:
+            _taking -= 1
+            if _taking:
+                return  # a thread that still takes launches runs it
+            _waiting.remove(run)
+        raise
+
+
+def _take_launches() -> None:
+    """On a launcher thread: run waiting launches until none is left."""
+    global _taking
+    while True:
+        with _waiting_lock:
+            if not _waiting:
+                _taking -= 1
+                return
+            run = _waiting.popleft()
+        try:
+            run()
+        except BaseException:
+            # Never seen (`run` catches what a launch raises), but a thread that left
+            # without its count would leave launches waiting for good.
+            with _waiting_lock:
+                _taking -= 1
+            raise
 
 
 async def launches_landed(timeout: float) -> None:
@@ -366,240 +425,3 @@ async def launches_landed(timeout: float) -> None:
     daemon's exit must not leave a process it never saw."""
     if _landings:
         await asyncio.wait(set(_landings), timeout=timeout)
-
-
-# Units of /proc/PID/stat's start time (clock ticks since boot).
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def boot_time() -> float:
-    """When the machine booted, in seconds since the epoch (/proc/stat's btime)."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/stat", "rb") as f:
-        for line in f:
-            if line.startswith(b"btime "):
-                return float(line.split()[1])
-    return time.time() - time.monotonic()  # no /proc/stat: the monotonic clock's origin
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """/proc/PID/stat from field 3 (state) on, None when the process is gone. The command name
-    before them is in parentheses and may itself contain spaces or ')'."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb", buffering=0) as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2 :].split()
-
-
-def create_time(pid: int, boot: float | None = None) -> float | None:
-    """When `pid` started (seconds since the epoch, as psutil's `create_time`); None when it
-    is gone or a zombie. With the pid, it names a process against pid reuse."""
-    fields = _stat_fields(pid)
-    if not fields or fields[0] == b"Z":
-        return None
-    try:
-        return (boot if boot is not None else boot_time()) + int(fields[19]) / CLOCK_TICKS
-    except (IndexError, ValueError):
-        return None
-
-
-def _is(pid: int, created: float, boot: float | None = None) -> bool:
-    """Whether `pid` still runs and is the process that started at `created`."""
-    now = create_time(pid, boot)
-    return now is not None and abs(now - created) < 0.01
-
-
-def _environ(pid: int) -> dict[str, str]:
-    """The environment `pid` started with (empty when it cannot be read)."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb", buffering=0) as f:
-            data = f.read()
-    except OSError:
-        return {}
-    out = {}
-    for item in data.split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep:
-            out[key.decode(errors="replace")] = value.decode(errors="replace")
-    return out
-
-
-def _real_uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _pids() -> list[int]:
-    """Every process of the machine."""
-    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
-
-
-def own_children() -> list[int] | None:
-    """The daemon's children (adopted orphans among them: it is their subreaper), from the
-    `children` file of each of its threads; None on a kernel without these files."""
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return None
-    out: list[int] = []
-    for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                out += map(int, f.read().split())
-        except FileNotFoundError:
-            if not os.path.exists(f"/proc/self/task/{tid}"):
-                continue  # the thread ended meanwhile
-            return None  # no CONFIG_PROC_CHILDREN
-        except OSError:
-            continue
-    return out
-
-
-def kill_tree_now(pgid: int, extra_pids: Iterable[tuple[int, float]] = ()) -> None:
-    """SIGKILL a process group and any escaped descendants known by (pid, create_time)."""
-    signal_group(pgid, signal.SIGKILL)
-    boot = boot_time()
-    for pid, created in extra_pids:
-        # The create time guards against a recycled pid.
-        if _is(pid, created, boot):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def adopted_orphans(marker: tuple[str, str, str]) -> list[tuple[int, float]]:
-    """Children of the daemon that are not instances but carry `marker` (instance id,
-    generation, launch token) in their environment.
-
-    They are descendants that left the instance's process group (setsid) and were adopted
-    when their parent died; identified by (pid, create time) against pid reuse.
-    """
-    instance_id, generation, launch = marker
-    me = str(os.getpid()).encode()
-    boot = boot_time()
-    found = []
-    # The daemon's own children, not every process of the machine: this runs on a thread
-    # after each instance stops, and a scan of /proc in Python held the GIL for long enough
-    # to stall the loop 4-8 ms (requests late in the middle of a rolling reload).
-    children = own_children()
-    for pid in _pids() if children is None else children:
-        fields = _stat_fields(pid)
-        if pid in _children or not fields or fields[1:2] != [me]:
-            continue
-        env = _environ(pid)
-        created = create_time(pid, boot)
-        if (
-            created is not None
-            and env.get(INSTANCE_ENV) == instance_id
-            and env.get(GENERATION_ENV) == generation
-            and env.get(LAUNCH_ENV) == launch
-        ):
-            found.append((pid, created))
-    return found
-
-
-async def sweep_tree(
-    pgid: int,
-    escaped: list[tuple[int, float]],
-    marker: tuple[str, str, str],
-    grace: float,
-    live_groups: Callable[[], set[int]],
-) -> None:
-    """After a group's leader exited: give what is left of its tree `grace` seconds, then
-    SIGKILL it. "What is left" is the process group, `escaped` descendants (pid, create time)
-    seen leaving it, and orphans carrying its `marker` (instance id, generation, launch) that the
-    daemon adopted as subreaper, except those in a group of `live_groups()` (a successor's)."""
-    found = await asyncio.to_thread(adopted_orphans, marker)
-    # The scan runs in a thread: a successor spawned meanwhile (a restart) carries the same
-    # marker and may not have been registered yet when it was seen. Back on the loop it is:
-    # keep out every process of a live instance's group.
-    live = live_groups()
-    adopted = [(p, ct) for p, ct in found if pgid_of(p) not in live]
-    signal_pids(adopted, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and (group_alive(pgid) or any_alive(adopted)):
-        await asyncio.sleep(0.05)
-    kill_tree_now(pgid, escaped + adopted)
-
-
-def pgid_of(pid: int) -> int | None:
-    """The process group of `pid`, None when it is gone."""
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def signal_pids(pids: Iterable[tuple[int, float]], sig: int) -> None:
-    """Signal processes known by (pid, create time); vanished ones are skipped."""
-    for pid, _created in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
-
-
-def any_alive(pids: Iterable[tuple[int, float]]) -> bool:
-    """Whether any of the processes still runs (a zombie counts as gone)."""
-    for pid, _created in pids:
-        fields = _stat_fields(pid)
-        if fields and fields[0] != b"Z":
-            return True
-    return False
-
-
-def find_old_generation(daemon_id: str) -> list[tuple[int, float]]:
-    """Processes of a previous daemon of this home, found by the marker in their environment,
-    as (pid, create time)."""
-    me = os.getpid()
-    uid = os.getuid()
-    boot = boot_time()
-    found = []
-    for pid in _pids():
-        if pid == me or _real_uid(pid) != uid:
-            continue
-        if _environ(pid).get(DAEMON_ID_ENV) == daemon_id:
-            created = create_time(pid, boot)
-            if created is not None:
-                found.append((pid, created))
-    return found
-
-
-async def end_old_generation(daemon_id: str, grace: float = 3.0) -> int:
-    """Stop every process a killed daemon left behind: SIGTERM their groups, SIGKILL after `grace`.
-
-    Runs before new instances start, so a service's port is free again.
-    """
-    procs = await asyncio.to_thread(find_old_generation, daemon_id)
-    if not procs:
-        return 0
-    groups: set[int] = set()
-    for pid, _created in procs:
-        with contextlib.suppress(OSError):
-            groups.add(os.getpgid(pid))
-    signal_alive(procs, signal.SIGTERM)
-    for g in groups:
-        signal_group(g, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        boot = boot_time()
-        if not any(_is(pid, created, boot) for pid, created in procs):
-            break
-        await asyncio.sleep(0.05)
-    for g in groups:
-        signal_group(g, signal.SIGKILL)
-    signal_alive(procs, signal.SIGKILL)
-    return len(procs)
-
-
-def signal_alive(procs: Iterable[tuple[int, float]], sig: int) -> None:
-    """Signal the processes known by (pid, create time) that still run (not a recycled pid)."""
-    boot = boot_time()
-    for pid, created in procs:
-        if _is(pid, created, boot):
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)

@@ -14,6 +14,7 @@ the same records through the one `transition` and the timers it cancels.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -36,7 +37,7 @@ from engctl.states import (
     can_transition,
 )
 
-from . import process
+from . import process, proctree
 from .backoff import spawn_retry_delay
 from .events import EventLog
 from .instance import Engine, EngineIndex, Instance
@@ -213,14 +214,17 @@ class Supervisor:
             return
         spec = inst.spec
         self.transition(inst, S.STARTING, reason)
-        env = dict(os.environ)
-        env.update(spec.env_for(inst.index))
-        env[process.DAEMON_ID_ENV] = self.paths.daemon_id
-        env[process.INSTANCE_ENV] = inst.id
-        env[process.INSTANCE_INDEX_ENV] = str(inst.index)
-        env[process.GENERATION_ENV] = str(inst.generation)
+        own = spec.env_for(inst.index)
+        own[process.DAEMON_ID_ENV] = self.paths.daemon_id
+        own[process.INSTANCE_ENV] = inst.id
+        own[process.INSTANCE_INDEX_ENV] = str(inst.index)
+        own[process.GENERATION_ENV] = str(inst.generation)
         inst.launch_token = f"{os.getpid()}-{next(_LAUNCHES)}"
-        env[process.LAUNCH_ENV] = inst.launch_token
+        own[process.LAUNCH_ENV] = inst.launch_token
+        # The daemon's environment under the instance's own, read as the process is launched:
+        # a copy of it for each launch waiting its turn (a fleet starting at once) was 1-2 KiB
+        # each, and what the daemon holds at such a peak stays its RSS (CPython's arenas).
+        env = collections.ChainMap(own, os.environ)
         argv = spec.argv_for(inst.index)
         inst.launching = True
         inst.launch_mono = time.monotonic()
@@ -295,7 +299,7 @@ class Supervisor:
             data={"pid": proc.pid},
         )
         if self.killing:
-            process.kill_tree_now(proc.pgid, ())
+            proctree.kill_tree_now(proc.pgid, ())
             return
         if inst.state is S.STOPPING:
             self._signal_stop(inst, proc, inst.state_reason)
@@ -507,7 +511,7 @@ class Supervisor:
             }
 
         marker = (inst.id, str(inst.generation), inst.launch_token)
-        sweep = process.sweep_tree(
+        sweep = proctree.sweep_tree(
             proc.pgid, list(inst.sample.descendants), marker, inst.spec.stop.timeout, live_groups
         )
         task = self.loop.create_task(sweep)
@@ -566,7 +570,7 @@ class Supervisor:
             return
         inst.kill_cause = reason.split(":", 1)[0]
         inst.log.note(f"{reason}: SIGKILL to process group {proc.pgid}")
-        process.kill_tree_now(proc.pgid, inst.sample.descendants)
+        proctree.kill_tree_now(proc.pgid, inst.sample.descendants)
 
     # -- draining: stop without losing a request -------------------------------------------
     async def drain_and_stop(
@@ -694,7 +698,7 @@ class Supervisor:
             engine=inst.spec.name,
             instance=inst.id,
         )
-        process.kill_tree_now(proc.pgid, inst.sample.descendants)
+        proctree.kill_tree_now(proc.pgid, inst.sample.descendants)
 
     def kill_all(self) -> None:
         """SIGKILL every process tree now (second signal during shutdown), and each process
@@ -702,7 +706,7 @@ class Supervisor:
         self.killing = True
         for inst in self.all_records():
             if inst.proc is not None and inst.proc.alive:
-                process.kill_tree_now(inst.proc.pgid, inst.sample.descendants)
+                proctree.kill_tree_now(inst.proc.pgid, inst.sample.descendants)
 
 
 def _to_log(log_file: InstanceLog, stream: str, pid: int) -> Callable[[bytes], None]:
