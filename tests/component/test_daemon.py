@@ -7,7 +7,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -420,7 +419,7 @@ def test_a_daemon_of_services_maps_neither_msgspec_nor_shutils_codecs(home: Home
     """Issue 13 (memory, regression): a daemon that supervises services only loads no msgspec
     (1.1 MiB of RSS, for the frames of engines that take requests) and argparse's width no
     longer brings shutil with bz2 and lzma (0.4 MiB); the first engine that takes requests
-    loads msgspec at once, before its first request."""
+    (here a service changed into one) loads msgspec at once, before its first request."""
     with home.client() as c:
         c.connect()
         pid = c.daemon_info["pid"]
@@ -435,7 +434,8 @@ def test_a_daemon_of_services_maps_neither_msgspec_nor_shutils_codecs(home: Home
 
     for library in ("msgspec", "libbz2", "liblzma"):
         assert library not in maps(), f"the daemon loaded {library}"
-    home.register("w", [sys.executable, "-m", "engctl.examples.echo_worker"], mode="worker")
+    with home.client() as c:  # a service becomes a oneshot engine: it takes requests now
+        c.apply({"svc": {"command": ["cat"], "mode": "oneshot"}})
     assert "msgspec" in maps()
 
 

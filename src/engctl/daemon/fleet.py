@@ -48,11 +48,7 @@ class Fleet:
         generation: int = 1,
     ) -> Engine:
         """Create the runtime side of a registered engine (instances stay stopped)."""
-        if spec.mode is not EngineMode.SERVICE:
-            # Its requests' frames are checked and read by msgspec: loaded now (25 ms), with
-            # no request of this engine in flight yet, not by the loop in the middle of one.
-            # A daemon that supervises services only never carries it (1.1 MiB).
-            load_msgspec()
+        _read_frames_of(spec)
         engine = Engine(spec, desired, registered_at, generation)
         self.sup.engines[spec.name] = engine
         self.sup.index.add(spec)
@@ -183,6 +179,7 @@ class Fleet:
         new generation rolled out (`recreate`: every instance at once). Returns what was done
         and the rollout started, which runs once the caller (holding the lock) lets go."""
         old = engine.spec
+        _read_frames_of(spec)
         self.sup.index.replace(old, spec)
         if not spec.needs_restart(old):
             engine.set_spec(spec)
@@ -380,3 +377,11 @@ class Fleet:
         for engine in self.sup.engines.values():
             if engine.oneshot_log is not None:
                 engine.oneshot_log.close()
+
+
+def _read_frames_of(spec: EngineSpec) -> None:
+    """An engine that takes requests has their frames checked and read by msgspec: loaded as
+    it is added or becomes one (25 ms), before its first request, not by the loop in the middle
+    of one. A daemon that supervises services only never carries it (1.1 MiB)."""
+    if spec.mode is not EngineMode.SERVICE:
+        load_msgspec()
