@@ -6,6 +6,7 @@ that keep other requests off their instance, expire, end with it or with the dae
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -95,7 +96,8 @@ def test_a_burst_of_20_concurrent_requests_grows_to_max_and_all_are_answered(
     assert sc["wanted"] == 4
     grown = events(daemon, "engine.autoscaled")
     assert grown and all(e["data"]["to"] <= 4 for e in grown)
-    assert "requests waiting" in grown[0]["reason"]
+    # However many were waiting when the first decision came (one, on a loaded machine).
+    assert re.search(r"\d+ requests? waiting", grown[0]["reason"]), grown[0]["reason"]
 
 
 def test_idle_instances_are_reclaimed_after_idle_timeout_draining_first_losing_none(
