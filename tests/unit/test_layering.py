@@ -72,6 +72,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "tasks": set(),
     "output": set(),
     "params": set(),
+    "options": set(),
     # mechanism: processes, pipes, files, sockets
     "process": set(),
     "proctree": {"process"},

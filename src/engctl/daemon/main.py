@@ -7,12 +7,10 @@ The one module that imports every part, and the only place where they are wired 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import io
 import logging
 import os
@@ -29,7 +27,7 @@ from engctl.paths import MAX_SOCKET_PATH, Paths, resolve_paths
 from engctl.protocol import StrategyName, load_orjson
 from engctl.states import DesiredState, EventKind
 
-from . import memory, process, proctree
+from . import memory, options, process, proctree
 from .alerter import Alerter
 from .api import Api
 from .dispatch import Dispatcher
@@ -582,22 +580,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Not argparse's own width: it imports shutil for it, with bz2, lzma and zlib (0.4 MiB).
-    width = os.get_terminal_size().columns if sys.stdout.isatty() else 80
-    formatter = functools.partial(argparse.HelpFormatter, width=width - 2)
-    parser = argparse.ArgumentParser(prog="python -m engctl.daemon", formatter_class=formatter)
-    parser.add_argument("--home", help="engctl home (default: ENGCTL_HOME or platformdirs)")
-    parser.add_argument("--ready-fd", type=int, help="write 'ok' or 'error: …' here when ready")
-    parser.add_argument("--background", action="store_true", help="log to the file only")
-    parser.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)"
-    )
-    parser.add_argument(
-        "--reset-registry",
-        action="store_true",
-        help="move registry.json aside (never deleted) and start with no engines",
-    )
-    args = parser.parse_args(argv)
+    args = options.parse(sys.argv[1:] if argv is None else argv)
     if args.background and os.fork() > 0:
         # The starter reaps this first process at once; the daemon (the fork) is adopted by
         # init, so a program that started it through engctl.Client keeps no zombie of it.
