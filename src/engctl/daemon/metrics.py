@@ -48,7 +48,7 @@ class _Base:
     states: dict[str, float]
 
 
-@dataclass
+@dataclass(slots=True)  # four per instance (CPU and RSS, two tiers)
 class _Gauge:
     """Readings within one bucket: mean and max."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -710,12 +711,13 @@ class Supervisor:
 
 
 def _to_log(log_file: InstanceLog, stream: str, pid: int) -> Callable[[bytes], None]:
-    """A consumer of a pipe that writes what process `pid` writes to the instance's log."""
+    """A consumer of a pipe that writes what process `pid` writes to the instance's log (a
+    partial: 130 B less than a closure, and every instance holds two)."""
+    return functools.partial(_write_to_log, log_file, stream, pid)
 
-    def consume(data: bytes) -> None:
-        if data:
-            log_file.feed(stream, data, pid)
-        else:
-            log_file.close_stream(stream, pid)
 
-    return consume
+def _write_to_log(log_file: InstanceLog, stream: str, pid: int, data: bytes) -> None:
+    if data:
+        log_file.feed(stream, data, pid)
+    else:
+        log_file.close_stream(stream, pid)
