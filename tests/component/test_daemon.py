@@ -443,9 +443,9 @@ def test_daemon_maps_neither_psutil_nor_openssl(home: Home) -> None:
     """The daemon reads /proc itself and hashes with CPython's own digests: psutil (~0.8 MiB
     of RSS) and OpenSSL (~3.5 MiB, through hashlib) stay out of its memory, also once an
     instance has exited and its tree was swept. (decimal comes with msgspec, which reads
-    frames: 0.65 MiB for less than half the CPU per large request, docs/performance.md.) A
-    daemon spawned as the client spawns it (not forked from the test starter, which has
-    psutil loaded)."""
+    the frames of engines that take requests: loaded with the first of them, see the test
+    above.) A daemon spawned as the client spawns it (not forked from the test starter,
+    which has psutil loaded)."""
     with home.client() as c:
         c.connect()
         pid = c.daemon_info["pid"]
