@@ -71,9 +71,6 @@ def test_a_synchronous_worker_does_not_import_asyncio() -> None:
     """Issue 13 (regression): `engctl.worker` imported asyncio (and with it ssl and logging)
     for every worker: 40 of its 55 ms of import and 8 MiB of each echo worker's RSS. Only an
     async handler needs it now."""
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "from engctl.worker import serve\n"
@@ -81,6 +78,14 @@ def test_a_synchronous_worker_does_not_import_asyncio() -> None:
         "assert 'asyncio' not in sys.modules, 'asyncio imported'\n"
         "assert 'ssl' not in sys.modules, 'ssl imported'\n"
     )
+    assert _answer_of_a_worker_process(code) == b'{"jsonrpc":"2.0","id":1,"result":5}'
+
+
+def _answer_of_a_worker_process(code: str) -> bytes:
+    """The last line a fresh Python running `code` (a worker) prints for one request of 5."""
+    import subprocess
+    import sys
+
     done = subprocess.run(
         [sys.executable, "-c", code],
         input=b'{"jsonrpc":"2.0","id":1,"method":"execute","params":{"input":5}}\n',
@@ -88,7 +93,7 @@ def test_a_synchronous_worker_does_not_import_asyncio() -> None:
         timeout=30,
     )
     assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout.splitlines()[-1] == b'{"jsonrpc":"2.0","id":1,"result":5}'
+    return done.stdout.splitlines()[-1]
 
 
 def test_coroutine_functions_are_told_as_inspect_tells_them() -> None:
@@ -145,22 +150,12 @@ def test_worker_keeps_what_it_loaded_out_of_the_collectors_walks() -> None:
     """Issue 13 (regression): a large request makes thousands of objects, and the full
     collections they set off walked the whole heap of the worker each time (a quarter of its
     time at 115 KB). `serve` freezes what the engine loaded before serving."""
-    import subprocess
-    import sys
-
     code = (
         "import gc\n"
         "from engctl.worker import serve\n"
         "serve(lambda v: gc.get_freeze_count())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        input=b'{"jsonrpc":"2.0","id":1,"method":"execute","params":{"input":5}}\n',
-        capture_output=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr.decode()
-    assert json.loads(done.stdout.splitlines()[-1])["result"] > 1000
+    assert json.loads(_answer_of_a_worker_process(code))["result"] > 1000
 
 
 def test_a_large_request_is_read_as_json_reads_it() -> None:
