@@ -1,8 +1,9 @@
 """JSON-RPC 2.0 framing, one object per line, shared by the daemon socket and the CLI.
 
-Shared contract between CLI and daemon: the stdlib; orjson, which encodes inputs (a client
-loads it when it sends its first large input: `encode_input`); msgspec, which reads and checks
-frames (the daemon loads it at start, a client when it reads its first large frame: `loads`).
+Shared contract between CLI and daemon: the stdlib; orjson, which encodes inputs and the
+daemon's documents (a client loads it when it sends its first large input: `encode_input`; the
+daemon at start: `encode_doc`); msgspec, which reads and checks frames (the daemon loads it
+with its first engine that takes requests, a client when it reads its first large frame).
 """
 
 from __future__ import annotations

@@ -121,6 +121,12 @@ class ChildProcess:
 # Live instance processes by pid, so the SIGCHLD reaper hands their status to them.
 _children: dict[int, ChildProcess] = {}
 
+
+def is_watched(pid: int) -> bool:
+    """Whether `pid` is a live instance process the daemon watches (not an adopted orphan)."""
+    return pid in _children
+
+
 PR_SET_CHILD_SUBREAPER = 36
 
 

@@ -3,8 +3,8 @@ after its leader exited (its group, descendants seen leaving it, orphans the dae
 as subreaper, told apart by the marker in their environment) and a previous daemon's
 instances; each known by (pid, create time), never by a pid alone, against pid reuse.
 
-Mechanism only, as `process`; imports no other daemon module but `process` (its children
-table and signals).
+Mechanism only, as `process`; imports no other daemon module but `process` (which
+processes it watches, and its signals).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .process import (
     GENERATION_ENV,
     INSTANCE_ENV,
     LAUNCH_ENV,
-    _children,
     group_alive,
+    is_watched,
     signal_group,
 )
 
@@ -148,7 +148,7 @@ def adopted_orphans(marker: tuple[str, str, str]) -> list[tuple[int, float]]:
     children = own_children()
     for pid in _pids() if children is None else children:
         fields = _stat_fields(pid)
-        if pid in _children or not fields or fields[1:2] != [me]:
+        if is_watched(pid) or not fields or fields[1:2] != [me]:
             continue
         env = _environ(pid)
         created = create_time(pid, boot)
@@ -174,7 +174,7 @@ async def sweep_tree(
     seen leaving it, and orphans carrying its `marker` (instance id, generation, launch) that the
     daemon adopted as subreaper, except those in a group of `live_groups()` (a successor's)."""
     children = own_children()  # some 10 small reads: on the loop
-    if children is not None and all(pid in _children for pid in children):
+    if children is not None and all(is_watched(pid) for pid in children):
         # No child but instances: nothing was adopted, no thread needed. When a fleet stops,
         # each of its processes took a thread's round trip here, 2 KiB a moment each, and
         # what a daemon holds at such a peak stays its RSS (CPython keeps its arenas).
