@@ -148,6 +148,37 @@ def test_unregister_lets_requests_in_flight_finish(daemon: Home) -> None:
     assert daemon.status()["engines"] == []
 
 
+def test_instances_drained_together_each_stop_when_their_own_requests_end(daemon: Home) -> None:
+    """`unregister` of three instances, one running a long request: the two idle ones stop at
+    once, not when the busy one's request ends (they drain in one call, each on its own)."""
+    slow_workers(daemon, "w", 3)
+    done = threading.Event()
+
+    def long_request() -> None:
+        with daemon.client() as c:
+            c.exec({"delay": 2.0}, instance="w#1", timeout=20)
+        done.set()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    wait_until(lambda: daemon.instance("w#1")["requests"]["in_flight"] == 1)
+    r = daemon.cli("unregister", "w")
+    assert r.returncode == 0, r.stderr
+    t.join(20)
+    assert done.is_set()
+    stopped = {
+        e["instance"]: e["at"]
+        for e in events(daemon, "instance.state")  # by kind: `w` is gone, its events stay
+        if e["to"] == "stopped"
+    }
+    draining = {e["instance"]: e["at"] for e in events(daemon, "instance.draining")}
+    assert set(draining) == set(stopped) == {"w#0", "w#1", "w#2"}
+    assert stopped["w#0"] - draining["w#0"] < 1.0
+    assert stopped["w#2"] - draining["w#2"] < 1.0
+    assert stopped["w#1"] - draining["w#1"] >= 1.0
+    assert events(daemon, "instance.drain_timeout") == []
+
+
 def test_draining_instance_shows_it_and_drain_timeout_is_an_event(daemon: Home) -> None:
     """While it drains the instance is `draining` with its reason; a request that outlives the
     stop timeout is not waited for forever: the instance stops anyway (drain_timeout event)."""

@@ -240,6 +240,23 @@ def test_stop_no_wait_returns_at_once_in_stopping(daemon: Home) -> None:
     assert gone(pid)
 
 
+def test_a_second_stop_while_stopping_keeps_the_kill_after_the_timeout(daemon: Home) -> None:
+    """`stop` of an instance already stopping waits for that stop, whose SIGKILL still comes."""
+    # Regression: the second stop cancelled the instance's timer, which was the first stop's
+    # SIGKILL: a process that ignores SIGTERM then stayed `stopping` for good.
+    pid = _register_stubborn(daemon, 1.0)
+    assert daemon.cli("stop", "--no-wait", "i").returncode == 0
+    t0 = time.monotonic()
+    r = daemon.cli("stop", "i")
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert elapsed <= 1.0 + 4.0, elapsed
+    assert gone(pid)
+    inst = daemon.instance("i#0")
+    assert inst["state"] == "stopped"
+    assert inst["last_exit"]["signal"] == "SIGKILL"
+
+
 def test_start_during_a_no_wait_stop_takes_effect_once_stopped(daemon: Home) -> None:
     """`start` while an instance is still stopping starts it again after the stop ends."""
     # Regression: the start used to be dropped ("nothing to do") and the instance stayed stopped.

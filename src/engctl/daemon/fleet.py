@@ -144,7 +144,7 @@ class Fleet:
     async def stop_instances(self, insts: list[Instance], reason: str, wait: bool) -> list[str]:
         """Stop several instances at once; with `wait`, return when all are stopped."""
         active = [i for i in insts if i.state is not S.STOPPED]
-        await asyncio.gather(*(self.sup.stop_instance(i, reason, wait) for i in active))
+        await self.sup.stop_many(active, reason, wait)
         return [i.id for i in active]
 
     async def drain_instances(
@@ -152,9 +152,7 @@ class Fleet:
     ) -> list[str]:
         """Drain and stop several instances at once; returns the ids of those not stopped."""
         active = [i for i in insts if i.state is not S.STOPPED]
-        await asyncio.gather(
-            *(self.sup.drain_and_stop(i, reason, restart=restart, wait=wait) for i in active)
-        )
+        await self.sup.drain_and_stop_many(active, reason, restart=restart, wait=wait)
         return [i.id for i in active]
 
     async def restart_instances(

@@ -78,6 +78,8 @@ class HealthTracker:
     Results before the grace period ends do not count.
     """
 
+    __slots__ = ("failures", "last_detail", "passes", "started_at", "state")
+
     def __init__(self, started_at: float = 0.0) -> None:
         self.state = Health.UNKNOWN
         self.passes = 0
@@ -176,6 +178,8 @@ class MemoryWatch:
     The least-squares fit over the window is kept as running sums, updated as samples come
     and go: O(1) per sample, whatever the window holds (a fleet's samples each second add up).
     """
+
+    __slots__ = ("_fit", "_rising", "samples")
 
     def __init__(self) -> None:
         self.samples = _Samples()
@@ -286,6 +290,8 @@ class _RunningFit:
     x counts from the first point added, so that the sums of squares stay small enough for
     floats to subtract them accurately (a monotonic clock can read 10^6 and more)."""
 
+    __slots__ = ("n", "origin", "sx", "sxx", "sxy", "sy")
+
     def __init__(self) -> None:
         self.origin: float | None = None
         self.n = 0
@@ -323,6 +329,8 @@ class _RunningFit:
 class CpuWatch:
     """CPU above `max_cpu_percent` in every sample of `window` seconds: a restart (the cpu
     policy's `action = "restart"`; its default, "alert", is the built-in `cpu` alert rule)."""
+
+    __slots__ = ("over_since", "peak")
 
     def __init__(self) -> None:
         self.over_since: float | None = None
@@ -367,6 +375,8 @@ def peer_median(own_id: str, latencies: dict[str, float]) -> float | None:
 class SlowTracker:
     """Downweights an instance whose latency EWMA is far above its peers', and gives the
     weight back step by step while latency stays normal."""
+
+    __slots__ = ("last_change", "multiplier", "requests_at_change")
 
     def __init__(self) -> None:
         self.multiplier = 1.0
@@ -440,6 +450,8 @@ class SlowTracker:
 # -- failing: consecutive errors, error rate; isolation ------------------------------------
 class FailureTracker:
     """Errors of one instance: in a row, and as a rate over a sliding window of counts."""
+
+    __slots__ = ("err_seen", "isolations", "last_isolation", "ok_seen", "window")
 
     def __init__(self) -> None:
         self.isolations = 0  # isolations that still count toward the next one's length
@@ -529,7 +541,7 @@ def guard_rail(serving: int, isolated: int, max_percent: float) -> tuple[bool, i
 
 
 # -- eligibility: every reason an instance may not get (all of) its share -----------------
-@dataclass
+@dataclass(slots=True)
 class Standing:
     """The policy-side facts about one instance that decide its eligibility and weight."""
 
@@ -572,7 +584,7 @@ class Standing:
 
 
 # -- the policies' state of one instance ------------------------------------------------------
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PolicyState:
     """Everything the failure policies keep about one instance: its standing and one tracker
     per fault. The enforcer owns one per instance and starts it afresh for each new process."""
