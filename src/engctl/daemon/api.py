@@ -42,7 +42,6 @@ from .leases import Leases
 from .logs import InstanceLog
 from .metrics import Rollups
 from .params import param, str_list
-from .prometheus import prometheus_text, snapshot
 from .registry import Registry
 from .router import Router
 from .selection import Selector
@@ -376,7 +375,11 @@ class Api:
             # prometheus-client takes ~100 ms to import: not on the loop, and only if asked.
             allow_ssl()  # prometheus_client.exposition imports it
             await asyncio.to_thread(importlib.import_module, "prometheus_client.exposition")
+            # The exposition's own module too: a daemon nobody scrapes does not hold it.
+            await asyncio.to_thread(importlib.import_module, "engctl.daemon.prometheus")
             self._prometheus_ready = True
+        from .prometheus import prometheus_text, snapshot
+
         if self.monitor is not None and self.monitor.stale():
             await self.monitor.fresh()
         host = self.rollups.host if self.rollups is not None else None

@@ -174,6 +174,8 @@ class EventLog:
                 r.done.set()
             for b in barriers:
                 b.set()
+            # Not kept while the next event is awaited: a fleet's stop writes hundreds at once.
+            del batch, item
             if stop:
                 self.db.close()
                 return

@@ -165,16 +165,22 @@ class HistoryWriter:
                 item.set()
                 continue
             rows = item
+            # Not kept while the next bucket is awaited (10 s): a fleet's rows, made at its
+            # largest, would hold that memory's arenas meanwhile.
+            del item
             try:
-                if not self.db.run(functools.partial(_insert, rows=rows)):
+                written = self.db.run(functools.partial(_insert, rows=rows))
+                count = len(rows)
+                del rows
+                if not written:
                     continue  # counted in the write health; the bucket is lost
-                self.written += len(rows)
+                self.written += count
                 now = self.clock()
                 if now - last_prune >= 60.0 or now < last_prune:
                     last_prune = now
                     self.db.run(functools.partial(self.prune, now=now))
             except Exception:  # the writer thread must outlive anything the disk does
-                log.exception("cannot write %d history rows", len(rows))
+                log.exception("cannot write a bucket of history rows")
 
     def prune(self, conn: sqlite3.Connection, now: float) -> None:
         """Drop rows past their tier's retention, then the oldest ones if over the size."""

@@ -41,7 +41,6 @@ from .leases import Leases
 from .membership import Membership
 from .metrics import Rollups
 from .monitor import HostSample, Monitor, Sample
-from .prometheus import MetricsServer
 from .registry import Entry, Registry
 from .router import Router
 from .scaler import Scaler
@@ -309,6 +308,8 @@ class Daemon:
         )
         metrics_server = None
         if self.metrics_port:
+            from .prometheus import MetricsServer  # only with a port: nobody else needs it
+
             # Before the socket exists: a port in use ends the start-up with nothing left over.
             metrics_server = MetricsServer(self.metrics_port, api.metrics_text)
             try:
