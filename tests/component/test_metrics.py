@@ -346,6 +346,7 @@ def test_flush_then_report_shows_the_requests(daemon: Home) -> None:
     assert sum(i["requests"] for i in e["instances"]) == 40
     assert all(i["rss_bytes_max"] and i["state_seconds"].get("ready", 0) > 0
                for i in e["instances"])  # fmt: skip
+    assert all(i["cpu_percent_mean"] is not None for i in e["instances"])
     (t,) = r["types"]
     assert t["type"] == "echo" and t["instances"] == 2 and t["samples"] >= 1
     assert r["host"]["memory_total"] and r["host"]["cpu_percent_mean"] is not None

@@ -107,10 +107,11 @@ def test_followers_get_each_prefixed_line(tmp_path: Path) -> None:
     log = InstanceLog(tmp_path / "a.log", 1 << 20, 1)
     got_a: list[str] = []
     got_b: list[str] = []
-    log.followers.update({got_a.append, got_b.append})
+    log.follow(got_a.append)
+    log.follow(got_b.append)
     log.feed("stdout", b"one\ntw")
     log.feed("stdout", b"o\n")
-    log.followers.discard(got_b.append)
+    log.unfollow(got_b.append)
     log.note("three")
     log.close()
     assert [PREFIX.sub("", line) for line in got_a] == ["one", "two", "three"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from engctl.daemon.metrics import Rollups, _Base, _Gauge
+from engctl.daemon.metrics import Rollups, _Base, _Readings
 from engctl.histogram import Histogram
 from engctl.states import EngineMode
 
@@ -38,13 +38,13 @@ def test_rollups_forget_the_figures_of_instances_that_left() -> None:
         for member in (stays, leaves):
             m = cast("Any", member)
             tier.bases[m] = tier.bases_before[m] = base
-            tier.cpu[m], tier.rss[m], tier.in_flight_peak[m] = _Gauge(), _Gauge(), 1
+            tier.readings[m] = _Readings(1, 2.0, 3.0, 1)
     rollups.previous = {cast("Any", m): base for m in (stays, leaves)}
     assert rollups.forget_gone() == 0  # nothing left yet
 
     sup.engines["e"].instances.remove(leaves)
     assert rollups.forget_gone() == 1
     for tier in rollups.tiers:
-        for figures in (tier.bases, tier.bases_before, tier.cpu, tier.rss, tier.in_flight_peak):
+        for figures in (tier.bases, tier.bases_before, tier.readings):
             assert list(figures) == [stays]
     assert list(rollups.previous) == [stays]

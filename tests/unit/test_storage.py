@@ -112,7 +112,7 @@ def test_instance_log_write_on_a_full_disk_is_counted_not_raised(
     health.attach(said)
     log = InstanceLog(tmp_path / "a.0.log", 1 << 20, 1, health)
     seen: list[str] = []
-    log.followers.add(seen.append)
+    log.follow(seen.append)
     monkeypatch.setattr(InstanceLog, "_open", lambda self: _FullFile())
     log.note("pid 42 exit code 1 after 0.50s")
     log.feed("stderr", b"boom\n")

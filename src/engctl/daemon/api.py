@@ -507,12 +507,12 @@ class Api:
             def push(line: str, inst_id: str = inst_id) -> None:
                 conn.write(protocol.notification("log", {"instance": inst_id, "line": line}))
 
-            inst_log.followers.add(push)
+            inst_log.follow(push)
             removers.append((inst_log, push))
 
         def unsubscribe() -> None:
             for inst_log, push in removers:
-                inst_log.followers.discard(push)
+                inst_log.unfollow(push)
 
         conn.on_close.append(unsubscribe)
         return {"lines": tail}

@@ -40,6 +40,18 @@ def timestamp(now: float | None = None) -> str:
 class InstanceLog:
     """The log file of one instance (`NAME.K.log`, rotated to `.1` … `.N`)."""
 
+    # One per instance: slots, and no set of followers until someone follows (`logs -f`).
+    __slots__ = (
+        "_file",
+        "_followers",
+        "_partial",
+        "_size",
+        "backups",
+        "health",
+        "max_bytes",
+        "path",
+    )
+
     def __init__(
         self, path: Path, max_bytes: int, backups: int, health: WriteHealth | None = None
     ) -> None:
@@ -47,12 +59,22 @@ class InstanceLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.health = health if health is not None else WriteHealth()
-        self.followers: set[Follower] = set()
+        self._followers: set[Follower] | None = None
         # Unfinished lines by (writer, stream): during a rollout two processes of one slot
         # write to its log at once.
         self._partial: dict[tuple[int, str], bytes] = {}
         self._file: IO[bytes] | None = None
         self._size = 0
+
+    def follow(self, follower: Follower) -> None:
+        """Hand `follower` every line written from now on, until `unfollow`."""
+        if self._followers is None:
+            self._followers = set()
+        self._followers.add(follower)
+
+    def unfollow(self, follower: Follower) -> None:
+        if self._followers is not None:
+            self._followers.discard(follower)
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
@@ -106,10 +128,10 @@ class InstanceLog:
         else:
             self._size += len(out)
             self.health.succeeded("logs")
-        if self.followers:
+        if self._followers:
             text = out.decode(errors="replace")
             for line in text.splitlines():
-                for follower in list(self.followers):
+                for follower in list(self._followers):
                     follower(line)
         if self._size >= self.max_bytes:
             self._rotate()

@@ -48,7 +48,7 @@ class _Base:
     states: dict[str, float]
 
 
-@dataclass(slots=True)  # four per instance (CPU and RSS, two tiers)
+@dataclass(slots=True)  # the host's CPU and memory in each tier
 class _Gauge:
     """Readings within one bucket: mean and max."""
 
@@ -67,6 +67,25 @@ class _Gauge:
         return None if self.n == 0 else self.total / self.n
 
 
+@dataclass(slots=True)  # one per instance and tier: one object and one lookup a sample
+class _Readings:
+    """An instance's samples within one bucket: its mean CPU, its largest RSS and the most
+    requests it had in flight (the autoscaler's predictor reads that one)."""
+
+    n: int = 0
+    cpu_total: float = 0.0
+    rss_peak: float = 0.0
+    in_flight_peak: int = 0
+
+    def add(self, cpu_percent: float, rss_bytes: float, in_flight: int) -> None:
+        self.n += 1
+        self.cpu_total += cpu_percent
+        if rss_bytes > self.rss_peak:
+            self.rss_peak = rss_bytes
+        if in_flight > self.in_flight_peak:
+            self.in_flight_peak = in_flight
+
+
 # What has request figures of its own: an instance, or a oneshot engine (no instances).
 Member = Instance | Engine
 
@@ -77,10 +96,7 @@ class _Tier:
     started: float
     bases: dict[Member, _Base] = field(default_factory=dict)
     bases_before: dict[Member, _Base] = field(default_factory=dict)
-    cpu: dict[Member, _Gauge] = field(default_factory=dict)
-    rss: dict[Member, _Gauge] = field(default_factory=dict)
-    # the most requests in flight seen per instance (the autoscaler's predictor reads it)
-    in_flight_peak: dict[Member, int] = field(default_factory=dict)
+    readings: dict[Member, _Readings] = field(default_factory=dict)
     # per type: samples taken, samples with requests waiting, the longest queue seen
     queue: dict[str, list[int]] = field(default_factory=dict)
     host_cpu: _Gauge = field(default_factory=_Gauge)
@@ -88,6 +104,7 @@ class _Tier:
     host_base: HostSample | None = None
 
 
+_NO_READINGS = _Readings()  # an instance not sampled within the bucket
 _ZERO = _Base(0, 0, 0, 0, 0, 0, 0, Histogram(), {})
 
 
@@ -190,10 +207,10 @@ class Rollups:
         live = set(self._members())
         gone = {m for m in self.previous if m not in live}
         for tier in self.tiers:
-            for figures in (tier.bases, tier.bases_before, tier.cpu, tier.rss, tier.in_flight_peak):
+            for figures in (tier.bases, tier.bases_before, tier.readings):
                 gone.update(m for m in figures if m not in live)
         for tier in self.tiers:
-            for figures in (tier.bases, tier.bases_before, tier.cpu, tier.rss, tier.in_flight_peak):
+            for figures in (tier.bases, tier.bases_before, tier.readings):
                 for member in gone:
                     figures.pop(member, None)
         for member in gone:
@@ -213,18 +230,12 @@ class Rollups:
             if inst.pid is not None
         ]
         for tier in self.tiers:
-            cpu, rss, in_flight_peak = tier.cpu, tier.rss, tier.in_flight_peak
+            figures = tier.readings
             for inst, cpu_percent, rss_bytes, in_flight in readings:
-                gauge = cpu.get(inst)
-                if gauge is None:
-                    gauge = cpu[inst] = _Gauge()
-                gauge.add(cpu_percent)
-                gauge = rss.get(inst)
-                if gauge is None:
-                    gauge = rss[inst] = _Gauge()
-                gauge.add(rss_bytes)
-                if in_flight > in_flight_peak.get(inst, 0):
-                    in_flight_peak[inst] = in_flight
+                got = figures.get(inst)
+                if got is None:
+                    got = figures[inst] = _Readings()
+                got.add(cpu_percent, rss_bytes, in_flight)
             for t in types:
                 q = tier.queue.setdefault(t, [0, 0, 0])
                 n = waiting.get(t, 0)
@@ -295,8 +306,7 @@ class Rollups:
                 tier.bases[inst] = cur
                 continue
             hist = cur.hist.minus(base.hist)
-            cpu = tier.cpu.get(inst)
-            rss = tier.rss.get(inst)
+            got = tier.readings.get(inst) or _NO_READINGS
             states = {
                 k: round(v - base.states.get(k, 0.0), 3)
                 for k, v in cur.states.items()
@@ -317,15 +327,15 @@ class Rollups:
                     cur.timeouts - base.timeouts,
                     cur.lost - base.lost,
                     hist.encode() if hist.count else None,
-                    None if cpu is None or cpu.mean is None else round(cpu.mean, 2),
-                    None if rss is None or rss.n == 0 else int(rss.peak),
+                    round(got.cpu_total / got.n, 2) if got.n else None,
+                    int(got.rss_peak) if got.n else None,
                     max(0, cur.restarts - base.restarts),
                     max(0, cur.isolations - base.isolations),
                     _json_text(
                         {
                             "states": states,
                             **_row_data(inst),
-                            "in_flight_peak": tier.in_flight_peak.get(inst, 0),
+                            "in_flight_peak": got.in_flight_peak,
                         }
                     ),
                 )
@@ -396,9 +406,7 @@ class Rollups:
             self.previous = {i: b for i, b in tier.bases_before.items() if i in tier.bases}
             self.previous_started = tier.started
         tier.started = now
-        tier.cpu.clear()
-        tier.rss.clear()
-        tier.in_flight_peak.clear()
+        tier.readings.clear()
         tier.queue.clear()
         tier.host_cpu = _Gauge()
         tier.host_mem = _Gauge()

@@ -239,7 +239,7 @@ class Supervisor:
             pipe_stdin=spec.mode is EngineMode.WORKER,
             stdout_to_pipe=True,
             loop=self.loop,
-            on_exit=lambda proc, status: self._on_exit(inst, proc, status),
+            on_exit=functools.partial(self._on_exit, inst),  # less than a closure, held by each
             then=lambda result: self._launched(inst, argv, result),
         )
 
