@@ -94,14 +94,6 @@ def test_space_back_on_one_file_system_clears_its_other_targets(tmp_path: Path) 
 # -- instance logs -------------------------------------------------------------------------
 
 
-class _FullFile:
-    def write(self, data: bytes) -> int:
-        raise ENOSPC
-
-    def close(self) -> None:
-        pass
-
-
 def test_instance_log_write_on_a_full_disk_is_counted_not_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,9 +105,13 @@ def test_instance_log_write_on_a_full_disk_is_counted_not_raised(
     log = InstanceLog(tmp_path / "a.0.log", 1 << 20, 1, health)
     seen: list[str] = []
     log.follow(seen.append)
-    monkeypatch.setattr(InstanceLog, "_open", lambda self: _FullFile())
-    log.note("pid 42 exit code 1 after 0.50s")
-    log.feed("stderr", b"boom\n")
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC
+    try:
+        monkeypatch.setattr(InstanceLog, "_open", lambda self: full)
+        log.note("pid 42 exit code 1 after 0.50s")
+        log.feed("stderr", b"boom\n")
+    finally:
+        os.close(full)
     assert health.to_json()["logs"]["count"] == 2
     assert health.disk_full
     assert [s.split(": ", 1)[1] for s in seen] == ["pid 42 exit code 1 after 0.50s", "boom"]

@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 from engctl import trust
 from engctl.errors import UnsafePathError
@@ -42,7 +41,7 @@ class InstanceLog:
 
     # One per instance: slots, and no set of followers until someone follows (`logs -f`).
     __slots__ = (
-        "_file",
+        "_fd",
         "_followers",
         "_partial",
         "_size",
@@ -63,7 +62,7 @@ class InstanceLog:
         # Unfinished lines by (writer, stream): during a rollout two processes of one slot
         # write to its log at once.
         self._partial: dict[tuple[int, str], bytes] = {}
-        self._file: IO[bytes] | None = None
+        self._fd = -1  # open from the first line on; a raw fd (a file object is 240 B more)
         self._size = 0
 
     def follow(self, follower: Follower) -> None:
@@ -76,15 +75,19 @@ class InstanceLog:
         if self._followers is not None:
             self._followers.discard(follower)
 
-    def _open(self) -> IO[bytes]:
-        if self._file is None:
+    def _open(self) -> int:
+        if self._fd < 0:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = trust.open_file(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             # Unbuffered: each feed() is one write of whole lines, readers see them at once,
             # and hundreds of idle instances hold no buffers.
-            self._file = os.fdopen(fd, "ab", buffering=0)
-            self._size = self._file.seek(0, os.SEEK_END)
-        return self._file
+            try:
+                self._size = os.lseek(fd, 0, os.SEEK_END)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+        return self._fd
 
     def feed(self, stream: str, data: bytes, writer: int = 0) -> None:
         """Append raw output of `stream` (stdout/stderr) of `writer` (a pid); complete lines
@@ -120,7 +123,10 @@ class InstanceLog:
         prefix = f"{timestamp()} {stream}: ".encode()
         out = b"".join(prefix + line.rstrip(b"\r") + b"\n" for line in lines)
         try:
-            self._open().write(out)
+            fd = self._open()
+            view = memoryview(out)
+            while view:  # a file takes all at once but on a full disk (then OSError)
+                view = view[os.write(fd, view) :]
         except (OSError, UnsafePathError) as exc:
             # Lost for the file, not for the followers below; the next write tries again.
             self.close()
@@ -151,10 +157,10 @@ class InstanceLog:
         self._size = 0
 
     def close(self) -> None:
-        if self._file is not None:
-            f, self._file = self._file, None
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
             with contextlib.suppress(OSError):
-                f.close()
+                os.close(fd)
 
 
 def _as_os_error(exc: OSError | UnsafePathError) -> OSError:
