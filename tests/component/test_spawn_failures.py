@@ -5,6 +5,7 @@ a oneshot payload the argv cannot carry is a request error that frees its slot."
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -52,17 +53,21 @@ def test_register_refuses_nul_and_bad_env_names_and_saves_nothing(
 
 def test_a_spawn_failure_of_any_kind_raises_spawn_error_and_leaves_no_process() -> None:
     """Issue 9.2: values the kernel refuses (not OSError: ValueError for a NUL, an '=' in an
-    env name) are SpawnError like a missing command, raised before any process exists."""
+    env name) are SpawnError like a missing command, raised before any process exists, and
+    leave no pipe open."""
 
     def attempt(argv: list[str], env: dict[str, str], cwd: str | None) -> str:
         with pytest.raises(process.SpawnError) as info:
             process.launch(argv, cwd=cwd, env=env, pipe_stdin=True, stdout_to_pipe=True)
         return str(info.value)
 
+    fds = set(os.listdir("/proc/self/fd"))
     assert "embedded null byte" in attempt(["true\0"], {}, None)
     assert "environment" in attempt(["true"], {"A=B": "1"}, None)
     assert "embedded null byte" in attempt(["true"], {}, "/tmp\0")
     assert "No such file" in attempt(["/nonexistent/engctl-test"], {}, None)
+    # The daemon makes each child's pipes itself: a launch that fails closes all of them.
+    assert set(os.listdir("/proc/self/fd")) == fds
 
 
 def test_engines_after_one_that_cannot_start_still_start_after_a_daemon_restart(

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, BinaryIO, cast
 
 import pytest
 
-from engctl.daemon import pipes
+from engctl.daemon import pipes, process
 from engctl.daemon.channel import WorkerChannel
 from engctl.daemon.pipes import DEFAULT_PIPE_BYTES, PipeBudget
 from engctl.daemon.server import Outbox
@@ -54,20 +54,19 @@ class Owner:
     def channel_broken(self, channel: Any, why: str) -> None: ...
 
 
-class Proc:
-    """A ChildProcess as a channel uses it: the worker's stdin (a real pipe), and its stdout
-    (another) when asked for."""
+class Proc(process.Launched):
+    """A launched process as a channel uses it: the daemon's end of the worker's stdin (a
+    real pipe, read back through `reader`), and of its stdout (another, written through
+    `writer`) when asked for."""
 
     def __init__(self, stdout: bool = False) -> None:
         r, w = os.pipe()
+        super().__init__(cast("Any", SimpleNamespace(pid=0)), w, None, None)
         self.reader = os.fdopen(r, "rb")
-        self.popen = subprocess.Popen.__new__(subprocess.Popen)
-        self.popen.stdin = os.fdopen(w, "wb")
-        self.popen.stdout = None
-        self.writer = None
+        self.writer: BinaryIO | None = None
         if stdout:
             r, w = os.pipe()
-            self.popen.stdout = os.fdopen(r, "rb")
+            self.stdout = r
             self.writer = os.fdopen(w, "wb")
 
 
@@ -171,8 +170,8 @@ def test_a_frame_larger_than_the_pipe_grows_it_to_cross_whole(
     owner = Owner(loop, budget)
     proc = Proc(stdout=True)
     channel = WorkerChannel(owner, Inst(0), proc)  # type: ignore[arg-type]
-    assert proc.popen.stdout is not None and proc.writer is not None
-    stdout = proc.popen.stdout.fileno()
+    assert proc.stdout is not None and proc.writer is not None
+    stdout = proc.stdout
     try:
         assert _pipe_bytes(proc.reader.fileno()) == DEFAULT_PIPE_BYTES
         channel.send(Req(b'"%s"' % (b"x" * 1000)))  # type: ignore[arg-type]
@@ -188,7 +187,7 @@ def test_a_frame_larger_than_the_pipe_grows_it_to_cross_whole(
         channel.close()
         proc.reader.close()
         proc.writer.close()
-        proc.popen.stdout.close()
+        proc.close_pipes()
     assert budget.used == 0
 
 

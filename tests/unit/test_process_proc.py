@@ -77,12 +77,12 @@ def test_a_launch_that_exits_before_it_is_watched_keeps_its_exit_status(
     real_launch = process.launch
     exited = threading.Event()
 
-    def launch_then_wait(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-        popen = real_launch(*args, **kwargs)
-        os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT)  # it has exited, unwatched
+    def launch_then_wait(*args: Any, **kwargs: Any) -> process.Launched:
+        launched = real_launch(*args, **kwargs)
+        os.waitid(os.P_PID, launched.pid, os.WEXITED | os.WNOWAIT)  # it has exited, unwatched
         exited.set()
         time.sleep(0.2)  # the loop's reaper runs meanwhile
-        return popen
+        return launched
 
     monkeypatch.setattr(process, "launch", launch_then_wait)
 
@@ -108,9 +108,7 @@ def test_a_launch_that_exits_before_it_is_watched_keeps_its_exit_status(
             await asyncio.sleep(0.01)
         st = await asyncio.wait_for(status, 10)
         assert len(results) == 1 and isinstance(results[0], process.ChildProcess)
-        for pipe in (results[0].popen.stderr,):
-            if pipe is not None:
-                pipe.close()
+        results[0].close_pipes()
         return st
 
     assert asyncio.run(scenario()) == process.ExitStatus(3, None)
@@ -181,8 +179,7 @@ def test_a_burst_of_launches_all_land_through_a_few_pool_jobs(
         assert sorted(st.code or 0 for st in exits) == sorted(k % 7 for k in range(n))
         for r in results:
             assert isinstance(r, process.ChildProcess)
-            if r.popen.stderr is not None:
-                r.popen.stderr.close()
+            r.close_pipes()
         return results
 
     try:
@@ -228,20 +225,19 @@ def test_an_instances_stderr_pipe_holds_one_page() -> None:
     protocol pipes keep the default."""
     import fcntl
 
-    popen = process.launch(
+    launched = process.launch(
         ["sleep", "60"], cwd=None, env=dict(os.environ), pipe_stdin=True, stdout_to_pipe=True
     )
     try:
-        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
-        assert fcntl.fcntl(popen.stderr.fileno(), fcntl.F_GETPIPE_SZ) == 4096
-        assert fcntl.fcntl(popen.stdin.fileno(), fcntl.F_GETPIPE_SZ) == 65536
-        assert fcntl.fcntl(popen.stdout.fileno(), fcntl.F_GETPIPE_SZ) == 65536
+        stdin, stdout, stderr = launched.stdin, launched.stdout, launched.stderr
+        assert stdin is not None and stdout is not None and stderr is not None
+        assert fcntl.fcntl(stderr, fcntl.F_GETPIPE_SZ) == 4096
+        assert fcntl.fcntl(stdin, fcntl.F_GETPIPE_SZ) == 65536
+        assert fcntl.fcntl(stdout, fcntl.F_GETPIPE_SZ) == 65536
     finally:
-        popen.kill()
-        popen.wait()
-        for pipe in (popen.stdin, popen.stdout, popen.stderr):
-            if pipe is not None:
-                pipe.close()
+        launched.popen.kill()
+        launched.popen.wait()
+        launched.close_pipes()
 
 
 def test_a_sweep_with_no_child_but_instances_takes_no_thread(

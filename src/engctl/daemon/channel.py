@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import os
 from collections.abc import Callable
@@ -66,10 +65,8 @@ class WorkerChannel:
         self.owner = owner
         self.inst = inst
         self.proc = proc
-        stdin = proc.popen.stdin
-        assert stdin is not None
-        self._stdin = stdin
-        self._fd = stdin.fileno()
+        assert proc.stdin is not None
+        self._fd = proc.stdin
         os.set_blocking(self._fd, False)
         # Frames not written yet, oldest first. A deque of the frames themselves, not one
         # bytearray: with large inputs and a full pipe, a bytearray consumed at the front and
@@ -86,8 +83,7 @@ class WorkerChannel:
         self.last_read = 0.0  # loop time of the last bytes from the worker
         # The pipes' capacities, grown for the first frame that does not fit (`pipes`).
         self._stdin_size = pipes.pipe_size(self._fd) or DEFAULT_PIPE_BYTES
-        stdout = proc.popen.stdout
-        self._stdout_fd = stdout.fileno() if stdout is not None else -1
+        self._stdout_fd = proc.stdout if proc.stdout is not None else -1
         self._stdout_size = pipes.pipe_size(self._stdout_fd) or DEFAULT_PIPE_BYTES
         self._grown = 0  # bytes this channel's pipes took from the budget
 
@@ -297,5 +293,4 @@ class WorkerChannel:
         self.owner.pipe_budget.gave_back(self._grown)
         if self._writer_on:
             self.owner.loop.remove_writer(self._fd)
-        with contextlib.suppress(OSError):
-            self._stdin.close()
+        self.proc.close_pipe(self._fd)

@@ -112,18 +112,15 @@ class OneshotRun:
             return
         self.proc = result
         self._note(f"{self._label}: started pid {result.pid}")
-        popen = result.popen
-        for pipe, buf in ((popen.stdout, self._stdout), (popen.stderr, self._stderr)):
-            assert pipe is not None
-            fd = pipe.fileno()
+        for fd, buf in ((result.stdout, self._stdout), (result.stderr, self._stderr)):
+            assert fd is not None
             os.set_blocking(fd, False)
             self._open_pipes += 1
-            self._loop.add_reader(fd, self._read, pipe, buf)
-        if popen.stdin is not None:
+            self._loop.add_reader(fd, self._read, fd, buf)
+        if result.stdin is not None:
             self._pending_in = memoryview((self._payload or "").encode())
             self._payload = None
-            fd = popen.stdin.fileno()
-            os.set_blocking(fd, False)
+            os.set_blocking(result.stdin, False)
             self._write_stdin()
         if self._done_cb is None:
             # Killed, or timed out, before its process existed: it goes now.
@@ -131,9 +128,8 @@ class OneshotRun:
 
     def _write_stdin(self) -> None:
         assert self.proc is not None
-        stdin = self.proc.popen.stdin
-        assert stdin is not None
-        fd = stdin.fileno()
+        fd = self.proc.stdin
+        assert fd is not None
         try:
             n = os.write(fd, self._pending_in) if self._pending_in else 0
         except BlockingIOError:
@@ -145,15 +141,14 @@ class OneshotRun:
         if self._pending_in:
             self._loop.add_writer(fd, self._write_more)
             return
-        stdin.close()  # EOF: the command may now answer
+        self.proc.close_pipe(fd)  # EOF: the command may now answer
 
     def _write_more(self) -> None:
-        assert self.proc is not None and self.proc.popen.stdin is not None
-        self._loop.remove_writer(self.proc.popen.stdin.fileno())
+        assert self.proc is not None and self.proc.stdin is not None
+        self._loop.remove_writer(self.proc.stdin)
         self._write_stdin()
 
-    def _read(self, pipe: Any, buf: bytearray) -> None:
-        fd = pipe.fileno()
+    def _read(self, fd: int, buf: bytearray) -> None:
         data = process.read_available(fd)
         if data is None:
             return
@@ -169,7 +164,8 @@ class OneshotRun:
         self._loop.remove_reader(fd)
         if buf is self._stderr and self._log_partial:
             self._log_stderr(b"\n")  # the last line, unterminated
-        pipe.close()
+        if self.proc is not None:
+            self.proc.close_pipe(fd)
         self._open_pipes -= 1
         self._maybe_finish()
 

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO
 
 # Set in each engine's environment so a restarted daemon can find the old generation.
 DAEMON_ID_ENV = "ENGCTL_DAEMON_ID"
@@ -73,18 +72,68 @@ class SpawnError(Exception):
 TRANSIENT_SPAWN_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
 
-class ChildProcess:
-    """A spawned process: its pid (also its process group id) and a callback on exit."""
+class Launched:
+    """A process just launched, not yet watched: its Popen and the daemon's ends of its
+    pipes, as fds (None where the child has no pipe)."""
+
+    __slots__ = ("pid", "popen", "stderr", "stdin", "stdout")
 
     def __init__(
         self,
         popen: subprocess.Popen[bytes],
-        loop: asyncio.AbstractEventLoop,
-        on_exit: Callable[[ChildProcess, ExitStatus], None],
+        stdin: int | None,
+        stdout: int | None,
+        stderr: int | None,
     ) -> None:
         self.popen = popen
         self.pid = popen.pid
-        self.pgid = popen.pid  # start_new_session made it the leader of its own group
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def close_pipe(self, fd: int | None) -> None:
+        """Close the daemon's end `fd` of one of the pipes, once (None: nothing to close)."""
+        if fd is None:
+            return
+        if fd == self.stdin:
+            self.stdin = None
+        elif fd == self.stdout:
+            self.stdout = None
+        elif fd == self.stderr:
+            self.stderr = None
+        else:
+            return  # closed already: the number may be another file's by now
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def close_pipes(self) -> None:
+        """Close the daemon's end of every pipe still open (each once)."""
+        for fd in (self.stdin, self.stdout, self.stderr):
+            self.close_pipe(fd)
+
+
+class ChildProcess(Launched):
+    """A spawned process: its pid (also its process group id), the daemon's ends of its pipes
+    (fds: a file object each was 240 B more) and a callback on exit."""
+
+    __slots__ = (
+        "_loop",
+        "_on_exit",
+        "_pidfd",
+        "exit_status",
+        "pgid",
+        "started_at",
+        "started_mono",
+    )
+
+    def __init__(
+        self,
+        launched: Launched,
+        loop: asyncio.AbstractEventLoop,
+        on_exit: Callable[[ChildProcess, ExitStatus], None],
+    ) -> None:
+        super().__init__(launched.popen, launched.stdin, launched.stdout, launched.stderr)
+        self.pgid = self.pid  # start_new_session made it the leader of its own group
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.exit_status: ExitStatus | None = None
@@ -190,19 +239,19 @@ def read_output(
 ) -> None:
     """Hand what `proc` writes on its stdout and stderr pipes to `stdout` and `stderr` as it
     arrives, then b"" once at EOF (when the pipe is closed). Never blocks the loop."""
-    popen = proc.popen
-    for pipe, consumer in ((popen.stderr, stderr), (popen.stdout, stdout)):
-        if pipe is None:
+    for fd, consumer in ((proc.stderr, stderr), (proc.stdout, stdout)):
+        if fd is None:
             continue
-        fd = pipe.fileno()
         os.set_blocking(fd, False)
-        loop.add_reader(fd, _read_pipe, loop, pipe, consumer)
+        loop.add_reader(fd, _read_pipe, loop, proc, fd, consumer)
 
 
 def _read_pipe(
-    loop: asyncio.AbstractEventLoop, pipe: IO[bytes], consumer: Callable[[bytes], None]
+    loop: asyncio.AbstractEventLoop,
+    proc: ChildProcess,
+    fd: int,
+    consumer: Callable[[bytes], None],
 ) -> None:
-    fd = pipe.fileno()
     data = read_available(fd)
     if data is None:
         return
@@ -211,7 +260,7 @@ def _read_pipe(
         return
     loop.remove_reader(fd)
     consumer(b"")
-    pipe.close()
+    proc.close_pipe(fd)
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -237,27 +286,47 @@ def launch(
     env: Mapping[str, str],
     pipe_stdin: bool,
     stdout_to_pipe: bool,
-) -> subprocess.Popen[bytes]:
+) -> Launched:
     """Fork and exec `argv` as the leader of a new session; stderr is always a pipe to the
     daemon. Returns once the child has exec'd: off the loop, that is `spawn_soon`'s job.
 
-    Every way this can fail raises SpawnError, and then no process is left running.
+    Every way this can fail raises SpawnError, and then no process is left running and no
+    pipe open.
     """
+    # The pipes are the daemon's own, read and written through their fds (os.read,
+    # os.write): Popen's file objects for them were 240 B each, per pipe and instance.
+    ours: list[int | None] = [None, None, None]  # stdin, stdout, stderr: the daemon's ends
+    theirs: list[int] = []  # the child's ends, closed here once it has them
     try:
-        popen = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_to_pipe else subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            # The pipes are read and written through their fds (os.read, os.write): a
-            # buffered file object would hold an 8 KiB buffer per pipe and instance unused.
-            bufsize=0,
-            start_new_session=True,
-            close_fds=True,
-        )
+        try:
+            if pipe_stdin:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                theirs.append(r)
+                ours[0] = w
+            if stdout_to_pipe:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                ours[1] = r
+                theirs.append(w)
+            r, w = os.pipe2(os.O_CLOEXEC)
+            ours[2] = r
+            theirs.append(w)
+            with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
+                fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, STDERR_PIPE_BYTES)
+            popen = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=theirs[0] if pipe_stdin else subprocess.DEVNULL,
+                stdout=theirs[-2] if stdout_to_pipe else subprocess.DEVNULL,
+                stderr=theirs[-1],
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            for fd in theirs:
+                os.close(fd)
     except OSError as exc:
+        _close_all(ours)
         detail = exc.strerror or str(exc)
         target = exc.filename or argv[0]
         raise SpawnError(
@@ -265,11 +334,15 @@ def launch(
         ) from exc
     except (ValueError, TypeError, subprocess.SubprocessError) as exc:
         # e.g. "embedded null byte": refused before any fork, so nothing runs.
+        _close_all(ours)
         raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
-    if popen.stderr is not None:
-        with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
-            fcntl.fcntl(popen.stderr.fileno(), fcntl.F_SETPIPE_SZ, STDERR_PIPE_BYTES)
-    return popen
+    return Launched(popen, ours[0], ours[1], ours[2])
+
+
+def _close_all(fds: list[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 # stderr, a log read at once, needs one page, not 64 KiB: Linux counts pipe pages per user
@@ -279,16 +352,17 @@ STDERR_PIPE_BYTES = 4096
 
 
 def watch(
-    popen: subprocess.Popen[bytes],
+    launched: Launched,
     loop: asyncio.AbstractEventLoop,
     on_exit: Callable[[ChildProcess, ExitStatus], None],
 ) -> ChildProcess:
     """Watch a launched process from the loop; SpawnError (and the process killed) when it
     cannot be watched."""
     try:
-        return ChildProcess(popen, loop, on_exit)
+        return ChildProcess(launched, loop, on_exit)
     except OSError as exc:  # no pidfd (EMFILE): a process nobody watches must not live on
-        _discard(popen)
+        _discard(launched)
+        popen = launched.popen
         name = popen.args[0] if isinstance(popen.args, list) else popen.args
         raise SpawnError(
             f"cannot watch {name!r} (pid {popen.pid}): {exc.strerror}",
@@ -296,13 +370,11 @@ def watch(
         ) from exc
 
 
-def _discard(popen: subprocess.Popen[bytes]) -> None:
+def _discard(launched: Launched) -> None:
     """Kill and reap a launched process nobody will watch, and close its pipes."""
-    signal_group(popen.pid, signal.SIGKILL)
-    popen.wait()
-    for pipe in (popen.stdin, popen.stdout, popen.stderr):
-        if pipe is not None:
-            pipe.close()
+    signal_group(launched.pid, signal.SIGKILL)
+    launched.popen.wait()
+    launched.close_pipes()
 
 
 # Threads that launch processes: a fork and exec waits until the child has exec'd, 0.5 ms on
@@ -344,7 +416,7 @@ def spawn_soon(
     landing: asyncio.Future[None] = loop.create_future()
     _landings.add(landing)
 
-    def landed(done: Future[subprocess.Popen[bytes]]) -> None:  # on the loop
+    def landed(done: Future[Launched]) -> None:  # on the loop
         global _reap_deferred
         result: ChildProcess | SpawnError
         try:
@@ -362,7 +434,7 @@ def spawn_soon(
                 _reap_deferred = False
                 reap_children()
 
-    def hand_back(done: Future[subprocess.Popen[bytes]]) -> None:  # on the launcher thread
+    def hand_back(done: Future[Launched]) -> None:  # on the launcher thread
         try:
             loop.call_soon_threadsafe(landed, done)
         except RuntimeError:  # the loop is closed: a process nobody can watch must not live
@@ -370,7 +442,7 @@ def spawn_soon(
                 _discard(done.result())
 
     def run() -> None:  # on a launcher thread
-        done: Future[subprocess.Popen[bytes]] = Future()
+        done: Future[Launched] = Future()
         try:
             done.set_result(
                 launch(argv, cwd=cwd, env=env, pipe_stdin=pipe_stdin, stdout_to_pipe=stdout_to_pipe)
@@ -382,7 +454,7 @@ def spawn_soon(
     try:
         _queue_launch(_launcher, run)
     except RuntimeError as exc:  # interpreter shutting down: no new thread
-        failed: Future[subprocess.Popen[bytes]] = Future()
+        failed: Future[Launched] = Future()
         failed.set_exception(exc)
         loop.call_soon(landed, failed)
 

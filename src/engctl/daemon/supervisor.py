@@ -422,9 +422,7 @@ class Supervisor:
         failure, failed_start = inst.failure, inst.failed_start
         inst.failure, inst.failed_start = "", False
         self._sweep_group(inst, proc)
-        if proc.popen.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.popen.stdin.close()
+        proc.close_pipe(proc.stdin)
         self.publish_targets()
         if inst.state is S.STOPPING:
             # stopping -> stopped: the exit we asked for
