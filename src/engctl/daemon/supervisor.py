@@ -626,30 +626,7 @@ class Supervisor:
             await self.wait_until(
                 lambda: not inst.draining, inst.spec.stop.timeout * 2 + 10.0, f"{inst.id} to drain"
             )
-        then = "a graceful restart" if restart else "stop"
-        inst.draining = True
-        try:
-            if inst.state is S.READY and self.observer is not None:
-                self._emit(
-                    inst, EventKind.INSTANCE_DRAINING, f"{reason}: draining, then {then}", data
-                )
-                why = f"draining to {'restart' if restart else 'stop'}: {reason}"
-                drained = self.observer.drain(inst, why)
-                limit = inst.spec.stop.timeout if timeout is None else timeout
-                try:
-                    await asyncio.wait_for(drained, limit)
-                except TimeoutError:
-                    left = inst.stats.in_flight
-                    self._emit(
-                        inst,
-                        EventKind.INSTANCE_DRAIN_TIMEOUT,
-                        f"{then} with {left} request(s) still in flight after {limit:g}s",
-                        {"in_flight": left},
-                    )
-            await self.stop_instance(inst, f"restart: {reason}" if restart else reason, wait)
-        finally:
-            inst.draining = False
-            self._check_waiters()
+        await self._drain_and_stop_together([inst], reason, restart, wait, timeout, data)
 
     async def drain_and_stop_many(
         self, insts: list[Instance], reason: str, *, restart: bool = False, wait: bool = True
@@ -665,8 +642,16 @@ class Supervisor:
         await asyncio.gather(self._drain_and_stop_together(together, reason, restart, wait), *alone)
 
     async def _drain_and_stop_together(
-        self, insts: list[Instance], reason: str, restart: bool, wait: bool
+        self,
+        insts: list[Instance],
+        reason: str,
+        restart: bool,
+        wait: bool,
+        timeout: float | None = None,
+        data: dict[str, Any] | None = None,
     ) -> None:
+        """Drain `insts` (none of them draining already) and stop each once its requests are
+        done or its drain's time is up (`timeout`, by default its stop timeout)."""
         then = "a graceful restart" if restart else "stop"
         why = f"draining to {'restart' if restart else 'stop'}: {reason}"
         stop_reason = f"restart: {reason}" if restart else reason
@@ -686,9 +671,12 @@ class Supervisor:
             if not drains and not all_drained.done():
                 all_drained.set_result(None)
 
+        def limit_of(inst: Instance) -> float:
+            return inst.spec.stop.timeout if timeout is None else timeout
+
         def overdue(limit: float) -> None:
             for fut, inst in list(drains.items()):
-                if inst.spec.stop.timeout == limit and not fut.done():
+                if limit_of(inst) == limit and not fut.done():
                     left = inst.stats.in_flight
                     self._emit(
                         inst,
@@ -705,7 +693,7 @@ class Supervisor:
             for inst in insts:
                 if inst.state is S.READY and self.observer is not None:
                     self._emit(
-                        inst, EventKind.INSTANCE_DRAINING, f"{reason}: draining, then {then}", None
+                        inst, EventKind.INSTANCE_DRAINING, f"{reason}: draining, then {then}", data
                     )
                     fut = self.observer.drain(inst, why)
                     drains[fut] = inst
@@ -713,7 +701,7 @@ class Supervisor:
                 else:
                     stop(inst)
             if drains:
-                for limit in {i.spec.stop.timeout for i in drains.values()}:
+                for limit in {limit_of(i) for i in drains.values()}:
                     timers.append(self.loop.call_later(limit, overdue, limit))
                 await all_drained
             if wait and stopping:
