@@ -127,24 +127,30 @@ def test_restart_under_load_loses_no_request(daemon: Home) -> None:
     assert [i["state"] for i in daemon.instances("w")] == ["ready", "ready"]
 
 
+def unregister_while_running(home: Home, inst_id: str, delay: float) -> dict[str, Any]:
+    """Unregister engine `w` while `inst_id` runs a request of `delay` seconds: its answer."""
+    result: dict[str, Any] = {}
+
+    def long_request() -> None:
+        with home.client() as c:
+            result["answer"] = c.exec({"delay": delay}, instance=inst_id, timeout=20)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    wait_until(lambda: home.instance(inst_id)["requests"]["in_flight"] == 1)
+    r = home.cli("unregister", "w")
+    assert r.returncode == 0, r.stderr
+    t.join(20)
+    return cast("dict[str, Any]", result["answer"])
+
+
 def test_unregister_lets_requests_in_flight_finish(daemon: Home) -> None:
     """`unregister` drains: a request running on the engine finishes with its answer; only
     then do the processes stop and the engine go."""
     slow_workers(daemon, "w", 1, delay=0.1)
-    result: dict[str, Any] = {}
-
-    def long_request() -> None:
-        with daemon.client() as c:
-            result["answer"] = c.exec({"delay": 1.0}, engine="w", timeout=20)
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    wait_until(lambda: daemon.instance("w#0")["requests"]["in_flight"] == 1)
-    r = daemon.cli("unregister", "w")
-    assert r.returncode == 0, r.stderr
-    t.join(20)
-    assert result["answer"]["ok"] is True
-    assert result["answer"]["result"]["echo"] == {"delay": 1.0}
+    answer = unregister_while_running(daemon, "w#0", 1.0)
+    assert answer["ok"] is True
+    assert answer["result"]["echo"] == {"delay": 1.0}
     assert daemon.status()["engines"] == []
 
 
@@ -152,20 +158,7 @@ def test_instances_drained_together_each_stop_when_their_own_requests_end(daemon
     """`unregister` of three instances, one running a long request: the two idle ones stop at
     once, not when the busy one's request ends (they drain in one call, each on its own)."""
     slow_workers(daemon, "w", 3)
-    done = threading.Event()
-
-    def long_request() -> None:
-        with daemon.client() as c:
-            c.exec({"delay": 2.0}, instance="w#1", timeout=20)
-        done.set()
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    wait_until(lambda: daemon.instance("w#1")["requests"]["in_flight"] == 1)
-    r = daemon.cli("unregister", "w")
-    assert r.returncode == 0, r.stderr
-    t.join(20)
-    assert done.is_set()
+    assert unregister_while_running(daemon, "w#1", 2.0)["ok"] is True
     stopped = {
         e["instance"]: e["at"]
         for e in events(daemon, "instance.state")  # by kind: `w` is gone, its events stay
