@@ -160,6 +160,7 @@ def test_a_burst_of_launches_all_land_through_a_few_pool_jobs(
 
     async def scenario() -> list[object]:
         loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, process.reap_children)  # as the daemon does
         results: list[object] = []
         exits: list[process.ExitStatus] = []
         for k in range(n):

@@ -114,35 +114,20 @@ class Launched:
 
 class ChildProcess(Launched):
     """A spawned process: its pid (also its process group id), the daemon's ends of its pipes
-    (fds: a file object each was 240 B more) and a callback on exit."""
+    (fds: a file object each was 240 B more) and a callback on exit, called by
+    `reap_children` on the SIGCHLD of its exit (no fd, reader or timer per process)."""
 
-    __slots__ = (
-        "_loop",
-        "_on_exit",
-        "_pidfd",
-        "exit_status",
-        "pgid",
-        "started_at",
-        "started_mono",
-    )
+    __slots__ = ("_on_exit", "exit_status", "pgid", "started_at", "started_mono")
 
     def __init__(
-        self,
-        launched: Launched,
-        loop: asyncio.AbstractEventLoop,
-        on_exit: Callable[[ChildProcess, ExitStatus], None],
+        self, launched: Launched, on_exit: Callable[[ChildProcess, ExitStatus], None]
     ) -> None:
         super().__init__(launched.popen, launched.stdin, launched.stdout, launched.stderr)
         self.pgid = self.pid  # start_new_session made it the leader of its own group
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.exit_status: ExitStatus | None = None
-        self._loop = loop
         self._on_exit = on_exit
-        # A pidfd becomes readable the moment the process exits: no polling timer and no
-        # thread per child.
-        self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._pidfd, self.reap)
         _children[self.pid] = self
 
     def reap(self) -> None:
@@ -153,8 +138,6 @@ class ChildProcess(Launched):
         if rc is None:  # spurious wake-up
             return
         _children.pop(self.pid, None)
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
         self.exit_status = ExitStatus.from_returncode(rc)
         self._on_exit(self, self.exit_status)
 
@@ -351,25 +334,6 @@ def _close_all(fds: list[int | None]) -> None:
 STDERR_PIPE_BYTES = 4096
 
 
-def watch(
-    launched: Launched,
-    loop: asyncio.AbstractEventLoop,
-    on_exit: Callable[[ChildProcess, ExitStatus], None],
-) -> ChildProcess:
-    """Watch a launched process from the loop; SpawnError (and the process killed) when it
-    cannot be watched."""
-    try:
-        return ChildProcess(launched, loop, on_exit)
-    except OSError as exc:  # no pidfd (EMFILE): a process nobody watches must not live on
-        _discard(launched)
-        popen = launched.popen
-        name = popen.args[0] if isinstance(popen.args, list) else popen.args
-        raise SpawnError(
-            f"cannot watch {name!r} (pid {popen.pid}): {exc.strerror}",
-            transient=exc.errno in TRANSIENT_SPAWN_ERRNOS,
-        ) from exc
-
-
 def _discard(launched: Launched) -> None:
     """Kill and reap a launched process nobody will watch, and close its pipes."""
     signal_group(launched.pid, signal.SIGKILL)
@@ -407,9 +371,10 @@ def spawn_soon(
     on_exit: Callable[[ChildProcess, ExitStatus], None],
     then: Callable[[ChildProcess | SpawnError], None],
 ) -> None:
-    """`launch` on a launcher thread, then `watch` on the loop: the loop goes on while the
+    """`launch` on a launcher thread, then watched from the loop (its exit reaches `on_exit`
+    through `reap_children`, which the daemon runs on SIGCHLD): the loop goes on while the
     child execs. `then` gets the watched process, or the SpawnError, on the loop (never
-    before this returns)."""
+    before this returns, and before `on_exit`)."""
     global _launcher
     if _launcher is None:
         _launcher = ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="engctl-launch")
@@ -420,7 +385,7 @@ def spawn_soon(
         global _reap_deferred
         result: ChildProcess | SpawnError
         try:
-            result = watch(done.result(), loop, on_exit)
+            result = ChildProcess(done.result(), on_exit)
         except SpawnError as exc:
             result = exc
         except Exception as exc:  # the pool shut down: nothing was launched

@@ -555,7 +555,7 @@ class Server:
             self.path.unlink()
 
 
-# File descriptors never given to client connections: engines' pipes, pidfds, logs, the
+# File descriptors never given to client connections: engines' pipes and logs, the
 # databases. The connection cap is at most half the soft fd limit.
 def raise_fd_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in effect."""
