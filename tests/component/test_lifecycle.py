@@ -5,12 +5,14 @@ workers, real sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -211,6 +213,53 @@ def test_draining_instance_shows_it_and_drain_timeout_is_an_event(daemon: Home) 
     (timeout,) = events(daemon, "instance.drain_timeout")
     assert timeout["instance"] == "w#1"
     assert timeout["reason"] == "stop with 1 request(s) still in flight after 1s"
+
+
+def test_instances_drained_together_time_out_once_each_and_all_stop(daemon: Home) -> None:
+    """`scale 3 -> 0` with a request stuck on two of the instances: the idle one stops at once,
+    the two stuck ones each get one drain_timeout event when their stop timeout comes (one
+    timer for the stop timeout they share), then all three are stopped."""
+    with daemon.client() as c:
+        c.register(
+            {
+                "w": {
+                    **QUICK,
+                    "command": engine_cmd("slow.py"),
+                    "instances": 3,
+                    "stop": {"timeout": 1.0},
+                }
+            }
+        )
+    daemon.wait_state("w#2", "ready")
+
+    def stuck_request(inst_id: str) -> None:
+        with daemon.client() as c, contextlib.suppress(EngctlError):  # lost when it is killed
+            c.exec({"delay": 30}, instance=inst_id, timeout=60)
+
+    threads = [threading.Thread(target=stuck_request, args=(i,)) for i in ("w#0", "w#2")]
+    for t in threads:
+        t.start()
+    wait_until(
+        lambda: all(daemon.instance(i)["requests"]["in_flight"] == 1 for i in ("w#0", "w#2"))
+    )
+    t0 = time.monotonic()
+    r = daemon.cli("scale", "w", "0")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 >= 1.0
+    for t in threads:
+        t.join(30)
+    timeouts = events(daemon, "instance.drain_timeout")
+    assert sorted(e["instance"] for e in timeouts) == ["w#0", "w#2"]
+    assert all(e["data"] == {"in_flight": 1} for e in timeouts)
+    stopped = {
+        e["instance"]: e["at"]
+        for e in events(daemon, "instance.state", engine="w")
+        if e["to"] == "stopped"
+    }
+    draining = {e["instance"]: e["at"] for e in events(daemon, "instance.draining", engine="w")}
+    assert set(stopped) == {"w#0", "w#1", "w#2"}
+    assert stopped["w#1"] - draining["w#1"] < 1.0
+    assert all(stopped[i] - draining[i] >= 1.0 for i in ("w#0", "w#2"))
 
 
 # -- 10.11: on_unhealthy --------------------------------------------------------------------------
