@@ -34,12 +34,12 @@ def events(home: Home, *kinds: str, engine: str | None = None) -> list[dict[str,
     return [e for e in evs if not kinds or e["kind"] in kinds]
 
 
-def slow_workers(home: Home, name: str, instances: int, delay: float = 0.1) -> None:
-    """Register `name`: `instances` workers that answer after `delay` s; wait until ready."""
+def slow_workers(home: Home, name: str, instances: int, delay: float = 0.1, **spec: Any) -> None:
+    """Register `name`: `instances` workers that answer after `delay` s (with `spec`'s keys
+    too); wait until ready."""
+    command = engine_cmd("slow.py", str(delay))
     with home.client() as c:
-        c.register(
-            {name: {**QUICK, "command": engine_cmd("slow.py", str(delay)), "instances": instances}}
-        )
+        c.register({name: {**QUICK, "command": command, "instances": instances, **spec}})
     for k in range(instances):
         home.wait_state(f"{name}#{k}", "ready")
 
@@ -177,18 +177,7 @@ def test_instances_drained_together_each_stop_when_their_own_requests_end(daemon
 def test_draining_instance_shows_it_and_drain_timeout_is_an_event(daemon: Home) -> None:
     """While it drains the instance is `draining` with its reason; a request that outlives the
     stop timeout is not waited for forever: the instance stops anyway (drain_timeout event)."""
-    with daemon.client() as c:
-        c.register(
-            {
-                "w": {
-                    **QUICK,
-                    "command": engine_cmd("slow.py"),
-                    "instances": 2,
-                    "stop": {"timeout": 1.0},
-                }
-            }
-        )
-    daemon.wait_state("w#1", "ready")
+    slow_workers(daemon, "w", 2, stop={"timeout": 1.0})
     failures: list[str] = []
 
     def stuck_request() -> None:
@@ -219,18 +208,7 @@ def test_instances_drained_together_time_out_once_each_and_all_stop(daemon: Home
     """`scale 3 -> 0` with a request stuck on two of the instances: the idle one stops at once,
     the two stuck ones each get one drain_timeout event when their stop timeout comes (one
     timer for the stop timeout they share), then all three are stopped."""
-    with daemon.client() as c:
-        c.register(
-            {
-                "w": {
-                    **QUICK,
-                    "command": engine_cmd("slow.py"),
-                    "instances": 3,
-                    "stop": {"timeout": 1.0},
-                }
-            }
-        )
-    daemon.wait_state("w#2", "ready")
+    slow_workers(daemon, "w", 3, stop={"timeout": 1.0})
 
     def stuck_request(inst_id: str) -> None:
         with daemon.client() as c, contextlib.suppress(EngctlError):  # lost when it is killed
