@@ -135,7 +135,7 @@ class ChildProcess(Launched):
         if self.exit_status is not None:
             return
         rc = self.popen.poll()
-        if rc is None:  # not exited after all (its status was taken elsewhere)
+        if rc is None:  # still running: nothing to collect yet
             return
         _children.pop(self.pid, None)
         self.exit_status = ExitStatus.from_returncode(rc)
