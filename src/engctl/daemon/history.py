@@ -164,14 +164,12 @@ class HistoryWriter:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            rows = item
-            # Not kept while the next bucket is awaited (10 s): a fleet's rows, made at its
-            # largest, would hold that memory's arenas meanwhile.
-            del item
+            count = len(item)
             try:
-                written = self.db.run(functools.partial(_insert, rows=rows))
-                count = len(rows)
-                del rows
+                written = self.db.run(functools.partial(_insert, rows=item))
+                # Not kept while the next bucket is awaited (10 s): a fleet's rows, made at
+                # its largest, would hold that memory's arenas meanwhile.
+                del item
                 if not written:
                     continue  # counted in the write health; the bucket is lost
                 self.written += count
@@ -180,7 +178,7 @@ class HistoryWriter:
                     last_prune = now
                     self.db.run(functools.partial(self.prune, now=now))
             except Exception:  # the writer thread must outlive anything the disk does
-                log.exception("cannot write a bucket of history rows")
+                log.exception("cannot write %d history rows", count)
 
     def prune(self, conn: sqlite3.Connection, now: float) -> None:
         """Drop rows past their tier's retention, then the oldest ones if over the size."""

@@ -528,8 +528,7 @@ class Supervisor:
     # -- stopping --------------------------------------------------------------------------
     async def stop_instance(self, inst: Instance, reason: str, wait: bool = True) -> None:
         """Stop one instance with its stop policy; never restarted until started again."""
-        if self.begin_stop(inst, reason) and wait:
-            await self.wait_stopped([inst])
+        await self.stop_many([inst], reason, wait)
 
     def begin_stop(self, inst: Instance, reason: str) -> bool:
         """The stop policy's first step, at once: `stopped` when there is no process, else
